@@ -1,0 +1,1 @@
+"""Energy: pure computation (counter deltas, attribution, models, the optimiser). No I/O."""

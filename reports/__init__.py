@@ -1,0 +1,1 @@
+"""Reports: where the energy went, as tables, files and charts."""

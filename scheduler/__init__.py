@@ -1,0 +1,1 @@
+"""Scheduler: jobs, control, the daemon, its API and the CLI."""

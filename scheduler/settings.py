@@ -1,0 +1,62 @@
+"""The one settings object (``POWERTRAIN_*``), built in the entry point and passed down."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Literal
+
+import platformdirs
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+BackendName = Literal["auto", "nvml", "simulated"]
+
+
+def _default_home() -> Path:
+    return Path(platformdirs.user_data_dir("powertrain", appauthor=False))
+
+
+class Settings(BaseSettings):
+    """Daemon and CLI settings. Every field can be set as ``POWERTRAIN_<NAME>``.
+
+    Attributes:
+        home: Where the SQLite store, the simulated GPUs' state and logs live.
+        db: SQLAlchemy URL of the store; empty means ``sqlite:///<home>/powertrain.db``.
+        backend: ``auto`` uses NVML when a driver is present, else the simulator (and says so).
+        sim_gpus / sim_sku: How many simulated GPUs and which SKU profile.
+        interval_ms: Sampling period in milliseconds (100 = 10 Hz).
+        flush_interval_s: How often buffered samples are written to the store.
+        buffer_max_rows: Rows kept in memory while the store is failing; beyond it the oldest
+            rows are dropped and counted.
+        retention_days: Raw samples older than this are deleted (rollups stay).
+    """
+
+    model_config = SettingsConfigDict(env_prefix="POWERTRAIN_", extra="ignore")
+
+    home: Path = Field(default_factory=_default_home)
+    db: str = ""
+    backend: BackendName = "auto"
+    sim_gpus: int = Field(default=4, ge=1, le=64)
+    sim_sku: str = "H100-SXM"
+    interval_ms: int = Field(default=100, ge=10, le=60_000)
+    flush_interval_s: float = Field(default=1.0, gt=0, le=60)
+    buffer_max_rows: int = Field(default=100_000, ge=100)
+    retention_days: float = Field(default=14.0, gt=0)
+
+    @field_validator("flush_interval_s", "retention_days")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        return value
+
+    @property
+    def db_url(self) -> str:
+        """The store's URL: ``db`` if set, else a SQLite file under ``home``."""
+        return self.db or f"sqlite:///{self.home / 'powertrain.db'}"
+
+    @property
+    def sim_state_path(self) -> Path:
+        """The simulated node's state file (settings and energy counters outlive the daemon)."""
+        return self.home / "simulated-gpus.json"

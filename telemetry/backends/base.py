@@ -1,0 +1,170 @@
+"""The GPU backend interface: what every backend reads and sets, and the errors it raises.
+
+Reads degrade (an unsupported field is ``None``); writes raise typed errors. Units are NVML's own
+and are carried in every name: milliwatts, millijoules, MHz, bytes, degrees Celsius.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol, runtime_checkable
+
+
+class ThrottleReason(enum.IntFlag):
+    """Clock event (throttle) reason bits, with NVML's values (``nvmlClocksEventReason*``)."""
+
+    NONE = 0
+    GPU_IDLE = 0x1
+    APPLICATIONS_CLOCKS_SETTING = 0x2
+    SW_POWER_CAP = 0x4
+    HW_SLOWDOWN = 0x8
+    SYNC_BOOST = 0x10
+    SW_THERMAL_SLOWDOWN = 0x20
+    HW_THERMAL_SLOWDOWN = 0x40
+    HW_POWER_BRAKE_SLOWDOWN = 0x80
+    DISPLAY_CLOCK_SETTING = 0x100
+
+
+@dataclass(frozen=True, slots=True)
+class GpuInfo:
+    """Static facts about one GPU, probed once when the backend opens.
+
+    Attributes:
+        index: NVML index (``nvidia-smi --query-gpu=index``).
+        uuid: ``GPU-...`` identifier, stable across reboots.
+        name: Product name, e.g. ``NVIDIA H100 80GB HBM3``.
+        min_limit_mw / max_limit_mw: Power limit range (``power.min_limit`` / ``power.max_limit``).
+        default_limit_mw: Default power limit (``power.default_limit``).
+        min_sm_clock_mhz / max_sm_clock_mhz: Supported SM clock range.
+        memory_total_bytes: Framebuffer size (``memory.total``).
+        has_energy_counter: Whether ``nvmlDeviceGetTotalEnergyConsumption`` works.
+    """
+
+    index: int
+    uuid: str
+    name: str
+    min_limit_mw: int | None
+    max_limit_mw: int | None
+    default_limit_mw: int | None
+    min_sm_clock_mhz: int | None
+    max_sm_clock_mhz: int | None
+    memory_total_bytes: int | None
+    has_energy_counter: bool
+
+
+@dataclass(frozen=True, slots=True)
+class GpuProcess:
+    """A compute process on a GPU (``nvidia-smi --query-compute-apps=pid,used_memory``)."""
+
+    pid: int
+    used_memory_bytes: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class GpuReading:
+    """One reading of one GPU. Any field the GPU does not support is ``None``.
+
+    Attributes:
+        sampled_at: When the reading was taken, timezone-aware UTC.
+        power_mw: Instant power (``NVML_FI_DEV_POWER_INSTANT``; ``power.draw.instant``).
+        power_avg_mw: 1 s average power (``nvmlDeviceGetPowerUsage``; ``power.draw.average``).
+        energy_mj: Total energy since the driver loaded (``nvmlDeviceGetTotalEnergyConsumption``).
+        sm_clock_mhz: Current SM clock (``clocks.sm``).
+        mem_clock_mhz: Current memory clock (``clocks.mem``).
+        gpu_util_pct / mem_util_pct: Utilisation over the last sample period (``utilization.*``).
+        temperature_c: Core temperature (``temperature.gpu``).
+        memory_used_bytes: Framebuffer in use (``memory.used``).
+        power_limit_mw: Enforced power limit (``power.limit``).
+        throttle_reasons: ``ThrottleReason`` bits active now (``clocks_event_reasons.active``).
+        processes: Compute processes on the GPU.
+    """
+
+    index: int
+    sampled_at: datetime
+    power_mw: int | None
+    power_avg_mw: int | None
+    energy_mj: int | None
+    sm_clock_mhz: int | None
+    mem_clock_mhz: int | None
+    gpu_util_pct: int | None
+    mem_util_pct: int | None
+    temperature_c: int | None
+    memory_used_bytes: int | None
+    power_limit_mw: int | None
+    throttle_reasons: int | None
+    processes: tuple[GpuProcess, ...] = ()
+
+
+class GpuError(Exception):
+    """Base of every error a backend raises."""
+
+
+class BackendUnavailableError(GpuError, RuntimeError):
+    """The backend cannot start (no NVIDIA driver, library missing)."""
+
+
+class GpuNotFoundError(GpuError, LookupError):
+    """No GPU with that index."""
+
+
+class GpuLostError(GpuError):
+    """The GPU fell off the bus or stopped answering (``NVML_ERROR_GPU_IS_LOST``)."""
+
+
+class NotSupportedError(GpuError):
+    """The GPU or driver does not support this call (``NVML_ERROR_NOT_SUPPORTED``)."""
+
+
+class GpuPermissionError(GpuError, PermissionError):
+    """The caller lacks the privilege for this call (``NVML_ERROR_NO_PERMISSION``)."""
+
+
+class GpuTimeoutError(GpuError, TimeoutError):
+    """The call took too long (``NVML_ERROR_TIMEOUT``)."""
+
+
+class InvalidSettingError(GpuError, ValueError):
+    """A requested setting lies outside what the GPU allows; the message names the range."""
+
+
+@runtime_checkable
+class GpuBackend(Protocol):
+    """What the sampler and the actuators need from a source of GPUs.
+
+    Implementations: ``NvmlBackend`` (real GPUs), ``SimulatedBackend`` (the model in DESIGN.md),
+    and trace replay. ``read`` may raise ``GpuLostError``/``GpuTimeoutError`` for one GPU; every
+    other unsupported field degrades to ``None``. Setters raise ``GpuPermissionError``,
+    ``NotSupportedError`` or ``InvalidSettingError``; each has a reset partner.
+    """
+
+    name: str
+
+    def devices(self) -> list[GpuInfo]:
+        """Every GPU, in index order (probed once; cheap to call)."""
+        ...
+
+    def read(self, index: int) -> GpuReading:
+        """Read every field of one GPU now."""
+        ...
+
+    def set_power_limit(self, index: int, limit_mw: int) -> None:
+        """Set the power limit (``nvidia-smi -pl``); needs root."""
+        ...
+
+    def reset_power_limit(self, index: int) -> None:
+        """Put the power limit back to the GPU's default."""
+        ...
+
+    def lock_sm_clocks(self, index: int, min_mhz: int, max_mhz: int) -> None:
+        """Lock SM clocks to a range (``nvidia-smi -lgc``); needs root."""
+        ...
+
+    def reset_sm_clocks(self, index: int) -> None:
+        """Undo ``lock_sm_clocks`` (``nvidia-smi -rgc``)."""
+        ...
+
+    def close(self) -> None:
+        """Release the library or files the backend holds."""
+        ...
