@@ -1,0 +1,612 @@
+"""The NVML backend: real NVIDIA GPUs through nvidia-ml-py (``pynvml``).
+
+This is the only module in powertrain that imports ``pynvml``. It probes each GPU's capabilities
+once at open and keeps them, so ``read`` makes only the calls the GPU supports; an unsupported read
+is ``None`` (logged once per GPU and field), and NVML error codes become the typed errors of
+``telemetry.backends.base``, raised ``from`` the NVML error.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import operator
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from telemetry.backends.base import (
+    BackendUnavailableError,
+    GpuError,
+    GpuInfo,
+    GpuLostError,
+    GpuNotFoundError,
+    GpuPermissionError,
+    GpuProcess,
+    GpuReading,
+    GpuTimeoutError,
+    InvalidSettingError,
+    NotSupportedError,
+    ThrottleReason,
+)
+from telemetry.clock import Clock, WallClock, to_datetime
+
+log = logging.getLogger(__name__)
+
+__all__ = ["NvmlBackend", "nvml_available"]
+
+_HINT: Final = (
+    "HINT: install or load the NVIDIA driver (it provides libnvidia-ml.so.1; `nvidia-smi` must "
+    "work), or run with --backend simulated"
+)
+
+#: Every ``ThrottleReason`` bit this project knows; NVML may report newer ones.
+_KNOWN_REASONS: Final = int(functools.reduce(operator.or_, ThrottleReason))
+
+#: The fields ``read`` fills, each from one NVML getter (``utilization`` fills two).
+_READ_FIELDS: Final = (
+    "power_mw",
+    "power_avg_mw",
+    "energy_mj",
+    "sm_clock_mhz",
+    "mem_clock_mhz",
+    "utilization",
+    "temperature_c",
+    "memory_used_bytes",
+    "power_limit_mw",
+    "throttle_reasons",
+    "processes",
+)
+
+#: ``c_nvmlValue_t`` member for each ``NVML_VALUE_TYPE_*`` (the values are NVML's ABI).
+_VALUE_MEMBER: Final = {
+    0: "dVal",
+    1: "uiVal",
+    2: "ulVal",
+    3: "ullVal",
+    4: "sllVal",
+    5: "siVal",
+    6: "usVal",
+}
+
+_Getter = Callable[[], Any]
+
+
+def _import_pynvml() -> Any:
+    """The ``pynvml`` module, or ``BackendUnavailableError`` if nvidia-ml-py is not installed."""
+    try:
+        import pynvml
+    except ImportError as err:
+        raise BackendUnavailableError(
+            "NVML unavailable: the pynvml module (nvidia-ml-py) is not installed. "
+            "HINT: pip install nvidia-ml-py, or run with --backend simulated"
+        ) from err
+    return pynvml
+
+
+def nvml_available(nvml: Any | None = None) -> tuple[bool, str]:
+    """Whether NVML starts and sees at least one GPU; never raises.
+
+    Used by ``--backend auto``. Initialises NVML, counts GPUs and shuts NVML down again.
+
+    Args:
+        nvml: The ``pynvml`` module to use (default: import it); tests pass a fake.
+
+    Returns:
+        ``(True, "NVIDIA driver <version>, <n> GPU(s)")``, or ``(False, reason)`` where the reason
+        says what is missing, e.g. ``"NVML Shared Library Not Found"``.
+    """
+    if nvml is None:
+        try:
+            nvml = _import_pynvml()
+        except BackendUnavailableError as err:
+            return False, str(err)
+    try:
+        nvml.nvmlInit()
+    except Exception as err:  # NVMLError, or OSError from a broken library
+        return False, str(err) or type(err).__name__
+    try:
+        count = int(nvml.nvmlDeviceGetCount())
+        try:
+            driver = str(nvml.nvmlSystemGetDriverVersion())
+        except Exception:
+            driver = "(version unknown)"
+    except Exception as err:
+        return False, f"NVML started but could not count GPUs: {err}"
+    finally:
+        try:
+            nvml.nvmlShutdown()
+        except Exception as err:
+            log.debug("nvmlShutdown failed: %s", err)
+    if count <= 0:
+        return False, f"NVIDIA driver {driver} loaded but it sees no GPUs"
+    return True, f"NVIDIA driver {driver}, {count} GPU(s)"
+
+
+@dataclass(slots=True)
+class _Device:
+    """One GPU: its handle, static facts, and the getters its capabilities allow."""
+
+    index: int
+    handle: Any
+    info: GpuInfo
+    #: (field, getter) for every field that the probe found supported.
+    readers: tuple[tuple[str, _Getter], ...] = ()
+    supported_sm_clocks_mhz: tuple[int, ...] = ()
+    #: False while the GPU was lost at open: ``read`` probes it again before reading.
+    probed: bool = True
+    unsupported: set[str] = field(default_factory=set)
+
+
+class NvmlBackend:
+    """Real GPUs through NVML (the ``GpuBackend`` protocol).
+
+    Opening initialises NVML, takes every GPU's handle once and probes which calls each GPU
+    supports (energy counter, instant power field, power limit range, clocks, ...). Reads then
+    call only the supported getters; setters validate against the probed ranges first.
+
+    Args:
+        nvml: The ``pynvml`` module to use (default: ``import pynvml``); tests inject a fake.
+        clock: Source of ``sampled_at`` (default: the wall clock).
+
+    Raises:
+        BackendUnavailableError: nvidia-ml-py is missing, or NVML cannot start (no driver, library
+            not found, driver/library mismatch); the message carries a hint.
+    """
+
+    name = "nvml"
+
+    def __init__(self, nvml: Any | None = None, *, clock: Clock | None = None) -> None:
+        self._nvml: Any = nvml if nvml is not None else _import_pynvml()
+        self._clock: Clock = clock if clock is not None else WallClock()
+        self._error: type[Exception] = self._nvml.NVMLError
+        n = self._nvml
+        self._SUCCESS: int = n.NVML_SUCCESS
+        self._LOST: int = n.NVML_ERROR_GPU_IS_LOST
+        # Codes that mean "this GPU or driver cannot do that": the field is None from now on.
+        self._UNSUPPORTED: frozenset[int] = frozenset(
+            {n.NVML_ERROR_NOT_SUPPORTED, n.NVML_ERROR_FUNCTION_NOT_FOUND}
+        )
+        self._errors: dict[int, type[GpuError]] = {
+            n.NVML_ERROR_NOT_SUPPORTED: NotSupportedError,
+            n.NVML_ERROR_FUNCTION_NOT_FOUND: NotSupportedError,
+            n.NVML_ERROR_NO_PERMISSION: GpuPermissionError,
+            n.NVML_ERROR_GPU_IS_LOST: GpuLostError,
+            n.NVML_ERROR_TIMEOUT: GpuTimeoutError,
+            n.NVML_ERROR_GPU_NOT_FOUND: GpuNotFoundError,
+        }
+        self._logged: set[tuple[int, str]] = set()
+        self._closed = False
+        try:
+            n.nvmlInit()
+        except self._error as err:
+            raise BackendUnavailableError(f"NVML cannot start: {err}. {_HINT}") from err
+        except OSError as err:
+            raise BackendUnavailableError(f"NVML cannot start: {err}. {_HINT}") from err
+        try:
+            count = int(n.nvmlDeviceGetCount())
+        except self._error as err:
+            self._shutdown()
+            raise BackendUnavailableError(f"NVML started but cannot count GPUs: {err}") from err
+        self._devices: list[_Device] = [self._open_device(i) for i in range(count)]
+
+    # -- the protocol -------------------------------------------------------------------------
+
+    def devices(self) -> list[GpuInfo]:
+        """Every GPU, in index order, as probed at open (``nvidia-smi --query-gpu=index,uuid,name,
+        power.min_limit,power.max_limit,power.default_limit,memory.total``)."""
+        return [d.info for d in self._devices]
+
+    def read(self, index: int) -> GpuReading:
+        """Read every supported field of one GPU now; unsupported fields are ``None``.
+
+        Per field, the ``nvidia-smi --query-gpu`` equivalent: ``power.draw.instant`` (field
+        ``NVML_FI_DEV_POWER_INSTANT``), ``power.draw.average`` (``nvmlDeviceGetPowerUsage``),
+        ``total_energy_consumption`` in mJ (``nvmlDeviceGetTotalEnergyConsumption``),
+        ``clocks.sm``, ``clocks.mem``, ``utilization.gpu``, ``utilization.memory``,
+        ``temperature.gpu``, ``memory.used``, ``enforced.power.limit`` and
+        ``clocks_event_reasons.active``; processes as ``--query-compute-apps=pid,used_memory``.
+
+        Raises:
+            GpuNotFoundError: No GPU with that index.
+            GpuLostError: The GPU fell off the bus; the sampler retries with backoff.
+        """
+        dev = self._device(index)
+        if not dev.probed:
+            dev = self._reprobe(index)
+        sampled_at = to_datetime(self._clock.now())
+        values: dict[str, Any] = dict.fromkeys(_READ_FIELDS)
+        for name, getter in dev.readers:
+            try:
+                values[name] = getter()
+            except self._error as err:
+                self._read_failed(dev, name, err)
+        util = values["utilization"]
+        return GpuReading(
+            index=index,
+            sampled_at=sampled_at,
+            power_mw=values["power_mw"],
+            power_avg_mw=values["power_avg_mw"],
+            energy_mj=values["energy_mj"],
+            sm_clock_mhz=values["sm_clock_mhz"],
+            mem_clock_mhz=values["mem_clock_mhz"],
+            gpu_util_pct=None if util is None else util[0],
+            mem_util_pct=None if util is None else util[1],
+            temperature_c=values["temperature_c"],
+            memory_used_bytes=values["memory_used_bytes"],
+            power_limit_mw=values["power_limit_mw"],
+            throttle_reasons=values["throttle_reasons"],
+            processes=values["processes"] or (),
+        )
+
+    def set_power_limit(self, index: int, limit_mw: int) -> None:
+        """Set the power limit (``nvidia-smi -i <index> -pl``, in mW here); needs root.
+
+        Raises:
+            InvalidSettingError: ``limit_mw`` lies outside ``power.min_limit..power.max_limit``.
+            GpuPermissionError: Not root / no ``CAP_SYS_ADMIN``.
+            NotSupportedError: The GPU has no settable power limit.
+            GpuLostError: The GPU fell off the bus.
+        """
+        dev = self._settable(index)
+        lo, hi = dev.info.min_limit_mw, dev.info.max_limit_mw
+        if limit_mw <= 0 or (lo is not None and hi is not None and not lo <= limit_mw <= hi):
+            allowed = f"{lo}..{hi} mW" if lo is not None and hi is not None else "unknown"
+            raise InvalidSettingError(
+                f"GPU {index}: power limit {limit_mw} mW is outside the allowed range {allowed}"
+            )
+        self._control(dev, "setting the power limit",
+                      self._nvml.nvmlDeviceSetPowerManagementLimit, dev.handle, limit_mw)
+
+    def reset_power_limit(self, index: int) -> None:
+        """Put the power limit back to ``power.default_limit`` (``nvidia-smi -pl <default>``).
+
+        Raises:
+            NotSupportedError: The default limit could not be probed.
+            GpuPermissionError, GpuLostError: As for ``set_power_limit``.
+        """
+        dev = self._settable(index)
+        default = dev.info.default_limit_mw
+        if default is None:
+            raise NotSupportedError(f"GPU {index}: no default power limit is known to reset to")
+        self._control(dev, "resetting the power limit",
+                      self._nvml.nvmlDeviceSetPowerManagementLimit, dev.handle, default)
+
+    def lock_sm_clocks(self, index: int, min_mhz: int, max_mhz: int) -> None:
+        """Lock SM clocks to ``min_mhz..max_mhz`` (``nvidia-smi -i <index> -lgc min,max``).
+
+        Raises:
+            InvalidSettingError: ``min_mhz > max_mhz`` or either lies outside the supported SM
+                clock range (the message names it).
+            GpuPermissionError: Not root / no ``CAP_SYS_ADMIN``.
+            NotSupportedError: The GPU cannot lock clocks (pre-Volta).
+            GpuLostError: The GPU fell off the bus.
+        """
+        dev = self._settable(index)
+        lo, hi = dev.info.min_sm_clock_mhz, dev.info.max_sm_clock_mhz
+        allowed = f"{lo}..{hi} MHz" if lo is not None and hi is not None else "unknown"
+        if min_mhz > max_mhz:
+            raise InvalidSettingError(
+                f"GPU {index}: SM clock lock {min_mhz}..{max_mhz} MHz is empty "
+                f"(min above max); allowed range {allowed}"
+            )
+        if min_mhz <= 0 or (
+            lo is not None and hi is not None and not (lo <= min_mhz and max_mhz <= hi)
+        ):
+            raise InvalidSettingError(
+                f"GPU {index}: SM clock lock {min_mhz}..{max_mhz} MHz is outside the allowed "
+                f"range {allowed}"
+            )
+        self._control(dev, "locking SM clocks",
+                      self._nvml.nvmlDeviceSetGpuLockedClocks, dev.handle, min_mhz, max_mhz)
+
+    def reset_sm_clocks(self, index: int) -> None:
+        """Undo ``lock_sm_clocks`` (``nvidia-smi -i <index> -rgc``).
+
+        Raises:
+            GpuPermissionError, NotSupportedError, GpuLostError: As for ``lock_sm_clocks``.
+        """
+        dev = self._settable(index)
+        self._control(dev, "resetting SM clocks",
+                      self._nvml.nvmlDeviceResetGpuLockedClocks, dev.handle)
+
+    def close(self) -> None:
+        """Shut NVML down (idempotent); the backend cannot be used afterwards."""
+        if not self._closed:
+            self._closed = True
+            self._shutdown()
+
+    # -- extras beyond the protocol -------------------------------------------------------------
+
+    def supported_fields(self, index: int) -> frozenset[str]:
+        """The ``GpuReading`` fields this GPU fills (the rest are always ``None``)."""
+        dev = self._device(index)
+        names: set[str] = set()
+        for name, _ in dev.readers:
+            names.update(("gpu_util_pct", "mem_util_pct") if name == "utilization" else (name,))
+        return frozenset(names)
+
+    def supported_sm_clocks(self, index: int) -> tuple[int, ...]:
+        """Supported SM clocks in MHz, highest first (``nvidia-smi -q -d SUPPORTED_CLOCKS``)."""
+        return self._device(index).supported_sm_clocks_mhz
+
+    # -- opening and probing --------------------------------------------------------------------
+
+    def _open_device(self, index: int) -> _Device:
+        try:
+            return self._probe(index)
+        except GpuLostError as err:
+            log.warning("GPU %d is lost at open (%s); it will be probed again on read",
+                        index, err.__cause__ or err)
+            info = GpuInfo(index=index, uuid=f"GPU-lost-at-open-{index}", name="unknown (lost)",
+                           min_limit_mw=None, max_limit_mw=None, default_limit_mw=None,
+                           min_sm_clock_mhz=None, max_sm_clock_mhz=None,
+                           memory_total_bytes=None, has_energy_counter=False)
+            return _Device(index=index, handle=None, info=info, probed=False)
+
+    def _reprobe(self, index: int) -> _Device:
+        dev = self._probe(index)  # raises GpuLostError while the GPU stays lost
+        self._devices[index] = dev
+        return dev
+
+    def _probe(self, index: int) -> _Device:
+        """Take the handle, read static facts and find which getters work. Called once per GPU.
+
+        Raises:
+            GpuLostError: The GPU is lost.
+        """
+        n = self._nvml
+        try:
+            handle = n.nvmlDeviceGetHandleByIndex(index)
+        except self._error as err:
+            raise self._map(err, index, "getting its handle") from err
+        unsupported: set[str] = set()
+
+        def static(what: str, call: Callable[[], Any]) -> Any:
+            try:
+                return call()
+            except self._error as err:
+                if getattr(err, "value", None) == self._LOST:
+                    raise self._map(err, index, what) from err
+                self._log_once(index, what, f"{what} unavailable ({err}); left unknown")
+                return None
+            except AttributeError:
+                self._log_once(index, what, f"{what} unavailable (pynvml lacks it); left unknown")
+                return None
+
+        uuid = static("uuid", lambda: _text(n.nvmlDeviceGetUUID(handle)))
+        name = static("name", lambda: _text(n.nvmlDeviceGetName(handle)))
+        limits = static("power limit range",
+                        lambda: n.nvmlDeviceGetPowerManagementLimitConstraints(handle))
+        default = static("default power limit",
+                         lambda: n.nvmlDeviceGetPowerManagementDefaultLimit(handle))
+        memory = static("memory info", lambda: n.nvmlDeviceGetMemoryInfo(handle))
+        sm_clocks = static("supported SM clocks", lambda: self._sm_clocks(handle))
+        if not sm_clocks:
+            max_sm = static("max SM clock",
+                            lambda: n.nvmlDeviceGetMaxClockInfo(handle, n.NVML_CLOCK_SM))
+            sm_clocks = () if max_sm is None else (int(max_sm),)
+            min_sm = None
+        else:
+            min_sm = sm_clocks[-1]
+
+        readers: list[tuple[str, _Getter]] = []
+        for fname, candidates in self._getters(index, handle):
+            getter = self._first_working(index, fname, candidates, unsupported)
+            if getter is not None:
+                readers.append((fname, getter))
+        info = GpuInfo(
+            index=index,
+            uuid=uuid or f"GPU-unknown-{index}",
+            name=name or "unknown",
+            min_limit_mw=None if limits is None else int(limits[0]),
+            max_limit_mw=None if limits is None else int(limits[1]),
+            default_limit_mw=None if default is None else int(default),
+            min_sm_clock_mhz=min_sm,
+            max_sm_clock_mhz=sm_clocks[0] if sm_clocks else None,
+            memory_total_bytes=None if memory is None else int(memory.total),
+            has_energy_counter="energy_mj" not in unsupported,
+        )
+        return _Device(
+            index=index,
+            handle=handle,
+            info=info,
+            readers=tuple(readers),
+            supported_sm_clocks_mhz=tuple(sm_clocks) if len(sm_clocks) > 1 else (),
+            unsupported=unsupported,
+        )
+
+    def _sm_clocks(self, handle: Any) -> tuple[int, ...]:
+        """Supported graphics (= SM) clocks at the highest memory clock, highest first."""
+        n = self._nvml
+        mem = n.nvmlDeviceGetSupportedMemoryClocks(handle)
+        if not mem:
+            return ()
+        gfx = n.nvmlDeviceGetSupportedGraphicsClocks(handle, max(mem))
+        return tuple(sorted({int(c) for c in gfx}, reverse=True))
+
+    def _first_working(
+        self, index: int, fname: str, candidates: Sequence[_Getter | None], unsupported: set[str]
+    ) -> _Getter | None:
+        """The first candidate getter that answers; ``None`` (logged) if none is supported.
+
+        A getter that fails with anything but "not supported" or "lost" is kept: the failure may
+        be transient, and ``read`` degrades it to ``None`` if it persists.
+        """
+        reason = "pynvml lacks the call"
+        for getter in candidates:
+            if getter is None:
+                continue
+            try:
+                getter()
+            except self._error as err:
+                code = getattr(err, "value", None)
+                if code == self._LOST:
+                    raise self._map(err, index, f"probing {fname}") from err
+                if code in self._UNSUPPORTED or code == self._nvml.NVML_ERROR_NO_PERMISSION:
+                    reason = str(err)
+                    continue
+                log.warning("GPU %d: probing %s failed (%s); keeping it", index, fname, err)
+                return getter
+            return getter
+        unsupported.add(fname)
+        self._log_once(index, fname, f"{fname} not supported ({reason}); stored as NULL")
+        return None
+
+    def _getters(
+        self, index: int, handle: Any
+    ) -> list[tuple[str, list[_Getter | None]]]:
+        """For each read field, the NVML getters that can fill it, preferred first.
+
+        A getter is ``None`` where the installed pynvml lacks the call. Each is a closure over the
+        handle, so ``read`` looks nothing up.
+        """
+        n = self._nvml
+        error = self._error
+        success = self._SUCCESS
+
+        def call(fn_name: str, *args: Any) -> _Getter | None:
+            fn = getattr(n, fn_name, None)
+            if fn is None:
+                return None
+            return functools.partial(fn, handle, *args)
+
+        power_instant: _Getter | None = None
+        get_fields = getattr(n, "nvmlDeviceGetFieldValues", None)
+        field_id = getattr(n, "NVML_FI_DEV_POWER_INSTANT", None)
+        if get_fields is not None and field_id is not None:
+            ids = [field_id]
+
+            def power_instant() -> int:
+                value = get_fields(handle, ids)[0]
+                if value.nvmlReturn != success:
+                    raise error(value.nvmlReturn)
+                return int(getattr(value.value, _VALUE_MEMBER[value.valueType]))
+
+        clock_info = getattr(n, "nvmlDeviceGetClockInfo", None)
+        sm_id, mem_id = n.NVML_CLOCK_SM, n.NVML_CLOCK_MEM
+        util_fn = getattr(n, "nvmlDeviceGetUtilizationRates", None)
+        mem_fn = getattr(n, "nvmlDeviceGetMemoryInfo", None)
+        procs_fn = getattr(n, "nvmlDeviceGetComputeRunningProcesses", None)
+        event_fns = [getattr(n, "nvmlDeviceGetCurrentClocksEventReasons", None),
+                     getattr(n, "nvmlDeviceGetCurrentClocksThrottleReasons", None)]
+
+        def clocks(clock_id: int) -> _Getter | None:
+            if clock_info is None:
+                return None
+            return functools.partial(clock_info, handle, clock_id)
+
+        def utilization() -> tuple[int, int]:
+            u = util_fn(handle)  # type: ignore[misc]
+            return (u.gpu, u.memory)
+
+        def memory_used() -> int:
+            return int(mem_fn(handle).used)  # type: ignore[misc]
+
+        def processes() -> tuple[GpuProcess, ...]:
+            return tuple(GpuProcess(int(p.pid), p.usedGpuMemory)
+                         for p in procs_fn(handle))  # type: ignore[misc]
+
+        def reasons(fn: Callable[[Any], int] | None) -> _Getter | None:
+            if fn is None:
+                return None
+
+            def get() -> int:
+                raw = int(fn(handle))
+                known = raw & _KNOWN_REASONS
+                if known != raw:
+                    self._log_once(index, "throttle_reasons:unknown",
+                                   f"clock event reason bits {raw & ~_KNOWN_REASONS:#x} are not "
+                                   "ThrottleReason members; dropped")
+                return known
+            return get
+
+        temp_v = call("nvmlDeviceGetTemperatureV", n.NVML_TEMPERATURE_GPU)
+        temp = call("nvmlDeviceGetTemperature", n.NVML_TEMPERATURE_GPU)
+        return [
+            ("power_mw", [power_instant]),
+            ("power_avg_mw", [call("nvmlDeviceGetPowerUsage")]),
+            ("energy_mj", [call("nvmlDeviceGetTotalEnergyConsumption")]),
+            ("sm_clock_mhz", [clocks(sm_id)]),
+            ("mem_clock_mhz", [clocks(mem_id)]),
+            ("utilization", [utilization if util_fn is not None else None]),
+            ("temperature_c", [temp_v, temp]),
+            ("memory_used_bytes", [memory_used if mem_fn is not None else None]),
+            ("power_limit_mw", [call("nvmlDeviceGetEnforcedPowerLimit"),
+                                call("nvmlDeviceGetPowerManagementLimit")]),
+            ("throttle_reasons", [reasons(fn) for fn in event_fns]),
+            ("processes", [processes if procs_fn is not None else None]),
+        ]
+
+    # -- errors ---------------------------------------------------------------------------------
+
+    def _read_failed(self, dev: _Device, fname: str, err: Exception) -> None:
+        """A getter that worked at open failed now: lost raises, the rest degrade to ``None``."""
+        code = getattr(err, "value", None)
+        if code == self._LOST:
+            raise self._map(err, dev.index, f"reading {fname}") from err
+        if code in self._UNSUPPORTED:
+            dev.readers = tuple(r for r in dev.readers if r[0] != fname)
+            dev.unsupported.add(fname)
+            self._log_once(dev.index, fname, f"{fname} stopped being supported ({err}); "
+                           "stored as NULL from now on")
+            return
+        key = f"{fname}:{code}"
+        if (dev.index, key) in self._logged:
+            log.debug("GPU %d: reading %s failed: %s", dev.index, fname, err)
+        else:
+            self._logged.add((dev.index, key))
+            log.warning("GPU %d: reading %s failed (%s); stored as NULL", dev.index, fname, err)
+
+    def _map(self, err: Exception, index: int, what: str, *, setter: bool = False) -> GpuError:
+        """The typed error for an NVML error; the caller raises it ``from`` the NVML error."""
+        code = getattr(err, "value", None)
+        kind = self._errors.get(code, GpuError) if isinstance(code, int) else GpuError
+        detail = f"GPU {index}: {what} failed: {err}"
+        if setter and code == self._nvml.NVML_ERROR_INVALID_ARGUMENT:
+            return InvalidSettingError(f"{detail} (NVML rejected the value)")
+        if kind is GpuPermissionError:
+            detail += " (needs root or CAP_SYS_ADMIN)"
+        elif kind is GpuLostError:
+            detail += " (the GPU fell off the bus; check `nvidia-smi` and dmesg for Xid errors)"
+        elif kind is GpuError:
+            detail += f" (NVML error {code})"
+        return kind(detail)
+
+    def _control(self, dev: _Device, what: str, fn: Callable[..., Any], *args: Any) -> None:
+        try:
+            fn(*args)
+        except self._error as err:
+            raise self._map(err, dev.index, what, setter=True) from err
+        log.info("GPU %d: %s %s: done", dev.index, what, list(args[1:]))
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _device(self, index: int) -> _Device:
+        if self._closed:
+            raise BackendUnavailableError("the NVML backend is closed")
+        if not 0 <= index < len(self._devices):
+            raise GpuNotFoundError(
+                f"no GPU with index {index}: NVML sees {len(self._devices)} GPU(s)"
+            )
+        return self._devices[index]
+
+    def _settable(self, index: int) -> _Device:
+        dev = self._device(index)
+        return dev if dev.probed else self._reprobe(index)
+
+    def _log_once(self, index: int, key: str, message: str) -> None:
+        if (index, key) not in self._logged:
+            self._logged.add((index, key))
+            log.info("GPU %d: %s", index, message)
+
+    def _shutdown(self) -> None:
+        try:
+            self._nvml.nvmlShutdown()
+        except self._error as err:
+            log.debug("nvmlShutdown failed: %s", err)
+
+
+def _text(value: str | bytes) -> str:
+    """NVML strings: nvidia-ml-py returns ``str``; some old releases returned ``bytes``."""
+    return value.decode() if isinstance(value, bytes) else value
