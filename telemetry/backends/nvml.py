@@ -250,10 +250,10 @@ class NvmlBackend:
         """
         dev = self._settable(index)
         lo, hi = dev.info.min_limit_mw, dev.info.max_limit_mw
-        if limit_mw <= 0 or (lo is not None and hi is not None and not lo <= limit_mw <= hi):
-            allowed = f"{lo}..{hi} mW" if lo is not None and hi is not None else "unknown"
+        if not _within(limit_mw, limit_mw, lo, hi):
             raise InvalidSettingError(
-                f"GPU {index}: power limit {limit_mw} mW is outside the allowed range {allowed}"
+                f"GPU {index}: power limit {limit_mw} mW is outside the allowed range "
+                f"{_span(lo, hi)} mW"
             )
         self._control(dev, "setting the power limit",
                       self._nvml.nvmlDeviceSetPowerManagementLimit, dev.handle, limit_mw)
@@ -284,18 +284,15 @@ class NvmlBackend:
         """
         dev = self._settable(index)
         lo, hi = dev.info.min_sm_clock_mhz, dev.info.max_sm_clock_mhz
-        allowed = f"{lo}..{hi} MHz" if lo is not None and hi is not None else "unknown"
         if min_mhz > max_mhz:
             raise InvalidSettingError(
                 f"GPU {index}: SM clock lock {min_mhz}..{max_mhz} MHz is empty "
-                f"(min above max); allowed range {allowed}"
+                f"(min above max); allowed range {_span(lo, hi)} MHz"
             )
-        if min_mhz <= 0 or (
-            lo is not None and hi is not None and not (lo <= min_mhz and max_mhz <= hi)
-        ):
+        if not _within(min_mhz, max_mhz, lo, hi):
             raise InvalidSettingError(
                 f"GPU {index}: SM clock lock {min_mhz}..{max_mhz} MHz is outside the allowed "
-                f"range {allowed}"
+                f"range {_span(lo, hi)} MHz"
             )
         self._control(dev, "locking SM clocks",
                       self._nvml.nvmlDeviceSetGpuLockedClocks, dev.handle, min_mhz, max_mhz)
@@ -483,29 +480,22 @@ class NvmlBackend:
                     raise error(value.nvmlReturn)
                 return int(getattr(value.value, _VALUE_MEMBER[value.valueType]))
 
-        clock_info = getattr(n, "nvmlDeviceGetClockInfo", None)
-        sm_id, mem_id = n.NVML_CLOCK_SM, n.NVML_CLOCK_MEM
-        util_fn = getattr(n, "nvmlDeviceGetUtilizationRates", None)
-        mem_fn = getattr(n, "nvmlDeviceGetMemoryInfo", None)
-        procs_fn = getattr(n, "nvmlDeviceGetComputeRunningProcesses", None)
         event_fns = [getattr(n, "nvmlDeviceGetCurrentClocksEventReasons", None),
                      getattr(n, "nvmlDeviceGetCurrentClocksThrottleReasons", None)]
 
-        def clocks(clock_id: int) -> _Getter | None:
-            if clock_info is None:
-                return None
-            return functools.partial(clock_info, handle, clock_id)
+        def utilization(get: Callable[[Any], Any]) -> tuple[int, int]:
+            u = get(handle)
+            return (int(u.gpu), int(u.memory))
 
-        def utilization() -> tuple[int, int]:
-            u = util_fn(handle)  # type: ignore[misc]
-            return (u.gpu, u.memory)
+        def memory_used(get: Callable[[Any], Any]) -> int:
+            return int(get(handle).used)
 
-        def memory_used() -> int:
-            return int(mem_fn(handle).used)  # type: ignore[misc]
+        def processes(get: Callable[[Any], Any]) -> tuple[GpuProcess, ...]:
+            return tuple(GpuProcess(int(p.pid), p.usedGpuMemory) for p in get(handle))
 
-        def processes() -> tuple[GpuProcess, ...]:
-            return tuple(GpuProcess(int(p.pid), p.usedGpuMemory)
-                         for p in procs_fn(handle))  # type: ignore[misc]
+        def wrap(shape: Callable[[Callable[[Any], Any]], Any], fn_name: str) -> _Getter | None:
+            fn = getattr(n, fn_name, None)
+            return None if fn is None else functools.partial(shape, fn)
 
         def reasons(fn: Callable[[Any], int] | None) -> _Getter | None:
             if fn is None:
@@ -527,15 +517,15 @@ class NvmlBackend:
             ("power_mw", [power_instant]),
             ("power_avg_mw", [call("nvmlDeviceGetPowerUsage")]),
             ("energy_mj", [call("nvmlDeviceGetTotalEnergyConsumption")]),
-            ("sm_clock_mhz", [clocks(sm_id)]),
-            ("mem_clock_mhz", [clocks(mem_id)]),
-            ("utilization", [utilization if util_fn is not None else None]),
+            ("sm_clock_mhz", [call("nvmlDeviceGetClockInfo", n.NVML_CLOCK_SM)]),
+            ("mem_clock_mhz", [call("nvmlDeviceGetClockInfo", n.NVML_CLOCK_MEM)]),
+            ("utilization", [wrap(utilization, "nvmlDeviceGetUtilizationRates")]),
             ("temperature_c", [temp_v, temp]),
-            ("memory_used_bytes", [memory_used if mem_fn is not None else None]),
+            ("memory_used_bytes", [wrap(memory_used, "nvmlDeviceGetMemoryInfo")]),
             ("power_limit_mw", [call("nvmlDeviceGetEnforcedPowerLimit"),
                                 call("nvmlDeviceGetPowerManagementLimit")]),
             ("throttle_reasons", [reasons(fn) for fn in event_fns]),
-            ("processes", [processes if procs_fn is not None else None]),
+            ("processes", [wrap(processes, "nvmlDeviceGetComputeRunningProcesses")]),
         ]
 
     # -- errors ---------------------------------------------------------------------------------
@@ -610,3 +600,13 @@ class NvmlBackend:
 def _text(value: str | bytes) -> str:
     """NVML strings: nvidia-ml-py returns ``str``; some old releases returned ``bytes``."""
     return value.decode() if isinstance(value, bytes) else value
+
+
+def _within(low: int, high: int, lo: int | None, hi: int | None) -> bool:
+    """Whether ``low..high`` is positive and inside ``lo..hi``; an unknown bound admits all."""
+    return low > 0 and (lo is None or low >= lo) and (hi is None or high <= hi)
+
+
+def _span(lo: int | None, hi: int | None) -> str:
+    """A range for a message; ``?`` marks a bound the probe could not read."""
+    return f"{'?' if lo is None else lo}..{'?' if hi is None else hi}"
