@@ -1,0 +1,123 @@
+"""Alembic migrations, driven from code: upgrade, downgrade, revisions, and ``open_store``.
+
+The migration scripts live in the repository's top-level ``alembic/`` folder; there is no
+``alembic.ini`` (``pyproject.toml``'s ``[tool.alembic]`` serves the ``alembic`` command line).
+The database URL reaches ``alembic/env.py`` as the config attribute ``url``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, inspect
+
+import telemetry
+from alembic import command
+from telemetry.store.engine import make_engine
+from telemetry.store.errors import UPGRADE_HINT, SchemaError, SchemaOutdatedError
+from telemetry.store.models import Base
+from telemetry.store.repository import Store
+
+SCRIPT_LOCATION = Path(telemetry.__file__).resolve().parents[1] / "alembic"
+"""The migration environment: ``<repository root>/alembic``."""
+
+
+def alembic_config(url: str | None = None, *, script_location: Path | None = None) -> Config:
+    """An Alembic config for ``url`` (``None``: ``env.py`` falls back to the settings' URL).
+
+    Args:
+        url: SQLAlchemy URL of the database to migrate.
+        script_location: Another migration folder (tests); the repository's by default.
+    """
+    config = Config()
+    config.set_main_option("script_location", str(script_location or SCRIPT_LOCATION))
+    if url is not None:
+        config.attributes["url"] = url
+    return config
+
+
+def head_revision(*, script_location: Path | None = None) -> str:
+    """The latest migration's revision id.
+
+    Raises:
+        SchemaError: The migrations have more than one head.
+    """
+    script = ScriptDirectory.from_config(alembic_config(script_location=script_location))
+    heads = script.get_heads()
+    if len(heads) != 1:
+        raise SchemaError(f"the migrations must have exactly one head (found {sorted(heads)})")
+    return heads[0]
+
+
+def upgrade(url: str, revision: str = "head", *, script_location: Path | None = None) -> None:
+    """Migrate the database at ``url`` up to ``revision``."""
+    command.upgrade(alembic_config(url, script_location=script_location), revision)
+
+
+def downgrade(url: str, revision: str, *, script_location: Path | None = None) -> None:
+    """Migrate the database at ``url`` down to ``revision`` (``base`` drops every table)."""
+    command.downgrade(alembic_config(url, script_location=script_location), revision)
+
+
+def _current(engine: Engine) -> tuple[tuple[str, ...], set[str]]:
+    """The database's revisions, and which of its tables are powertrain's (or Alembic's)."""
+    with engine.connect() as conn:
+        heads = MigrationContext.configure(conn).get_current_heads()
+        tables = set(inspect(conn).get_table_names())
+    return tuple(heads), tables & (set(Base.metadata.tables) | {"alembic_version"})
+
+
+def current_revision(url: str) -> str | None:
+    """The database's revision (``None`` for an empty or unversioned database)."""
+    engine = make_engine(url)
+    try:
+        heads, _tables = _current(engine)
+    finally:
+        engine.dispose()
+    return heads[0] if heads else None
+
+
+def open_store(url: str, *, script_location: Path | None = None) -> Store:
+    """Open the store at ``url``, creating the schema in an empty database.
+
+    An empty database is migrated to the latest revision; one at the latest revision opens as
+    it is; any other raises.
+
+    Raises:
+        SchemaOutdatedError: The database is at an older revision (the message says to run
+            ``powertrain db upgrade``).
+        SchemaError: The database is newer than this powertrain, or holds powertrain's tables
+            without a revision.
+    """
+    head = head_revision(script_location=script_location)
+    engine = make_engine(url)
+    where = engine.url.render_as_string(hide_password=True)
+    try:
+        heads, tables = _current(engine)
+        if not tables:
+            upgrade(url, "head", script_location=script_location)
+            heads, tables = _current(engine)
+        if heads != (head,):
+            script = ScriptDirectory.from_config(alembic_config(script_location=script_location))
+            known = {rev.revision for rev in script.walk_revisions()}
+            if not heads and "alembic_version" not in tables:
+                raise SchemaError(
+                    f"the store at {where} holds powertrain's tables but no migration revision: "
+                    "it was not created by powertrain's migrations"
+                )
+            if any(h not in known for h in heads):
+                raise SchemaError(
+                    f"the store at {where} is at revision {', '.join(heads)}, which this version "
+                    f"of powertrain does not know (expected {head}): upgrade powertrain"
+                )
+            shown = ", ".join(heads) or "base (empty)"
+            raise SchemaOutdatedError(
+                f"the store at {where} is at revision {shown}, older than {head}: {UPGRADE_HINT}"
+            )
+    except BaseException:
+        engine.dispose()
+        raise
+    return Store(engine)
