@@ -105,7 +105,7 @@ class FakePynvml:
         for i, procs in (processes or {}).items():
             self.gpus[i].processes = list(procs)
         self.calls: Counter[str] = Counter()
-        self.initialized = False
+        self.init_count = 0
         self.energy_step_mj = energy_step_mj
         self._unsupported = set(unsupported)
         self._unsupported_fields = set(unsupported_fields)
@@ -145,6 +145,11 @@ class FakePynvml:
             return getattr(pynvml, name)
         raise AttributeError(f"FakePynvml does not fake {name!r}")
 
+    @property
+    def initialized(self) -> bool:
+        """Whether NVML is up: like the real library, init/shutdown are reference counted."""
+        return self.init_count > 0
+
     def _enter(self, call: str, handle: FakeHandle | None = None) -> FakeGpu | None:
         """Count the call and raise whatever fault is configured for it."""
         self.calls[call] += 1
@@ -175,17 +180,21 @@ class FakePynvml:
         self._enter("nvmlInit")
         if self._init_error is not None:
             raise pynvml.NVMLError(self._init_error)
-        self.initialized = True
+        self.init_count += 1
 
     def nvmlShutdown(self) -> None:
         self._enter("nvmlShutdown")
         if not self.initialized:
             raise pynvml.NVMLError(pynvml.NVML_ERROR_UNINITIALIZED)
-        self.initialized = False
+        self.init_count -= 1
 
     def nvmlSystemGetDriverVersion(self) -> str:
         self._enter("nvmlSystemGetDriverVersion")
         return "570.124.06"
+
+    def nvmlSystemGetNVMLVersion(self) -> str:
+        self._enter("nvmlSystemGetNVMLVersion")
+        return "12.570.124.06"
 
     def nvmlDeviceGetCount(self) -> int:
         self._enter("nvmlDeviceGetCount")
