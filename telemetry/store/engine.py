@@ -20,7 +20,9 @@ def normalise_url(url: str | URL) -> URL:
     return parsed
 
 
-def make_engine(url: str | URL, **kwargs: Any) -> Engine:
+def make_engine(
+    url: str | URL, *, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS, **kwargs: Any
+) -> Engine:
     """An engine for the store.
 
     SQLite: the file's parent folder is created; every connection uses WAL
@@ -31,6 +33,7 @@ def make_engine(url: str | URL, **kwargs: Any) -> Engine:
 
     Args:
         url: Any SQLAlchemy URL.
+        busy_timeout_ms: SQLite only: how long to wait for another writer's lock, ms.
         **kwargs: Passed to ``sqlalchemy.create_engine``.
 
     Returns:
@@ -57,7 +60,7 @@ def make_engine(url: str | URL, **kwargs: Any) -> Engine:
             if not in_memory:
                 cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA synchronous=NORMAL")
-            cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+            cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
             cursor.execute("PRAGMA foreign_keys=ON")
         finally:
             cursor.close()

@@ -1,0 +1,184 @@
+"""Migrations on every database kind: head, one head, no drift, down and up with data."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import inspect, text
+
+from telemetry.store import (
+    UPGRADE_HINT,
+    SchemaError,
+    SchemaOutdatedError,
+    current_revision,
+    downgrade,
+    head_revision,
+    make_engine,
+    open_store,
+    upgrade,
+)
+from telemetry.store.migrate import SCRIPT_LOCATION, alembic_config
+from telemetry.store.models import Base
+from tests.store.data import at, gpu_info, reading
+
+TABLES = {"gpus", "samples", "gpu_processes", "rollups_1m"}
+
+# A later migration, written only for these tests: adds a nullable column to samples.
+EXTRA_MIGRATION = '''"""test: samples.note"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "test_extra"
+down_revision = "{head}"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("samples") as batch:
+        batch.add_column(sa.Column("note", sa.String(32), nullable=True))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("samples") as batch:
+        batch.drop_column("note")
+'''
+
+
+def _tables(url: str) -> set[str]:
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            return set(inspect(conn).get_table_names())
+    finally:
+        engine.dispose()
+
+
+def _fill(url: str) -> int:
+    """Open the store, write a few samples and a rollup, return the sample count."""
+    store = open_store(url)
+    try:
+        ids = store.register_gpus([gpu_info(0)], host="n", backend="simulated")
+        store.insert_samples(
+            [(ids[0], reading(at(t), energy_mj=1_000 * t)) for t in range(0, 90, 10)]
+        )
+        store.rollup(at(120))
+        return store.sample_count()
+    finally:
+        store.close()
+
+
+def _count(url: str, table: str) -> int:
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            return int(conn.execute(text(f"SELECT count(*) FROM {table}")).scalar_one())
+    finally:
+        engine.dispose()
+
+
+def test_exactly_one_head() -> None:
+    script = ScriptDirectory.from_config(alembic_config())
+    assert len(script.get_heads()) == 1
+    assert head_revision() == script.get_current_head()
+    assert SCRIPT_LOCATION.name == "alembic" and (SCRIPT_LOCATION / "env.py").is_file()
+
+
+def test_upgrade_empty_database_to_head(store_url: str) -> None:
+    assert current_revision(store_url) is None
+    upgrade(store_url)
+    assert current_revision(store_url) == head_revision()
+    assert _tables(store_url) >= TABLES
+
+
+def test_models_and_migrations_do_not_drift(store_url: str) -> None:
+    upgrade(store_url)
+    engine = make_engine(store_url)
+    try:
+        with engine.connect() as conn:
+            context = MigrationContext.configure(conn, opts={"compare_type": True})
+            assert compare_metadata(context, Base.metadata) == []
+    finally:
+        engine.dispose()
+
+
+def test_open_store_creates_a_fresh_database_and_opens_one_at_head(store_url: str) -> None:
+    open_store(store_url).close()
+    assert current_revision(store_url) == head_revision()
+    store = open_store(store_url)  # at head: opens as it is
+    try:
+        assert store.gpus() == []
+    finally:
+        store.close()
+
+
+def test_downgrade_to_base_and_upgrade_with_data_present(store_url: str) -> None:
+    assert _fill(store_url) == 9
+    downgrade(store_url, "base")
+    assert not (TABLES & _tables(store_url))
+    assert current_revision(store_url) is None
+
+    with pytest.raises(SchemaOutdatedError) as caught:
+        open_store(store_url)
+    assert UPGRADE_HINT in str(caught.value)
+    assert "run `powertrain db upgrade`" in str(caught.value)
+
+    upgrade(store_url)
+    assert _fill(store_url) == 9
+    upgrade(store_url)  # already at head: nothing to do, nothing lost
+    assert _count(store_url, "samples") == 9
+
+
+def test_data_survives_a_later_migration_down_and_up(store_url: str, tmp_path: Path) -> None:
+    scripts = tmp_path / "alembic"
+    shutil.copytree(SCRIPT_LOCATION, scripts, ignore=shutil.ignore_patterns("__pycache__"))
+    head = head_revision()
+    (scripts / "versions" / "test_extra.py").write_text(EXTRA_MIGRATION.format(head=head))
+
+    assert _fill(store_url) == 9
+    with pytest.raises(SchemaOutdatedError, match="powertrain db upgrade"):
+        open_store(store_url, script_location=scripts)
+
+    upgrade(store_url, script_location=scripts)
+    assert current_revision(store_url) == "test_extra"
+    assert _count(store_url, "samples") == 9 and _count(store_url, "rollups_1m") == 2
+    with pytest.raises(SchemaError, match="upgrade powertrain"):
+        open_store(store_url)  # the database is newer than this code
+
+    downgrade(store_url, "-1", script_location=scripts)
+    assert current_revision(store_url) == head
+    assert _count(store_url, "samples") == 9 and _count(store_url, "gpus") == 1
+    store = open_store(store_url)
+    try:
+        assert store.sample_count() == 9
+        assert store.insert_samples([(store.gpus()[0].id, reading(at(100)))]) == 1
+    finally:
+        store.close()
+
+
+def test_tables_without_a_revision_are_refused(store_url: str) -> None:
+    engine = make_engine(store_url)
+    try:
+        Base.metadata.create_all(engine)
+    finally:
+        engine.dispose()
+    with pytest.raises(SchemaError, match="no migration revision"):
+        open_store(store_url)
+
+
+def test_env_takes_the_url_from_the_settings(
+    store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from alembic import command
+
+    monkeypatch.setenv("POWERTRAIN_DB", store_url)
+    command.upgrade(alembic_config(None), "head")
+    assert current_revision(store_url) == head_revision()
