@@ -11,7 +11,7 @@ from telemetry.backends.base import GpuBackend
 from telemetry.clock import VirtualClock
 
 
-@pytest.fixture(params=["simulated", "nvml-fake"])
+@pytest.fixture(params=["simulated", "nvml-fake", "replay"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[GpuBackend]:
     impl: GpuBackend
     if request.param == "simulated":
@@ -20,6 +20,14 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[GpuBacke
         impl = SimulatedBackend(
             gpus=2, sku="H100-SXM", clock=VirtualClock(), state_path=tmp_path / "sim.json", seed=0
         )
+    elif request.param == "replay":
+        from telemetry.backends.replay import ReplayBackend
+
+        trace = (
+            Path(__file__).resolve().parents[2].parent
+            / "shared/traces/zeus/nsdi23_trace/summary_power_a40.csv"
+        )
+        impl = ReplayBackend(trace, "imagenet/resnet50", 256, gpus=2, clock=VirtualClock(), seed=0)
     else:
         from telemetry.backends.nvml import NvmlBackend
         from tests.fake_pynvml import FakePynvml

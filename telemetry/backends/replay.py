@@ -1,0 +1,557 @@
+"""The replay backend: GPUs that play measured power-limit traces, for benchmarks and demos.
+
+A trace file (Zeus NSDI'23 format: ``dataset,network,batch_size,optimizer,power_limit,
+time_per_epoch,average_power``) says, for each workload and batch size, how long an epoch took and
+how much power the board drew under each power limit. ``ReplayBackend`` plays one (workload,
+batch size) curve: the power limit set through ``set_power_limit`` selects the operating point,
+linearly interpolated between the measured limits, and a driver advances the job with
+``run_steps``. Readings carry NVML-like noise; the energy counter is the exact integral of the
+power actually drawn and never goes back.
+
+What the traces do not carry is emulated and documented as such: SM clocks (a locked clock acts
+as the power limit at the same position of its range, see ``ReplayBackend``), temperature,
+utilisation and memory.
+"""
+
+from __future__ import annotations
+
+import bisect
+import csv
+import hashlib
+import math
+import random
+import threading
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from telemetry.backends.base import (
+    GpuInfo,
+    GpuNotFoundError,
+    GpuReading,
+    InvalidSettingError,
+    ThrottleReason,
+)
+from telemetry.clock import Clock, WallClock, to_datetime
+
+__all__ = [
+    "TRACE_COLUMNS",
+    "TRAINING_SET_SAMPLES",
+    "ReplayBackend",
+    "ReplayNoise",
+    "TraceCurve",
+    "gpu_name_from_path",
+    "load_trace",
+    "steps_per_epoch",
+]
+
+#: The columns a trace file must have (any order; extra columns are ignored).
+TRACE_COLUMNS: Final = (
+    "dataset",
+    "network",
+    "batch_size",
+    "optimizer",
+    "power_limit",
+    "time_per_epoch",
+    "average_power",
+)
+
+#: Training-set sizes (samples per epoch) of the public datasets in the Zeus traces. Used only to
+#: turn seconds per epoch into seconds per step; an unknown dataset uses ``DEFAULT_SAMPLES``.
+TRAINING_SET_SAMPLES: Final[dict[str, int]] = {
+    "cifar100": 50_000,
+    "imagenet": 1_281_167,
+    "librispeech": 281_241,  # LibriSpeech 960 h training utterances
+    "movielens-1m": 994_169,  # ratings less one held-out rating per user (6,040 users)
+    "squad": 87_599,  # SQuAD v1.1 training questions
+    "sentiment140": 1_600_000,
+}
+
+#: Samples per epoch assumed for a dataset not in ``TRAINING_SET_SAMPLES``.
+DEFAULT_SAMPLES: Final = 100_000
+
+#: Nominal SM clock range (MHz) reported for replayed GPUs: the traces carry no clock data.
+NOMINAL_SM_CLOCK_RANGE_MHZ: Final = (210, 1740)
+_NOMINAL_MEM_CLOCK_MHZ: Final = 7000
+_AMBIENT_C: Final = 30.0
+_C_PER_W: Final = 0.2  # nominal steady-state temperature rise per watt drawn
+#: A cap "binds" (a throttle reason is reported) when the power drawn reaches this share of it.
+_BINDING_SHARE: Final = 0.95
+
+
+def steps_per_epoch(dataset: str, batch_size: int, samples: int | None = None) -> int:
+    """Training steps in one epoch: ``ceil(samples / batch_size)``.
+
+    Args:
+        dataset: Dataset name as written in the trace (looked up in ``TRAINING_SET_SAMPLES``).
+        batch_size: Samples per step.
+        samples: Samples per epoch, overriding the table.
+
+    Returns:
+        Steps per epoch, at least 1.
+    """
+    if batch_size <= 0:
+        raise ValueError(f"batch size must be positive, got {batch_size}")
+    n = samples if samples is not None else TRAINING_SET_SAMPLES.get(dataset, DEFAULT_SAMPLES)
+    return max(1, math.ceil(n / batch_size))
+
+
+@dataclass(frozen=True, slots=True)
+class TraceCurve:
+    """One (workload, batch size) curve of a trace: epoch time and power against power limit.
+
+    Attributes:
+        gpu: GPU name, e.g. ``A40``.
+        dataset / network / optimizer: As in the trace.
+        batch_size: Samples per step.
+        limits_w: Measured power limits, ascending (W).
+        time_per_epoch_s: Seconds per epoch at each limit.
+        average_power_w: Average board power at each limit (W).
+    """
+
+    gpu: str
+    dataset: str
+    network: str
+    optimizer: str
+    batch_size: int
+    limits_w: tuple[float, ...]
+    time_per_epoch_s: tuple[float, ...]
+    average_power_w: tuple[float, ...]
+
+    @property
+    def workload(self) -> str:
+        """``dataset/network``, the name the backend and the benchmark use."""
+        return f"{self.dataset}/{self.network}"
+
+    def at(self, limit_w: float) -> tuple[float, float]:
+        """Seconds per epoch and average power (W) under a power limit.
+
+        Linear interpolation between measured limits; outside them the nearest end holds.
+        """
+        xs = self.limits_w
+        if limit_w <= xs[0]:
+            return self.time_per_epoch_s[0], self.average_power_w[0]
+        if limit_w >= xs[-1]:
+            return self.time_per_epoch_s[-1], self.average_power_w[-1]
+        hi = bisect.bisect_left(xs, limit_w)
+        lo = hi - 1
+        w = (limit_w - xs[lo]) / (xs[hi] - xs[lo])
+        t = self.time_per_epoch_s[lo] + w * (self.time_per_epoch_s[hi] - self.time_per_epoch_s[lo])
+        p = self.average_power_w[lo] + w * (self.average_power_w[hi] - self.average_power_w[lo])
+        return t, p
+
+
+def gpu_name_from_path(path: Path) -> str:
+    """The GPU a trace file is for, from its name: ``summary_power_a40.csv`` gives ``A40``."""
+    stem = path.stem
+    return (stem.rsplit("_", 1)[-1] if "_" in stem else stem).upper()
+
+
+def load_trace(path: Path | str, gpu: str | None = None) -> list[TraceCurve]:
+    """Every (workload, batch size, optimizer) curve in a trace file.
+
+    Rows measured more than once at the same limit are averaged.
+
+    Args:
+        path: A CSV file with the ``TRACE_COLUMNS``.
+        gpu: GPU name (default: from the file name, see ``gpu_name_from_path``).
+
+    Returns:
+        Curves sorted by workload and batch size.
+
+    Raises:
+        ValueError: A column is missing, a value is not a number, or a time or power is not
+            positive; the message names the file and line.
+    """
+    path = Path(path)
+    gpu_name = gpu or gpu_name_from_path(path)
+    groups: dict[tuple[str, str, int, str], dict[float, list[tuple[float, float]]]] = {}
+    with path.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in TRACE_COLUMNS if c not in (reader.fieldnames or ())]
+        if missing:
+            raise ValueError(f"{path}: not a power trace, missing column(s) {', '.join(missing)}")
+        for line, row in enumerate(reader, start=2):
+            try:
+                key = (row["dataset"], row["network"], int(row["batch_size"]), row["optimizer"])
+                limit = float(row["power_limit"])
+                t = float(row["time_per_epoch"])
+                p = float(row["average_power"])
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"{path}:{line}: bad value ({err})") from err
+            if not (limit > 0 and t > 0 and p > 0) or not all(map(math.isfinite, (limit, t, p))):
+                raise ValueError(f"{path}:{line}: limit, time and power must be positive numbers")
+            groups.setdefault(key, {}).setdefault(limit, []).append((t, p))
+    curves = []
+    for (dataset, network, batch_size, optimizer), by_limit in groups.items():
+        limits = sorted(by_limit)
+        times = tuple(sum(t for t, _ in by_limit[x]) / len(by_limit[x]) for x in limits)
+        powers = tuple(sum(p for _, p in by_limit[x]) / len(by_limit[x]) for x in limits)
+        curves.append(
+            TraceCurve(gpu_name, dataset, network, optimizer, batch_size, tuple(limits), times,
+                       powers)
+        )
+    if not curves:
+        raise ValueError(f"{path}: the trace has no rows")
+    return sorted(curves, key=lambda c: (c.workload, c.batch_size, c.optimizer))
+
+
+def _pick_curve(
+    curves: Sequence[TraceCurve], workload: str, batch_size: int, optimizer: str | None
+) -> TraceCurve:
+    """The curve for a workload named ``dataset/network``, ``dataset`` or ``network``."""
+
+    def named(c: TraceCurve) -> bool:
+        return workload in (c.workload, c.dataset, c.network)
+
+    found = [
+        c for c in curves
+        if named(c) and c.batch_size == batch_size and optimizer in (None, c.optimizer)
+    ]
+    if len(found) == 1:
+        return found[0]
+    choices = sorted({f"{c.workload} bs={c.batch_size} ({c.optimizer})" for c in curves
+                      if named(c)} or {c.workload for c in curves})
+    what = "is ambiguous" if found else "is not in the trace"
+    raise LookupError(
+        f"workload {workload!r} batch size {batch_size} {what}; choose one of: "
+        + ", ".join(choices)
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayNoise:
+    """How noisy a replayed GPU is. Coefficients of variation (standard deviation / mean).
+
+    Attributes:
+        step_time_cv: Of one training step's duration (measured Zeus A40 windows suggest 3-5 %).
+        power_cv: Of the power actually drawn during one step; the energy counter integrates it.
+        sensor_cv: Of an instant power reading on top of that (NVML's sensor); the 1 s average
+            reading has a tenth of the variance.
+    """
+
+    step_time_cv: float = 0.04
+    power_cv: float = 0.03
+    sensor_cv: float = 0.02
+
+    @classmethod
+    def off(cls) -> ReplayNoise:
+        """No noise at all: every reading is the trace's value."""
+        return cls(0.0, 0.0, 0.0)
+
+
+@dataclass(slots=True)
+class _Device:
+    info: GpuInfo
+    rng: random.Random
+    limit_mw: int
+    clock_lock_mhz: tuple[int, int] | None = None
+    energy_mj: float = 0.0
+    integrated_to_s: float = 0.0
+    #: Power drawn now (W), the trace's value times the current run's fluctuation.
+    drawn_w: float = 0.0
+    fluctuation: float = 1.0
+    steps_run: int = 0
+
+
+class ReplayBackend:
+    """GPUs that replay one (workload, batch size) curve of a measured power trace.
+
+    Every GPU plays the same curve (a data-parallel job) with its own noise. The power limit range
+    is the trace file's (its lowest and highest measured limit); the default limit is the highest.
+
+    Clocks are emulated, as the traces have no clock data: a locked top clock at share ``s`` of the
+    nominal clock range caps the operating point as the power limit at share ``s`` of the limit
+    range would, and the clock read back maps the same way. That keeps clock locking usable on
+    replayed traces (the optimiser can search clocks on them); it is not a calibrated clock model.
+
+    Args:
+        trace: A trace file (see ``load_trace``).
+        workload: ``dataset/network`` (or a ``dataset`` or ``network`` name that is unique).
+        batch_size: Batch size of the curve to play.
+        gpus: Number of GPUs.
+        clock: Time source (default: the wall clock). With a ``VirtualClock``, ``run_steps``
+            moves it.
+        seed: Seed of the noise; the same seed replays the same noise.
+        optimizer: The trace's optimizer column, when a workload has several.
+        samples_per_epoch: Samples per epoch (default: ``TRAINING_SET_SAMPLES`` or 100,000).
+        noise: Noise levels (``ReplayNoise.off()`` for exact traces).
+        gpu_name: GPU name (default: from the file name).
+    """
+
+    name = "replay"
+
+    def __init__(
+        self,
+        trace: Path | str,
+        workload: str,
+        batch_size: int,
+        *,
+        gpus: int = 1,
+        clock: Clock | None = None,
+        seed: int = 0,
+        optimizer: str | None = None,
+        samples_per_epoch: int | None = None,
+        noise: ReplayNoise | None = None,
+        gpu_name: str | None = None,
+    ) -> None:
+        if gpus < 1:
+            raise ValueError(f"a replay backend needs at least one GPU, got {gpus}")
+        self._path = Path(trace)
+        self._curves = load_trace(self._path, gpu_name)
+        self._samples_per_epoch = samples_per_epoch
+        self._clock: Clock = clock if clock is not None else WallClock()
+        self._noise = noise if noise is not None else ReplayNoise()
+        self._lock = threading.RLock()
+        self.curve = _pick_curve(self._curves, workload, batch_size, optimizer)
+        self.steps_per_epoch = steps_per_epoch(
+            self.curve.dataset, self.curve.batch_size, samples_per_epoch
+        )
+        min_w = min(c.limits_w[0] for c in self._curves)
+        max_w = max(c.limits_w[-1] for c in self._curves)
+        gpu = self.curve.gpu
+        now = self._clock.now()
+        self._devices: list[_Device] = []
+        for i in range(gpus):
+            digest = hashlib.sha256(
+                f"{self._path.name}|{gpu}|{workload}|{batch_size}|{i}".encode()
+            ).digest()
+            info = GpuInfo(
+                index=i,
+                uuid=f"GPU-{uuid.UUID(bytes=digest[:16])}",
+                name=f"{gpu} (replay)",
+                min_limit_mw=round(min_w * 1000),
+                max_limit_mw=round(max_w * 1000),
+                default_limit_mw=round(max_w * 1000),
+                min_sm_clock_mhz=NOMINAL_SM_CLOCK_RANGE_MHZ[0],
+                max_sm_clock_mhz=NOMINAL_SM_CLOCK_RANGE_MHZ[1],
+                memory_total_bytes=None,
+                has_energy_counter=True,
+            )
+            dev = _Device(
+                info=info,
+                rng=random.Random(f"{seed}|{i}"),
+                limit_mw=round(max_w * 1000),
+                integrated_to_s=now,
+            )
+            dev.drawn_w = self._operating_point(dev)[1]
+            self._devices.append(dev)
+
+    # -- the GpuBackend protocol -----------------------------------------------------------------
+
+    def devices(self) -> list[GpuInfo]:
+        """Every replayed GPU, in index order."""
+        return [d.info for d in self._devices]
+
+    def read(self, index: int) -> GpuReading:
+        """Read one GPU now: the trace's power under the current cap, with sensor noise."""
+        with self._lock:
+            dev = self._device(index)
+            self._integrate(dev)
+            eff_w, binding = self._effective_cap(dev)
+            _, trace_w = self.curve.at(eff_w)
+            cv = self._noise.sensor_cv
+            instant_w = dev.drawn_w * max(0.0, 1.0 + cv * dev.rng.gauss(0.0, 1.0))
+            avg_w = trace_w * max(0.0, 1.0 + (cv / math.sqrt(10)) * dev.rng.gauss(0.0, 1.0))
+            return GpuReading(
+                index=index,
+                sampled_at=to_datetime(self._clock.now()),
+                power_mw=round(instant_w * 1000),
+                power_avg_mw=round(avg_w * 1000),
+                energy_mj=int(dev.energy_mj),
+                sm_clock_mhz=self._sm_clock_mhz(dev, eff_w),
+                mem_clock_mhz=_NOMINAL_MEM_CLOCK_MHZ,
+                gpu_util_pct=100,
+                mem_util_pct=0,
+                temperature_c=round(_AMBIENT_C + _C_PER_W * trace_w),
+                memory_used_bytes=0,
+                power_limit_mw=dev.limit_mw,
+                throttle_reasons=int(binding),
+            )
+
+    def set_power_limit(self, index: int, limit_mw: int) -> None:
+        """Set the power limit; the operating point moves to the trace's at that limit.
+
+        Raises:
+            InvalidSettingError: Outside the trace's limit range (the message names it).
+        """
+        with self._lock:
+            dev = self._device(index)
+            lo, hi = dev.info.min_limit_mw, dev.info.max_limit_mw
+            assert lo is not None and hi is not None
+            if not lo <= limit_mw <= hi:
+                raise InvalidSettingError(
+                    f"GPU {index}: power limit {limit_mw} mW is outside the allowed range "
+                    f"{lo}..{hi} mW"
+                )
+            self._integrate(dev)
+            dev.limit_mw = int(limit_mw)
+            dev.drawn_w = self._operating_point(dev)[1] * dev.fluctuation
+
+    def reset_power_limit(self, index: int) -> None:
+        """Put the power limit back to the default (the trace's highest limit)."""
+        dev = self._device(index)
+        assert dev.info.default_limit_mw is not None
+        self.set_power_limit(index, dev.info.default_limit_mw)
+
+    def lock_sm_clocks(self, index: int, min_mhz: int, max_mhz: int) -> None:
+        """Lock SM clocks (emulated: ``max_mhz`` caps the operating point, see the class doc).
+
+        Raises:
+            InvalidSettingError: ``min_mhz > max_mhz`` or outside the nominal clock range.
+        """
+        lo, hi = NOMINAL_SM_CLOCK_RANGE_MHZ
+        if not lo <= min_mhz <= max_mhz <= hi:
+            raise InvalidSettingError(
+                f"GPU {index}: clock lock {min_mhz}..{max_mhz} MHz is not an ordered range "
+                f"inside the supported range {lo}..{hi} MHz"
+            )
+        with self._lock:
+            dev = self._device(index)
+            self._integrate(dev)
+            dev.clock_lock_mhz = (int(min_mhz), int(max_mhz))
+            dev.drawn_w = self._operating_point(dev)[1] * dev.fluctuation
+
+    def reset_sm_clocks(self, index: int) -> None:
+        """Undo ``lock_sm_clocks``."""
+        with self._lock:
+            dev = self._device(index)
+            self._integrate(dev)
+            dev.clock_lock_mhz = None
+            dev.drawn_w = self._operating_point(dev)[1] * dev.fluctuation
+
+    def close(self) -> None:
+        """Nothing to release: the trace was read at construction."""
+
+    # -- driving a replayed job --------------------------------------------------------------------
+
+    def epoch_time_s(self, index: int = 0) -> float:
+        """Seconds per epoch at the current setting, without noise (the trace's value)."""
+        with self._lock:
+            return self._operating_point(self._device(index))[0]
+
+    def step_time_s(self, index: int = 0) -> float:
+        """Seconds per training step at the current setting, without noise."""
+        return self.epoch_time_s(index) / self.steps_per_epoch
+
+    def power_w(self, index: int = 0) -> float:
+        """Average power (W) at the current setting, without noise (the trace's value)."""
+        with self._lock:
+            return self._operating_point(self._device(index))[1]
+
+    def run_steps(self, steps: int) -> float:
+        """Run ``steps`` training steps on every GPU at the current settings.
+
+        Draws the steps' duration (each GPU's own noise; a synchronous data-parallel job waits for
+        the slowest) and the power drawn meanwhile, then sleeps the clock for that long (a
+        ``VirtualClock`` moves at once), so the energy counters accrue that power.
+
+        Args:
+            steps: Number of steps, at least 1.
+
+        Returns:
+            Seconds the steps took.
+        """
+        if steps < 1:
+            raise ValueError(f"steps must be at least 1, got {steps}")
+        with self._lock:
+            root_n = math.sqrt(steps)
+            duration_s = 0.0
+            for dev in self._devices:
+                self._integrate(dev)
+                step_s, power_w = self._operating_point(dev)
+                step_s /= self.steps_per_epoch
+                # The mean of n steps with per-step spread cv has spread cv / sqrt(n).
+                t_jitter = self._noise.step_time_cv / root_n * dev.rng.gauss(0.0, 1.0)
+                p_jitter = self._noise.power_cv / root_n * dev.rng.gauss(0.0, 1.0)
+                dev.fluctuation = max(0.05, 1.0 + p_jitter)
+                dev.drawn_w = power_w * dev.fluctuation
+                dev.steps_run += steps
+                duration_s = max(duration_s, steps * step_s * max(0.05, 1.0 + t_jitter))
+        self._clock.sleep(duration_s)
+        return duration_s
+
+    def energy_mj(self, index: int = 0) -> int:
+        """The energy counter alone (mJ), as ``read(index).energy_mj`` without the other fields."""
+        with self._lock:
+            dev = self._device(index)
+            self._integrate(dev)
+            return int(dev.energy_mj)
+
+    def play(self, workload: str, batch_size: int, optimizer: str | None = None) -> None:
+        """Switch every GPU to another curve of the same trace file (a new phase of the job).
+
+        Settings stay as they are; the operating point moves to the new curve's.
+        """
+        with self._lock:
+            curve = _pick_curve(self._curves, workload, batch_size, optimizer)
+            for dev in self._devices:
+                self._integrate(dev)
+            self.curve = curve
+            self.steps_per_epoch = steps_per_epoch(
+                curve.dataset, curve.batch_size, self._samples_per_epoch
+            )
+            for dev in self._devices:
+                dev.drawn_w = self._operating_point(dev)[1] * dev.fluctuation
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _device(self, index: int) -> _Device:
+        if not 0 <= index < len(self._devices):
+            raise GpuNotFoundError(
+                f"no GPU {index}: this replay backend has GPUs 0..{len(self._devices) - 1}"
+            )
+        return self._devices[index]
+
+    def _integrate(self, dev: _Device) -> None:
+        """Add the energy drawn since the last call to the counter."""
+        now = self._clock.now()
+        dt = now - dev.integrated_to_s
+        if dt > 0:
+            dev.energy_mj += dev.drawn_w * dt * 1000.0
+        dev.integrated_to_s = max(now, dev.integrated_to_s)
+
+    def _clock_cap_w(self, dev: _Device) -> float | None:
+        """The power cap (W) a clock lock acts as, or None when clocks are free.
+
+        A locked top clock at share ``s`` of the nominal clock range acts as the power limit at
+        share ``s`` of the limit range.
+        """
+        if dev.clock_lock_mhz is None:
+            return None
+        lo, hi = NOMINAL_SM_CLOCK_RANGE_MHZ
+        share = (dev.clock_lock_mhz[1] - lo) / (hi - lo)
+        min_mw, max_mw = dev.info.min_limit_mw, dev.info.max_limit_mw
+        assert min_mw is not None and max_mw is not None
+        return (min_mw + share * (max_mw - min_mw)) / 1000.0
+
+    def _effective_cap(self, dev: _Device) -> tuple[float, ThrottleReason]:
+        """The cap in force (W) and the throttle reason that reports it."""
+        limit_w = dev.limit_mw / 1000.0
+        clock_w = self._clock_cap_w(dev)
+        if clock_w is not None and clock_w < limit_w:
+            return clock_w, ThrottleReason.APPLICATIONS_CLOCKS_SETTING
+        _, drawn = self.curve.at(limit_w)
+        binding = drawn >= _BINDING_SHARE * limit_w
+        return limit_w, ThrottleReason.SW_POWER_CAP if binding else ThrottleReason.NONE
+
+    def _operating_point(self, dev: _Device) -> tuple[float, float]:
+        """Seconds per epoch and power (W) under the cap in force, from the trace."""
+        cap_w, _ = self._effective_cap(dev)
+        return self.curve.at(cap_w)
+
+    def _sm_clock_mhz(self, dev: _Device, cap_w: float) -> int:
+        """Emulated SM clock: the locked top clock, else the top clock unless the power limit
+        binds, then the clock at the limit's position of the range (see ``_clock_cap_w``)."""
+        lo, hi = NOMINAL_SM_CLOCK_RANGE_MHZ
+        if dev.clock_lock_mhz is not None and self._clock_cap_w(dev) == cap_w:
+            return dev.clock_lock_mhz[1]
+        _, drawn = self.curve.at(cap_w)
+        if drawn < _BINDING_SHARE * cap_w:
+            return hi
+        min_mw, max_mw = dev.info.min_limit_mw, dev.info.max_limit_mw
+        assert min_mw is not None and max_mw is not None
+        share = (cap_w * 1000.0 - min_mw) / max(1.0, max_mw - min_mw)
+        return round(lo + min(1.0, max(0.0, share)) * (hi - lo))
