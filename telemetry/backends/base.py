@@ -25,6 +25,8 @@ class ThrottleReason(enum.IntFlag):
     HW_THERMAL_SLOWDOWN = 0x40
     HW_POWER_BRAKE_SLOWDOWN = 0x80
     DISPLAY_CLOCK_SETTING = 0x100
+    BOARD_LIMIT = 0x200
+    RELIABILITY = 0x400
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +78,7 @@ class GpuReading:
         gpu_util_pct / mem_util_pct: Utilisation over the last sample period (``utilization.*``).
         temperature_c: Core temperature (``temperature.gpu``).
         memory_used_bytes: Framebuffer in use (``memory.used``).
-        power_limit_mw: Enforced power limit (``power.limit``).
+        power_limit_mw: Enforced power limit (``enforced.power.limit``).
         throttle_reasons: ``ThrottleReason`` bits active now (``clocks_event_reasons.active``).
         processes: Compute processes on the GPU.
     """
@@ -134,8 +136,8 @@ class GpuBackend(Protocol):
     """What the sampler and the actuators need from a source of GPUs.
 
     Implementations: ``NvmlBackend`` (real GPUs), ``SimulatedBackend`` (the model in DESIGN.md),
-    and trace replay. ``read`` may raise ``GpuLostError``/``GpuTimeoutError`` for one GPU; every
-    other unsupported field degrades to ``None``. Setters raise ``GpuPermissionError``,
+    and trace replay. ``read`` raises ``GpuLostError`` for a GPU that is gone; every other failing
+    or unsupported field degrades to ``None``. Setters raise ``GpuPermissionError``,
     ``NotSupportedError`` or ``InvalidSettingError``; each has a reset partner.
     """
 
