@@ -201,6 +201,38 @@ class _MinuteAccumulator:
         self.methods: set[IntervalMethod] = set()
 
 
+class _DriverStatement:
+    """A Core statement compiled once for one dialect and run with plain DB-API parameters.
+
+    The hot write path skips SQLAlchemy's per-row parameter processing: callers pass values
+    already in their stored form (timestamps as epoch microseconds), as tuples in ``keys`` order.
+    """
+
+    def __init__(self, statement: Any, dialect: Any, keys: Sequence[str]) -> None:
+        compiled = statement.compile(dialect=dialect, column_keys=list(keys))
+        self.sql = str(compiled)
+        self.keys = tuple(keys)
+        self._positional = bool(compiled.positional)
+        order = tuple(compiled.positiontup or ()) if self._positional else self.keys
+        missing = set(order) - set(self.keys)
+        if missing:
+            raise RuntimeError(f"statement needs parameters {sorted(missing)} not in {self.keys}")
+        # where the compiled order is ours (inserts), tuples pass straight through
+        self._same_order = order == self.keys
+        self._index = tuple(self.keys.index(name) for name in order)
+
+    def executemany(self, conn: Connection, rows: list[tuple[Any, ...]]) -> None:
+        if self._positional:
+            if not self._same_order:
+                rows = [tuple(row[i] for i in self._index) for row in rows]
+            conn.exec_driver_sql(self.sql, rows)
+        else:
+            conn.exec_driver_sql(self.sql, [dict(zip(self.keys, row, strict=True)) for row in rows])
+
+    def executemany_dicts(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
+        self.executemany(conn, [tuple(row[k] for k in self.keys) for row in rows])
+
+
 class Store:
     """GPU telemetry in a SQL database: GPUs, samples, processes, one-minute rollups.
 
@@ -218,13 +250,23 @@ class Store:
         self._engine = engine
         self._max_gap_s = max_gap_s
         self._is_sqlite = engine.dialect.name == "sqlite"
-        self._insert_samples = samples_table.insert()
-        self._insert_processes = gpu_processes_table.insert()
-        self._touch_gpus = (
+        dialect = engine.dialect
+        self._insert_samples = _DriverStatement(
+            samples_table.insert().inline(), dialect, ("gpu_id", "sampled_at", *_READING_FIELDS)
+        )
+        self._insert_processes = _DriverStatement(
+            gpu_processes_table.insert().inline(),
+            dialect,
+            ("gpu_id", "sampled_at", "pid", "used_memory_bytes"),
+        )
+        us = BigInteger()
+        self._touch_gpus = _DriverStatement(
             update(gpus_table)
             .where(gpus_table.c.id == bindparam("b_gpu_id"))
-            .where(gpus_table.c.last_seen_at < bindparam("b_seen_at"))
-            .values(last_seen_at=bindparam("b_seen_at"))
+            .where(_us(gpus_table.c.last_seen_at) < bindparam("b_seen_at", type_=us))
+            .values(last_seen_at=type_coerce(bindparam("b_seen_at", type_=us), BigInteger)),
+            dialect,
+            ("b_gpu_id", "b_seen_at"),
         )
 
     @property
@@ -350,52 +392,42 @@ class Store:
         """
         if not rows:
             return 0
-        sample_params: list[dict[str, Any]] = []
-        process_params: list[dict[str, Any]] = []
-        latest: dict[int, datetime] = {}
+        sample_rows: list[tuple[Any, ...]] = []
+        process_rows: list[tuple[Any, ...]] = []
+        latest: dict[int, int] = {}
         for gpu_id, r in rows:
-            at = r.sampled_at
-            if at.tzinfo is None:
-                raise ValueError(f"sampled_at must be timezone-aware (got {at.isoformat()})")
-            sample_params.append(
-                {
-                    "gpu_id": gpu_id,
-                    "sampled_at": at,
-                    "power_mw": r.power_mw,
-                    "power_avg_mw": r.power_avg_mw,
-                    "energy_mj": r.energy_mj,
-                    "sm_clock_mhz": r.sm_clock_mhz,
-                    "mem_clock_mhz": r.mem_clock_mhz,
-                    "gpu_util_pct": r.gpu_util_pct,
-                    "mem_util_pct": r.mem_util_pct,
-                    "temperature_c": r.temperature_c,
-                    "memory_used_bytes": r.memory_used_bytes,
-                    "power_limit_mw": r.power_limit_mw,
-                    "throttle_reasons": r.throttle_reasons,
-                }
+            at_us = to_epoch_us(r.sampled_at)  # ValueError if naive, before anything is written
+            sample_rows.append(
+                (
+                    gpu_id,
+                    at_us,
+                    r.power_mw,
+                    r.power_avg_mw,
+                    r.energy_mj,
+                    r.sm_clock_mhz,
+                    r.mem_clock_mhz,
+                    r.gpu_util_pct,
+                    r.mem_util_pct,
+                    r.temperature_c,
+                    r.memory_used_bytes,
+                    r.power_limit_mw,
+                    r.throttle_reasons,
+                )
             )
             for p in r.processes:
-                process_params.append(
-                    {
-                        "gpu_id": gpu_id,
-                        "sampled_at": at,
-                        "pid": p.pid,
-                        "used_memory_bytes": p.used_memory_bytes,
-                    }
-                )
-            seen = latest.get(gpu_id)
-            if seen is None or at > seen:
-                latest[gpu_id] = at
-        touch = [{"b_gpu_id": g, "b_seen_at": at} for g, at in latest.items()]
+                process_rows.append((gpu_id, at_us, p.pid, p.used_memory_bytes))
+            if at_us > latest.get(gpu_id, -1):
+                latest[gpu_id] = at_us
+        touch = [{"b_gpu_id": g, "b_seen_at": at_us} for g, at_us in latest.items()]
         try:
             with self._engine.begin() as conn:
-                conn.execute(self._insert_samples, sample_params)
-                if process_params:
-                    conn.execute(self._insert_processes, process_params)
-                conn.execute(self._touch_gpus, touch)
+                self._insert_samples.executemany(conn, sample_rows)
+                if process_rows:
+                    self._insert_processes.executemany(conn, process_rows)
+                self._touch_gpus.executemany_dicts(conn, touch)
         except SQLAlchemyError as exc:
             raise _write_error(f"inserting {len(rows)} samples", exc) from exc
-        return len(sample_params)
+        return len(sample_rows)
 
     @staticmethod
     def _range(column: Any, since: datetime | None, until: datetime | None) -> list[Any]:
