@@ -42,6 +42,8 @@ from telemetry.store.models import (
 )
 
 MINUTE_US = 60_000_000
+ROLLUP_SETTLE_S = 10.0
+"""A minute is rolled up this many seconds after it ends (the sampler flushes every second)."""
 ROLLUP_WINDOW_US = 60 * MINUTE_US
 """Rollups of a long backlog are written an hour at a time, each hour in its own transaction."""
 
@@ -511,24 +513,29 @@ class Store:
 
     # -- rollups and retention -----------------------------------------------------------------
 
-    def rollup(self, now: datetime) -> int:
-        """Write one-minute rollups for every complete minute (before ``now``) not yet rolled up.
+    def rollup(self, now: datetime, *, settle_s: float = ROLLUP_SETTLE_S) -> int:
+        """Write one-minute rollups for every complete minute not yet rolled up.
 
         Idempotent: a minute is rolled up once, when complete, after the latest rolled-up minute
         of its GPU. Each interval between consecutive samples counts in the minute in which it
-        ends. Samples arriving for a minute after it was rolled up are not counted, so callers
-        pass a ``now`` that lags the writes still buffered.
+        ends. A minute counts as complete ``settle_s`` after it ends, so that rows still in the
+        sampler's buffer land first; rows arriving for a minute after it was rolled up are not
+        counted in it.
 
         Args:
             now: Current time (aware UTC).
+            settle_s: Seconds after a minute's end before it is rolled up (>= 0).
 
         Returns:
             How many rollup rows were written.
 
         Raises:
+            ValueError: ``settle_s`` is negative or not finite.
             StoreWriteError: The current hour of one GPU was not written (earlier ones were).
         """
-        end_us = _floor_minute_us(to_epoch_us(now))
+        if not (math.isfinite(settle_s) and settle_s >= 0):
+            raise ValueError(f"settle_s must be a finite number >= 0 (got {settle_s})")
+        end_us = _floor_minute_us(to_epoch_us(now - timedelta(seconds=settle_s)))
         written = 0
         with self._engine.connect() as conn:
             gpu_ids = list(
@@ -640,7 +647,9 @@ class Store:
                 for row in conn.execute(query)
             ]
 
-    def apply_retention(self, now: datetime, days: float) -> int:
+    def apply_retention(
+        self, now: datetime, days: float, *, settle_s: float = ROLLUP_SETTLE_S
+    ) -> int:
         """Delete raw samples and processes older than ``days`` before ``now``; rollups stay.
 
         Rolls up first, and never deletes a sample that is not yet rolled up, nor the last
@@ -649,6 +658,7 @@ class Store:
         Args:
             now: Current time (aware UTC).
             days: Retention in days (> 0).
+            settle_s: Passed to ``rollup``.
 
         Returns:
             How many sample rows were deleted.
@@ -659,7 +669,7 @@ class Store:
         """
         if not (math.isfinite(days) and days > 0):
             raise ValueError(f"retention must be a positive number of days (got {days})")
-        self.rollup(now)
+        self.rollup(now, settle_s=settle_s)
         cutoff_us = to_epoch_us(now - timedelta(days=days))
         s, p, r = samples_table.c, gpu_processes_table.c, rollups_1m_table.c
         t_us, pt_us = _us(s.sampled_at), _us(p.sampled_at)

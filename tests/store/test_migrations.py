@@ -70,7 +70,7 @@ def _fill(url: str) -> int:
         store.insert_samples(
             [(ids[0], reading(at(t), energy_mj=1_000 * t)) for t in range(0, 90, 10)]
         )
-        store.rollup(at(120))
+        store.rollup(at(130))
         return store.sample_count()
     finally:
         store.close()

@@ -207,7 +207,7 @@ def test_rollups_are_exact_and_idempotent(store: Store) -> None:
     _insert_series(store, ids[0], series)
     _insert_series(store, ids[1], _counter_series(90.0, seed=2))
 
-    now = at(200.0)  # 12:03:20: minutes 12:00, 12:01 and 12:02 are complete
+    now = at(200.0)  # 12:03:20: minutes 12:00, 12:01 and 12:02 are complete and settled
     written = store.rollup(now)
     assert written == 3 + 2
     rollups = store.rollups(ids[0])
@@ -232,7 +232,8 @@ def test_rollups_are_exact_and_idempotent(store: Store) -> None:
     # idempotent, and the incomplete minute is not rolled up until it completes
     assert store.rollup(now) == 0
     assert store.rollups(ids[0]) == rollups
-    assert store.rollup(at(240.0)) == 1
+    assert store.rollup(at(239.0)) == 0  # 12:03 ended, but writes may still be in flight
+    assert store.rollup(at(250.0)) == 1
     everything = store.rollups(ids[0])
     assert len(everything) == 4
     assert sum(r.energy_mj for r in everything) == series[-1][1] - series[0][1]
@@ -246,7 +247,7 @@ def test_incremental_rollups_match_one_shot(store_url: str, tmp_path: Path) -> N
         ids = _register(store, 1)
         _insert_series(store, ids[0], series)
         for minute in range(1, 7):
-            store.rollup(at(60.0 * minute + 0.5))
+            store.rollup(at(60.0 * minute + 10.5))
         incremental = store.rollups(ids[0])
     finally:
         store.close()
@@ -261,6 +262,15 @@ def test_incremental_rollups_match_one_shot(store_url: str, tmp_path: Path) -> N
     assert [(r.minute_start, r.energy_mj, r.n_samples) for r in incremental] == [
         (r.minute_start, r.energy_mj, r.n_samples) for r in one_shot
     ]
+
+
+def test_rollup_waits_for_a_minute_to_settle(store: Store) -> None:
+    ids = _register(store, 1)
+    _insert_series(store, ids[0], [(t, 1_000 * int(t), 100_000) for t in (1.0, 30.0, 59.0)])
+    assert store.rollup(at(65.0)) == 0  # 10 s settle by default
+    assert store.rollup(at(65.0), settle_s=0.0) == 1
+    with pytest.raises(ValueError, match="settle_s"):
+        store.rollup(at(65.0), settle_s=-1.0)
 
 
 def test_rollup_bridges_silent_minutes_and_hours(store: Store) -> None:
