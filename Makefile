@@ -1,0 +1,38 @@
+# Everything a fresh machine needs: `make demo` and `make test` create .venv and install into it.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+PACKAGES := energy scheduler telemetry reports
+
+.PHONY: demo test lint typecheck unit bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# constraints.txt pins torch to the CPU build that lies on this machine's disk.
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,postgres,torch]'
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/powertrain demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+unit: $(STAMP)
+	$(BIN)/pytest -q
+
+test: lint typecheck unit
+
+bench: $(STAMP)
+	$(BIN)/python bench/ingest.py --json bench/results/ingest.json
+	$(BIN)/python bench/daemon_overhead.py --json bench/results/daemon_overhead.json
+	$(BIN)/python bench/calibrate_sim.py --json bench/results/calibrate_sim.json
+	$(BIN)/python bench/optimizer.py --json bench/results/optimizer.json
+
+clean:
+	rm -rf $(VENV) .demo .mypy_cache .ruff_cache .pytest_cache

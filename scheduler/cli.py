@@ -1,0 +1,291 @@
+"""The ``powertrain`` command line.
+
+User mistakes and domain errors end in one ``error: ...`` line on stderr and a non-zero exit,
+never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from scheduler.settings import BackendName, Settings
+from telemetry.backends.base import GpuBackend, GpuError, GpuReading, ThrottleReason
+
+app = typer.Typer(
+    help="powertrain: energy-aware GPU training scheduler and monitor.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+db_app = typer.Typer(help="Manage the store's schema.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+out = Console()
+err = Console(stderr=True)
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+T = TypeVar("T")
+
+# Options shared by the commands that open GPUs or the store.
+HomeOpt = Annotated[
+    Path | None,
+    typer.Option("--home", help="Data folder (store, simulated GPU state). Env: POWERTRAIN_HOME."),
+]
+DbOpt = Annotated[
+    str | None,
+    typer.Option("--db", help="SQLAlchemy URL of the store (default: SQLite under --home). "
+                 "Env: POWERTRAIN_DB."),
+]
+BackendOpt = Annotated[
+    BackendName | None,
+    typer.Option("--backend", help="auto: NVML when an NVIDIA driver is present, else simulated."),
+]
+SimGpusOpt = Annotated[
+    int | None, typer.Option("--sim-gpus", help="Number of simulated GPUs (default 4).")
+]
+SimSkuOpt = Annotated[
+    str | None,
+    typer.Option("--sim-sku", help="Simulated GPU model: H100-SXM, A100-SXM, A40, V100, P100."),
+]
+
+
+def fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
+    """Print one error line and exit."""
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def build_settings(**overrides: Any) -> Settings:
+    """Settings from the environment, with the command line's flags on top."""
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = "--" + "-".join(str(p) for p in first["loc"]).replace("_", "-")
+        fail(f"invalid {name}: {first['msg']}", EXIT_USAGE)
+
+
+def guarded(action: Callable[[], T]) -> T:
+    """Run ``action``, turning domain errors into one line and a non-zero exit."""
+    from telemetry.store import SchemaOutdatedError, StoreError
+
+    try:
+        return action()
+    except SchemaOutdatedError as exc:
+        fail(str(exc))
+    except (GpuError, StoreError, ValueError, OSError) as exc:
+        fail(str(exc) or type(exc).__name__)
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def open_gpus(settings: Settings) -> tuple[GpuBackend, str]:
+    from telemetry.backends.choose import open_backend
+
+    settings.home.mkdir(parents=True, exist_ok=True)
+    return open_backend(
+        settings.backend,
+        sim_gpus=settings.sim_gpus,
+        sim_sku=settings.sim_sku,
+        sim_state_path=settings.sim_state_path,
+    )
+
+
+@app.command()
+def daemon(
+    backend: BackendOpt = None,
+    sim_gpus: SimGpusOpt = None,
+    sim_sku: SimSkuOpt = None,
+    db: DbOpt = None,
+    home: HomeOpt = None,
+    interval_ms: Annotated[
+        int | None,
+        typer.Option("--interval-ms", help="Sampling period in ms (default 100 = 10 Hz)."),
+    ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+) -> None:
+    """Run the daemon in the foreground (systemd style): sample every GPU into the store.
+
+    SIGTERM or SIGINT flushes buffered samples and exits 0. A fresh database is created; an
+    outdated one is refused until `powertrain db upgrade` has run.
+    """
+    settings = build_settings(
+        backend=backend, sim_gpus=sim_gpus, sim_sku=sim_sku, db=db, home=home,
+        interval_ms=interval_ms,
+    )
+    setup_logging(verbose)
+    log = logging.getLogger("powertrain")
+
+    from scheduler.daemon import Daemon, DaemonAlreadyRunningError, home_lock
+    from telemetry.store import open_store
+
+    def run() -> int:
+        with home_lock(settings.home):
+            store = open_store(settings.db_url)
+            try:
+                gpus, why = open_gpus(settings)
+            except BaseException:
+                store.close()
+                raise
+            log.info(why)
+            return Daemon(settings, gpus, store).run()
+
+    try:
+        code = guarded(run)
+    except DaemonAlreadyRunningError as exc:
+        fail(str(exc))
+    raise typer.Exit(code)
+
+
+def _reading_json(
+    info_name: str, uuid: str, r: GpuReading, mem_total: int | None
+) -> dict[str, Any]:
+    def watts(mw: int | None) -> float | None:
+        return None if mw is None else round(mw / 1000, 3)
+
+    reasons = (
+        None if r.throttle_reasons is None
+        else [str(f.name).lower() for f in ThrottleReason if f and r.throttle_reasons & f]
+    )
+    return {
+        "index": r.index,
+        "uuid": uuid,
+        "name": info_name,
+        "power_w": watts(r.power_mw),
+        "power_avg_w": watts(r.power_avg_mw),
+        "power_limit_w": watts(r.power_limit_mw),
+        "energy_j": None if r.energy_mj is None else r.energy_mj / 1000,
+        "sm_clock_mhz": r.sm_clock_mhz,
+        "mem_clock_mhz": r.mem_clock_mhz,
+        "gpu_util_pct": r.gpu_util_pct,
+        "mem_util_pct": r.mem_util_pct,
+        "temperature_c": r.temperature_c,
+        "memory_used_mib": None if r.memory_used_bytes is None else r.memory_used_bytes // 2**20,
+        "memory_total_mib": None if mem_total is None else mem_total // 2**20,
+        "throttle_reasons": reasons,
+        "processes": [
+            {"pid": p.pid, "used_memory_bytes": p.used_memory_bytes} for p in r.processes
+        ],
+        "sampled_at": r.sampled_at.isoformat(),
+    }
+
+
+@app.command()
+def gpus(
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list for scripts.")] = False,
+    backend: BackendOpt = None,
+    sim_gpus: SimGpusOpt = None,
+    sim_sku: SimSkuOpt = None,
+    home: HomeOpt = None,
+) -> None:
+    """Show every GPU's live state, read from the backend directly."""
+    settings = build_settings(backend=backend, sim_gpus=sim_gpus, sim_sku=sim_sku, home=home)
+
+    def read_all() -> tuple[list[dict[str, Any]], str]:
+        gpu_backend, why = open_gpus(settings)
+        try:
+            rows = []
+            for info in gpu_backend.devices():
+                try:
+                    reading = gpu_backend.read(info.index)
+                except GpuError as exc:
+                    rows.append({"index": info.index, "uuid": info.uuid, "name": info.name,
+                                 "error": str(exc)})
+                    continue
+                rows.append(_reading_json(info.name, info.uuid, reading, info.memory_total_bytes))
+            return rows, why
+        finally:
+            gpu_backend.close()
+
+    rows, why = guarded(read_all)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    err.print(f"[dim]{why}[/]", highlight=False)
+    table = Table("GPU", "Name", "Power W", "Limit W", "Energy kJ", "SM MHz", "Mem MHz", "Util %",
+                  "Temp °C", "Memory MiB", "Throttle")
+
+    def cell(value: Any, fmt: str = "{}") -> str:
+        return "n/a" if value is None else fmt.format(value)
+
+    for row in rows:
+        if "error" in row:
+            table.add_row(str(row["index"]), row["name"], f"[red]{row['error']}[/]")
+            continue
+        energy_kj = None if row["energy_j"] is None else row["energy_j"] / 1000
+        table.add_row(
+            str(row["index"]), row["name"], cell(row["power_w"], "{:.1f}"),
+            cell(row["power_limit_w"], "{:.0f}"), cell(energy_kj, "{:,.1f}"),
+            cell(row["sm_clock_mhz"]), cell(row["mem_clock_mhz"]), cell(row["gpu_util_pct"]),
+            cell(row["temperature_c"]),
+            f"{cell(row['memory_used_mib'])} / {cell(row['memory_total_mib'])}",
+            ", ".join(row["throttle_reasons"] or []) or "-",
+        )
+    out.print(table)
+
+
+@db_app.command("upgrade")
+def db_upgrade(
+    db: DbOpt = None,
+    home: HomeOpt = None,
+    revision: Annotated[str, typer.Option(help="Target revision.")] = "head",
+) -> None:
+    """Bring the store's schema up to date (Alembic migrations)."""
+    settings = build_settings(db=db, home=home)
+    from telemetry.store import current_revision, upgrade
+
+    def run() -> str | None:
+        settings.home.mkdir(parents=True, exist_ok=True)
+        upgrade(settings.db_url, revision)
+        return current_revision(settings.db_url)
+
+    out.print(f"schema at revision {guarded(run)}")
+
+
+@db_app.command("current")
+def db_current(db: DbOpt = None, home: HomeOpt = None) -> None:
+    """Print the store's schema revision and the latest one this version knows."""
+    settings = build_settings(db=db, home=home)
+    from telemetry.store import current_revision, head_revision
+
+    now = guarded(lambda: current_revision(settings.db_url))
+    out.print(f"current: {now or 'empty database'}; latest: {head_revision()}")
+
+
+@app.command()
+def demo(
+    seconds: Annotated[float, typer.Option(help="How long the daemon samples.", min=5)] = 30.0,
+    home: Annotated[Path, typer.Option(help="Where the demo's store goes (wiped first).")] = Path(
+        ".demo"
+    ),
+    sim_gpus: Annotated[int, typer.Option("--sim-gpus", min=1, max=16)] = 4,
+) -> None:
+    """Run the daemon on simulated H100s under a synthetic load, then show energy per GPU."""
+    from scheduler.demo import run_demo
+
+    guarded(lambda: run_demo(home=home, seconds=seconds, gpus=sim_gpus, console=out))
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

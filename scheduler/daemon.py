@@ -1,0 +1,163 @@
+"""The daemon: APScheduler drives sampling, flushes, rollups and retention until SIGTERM/SIGINT.
+
+This is the only module that imports APScheduler.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import signal
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+from typing import IO, Any
+
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.schedulers.background import BackgroundScheduler
+from sqlalchemy import make_url
+
+from scheduler.settings import Settings
+from telemetry.backends.base import GpuBackend
+from telemetry.sampler import BatchWriter, Sampler
+from telemetry.store import Store
+
+log = logging.getLogger(__name__)
+
+ROLLUP_INTERVAL_S = 60.0
+RETENTION_INTERVAL_S = 3600.0
+
+
+class DaemonAlreadyRunningError(RuntimeError):
+    """Another daemon holds this home's lock."""
+
+
+@contextmanager
+def home_lock(home: Path) -> Iterator[None]:
+    """Hold ``home/daemon.pid`` locked for the daemon's life, so one daemon runs per home."""
+    home.mkdir(parents=True, exist_ok=True)
+    path = home / "daemon.pid"
+    handle: IO[str] = path.open("a+")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            pid = handle.read().strip() or "?"
+            raise DaemonAlreadyRunningError(
+                f"another powertrain daemon (pid {pid}) is running on {home}"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        yield
+    finally:
+        handle.close()
+
+
+class Daemon:
+    """Samples every GPU into the store on a schedule.
+
+    Args:
+        settings: Intervals, buffer bound and retention.
+        backend: The GPUs.
+        store: Where samples go; the daemon owns it from here on and closes it.
+        host: Node name recorded with each GPU (default: this host's name).
+    """
+
+    def __init__(
+        self, settings: Settings, backend: GpuBackend, store: Store, *, host: str | None = None
+    ) -> None:
+        self.settings = settings
+        self.backend = backend
+        self.store = store
+        self.gpu_ids = store.register_gpus(
+            backend.devices(), host=host or socket.gethostname(), backend=backend.name
+        )
+        self.writer = BatchWriter(store, max_rows=settings.buffer_max_rows)
+        self.sampler = Sampler(backend, self.gpu_ids, self.writer)
+        self._stopped = threading.Event()
+        self._scheduler = BackgroundScheduler(
+            executors={"default": ThreadPoolExecutor(max_workers=4)},
+            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 5},
+            timezone=UTC,
+        )
+
+    def start(self) -> None:
+        """Schedule the jobs and start the scheduler's thread."""
+        every = self._scheduler.add_job
+        now = datetime.now(UTC)
+        every(self.sampler.tick, "interval", seconds=self.settings.interval_ms / 1000,
+              id="sample", next_run_time=now)
+        every(self.writer.flush, "interval", seconds=self.settings.flush_interval_s, id="flush")
+        every(self._guard(self._rollup), "interval", seconds=ROLLUP_INTERVAL_S, id="rollup")
+        every(self._guard(self._retention), "interval", seconds=RETENTION_INTERVAL_S,
+              id="retention", next_run_time=now)
+        self._scheduler.start()
+        log.info(
+            "sampling %d GPUs every %d ms into %s", len(self.gpu_ids),
+            self.settings.interval_ms,
+            make_url(self.settings.db_url).render_as_string(hide_password=True),
+        )
+
+    def stop(self) -> None:
+        """Stop scheduling, write what is buffered, roll up, and release the store and backend."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        if self._scheduler.running:
+            self._scheduler.shutdown(wait=True)
+        self.writer.flush()
+        self._guard(self._rollup)()
+        stats = self.writer.stats()
+        if stats.pending or stats.dropped:
+            log.error(
+                "stopping with %d rows unwritten and %d dropped", stats.pending, stats.dropped
+            )
+        self.backend.close()
+        self.store.close()
+        log.info("stopped: %d samples written", stats.written)
+
+    def run(self) -> int:
+        """Run in the foreground until SIGTERM or SIGINT; returns the exit status."""
+        wake = threading.Event()
+
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            log.info("%s received: flushing and stopping", signal.Signals(signum).name)
+            wake.set()
+
+        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            self.start()
+            while not wake.wait(0.5):
+                pass
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            self.stop()
+        return 0
+
+    def _rollup(self) -> None:
+        self.store.rollup(datetime.now(UTC))
+
+    def _retention(self) -> None:
+        self.store.apply_retention(datetime.now(UTC), self.settings.retention_days)
+
+    @staticmethod
+    def _guard(job: Callable[[], Any]) -> Callable[[], None]:
+        """Log a failing maintenance job instead of letting it kill anything; it runs again."""
+
+        def guarded() -> None:
+            try:
+                job()
+            except Exception as exc:
+                log.error("%s failed: %s", job.__name__.lstrip("_"), exc)
+
+        guarded.__name__ = job.__name__
+        return guarded
