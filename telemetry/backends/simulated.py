@@ -775,6 +775,7 @@ class SimulatedBackend:
             if raw.get("format") != _STATE_FORMAT:
                 raise ValueError(f"unknown state format {raw.get('format')!r}")
             if raw.get("sku") != self._sku.name:
+                self._file_sig = sig
                 _log.warning(
                     "simulated GPU state %s is for SKU %s, not %s: starting a fresh node",
                     self._path,
@@ -784,6 +785,7 @@ class SimulatedBackend:
                 return False
             states = [_GpuState.from_json(s) for s in raw["gpus"]]
         except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
+            self._file_sig = sig  # do not parse the same bad file again until it changes
             _log.warning(
                 "unreadable simulated GPU state %s (%s): starting a fresh node", self._path, exc
             )

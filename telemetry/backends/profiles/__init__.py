@@ -311,6 +311,7 @@ def get_workload(name: str, path: Path | None = None) -> Workload:
     try:
         return workloads[name]
     except KeyError:
-        known = sorted(workloads)
+        # Generic workloads first: they are the ones a person types.
+        known = sorted(workloads, key=lambda n: (workloads[n].sku is not None, n))
         shown = ", ".join(known[:8]) + (f", ... ({len(known)} in all)" if len(known) > 8 else "")
         raise ValueError(f"unknown workload {name!r}; known workloads: {shown}") from None
