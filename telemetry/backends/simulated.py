@@ -809,6 +809,7 @@ class SimulatedBackend:
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
                 json.dump(doc, fh, separators=(",", ":"))
+            os.chmod(tmp, 0o644)  # mkstemp makes it 0600; readers need not be the writer
             os.replace(tmp, self._path)
         except BaseException:
             with contextlib.suppress(OSError):
