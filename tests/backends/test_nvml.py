@@ -198,9 +198,9 @@ def test_driver_without_the_event_call_falls_back_too() -> None:
 
 def test_unknown_throttle_bits_are_dropped() -> None:
     fake = FakePynvml()
-    board_limit = 0x200  # nvmlClocksThrottleReasonBoardLimit: not a ThrottleReason member
+    future_bit = 0x8000  # a reason bit newer than any ThrottleReason member
     with mock.patch.object(fake, "nvmlDeviceGetCurrentClocksEventReasons", autospec=True,
-                           return_value=board_limit | ThrottleReason.SW_POWER_CAP):
+                           return_value=future_bit | ThrottleReason.SW_POWER_CAP):
         backend = _open(fake)  # getters are bound at open, so open under the patch
         assert backend.read(0).throttle_reasons == ThrottleReason.SW_POWER_CAP
 
