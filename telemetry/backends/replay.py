@@ -305,6 +305,7 @@ class ReplayBackend:
         self._clock: Clock = clock if clock is not None else WallClock()
         self._noise = noise if noise is not None else ReplayNoise()
         self._lock = threading.RLock()
+        self._seed = seed
         self.curve = _pick_curve(self._curves, workload, batch_size, optimizer)
         self.steps_per_epoch = steps_per_epoch(
             self.curve.dataset, self.curve.batch_size, samples_per_epoch
@@ -448,6 +449,12 @@ class ReplayBackend:
         the slowest) and the power drawn meanwhile, then sleeps the clock for that long (a
         ``VirtualClock`` moves at once), so the energy counters accrue that power.
 
+        The noise of a run is a function of the seed, the GPU and the run's step indices (its
+        first step and its length), not of what ran before: two jobs replayed with the same seed
+        see the same noise wherever they run the same steps in the same chunks, whatever
+        settings they chose (common random numbers, so comparisons of policies are not drowned in
+        noise). Each chunk's noise has the spread of a sum of independent per-step noises.
+
         Args:
             steps: Number of steps, at least 1.
 
@@ -464,14 +471,20 @@ class ReplayBackend:
                 step_s, power_w = self._operating_point(dev)
                 step_s /= self.steps_per_epoch
                 # The mean of n steps with per-step spread cv has spread cv / sqrt(n).
-                t_jitter = self._noise.step_time_cv / root_n * dev.rng.gauss(0.0, 1.0)
-                p_jitter = self._noise.power_cv / root_n * dev.rng.gauss(0.0, 1.0)
+                rng = random.Random(hash((self._seed, dev.info.index, dev.steps_run, steps)))
+                t_jitter = self._noise.step_time_cv / root_n * rng.gauss(0.0, 1.0)
+                p_jitter = self._noise.power_cv / root_n * rng.gauss(0.0, 1.0)
                 dev.fluctuation = max(0.05, 1.0 + p_jitter)
                 dev.drawn_w = power_w * dev.fluctuation
                 dev.steps_run += steps
                 duration_s = max(duration_s, steps * step_s * max(0.05, 1.0 + t_jitter))
         self._clock.sleep(duration_s)
         return duration_s
+
+    def power_limit_mw(self, index: int = 0) -> int:
+        """The power limit in force (mW), as ``read(index).power_limit_mw`` without noise draws."""
+        with self._lock:
+            return self._device(index).limit_mw
 
     def energy_mj(self, index: int = 0) -> int:
         """The energy counter alone (mJ), as ``read(index).energy_mj`` without the other fields."""

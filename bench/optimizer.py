@@ -1,0 +1,389 @@
+"""Benchmark: our energy optimiser against Zeus and the oracle, on replayed measured traces.
+
+For every (workload, batch size) of every trace file, one simulated job of ``--epochs`` epochs
+runs on a ``ReplayBackend`` (same seed, same noise model for every policy) under:
+
+* ``max``: the maximum power limit throughout;
+* ``zeus``: Zeus's ``GlobalPowerLimitOptimizer`` (the zeus package when it runs here, else our
+  re-implementation of its published policy, labelled as such), 25 W steps from the top,
+  10 warm-up + 40 measured steps per limit, interrupted by epoch ends as in Zeus;
+* ``ours``: ``energy.optimizer.EnergyOptimizer`` with the ``ZeusCost`` objective;
+* ``oracle``: the limit that minimises the cost on the trace's own (interpolated, noise-free)
+  curve, held from the first step, with no profiling.
+
+Cost is Zeus's ``eta * E + (1 - eta) * P_max * T`` over the whole job (profiling included),
+``P_max`` the top power limit; regret is a policy's cost over the oracle's, minus one. Profiling
+energy and time are what a policy spent from its first probe to its decision (warm-ups included;
+Zeus's interrupted windows and the steps at the maximum limit between them included).
+
+Usage: ``python bench/optimizer.py [--trace FILE ...] [--eta 0.5] [--epochs 100] [--json PATH]``.
+Writes ``bench/results/optimizer.txt`` (the table) and ``bench/results/optimizer.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench._zeus import make_zeus, real_zeus_problem, zeus_version  # noqa: E402
+from energy.optimizer import EnergyOptimizer, SearchConfig, SettingSpace, ZeusCost  # noqa: E402
+from telemetry.backends.replay import ReplayBackend, TraceCurve, load_trace  # noqa: E402
+from telemetry.clock import VirtualClock  # noqa: E402
+
+TRACES = REPO.parent / "shared" / "traces" / "zeus" / "nsdi23_trace"
+DEFAULT_TRACES = (TRACES / "summary_power_a40.csv", TRACES / "summary_power_p100.csv")
+RESULTS = REPO / "bench" / "results"
+POLICIES = ("max", "zeus", "ours", "oracle")
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    """One policy's simulated job. Energies in J, times in s, limits in mW."""
+
+    trace: str
+    gpu: str
+    workload: str
+    batch_size: int
+    policy: str
+    energy_j: float
+    time_s: float
+    cost: float
+    regret: float
+    profiling_energy_j: float
+    profiling_time_s: float
+    zeus_is_reimplementation: bool
+    limit_mw: int | None
+    probes: int
+    steps: int
+    note: str = ""
+
+
+@dataclass(slots=True)
+class _Job:
+    """A simulated job on a fresh replayed GPU."""
+
+    backend: ReplayBackend
+    clock: VirtualClock
+    total_steps: int
+    steps_per_epoch: int
+    done_steps: int = 0
+
+    @property
+    def remaining(self) -> int:
+        return self.total_steps - self.done_steps
+
+    def set_limit(self, limit_mw: int) -> None:
+        if self.backend.power_limit_mw(0) != limit_mw:
+            self.backend.set_power_limit(0, limit_mw)
+
+    def run(self, steps: int) -> tuple[float, float]:
+        """Run steps; their seconds and joules."""
+        e0 = self.backend.energy_mj(0)
+        dt = self.backend.run_steps(steps)
+        self.done_steps += steps
+        return dt, (self.backend.energy_mj(0) - e0) / 1000.0
+
+    def to_epoch_end(self) -> int:
+        left = self.steps_per_epoch - self.done_steps % self.steps_per_epoch
+        return min(left, self.remaining)
+
+
+def _new_job(path: Path, curve: TraceCurve, epochs: int, seed: int) -> _Job:
+    clock = VirtualClock()
+    backend = ReplayBackend(
+        path, curve.workload, curve.batch_size, optimizer=curve.optimizer, clock=clock, seed=seed,
+        gpu_name=curve.gpu,
+    )
+    spe = backend.steps_per_epoch
+    return _Job(backend, clock, epochs * spe, spe)
+
+
+def oracle_limit_mw(curve: TraceCurve, eta: float, max_power_w: float) -> int:
+    """The limit (1 W grid) with the least cost per epoch on the noise-free trace curve."""
+    lo, hi = round(curve.limits_w[0]), round(curve.limits_w[-1])
+    best_w, best = hi, math.inf
+    for w in range(hi, lo - 1, -1):
+        t, p = curve.at(w)
+        c = t * (eta * p + (1.0 - eta) * max_power_w)
+        if c < best - 1e-12:
+            best_w, best = w, c
+    return best_w * 1000
+
+
+def _run_fixed(job: _Job, limit_mw: int) -> None:
+    job.set_limit(limit_mw)
+    while job.remaining > 0:
+        job.run(job.to_epoch_end())
+
+
+def _run_ours(
+    job: _Job, eta: float, max_power_w: float, config: SearchConfig | None
+) -> tuple[float, float, int, int, str]:
+    info = job.backend.devices()[0]
+    assert info.min_limit_mw is not None and info.max_limit_mw is not None
+    opt = EnergyOptimizer(
+        SettingSpace.power_limits(info.min_limit_mw, info.max_limit_mw),
+        ZeusCost(eta, max_power_w),
+        config,
+    )
+    while job.remaining > 0:
+        job.set_limit(opt.setting)
+        # Like Zeus's callbacks: every step while searching, then whole epochs (the optimiser
+        # takes any chunk; epoch-aligned chunks replay the same noise as the other policies).
+        steps = job.to_epoch_end() if opt.done else 1
+        dt, de = job.run(steps)
+        opt.observe(steps, dt, de)
+    res = opt.result
+    note = res.reason if res is not None else "the job ended before the search finished"
+    return opt.profiling_energy_j, opt.profiling_time_s, opt.setting, len(opt.probes), note
+
+
+def _run_zeus(job: _Job, eta: float, use_package: bool) -> tuple[float, float, int, int, str]:
+    policy = make_zeus(job.backend, job.clock, eta, use_package)
+    prof_e = prof_t = 0.0
+    started = False
+    try:
+        while job.remaining > 0 and policy.phase != "done":
+            policy.on_step_begin()
+            phase = policy.phase
+            started = started or phase in ("warmup", "profiling")
+            dt, de = job.run(1)
+            if started and phase != "done":
+                prof_e, prof_t = prof_e + de, prof_t + dt
+            if job.done_steps % job.steps_per_epoch == 0:
+                policy.on_epoch_end()
+        chosen = policy.chosen_limit_mw
+        while job.remaining > 0:
+            job.run(job.to_epoch_end())  # Zeus's callbacks do nothing once it is done
+        probes = len(range(job.backend.devices()[0].max_limit_mw or 0,
+                           (job.backend.devices()[0].min_limit_mw or 0) - 1, -25_000))
+        if chosen is None:
+            note = "never finished profiling: a 51-step window does not fit in an epoch"
+            return prof_e, prof_t, job.backend.power_limit_mw(0), probes, note
+        return prof_e, prof_t, chosen, probes, ""
+    finally:
+        policy.close()
+
+
+def run_curve(
+    path: Path,
+    curve: TraceCurve,
+    eta: float,
+    epochs: int,
+    seed: int,
+    use_package: bool,
+    config: SearchConfig | None = None,
+) -> list[Run]:
+    """Every policy on one (workload, batch size) curve."""
+    info_job = _new_job(path, curve, epochs, seed)
+    info = info_job.backend.devices()[0]
+    assert info.max_limit_mw is not None
+    max_power_w = info.max_limit_mw / 1000.0
+    oracle = oracle_limit_mw(curve, eta, max_power_w)
+    out: dict[str, tuple[float, float, float, float, int | None, int, str]] = {}
+    for policy in POLICIES:
+        job = _new_job(path, curve, epochs, seed)
+        e0, t0 = job.backend.energy_mj(0), job.clock.now()
+        prof_e = prof_t = 0.0
+        limit: int | None
+        probes, note = 0, ""
+        if policy == "max":
+            limit = info.max_limit_mw
+            _run_fixed(job, limit)
+        elif policy == "oracle":
+            limit = oracle
+            _run_fixed(job, limit)
+        elif policy == "ours":
+            prof_e, prof_t, limit, probes, note = _run_ours(job, eta, max_power_w, config)
+        else:
+            prof_e, prof_t, limit, probes, note = _run_zeus(job, eta, use_package)
+        energy = (job.backend.energy_mj(0) - e0) / 1000.0
+        elapsed = job.clock.now() - t0
+        out[policy] = (energy, elapsed, prof_e, prof_t, limit, probes, note)
+    oracle_cost = _cost(out["oracle"][0], out["oracle"][1], eta, max_power_w)
+    runs = []
+    for policy, (energy, elapsed, prof_e, prof_t, limit, probes, note) in out.items():
+        cost = _cost(energy, elapsed, eta, max_power_w)
+        runs.append(Run(
+            trace=path.name, gpu=curve.gpu, workload=curve.workload,
+            batch_size=curve.batch_size, policy=policy, energy_j=energy, time_s=elapsed,
+            cost=cost, regret=cost / oracle_cost - 1.0, profiling_energy_j=prof_e,
+            profiling_time_s=prof_t, zeus_is_reimplementation=not use_package, limit_mw=limit,
+            probes=probes, steps=info_job.total_steps, note=note,
+        ))
+    return runs
+
+
+def _cost(energy_j: float, time_s: float, eta: float, max_power_w: float) -> float:
+    return eta * energy_j + (1.0 - eta) * max_power_w * time_s
+
+
+# -- reporting ------------------------------------------------------------------------------------
+
+
+def _pct(x: float) -> str:
+    return f"{100.0 * x:+.1f}%"
+
+
+def summarise(runs: Sequence[Run], eta: float, epochs: int, zeus_label: str) -> tuple[str, bool]:
+    """The human-readable table and whether every acceptance target was met."""
+    by_job: dict[tuple[str, str, str, int], dict[str, Run]] = defaultdict(dict)
+    for r in runs:
+        by_job[(r.trace, r.gpu, r.workload, r.batch_size)][r.policy] = r
+    lines = [
+        f"powertrain energy optimiser vs Zeus and the oracle: eta = {eta}, {epochs} epochs per job",
+        f"zeus: {zeus_label}",
+        "",
+        "Per job (saved/slowdown against the maximum limit; regret against the oracle's cost;",
+        "prof = energy spent profiling, kJ; limits in W):",
+        f"{'gpu':5} {'workload':32} {'bs':>6} | {'max W':>5} | "
+        f"{'zeus W':>6} {'saved':>7} {'slow':>7} {'regret':>7} {'prof':>8} | "
+        f"{'ours W':>6} {'saved':>7} {'slow':>7} {'regret':>7} {'prof':>8} {'#pr':>3} | "
+        f"{'orcl W':>6} {'saved':>7}",
+    ]
+    for (_, gpu, wl, bs), pol in sorted(by_job.items()):
+        m, z, o, orc = pol["max"], pol["zeus"], pol["ours"], pol["oracle"]
+
+        def cols(r: Run, m: Run = m) -> str:
+            return (f"{(r.limit_mw or 0) / 1000:6.0f} {_pct(1 - r.energy_j / m.energy_j):>7} "
+                    f"{_pct(r.time_s / m.time_s - 1):>7} {_pct(r.regret):>7} "
+                    f"{r.profiling_energy_j / 1000:8.1f}")
+
+        lines.append(
+            f"{gpu:5} {wl:32} {bs:6d} | {(m.limit_mw or 0) / 1000:5.0f} | {cols(z)} | {cols(o)} "
+            f"{o.probes:3d} | {(orc.limit_mw or 0) / 1000:6.0f} "
+            f"{_pct(1 - orc.energy_j / m.energy_j):>7}"
+            + ("  [zeus never finished profiling]" if z.note.startswith("never") else "")
+        )
+
+    lines += ["", "Per workload (sums over batch sizes):",
+              f"{'gpu':5} {'workload':32} {'jobs':>4} | {'policy':6} {'saved':>7} {'slow':>7} "
+              f"{'regret':>7} {'prof kJ':>9} {'prof h':>7} | {'ours<=zeus':>10}"]
+    groups: dict[tuple[str, str], list[dict[str, Run]]] = defaultdict(list)
+    for (_, gpu, wl, _), pol in sorted(by_job.items()):
+        groups[(gpu, wl)].append(pol)
+    all_cost_ok = True
+    for (gpu, wl), jobs in groups.items():
+        tot = {p: (sum(j[p].energy_j for j in jobs), sum(j[p].time_s for j in jobs),
+                   sum(j[p].cost for j in jobs), sum(j[p].profiling_energy_j for j in jobs),
+                   sum(j[p].profiling_time_s for j in jobs)) for p in POLICIES}
+        ok = tot["ours"][2] <= tot["zeus"][2]
+        all_cost_ok &= ok
+        for p in ("zeus", "ours", "oracle"):
+            e, t, c, pe, pt = tot[p]
+            lines.append(
+                f"{gpu:5} {wl:32} {len(jobs):4d} | {p:6} {_pct(1 - e / tot['max'][0]):>7} "
+                f"{_pct(t / tot['max'][1] - 1):>7} {_pct(c / tot['oracle'][2] - 1):>7} "
+                f"{pe / 1000:9.1f} {pt / 3600:7.2f} | "
+                + (("yes" if ok else "NO") if p == "ours" else "")
+            )
+
+    ours = [j["ours"] for j in by_job.values()]
+    zeus = [j["zeus"] for j in by_job.values()]
+    finished = [(j["ours"], j["zeus"]) for j in by_job.values() if not j["zeus"].note]
+    mean_regret_ours = statistics.fmean(r.regret for r in ours)
+    mean_regret_zeus = statistics.fmean(r.regret for r in zeus)
+    prof_ours = sum(r.profiling_energy_j for r in ours)
+    prof_zeus = sum(r.profiling_energy_j for r in zeus)
+    prof_ours_f = sum(o.profiling_energy_j for o, _ in finished)
+    prof_zeus_f = sum(z.profiling_energy_j for _, z in finished)
+    prof_ok = prof_ours <= 0.5 * prof_zeus
+    regret_ok = mean_regret_ours < 0.01
+
+    def saved(rs: Sequence[Run], ref: Sequence[Run]) -> str:
+        return _pct(1 - sum(r.energy_j for r in rs) / sum(r.energy_j for r in ref))
+
+    def median_saved(policy: str) -> str:
+        return _pct(statistics.median(
+            1 - j[policy].energy_j / j["max"].energy_j for j in by_job.values()
+        ))
+
+    maxes = [j["max"] for j in by_job.values()]
+    oracles = [j["oracle"] for j in by_job.values()]
+    lines += [
+        "",
+        f"Overall ({len(ours)} jobs):",
+        f"  energy saved against max: zeus {saved(zeus, maxes)}, ours {saved(ours, maxes)}, "
+        f"oracle {saved(oracles, maxes)}",
+        f"  median energy saved per job: zeus {median_saved('zeus')}, ours "
+        f"{median_saved('ours')}, oracle {median_saved('oracle')}",
+        f"  mean regret: zeus {_pct(mean_regret_zeus)}, ours {_pct(mean_regret_ours)}; "
+        f"max regret: zeus {_pct(max(r.regret for r in zeus))}, "
+        f"ours {_pct(max(r.regret for r in ours))}",
+        f"  profiling energy: zeus {prof_zeus / 1e6:.2f} MJ, ours {prof_ours / 1e6:.2f} MJ "
+        f"(ratio {prof_ours / prof_zeus:.2f}); on the {len(finished)} jobs where zeus finished "
+        f"profiling: ratio {prof_ours_f / max(prof_zeus_f, 1e-9):.2f}",
+        f"  profiling time: zeus {sum(r.profiling_time_s for r in zeus) / 3600:.1f} h, ours "
+        f"{sum(r.profiling_time_s for r in ours) / 3600:.1f} h; probes per job: zeus "
+        f"{statistics.fmean(r.probes for r in zeus):.1f}, ours "
+        f"{statistics.fmean(r.probes for r in ours):.1f}",
+        "",
+        "Acceptance (eta = 0.5 on the given traces):",
+        f"  [{'PASS' if all_cost_ok else 'FAIL'}] ours' total cost <= zeus's on every workload",
+        f"  [{'PASS' if regret_ok else 'FAIL'}] ours' mean regret against the oracle < 1% "
+        f"({_pct(mean_regret_ours)})",
+        f"  [{'PASS' if prof_ok else 'FAIL'}] ours' profiling energy <= half of zeus's "
+        f"(ratio {prof_ours / prof_zeus:.2f})",
+    ]
+    return "\n".join(lines) + "\n", all_cost_ok and regret_ok and prof_ok
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--trace", type=Path, nargs="+", default=list(DEFAULT_TRACES),
+                        help="trace files (dataset,network,batch_size,optimizer,power_limit,"
+                             "time_per_epoch,average_power)")
+    parser.add_argument("--eta", type=float, default=0.5, help="Zeus's eta (energy weight)")
+    parser.add_argument("--epochs", type=int, default=100, help="epochs per simulated job")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the replayed noise")
+    parser.add_argument("--zeus", choices=("auto", "package", "reimplementation"),
+                        default="auto", help="the zeus package if it runs (auto), or which")
+    parser.add_argument("--json", type=Path, default=RESULTS / "optimizer.json",
+                        help="where to write one JSON object per job and policy")
+    parser.add_argument("--table", type=Path, default=RESULTS / "optimizer.txt",
+                        help="where to write the human-readable table")
+    args = parser.parse_args(argv)
+    if not 0.0 <= args.eta <= 1.0 or args.epochs < 1:
+        parser.error("need 0 <= --eta <= 1 and --epochs >= 1")
+
+    problem = real_zeus_problem() if args.zeus != "reimplementation" else "asked for"
+    if args.zeus == "package" and problem is not None:
+        parser.error(problem)
+    use_package = problem is None
+    zeus_label = (
+        f"the zeus package {zeus_version()} (GlobalPowerLimitOptimizer + ZeusMonitor on faked "
+        "NVML/clock boundaries)" if use_package
+        else f"RE-IMPLEMENTATION of Zeus's published policy (bench/_zeus.py): {problem}"
+    )
+
+    started = time.perf_counter()
+    runs: list[Run] = []
+    for path in args.trace:
+        for curve in load_trace(path):
+            runs += run_curve(path, curve, args.eta, args.epochs, args.seed, use_package)
+    table, ok = summarise(runs, args.eta, args.epochs, zeus_label)
+    table += f"\n(simulated in {time.perf_counter() - started:.0f} s of wall time)\n"
+    print(table, end="")
+    for out in (args.table, args.json):
+        out.parent.mkdir(parents=True, exist_ok=True)
+    args.table.write_text(table, encoding="utf-8")
+    args.json.write_text(
+        json.dumps([asdict(r) for r in runs], indent=1) + "\n", encoding="utf-8"
+    )
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

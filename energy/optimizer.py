@@ -1,0 +1,968 @@
+"""The energy optimiser: a job's best power limit or SM clock, found online from few probes.
+
+Pure: it never touches a GPU. Whoever drives the job (the scheduler's controller, a benchmark)
+applies ``optimizer.setting``, runs ``optimizer.steps_wanted`` training steps, and reports what
+they took and cost with ``observe``; the optimiser answers with the setting to use next::
+
+    opt = EnergyOptimizer(SettingSpace.power_limits(100_000, 300_000), ZeusCost(0.5, 300.0))
+    while job.running:
+        gpu.set_power_limit(0, opt.setting)          # only when it changed
+        steps = opt.steps_wanted
+        time_s, energy_j = job.run(steps)            # measured: wall time, energy counter delta
+        opt.observe(steps, time_s, energy_j)
+
+It is a state machine, like Zeus's ``GlobalPowerLimitOptimizer`` (Ready -> Warmup -> Measuring ->
+Done), but it probes less and more carefully:
+
+* It walks the candidate settings from the top down, as Zeus does, and stops once the curve has
+  turned: a probe whose cap binds (its power fell below the unconstrained power) and scores worse
+  than the best by more than noise and ``rise_tol``, or whose secant with the probe above it
+  extrapolates past that margin, ends the walk. Energy-time curves are convex below their
+  optimum, so the secant is a lower bound of what lies further down, and the slow, costly probes
+  at the bottom are never taken. Where the cap does not bind, a probe costs what running the job
+  costs, so the walk goes on.
+* A probe's first window ends as soon as it is clearly worse than the best so far (``z``
+  standard errors, from the step-to-step spread pooled over the search); measuring it longer
+  would only cost energy. Once the walk stops, the settings still within noise of the best are
+  measured again, least measured first, within a budget of steps: the choice among near-equals
+  is what the job pays for, and near-optimal settings cost little to measure.
+* ``MostThroughput`` under a wattage budget bisects the candidates for the highest setting whose
+  measured power fits (throughput rises and power rises with the setting), starting at the
+  budget itself for power limits.
+* When the job's throughput at the chosen setting shifts (a new phase: another batch size,
+  sequence length, model stage), it searches again.
+
+Objectives are a small strategy interface (``Objective``): least energy, Zeus's eta-weighted
+energy-time cost, most throughput within a wattage budget, least energy within a slowdown; each
+also takes an optional wattage budget.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import ClassVar, Literal, Protocol
+
+__all__ = [
+    "Done",
+    "EnergyOptimizer",
+    "Knob",
+    "LeastEnergy",
+    "LeastEnergyWithinSlowdown",
+    "Measuring",
+    "MostThroughput",
+    "Objective",
+    "Probe",
+    "Ready",
+    "SearchConfig",
+    "SearchResult",
+    "SettingSpace",
+    "Warmup",
+    "ZeusCost",
+    "objective_from_name",
+    "select",
+]
+
+
+class Knob(enum.StrEnum):
+    """What the optimiser turns. Values are in NVML's units: mW for limits, MHz for clocks."""
+
+    POWER_LIMIT = "power_limit"
+    SM_CLOCK = "sm_clock"
+
+
+@dataclass(frozen=True, slots=True)
+class SettingSpace:
+    """The settings a search may try.
+
+    Attributes:
+        knob: Power limit (values in mW) or locked top SM clock (values in MHz).
+        min_value / max_value: The range, inclusive.
+        step: Distance between candidates, from ``max_value`` down (mW or MHz).
+    """
+
+    knob: Knob
+    min_value: int
+    max_value: int
+    step: int
+
+    def __post_init__(self) -> None:
+        if not 0 < self.min_value <= self.max_value:
+            raise ValueError(
+                f"a setting range needs 0 < min <= max, got {self.min_value}..{self.max_value}"
+            )
+        if self.step <= 0:
+            raise ValueError(f"the step between settings must be positive, got {self.step}")
+
+    @classmethod
+    def power_limits(cls, min_mw: int, max_mw: int, step_mw: int = 25_000) -> SettingSpace:
+        """Power limits from ``max_mw`` down in ``step_mw`` steps (Zeus's 25 W by default)."""
+        return cls(Knob.POWER_LIMIT, min_mw, max_mw, step_mw)
+
+    @classmethod
+    def sm_clocks(cls, min_mhz: int, max_mhz: int, step_mhz: int = 90) -> SettingSpace:
+        """Locked top SM clocks from ``max_mhz`` down in ``step_mhz`` steps."""
+        return cls(Knob.SM_CLOCK, min_mhz, max_mhz, step_mhz)
+
+    def candidates(self) -> tuple[int, ...]:
+        """Every candidate, highest first; the minimum is included even off the step grid."""
+        values = list(range(self.max_value, self.min_value - 1, -self.step))
+        if values[-1] != self.min_value:
+            values.append(self.min_value)
+        return tuple(values)
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """What one setting measured: a window of training steps after its warm-up.
+
+    Attributes:
+        setting: The setting (mW or MHz).
+        steps / time_s / energy_j: The measured window (steps, seconds, joules).
+        step_time_s: Mean seconds per step.
+        power_w: Mean power over the window (W).
+        step_time_rse / energy_rse / power_rse: Relative standard errors of the mean step time,
+            energy per step and power (``inf`` when the window was too coarse to tell).
+        warmup_steps / warmup_time_s / warmup_energy_j: The discarded warm-up before it.
+    """
+
+    setting: int
+    steps: int
+    time_s: float
+    energy_j: float
+    step_time_s: float
+    power_w: float
+    step_time_rse: float
+    energy_rse: float
+    power_rse: float
+    warmup_steps: int = 0
+    warmup_time_s: float = 0.0
+    warmup_energy_j: float = 0.0
+
+    @property
+    def energy_per_step_j(self) -> float:
+        """Joules per step."""
+        return self.energy_j / self.steps
+
+    @property
+    def cost_steps(self) -> int:
+        """Steps this probe held the job at its setting, warm-up included."""
+        return self.steps + self.warmup_steps
+
+
+class Objective(Protocol):
+    """What a search minimises. Scores are per training step; lower is better.
+
+    ``search`` picks the search: ``"descend"`` (walk down with the convexity stop) or
+    ``"bisect"`` (find the highest feasible setting, for objectives that only want speed).
+    """
+
+    @property
+    def name(self) -> str:
+        """Short name, as ``--objective`` takes it."""
+        ...
+
+    @property
+    def search(self) -> Literal["descend", "bisect"]:
+        """Which search suits it."""
+        ...
+
+    def score(self, probe: Probe, top: Probe) -> float | None:
+        """The probe's score, or None when it breaks a constraint. ``top``: the highest probe."""
+        ...
+
+    def score_rse(self, probe: Probe) -> float:
+        """Relative standard error of ``score`` (from the probe's measurement noise)."""
+        ...
+
+    def nothing_below(self, probe: Probe, top: Probe, z: float) -> bool:
+        """True when no lower setting than ``probe`` can satisfy the constraints."""
+        ...
+
+
+def _within_budget(probe: Probe, budget_w: float | None, z: float) -> bool:
+    """Measured power fits the budget, with ``z`` standard errors to spare."""
+    if budget_w is None:
+        return True
+    rse = probe.power_rse if math.isfinite(probe.power_rse) else 0.0
+    return probe.power_w * (1.0 + z * rse) <= budget_w
+
+
+def _finite(x: float) -> float:
+    return x if math.isfinite(x) else 0.0
+
+
+#: Standard errors of headroom the constraints keep (``power + z*SE <= budget``).
+_CONSTRAINT_Z = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class LeastEnergy:
+    """Least energy per step (J), optionally within a wattage budget (W)."""
+
+    power_budget_w: float | None = None
+    name: ClassVar[str] = "energy"
+    search: ClassVar[Literal["descend", "bisect"]] = "descend"
+
+    def score(self, probe: Probe, top: Probe) -> float | None:
+        if not _within_budget(probe, self.power_budget_w, _CONSTRAINT_Z):
+            return None
+        return probe.energy_per_step_j
+
+    def score_rse(self, probe: Probe) -> float:
+        return probe.energy_rse
+
+    def nothing_below(self, probe: Probe, top: Probe, z: float) -> bool:
+        return False
+
+
+@dataclass(frozen=True, slots=True)
+class ZeusCost:
+    """Zeus's cost per step: ``eta * E + (1 - eta) * max_power_w * T`` (J).
+
+    Attributes:
+        eta: Weight of energy against time, 0..1 (Zeus's eta knob).
+        max_power_w: The job's maximum power (W): the top power limit times its GPU count.
+        power_budget_w: Optional wattage budget (W).
+    """
+
+    eta: float
+    max_power_w: float
+    power_budget_w: float | None = None
+    name: ClassVar[str] = "cost"
+    search: ClassVar[Literal["descend", "bisect"]] = "descend"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.eta <= 1.0:
+            raise ValueError(f"eta must lie in 0..1, got {self.eta}")
+        if self.max_power_w <= 0:
+            raise ValueError(f"max_power_w must be positive, got {self.max_power_w}")
+
+    def score(self, probe: Probe, top: Probe) -> float | None:
+        if not _within_budget(probe, self.power_budget_w, _CONSTRAINT_Z):
+            return None
+        return (
+            self.eta * probe.energy_per_step_j
+            + (1.0 - self.eta) * self.max_power_w * probe.step_time_s
+        )
+
+    def score_rse(self, probe: Probe) -> float:
+        e = self.eta * probe.energy_per_step_j
+        t = (1.0 - self.eta) * self.max_power_w * probe.step_time_s
+        # The two terms move together (a slow step also costs energy): add their errors.
+        return (e * probe.energy_rse + t * probe.step_time_rse) / (e + t)
+
+    def nothing_below(self, probe: Probe, top: Probe, z: float) -> bool:
+        return False
+
+
+@dataclass(frozen=True, slots=True)
+class MostThroughput:
+    """Most throughput (least time per step) whose measured power fits a wattage budget (W)."""
+
+    power_budget_w: float
+    name: ClassVar[str] = "throughput"
+    search: ClassVar[Literal["descend", "bisect"]] = "bisect"
+
+    def __post_init__(self) -> None:
+        if self.power_budget_w <= 0:
+            raise ValueError(f"the wattage budget must be positive, got {self.power_budget_w}")
+
+    def score(self, probe: Probe, top: Probe) -> float | None:
+        if not _within_budget(probe, self.power_budget_w, _CONSTRAINT_Z):
+            return None
+        return probe.step_time_s
+
+    def score_rse(self, probe: Probe) -> float:
+        return probe.step_time_rse
+
+    def nothing_below(self, probe: Probe, top: Probe, z: float) -> bool:
+        return False
+
+
+@dataclass(frozen=True, slots=True)
+class LeastEnergyWithinSlowdown:
+    """Least energy per step with at most ``max_slowdown`` (0.1 = 10 %) more time per step than
+    at the top setting; optionally within a wattage budget (W)."""
+
+    max_slowdown: float
+    power_budget_w: float | None = None
+    name: ClassVar[str] = "slowdown"
+    search: ClassVar[Literal["descend", "bisect"]] = "descend"
+
+    def __post_init__(self) -> None:
+        if self.max_slowdown < 0:
+            raise ValueError(f"max_slowdown must be >= 0, got {self.max_slowdown}")
+
+    def score(self, probe: Probe, top: Probe) -> float | None:
+        if not _within_budget(probe, self.power_budget_w, _CONSTRAINT_Z):
+            return None
+        if probe.step_time_s > (1.0 + self.max_slowdown) * top.step_time_s:
+            return None
+        return probe.energy_per_step_j
+
+    def score_rse(self, probe: Probe) -> float:
+        return probe.energy_rse
+
+    def nothing_below(self, probe: Probe, top: Probe, z: float) -> bool:
+        # Lower settings only run slower: once a probe is clearly too slow, all below are too.
+        rse = math.hypot(_finite(probe.step_time_rse), _finite(top.step_time_rse))
+        return probe.step_time_s > (1.0 + self.max_slowdown) * top.step_time_s * (1.0 + z * rse)
+
+
+def objective_from_name(
+    name: str,
+    *,
+    max_power_w: float,
+    eta: float = 0.5,
+    power_budget_w: float | None = None,
+    max_slowdown: float = 0.1,
+) -> Objective:
+    """An objective from its ``--objective`` name: energy, cost, throughput or slowdown.
+
+    Args:
+        name: ``energy``, ``cost``, ``throughput`` (needs ``power_budget_w``) or ``slowdown``.
+        max_power_w: The job's top power (W): top limit times GPU count (for ``cost``).
+        eta: Energy weight of ``cost``.
+        power_budget_w: The job's wattage budget (W), a constraint on every objective.
+        max_slowdown: Allowed slowdown of ``slowdown`` (0.1 = 10 %).
+
+    Raises:
+        ValueError: Unknown name, or ``throughput`` without a budget.
+    """
+    if name == "energy":
+        return LeastEnergy(power_budget_w)
+    if name == "cost":
+        return ZeusCost(eta, max_power_w, power_budget_w)
+    if name == "throughput":
+        if power_budget_w is None:
+            raise ValueError("objective 'throughput' needs a wattage budget")
+        return MostThroughput(power_budget_w)
+    if name == "slowdown":
+        return LeastEnergyWithinSlowdown(max_slowdown, power_budget_w)
+    raise ValueError(
+        f"unknown objective {name!r}; choose one of: energy, cost, throughput, slowdown"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class SearchConfig:
+    """How the search measures and when it stops. Counts are training steps.
+
+    Attributes:
+        wait_steps: Steps to let pass before the first probe (compilation, cudnn autotune).
+        warmup_steps / warmup_s: A probe's discarded warm-up after a setting changes: at least
+            this many steps and seconds (NVML applies a power limit within about 100 ms).
+        min_measure_steps / screen_steps: Bounds of a probe's first window; it ends between them
+            as soon as the probe is clearly worse than the best so far.
+        refine_steps / refine_window / max_measure_steps: Once the walk stops, the settings still
+            within noise of the best are measured again, ``refine_window`` steps at a time, the
+            least measured first, for at most ``refine_steps`` steps in all and
+            ``max_measure_steps`` per setting: the choice among near-equals is what the job pays
+            for, and near-optimal settings cost little to measure.
+        z: Standard errors that make two scores "clearly different".
+        rise_tol: Relative margin above the best score that ends the walk down (with ``z``).
+        bind_drop / bind_share: A cap binds when the power drawn fell by ``bind_drop`` (relative,
+            against the top probe) and, for a power limit, reaches ``bind_share`` of the limit.
+        monitor_s / monitor_min_steps: Length of the windows that watch throughput once done.
+        shift_tol / shift_windows: A throughput shift of more than ``shift_tol`` (relative) in
+            this many windows in a row starts a new search.
+    """
+
+    wait_steps: int = 1
+    warmup_steps: int = 2
+    warmup_s: float = 0.1
+    min_measure_steps: int = 8
+    screen_steps: int = 16
+    refine_steps: int = 96
+    refine_window: int = 16
+    max_measure_steps: int = 64
+    z: float = 3.0
+    rise_tol: float = 0.05
+    bind_share: float = 0.8
+    bind_drop: float = 0.05
+    monitor_s: float = 60.0
+    monitor_min_steps: int = 20
+    shift_tol: float = 0.15
+    shift_windows: int = 2
+
+    def __post_init__(self) -> None:
+        if self.wait_steps < 0 or self.warmup_steps < 0 or self.warmup_s < 0:
+            raise ValueError("wait and warm-up must not be negative")
+        if not 2 <= self.min_measure_steps <= self.screen_steps <= self.max_measure_steps:
+            raise ValueError("need 2 <= min_measure_steps <= screen_steps <= max_measure_steps")
+        if self.refine_steps < 0 or self.refine_window < 1:
+            raise ValueError("refine_steps must be >= 0 and refine_window >= 1")
+        if self.monitor_min_steps < 1 or self.shift_windows < 1 or self.shift_tol <= 0:
+            raise ValueError("monitor windows, shift windows and shift tolerance must be positive")
+
+
+@dataclass(slots=True)
+class _Window:
+    """Running sums over a window of observations, each covering ``n`` steps."""
+
+    steps: int = 0
+    time_s: float = 0.0
+    energy_j: float = 0.0
+    chunks: int = 0
+    # Step-weighted sums of per-step time, energy and power and their squares (for variances).
+    _t2: float = 0.0
+    _e2: float = 0.0
+    _p: float = 0.0
+    _p2: float = 0.0
+
+    def add(self, steps: int, time_s: float, energy_j: float) -> None:
+        t, e = time_s / steps, energy_j / steps
+        p = energy_j / time_s if time_s > 0 else 0.0
+        self.steps += steps
+        self.time_s += time_s
+        self.energy_j += energy_j
+        self.chunks += 1
+        self._t2 += steps * t * t
+        self._e2 += steps * e * e
+        self._p += steps * p
+        self._p2 += steps * p * p
+
+    def merge(self, other: _Window) -> None:
+        """Add another window's observations (of the same setting) to this one."""
+        self.steps += other.steps
+        self.time_s += other.time_s
+        self.energy_j += other.energy_j
+        self.chunks += other.chunks
+        self._t2 += other._t2
+        self._e2 += other._e2
+        self._p += other._p
+        self._p2 += other._p2
+
+    def _rse(self, mean: float, sum_sq: float) -> float:
+        """Relative standard error of a step-weighted mean: per-step variance is estimated as
+        ``sum n_i (x_i - mean)^2 / (k - 1)`` over the k chunks."""
+        if self.chunks < 2 or mean <= 0:
+            return math.inf
+        var_step = max(0.0, sum_sq - self.steps * mean * mean) / (self.chunks - 1)
+        return math.sqrt(var_step / self.steps) / mean
+
+    def probe(self, setting: int, warmup: _Window) -> Probe:
+        t = self.time_s / self.steps
+        e = self.energy_j / self.steps
+        p_weighted = self._p / self.steps
+        return Probe(
+            setting=setting,
+            steps=self.steps,
+            time_s=self.time_s,
+            energy_j=self.energy_j,
+            step_time_s=t,
+            power_w=self.energy_j / self.time_s if self.time_s > 0 else 0.0,
+            step_time_rse=self._rse(t, self._t2),
+            energy_rse=self._rse(e, self._e2),
+            power_rse=self._rse(p_weighted, self._p2),
+            warmup_steps=warmup.steps,
+            warmup_time_s=warmup.time_s,
+            warmup_energy_j=warmup.energy_j,
+        )
+
+
+# -- states ---------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Ready:
+    """Waiting ``steps_left`` steps at the top setting before the first probe.
+
+    Ready -> Warmup once they have passed.
+    """
+
+    steps_left: int
+
+
+@dataclass(slots=True)
+class Warmup:
+    """A setting was just applied; its first steps are discarded.
+
+    Warmup -> Measuring after ``warmup_steps`` steps and ``warmup_s`` seconds.
+    """
+
+    setting: int
+    window: _Window = field(default_factory=_Window)
+
+
+@dataclass(slots=True)
+class Measuring:
+    """Measuring a setting.
+
+    Measuring -> Warmup (the next setting) when the window is decided and the search goes on;
+    Measuring -> Done when the search stops.
+    """
+
+    setting: int
+    warmup: _Window
+    window: _Window = field(default_factory=_Window)
+
+
+@dataclass(slots=True)
+class Done:
+    """Holding the chosen setting and watching the job's throughput.
+
+    Done -> Warmup (a new search from the top) when the throughput shifts for
+    ``shift_windows`` windows in a row, or on ``retune``.
+
+    Attributes:
+        setting: The setting in force.
+        feasible: False when no setting met the constraints (the lowest one is held).
+        reference_step_time_s: Seconds per step the chosen setting is expected to take.
+    """
+
+    setting: int
+    feasible: bool
+    reference_step_time_s: float
+    window: _Window = field(default_factory=_Window)
+    shifted_windows: int = 0
+
+
+State = Ready | Warmup | Measuring | Done
+
+
+@dataclass(frozen=True, slots=True)
+class SearchResult:
+    """One finished search.
+
+    Attributes:
+        setting: The chosen setting (mW or MHz); when not ``feasible``, the lowest probed.
+        feasible: Whether the chosen setting meets the objective's constraints.
+        score: Its score (per step), None when not feasible.
+        probes: Every probe, in the order taken.
+        profiling_steps / profiling_time_s / profiling_energy_j: What the probes cost the job
+            (warm-ups included): steps, seconds, joules.
+        reason: Why the search stopped, in words.
+    """
+
+    setting: int
+    feasible: bool
+    score: float | None
+    probes: tuple[Probe, ...]
+    profiling_steps: int
+    profiling_time_s: float
+    profiling_energy_j: float
+    reason: str
+
+
+def select(
+    probes: Sequence[Probe], objective: Objective
+) -> tuple[Probe, float] | None:
+    """The best probe for an objective and its score, or None when none is feasible.
+
+    The top probe (highest setting) is the reference for slowdowns. Use it to re-select from an
+    earlier search without probing again (e.g. the scheduler's ``slow`` energy-budget action
+    picking the least-energy setting from the probes of a ``cost`` search).
+    """
+    if not probes:
+        return None
+    top = max(probes, key=lambda p: p.setting)
+    scored = [(p, s) for p in probes if (s := objective.score(p, top)) is not None]
+    if not scored:
+        return None
+    return min(scored, key=lambda ps: (ps[1], -ps[0].setting))
+
+
+class EnergyOptimizer:
+    """Finds the best setting of one job online; see the module docstring for how to drive it.
+
+    Args:
+        space: The settings to search (power limits in mW, or top SM clocks in MHz).
+        objective: What to minimise (``LeastEnergy``, ``ZeusCost``, ``MostThroughput``,
+            ``LeastEnergyWithinSlowdown``, or any ``Objective``).
+        config: Measurement and stopping parameters.
+    """
+
+    def __init__(
+        self, space: SettingSpace, objective: Objective, config: SearchConfig | None = None
+    ) -> None:
+        self.space = space
+        self.objective = objective
+        self.config = config if config is not None else SearchConfig()
+        self._candidates = space.candidates()
+        self.state: State = Ready(self.config.wait_steps)
+        self.setting: int = self._candidates[0]
+        self.results: list[SearchResult] = []
+        self._probes: list[Probe] = []
+        #: Every window measured per setting in this search: (measured, warm-up).
+        self._windows: dict[int, tuple[_Window, _Window]] = {}
+        self._refine_left = self.config.refine_steps
+        self._refining = False
+        self._stop_reason = ""
+        self._bisect_first = True
+        if self.config.wait_steps == 0:
+            self._start_search()
+
+    # -- what the driver reads -----------------------------------------------------------------
+
+    @property
+    def done(self) -> bool:
+        """Whether a search has finished and its setting is held."""
+        return isinstance(self.state, Done)
+
+    @property
+    def result(self) -> SearchResult | None:
+        """The latest finished search, if any."""
+        return self.results[-1] if self.results else None
+
+    @property
+    def probes(self) -> tuple[Probe, ...]:
+        """The probes of the search in progress (or of the last one, once done)."""
+        if isinstance(self.state, Done) and self.results:
+            return self.results[-1].probes
+        return tuple(self._probes)
+
+    @property
+    def profiling_steps(self) -> int:
+        """Steps spent in warm-ups and probes over all searches (the one in progress too)."""
+        return sum(r.profiling_steps for r in self.results) + self._open_cost()[0]
+
+    @property
+    def profiling_time_s(self) -> float:
+        """Seconds spent in warm-ups and probes over all searches."""
+        return sum(r.profiling_time_s for r in self.results) + self._open_cost()[1]
+
+    @property
+    def profiling_energy_j(self) -> float:
+        """Joules spent in warm-ups and probes over all searches."""
+        return sum(r.profiling_energy_j for r in self.results) + self._open_cost()[2]
+
+    @property
+    def steps_wanted(self) -> int:
+        """Steps to run before the next ``observe`` (the optimiser decides no sooner)."""
+        cfg, st = self.config, self.state
+        if isinstance(st, Ready):
+            return max(1, st.steps_left)
+        if isinstance(st, Warmup):
+            w = st.window
+            need = cfg.warmup_steps - w.steps
+            if w.steps and w.time_s < cfg.warmup_s:
+                need = max(need, math.ceil((cfg.warmup_s - w.time_s) * w.steps / w.time_s))
+            return max(1, need)
+        if isinstance(st, Measuring):
+            # Every step of the window on its own, so its spread can be estimated.
+            return 1
+        wanted = max(cfg.monitor_min_steps, math.ceil(cfg.monitor_s / st.reference_step_time_s))
+        return max(1, wanted - st.window.steps)
+
+    # -- what the driver calls -------------------------------------------------------------------
+
+    def observe(self, steps: int, time_s: float, energy_j: float) -> int:
+        """Report ``steps`` steps run at ``self.setting``: their wall time and energy.
+
+        Args:
+            steps: Training steps completed (at least 1).
+            time_s: Their wall time (s).
+            energy_j: The energy the job's GPUs drew meanwhile (J), e.g. counter deltas summed.
+
+        Returns:
+            The setting to use from now on (``self.setting``).
+        """
+        if steps < 1 or time_s <= 0 or energy_j < 0:
+            raise ValueError(
+                f"need steps >= 1, time_s > 0, energy_j >= 0; got {steps}, {time_s}, {energy_j}"
+            )
+        st = self.state
+        if isinstance(st, Ready):
+            st.steps_left -= steps
+            if st.steps_left <= 0:
+                self._start_search()
+        elif isinstance(st, Warmup):
+            st.window.add(steps, time_s, energy_j)
+            if st.window.steps >= self.config.warmup_steps and (
+                st.window.time_s >= self.config.warmup_s
+            ):
+                self.state = Measuring(st.setting, st.window)
+        elif isinstance(st, Measuring):
+            st.window.add(steps, time_s, energy_j)
+            if self._window_decided(st):
+                self._record(st)
+                self._advance()
+        else:
+            self._watch(st, steps, time_s, energy_j)
+        return self.setting
+
+    def retune(self) -> None:
+        """Search again from the top, e.g. after the job changed its batch size."""
+        self._start_search()
+
+    def discard_window(self) -> None:
+        """Drop the measurement in progress (the driver saw a pause: evaluation, checkpoint)."""
+        st = self.state
+        if isinstance(st, Measuring):
+            self.state = Measuring(st.setting, st.warmup)
+        elif isinstance(st, Done):
+            st.window = _Window()
+
+    # -- internals ---------------------------------------------------------------------------------
+
+    def _open_cost(self) -> tuple[int, float, float]:
+        """Steps, seconds and joules of the search in progress."""
+        if isinstance(self.state, Done | Ready):
+            return 0, 0.0, 0.0
+        steps = sum(p.cost_steps for p in self._probes)
+        time_s = sum(p.time_s + p.warmup_time_s for p in self._probes)
+        energy_j = sum(p.energy_j + p.warmup_energy_j for p in self._probes)
+        windows = [self.state.window]
+        if isinstance(self.state, Measuring):
+            windows.append(self.state.warmup)
+        for w in windows:
+            steps, time_s, energy_j = steps + w.steps, time_s + w.time_s, energy_j + w.energy_j
+        return steps, time_s, energy_j
+
+    def _start_search(self) -> None:
+        self._probes = []
+        self._windows = {}
+        self._refine_left = self.config.refine_steps
+        self._refining = False
+        self._stop_reason = ""
+        self._bisect_first = True
+        self.setting = self._candidates[0]
+        self.state = Warmup(self.setting)
+
+    def _top(self) -> Probe:
+        return self._probes[0]
+
+    def _score(self, probe: Probe) -> float | None:
+        return self.objective.score(probe, self._top() if self._probes else probe)
+
+    def _best(self) -> tuple[Probe, float] | None:
+        return select(self._probes, self.objective)
+
+    def _record(self, st: Measuring) -> None:
+        """Keep a finished window: a new probe, or more of an earlier one (refinement)."""
+        if st.setting in self._windows:
+            window, warmup = self._windows[st.setting]
+            window.merge(st.window)
+            warmup.merge(st.warmup)
+            self._refine_left -= st.window.steps
+            i = next(i for i, p in enumerate(self._probes) if p.setting == st.setting)
+            self._probes[i] = window.probe(st.setting, warmup)
+        else:
+            self._windows[st.setting] = (st.window, st.warmup)
+            self._probes.append(st.window.probe(st.setting, st.warmup))
+
+    def _pooled(self, probe: Probe) -> Probe:
+        """The probe with standard errors from the per-step spread pooled over this search.
+
+        One job's step-to-step spread hardly depends on the setting, and the few steps of one
+        window estimate it poorly; pooling every window's (by degrees of freedom) does better.
+        """
+        windows = [p for p in self._probes if p is not probe]
+        windows.append(probe)
+
+        def pooled_rse(attr: str) -> float:
+            num = dof = 0.0
+            for p in windows:
+                rse = getattr(p, attr)
+                if p.steps > 1 and math.isfinite(rse):
+                    num += (p.steps - 1) * rse * rse * p.steps  # (n - 1) * per-step variance
+                    dof += p.steps - 1
+            return math.sqrt(num / dof / probe.steps) if dof else math.inf
+
+        return replace(
+            probe,
+            step_time_rse=pooled_rse("step_time_rse"),
+            energy_rse=pooled_rse("energy_rse"),
+            power_rse=pooled_rse("power_rse"),
+        )
+
+    def _rse(self, probe: Probe) -> float:
+        """Relative standard error of a probe's score, from the pooled spread."""
+        return _finite(self.objective.score_rse(self._pooled(probe)))
+
+    def _window_decided(self, st: Measuring) -> bool:
+        """Whether the probe in progress has measured enough.
+
+        The top probe, the reference of every later one, is measured in full. A later probe ends
+        early only when it is clearly worse than the best so far (or clearly breaks a
+        constraint): contenders are measured in full, since the choice among them is what the
+        job pays for.
+        """
+        cfg, w = self.config, st.window
+        if self._refining:
+            return w.steps >= min(cfg.refine_window, max(1, self._refine_left))
+        if w.steps >= cfg.screen_steps:
+            return True
+        if w.steps < cfg.min_measure_steps or not self._probes:
+            return False
+        probe = self._pooled(w.probe(st.setting, st.warmup))
+        score = self._score(probe)
+        if score is None:
+            return True  # the constraints already keep a margin of standard errors
+        best = self._best()
+        if best is None:
+            return False
+        best_probe, best_score = best
+        both = math.hypot(self._rse(probe), self._rse(best_probe))
+        return score > best_score * (1.0 + cfg.z * both)
+
+    def _advance(self) -> None:
+        """After a window: move to the next setting, refine, or finish."""
+        nxt: int | None = None
+        if not self._refining:
+            if self.objective.search == "bisect":
+                nxt, self._stop_reason = self._next_bisect()
+            else:
+                nxt, self._stop_reason = self._next_descend()
+            self._refining = nxt is None and self.objective.search == "descend"
+        if self._refining:
+            nxt = self._next_refine()
+        if nxt is None:
+            self._finish(self._stop_reason)
+        else:
+            self.setting = nxt
+            self.state = Warmup(nxt)
+
+    def _next_refine(self) -> int | None:
+        """The least measured setting still within noise of the best, if any is worth more."""
+        cfg = self.config
+        best = self._best()
+        if best is None or self._refine_left <= 0:
+            return None
+        best_probe, best_score = best
+        top = self._top()
+        contenders = []
+        for p in self._probes:
+            score = self.objective.score(p, top)
+            if score is None:
+                continue
+            both = math.hypot(self._rse(p), self._rse(best_probe))
+            if score <= best_score * (1.0 + cfg.z * both):
+                contenders.append(p)
+        if len(contenders) < 2:
+            return None
+        open_ = [p for p in contenders if p.steps < cfg.max_measure_steps]
+        if not open_:
+            return None
+        return min(open_, key=lambda p: p.steps).setting
+
+    def _binds(self, probe: Probe) -> bool:
+        """Whether the cap visibly constrains the GPU at this probe.
+
+        It does when the power drawn fell below the top probe's by ``bind_drop`` and clearly more
+        than noise, and, for a power limit, comes near the limit (``bind_share``). Where nothing
+        binds, score differences are noise or run-to-run variation, and the convexity stop does
+        not apply.
+        """
+        cfg = self.config
+        if self.space.knob is Knob.POWER_LIMIT and (
+            probe.power_w < cfg.bind_share * probe.setting / 1000.0
+        ):
+            return False
+        top = self._top()
+        if probe is top:
+            return False
+        p, t = self._pooled(probe), self._pooled(top)
+        noise = cfg.z * math.hypot(_finite(p.power_rse), _finite(t.power_rse))
+        return probe.power_w <= top.power_w * (1.0 - max(cfg.bind_drop, noise))
+
+    def _next_descend(self) -> tuple[int | None, str]:
+        cfg = self.config
+        last = self._probes[-1]
+        idx = self._candidates.index(last.setting)
+        if idx + 1 >= len(self._candidates):
+            return None, "every candidate down to the minimum was probed"
+        nxt = self._candidates[idx + 1]
+        if self.objective.nothing_below(last, self._top(), cfg.z):
+            return None, f"no setting below {last.setting} can meet the constraints"
+        best = self._best()
+        if best is None:
+            return nxt, ""
+        best_probe, best_score = best
+        best_rse = self._rse(best_probe)
+
+        def margin(p: Probe) -> float:
+            rse = math.hypot(self._rse(p), best_rse)
+            return best_score * (1.0 + max(cfg.rise_tol, cfg.z * rse))
+
+        last_score = self._score(last)
+        if last_score is not None and self._binds(last) and last_score > margin(last):
+            return None, (
+                f"past the optimum: {last.setting} binds and scores "
+                f"{last_score / best_score - 1:+.1%} against the best"
+            )
+        if len(self._probes) >= 2:
+            prev = self._probes[-2]
+            prev_score = self._score(prev)
+            if (
+                last_score is not None
+                and prev_score is not None
+                and self._binds(prev)
+                and self._binds(last)
+                and prev.setting > last.setting
+            ):
+                slope = (last_score - prev_score) / (prev.setting - last.setting)
+                predicted = last_score + slope * (last.setting - nxt)
+                if predicted > margin(last):
+                    return None, (
+                        f"the curve has turned: {nxt} extrapolates to "
+                        f"{predicted / best_score - 1:+.1%} against the best"
+                    )
+        return nxt, ""
+
+    def _next_bisect(self) -> tuple[int | None, str]:
+        """Highest feasible candidate, by bisection over candidate indices."""
+        cands = self._candidates
+        top = self._top()
+        feasible = {p.setting for p in self._probes if self.objective.score(p, top) is not None}
+        probed = {p.setting for p in self._probes}
+        infeasible_idx = [i for i, c in enumerate(cands) if c in probed and c not in feasible]
+        feasible_idx = [i for i, c in enumerate(cands) if c in feasible]
+        hi_bad = max(infeasible_idx, default=-1)  # lowest setting known to break the budget
+        lo_good = min((i for i in feasible_idx if i > hi_bad), default=len(cands))
+        if lo_good == hi_bad + 1:
+            return None, "found the highest setting that fits the budget"
+        if hi_bad == len(cands) - 1:
+            return None, "even the lowest setting breaks the budget"
+        nxt_idx = (hi_bad + lo_good) // 2
+        if self._bisect_first:
+            self._bisect_first = False
+            budget = getattr(self.objective, "power_budget_w", None)
+            if self.space.knob is Knob.POWER_LIMIT and budget is not None:
+                # The firmware holds average power near the limit: start at the budget.
+                at_budget = [i for i, c in enumerate(cands) if c <= budget * 1000 and i > hi_bad]
+                if at_budget:
+                    nxt_idx = min(at_budget[0], lo_good - 1)
+        nxt_idx = min(max(nxt_idx, hi_bad + 1), lo_good - 1)
+        return cands[nxt_idx], ""
+
+    def _finish(self, reason: str) -> None:
+        best = self._best()
+        probes = tuple(self._probes)
+        steps = sum(p.cost_steps for p in probes)
+        time_s = sum(p.time_s + p.warmup_time_s for p in probes)
+        energy_j = sum(p.energy_j + p.warmup_energy_j for p in probes)
+        if best is None:
+            chosen = min(probes, key=lambda p: p.power_w)
+            result = SearchResult(chosen.setting, False, None, probes, steps, time_s, energy_j,
+                                  reason + "; no setting met the constraints")
+        else:
+            chosen, score = best
+            result = SearchResult(chosen.setting, True, score, probes, steps, time_s, energy_j,
+                                  reason)
+        self.results.append(result)
+        self.setting = chosen.setting
+        self.state = Done(chosen.setting, result.feasible, chosen.step_time_s)
+
+    def _watch(self, st: Done, steps: int, time_s: float, energy_j: float) -> None:
+        """Done: compare each monitoring window's step time with the reference."""
+        cfg = self.config
+        st.window.add(steps, time_s, energy_j)
+        wanted = max(cfg.monitor_min_steps, math.ceil(cfg.monitor_s / st.reference_step_time_s))
+        if st.window.steps < wanted:
+            return
+        step_time = st.window.time_s / st.window.steps
+        st.window = _Window()
+        ratio = step_time / st.reference_step_time_s
+        if abs(ratio - 1.0) > cfg.shift_tol:
+            st.shifted_windows += 1
+            if st.shifted_windows >= cfg.shift_windows:
+                self._start_search()
+        else:
+            st.shifted_windows = 0
+            # Follow slow drift so that only a real shift triggers a new search.
+            st.reference_step_time_s = 0.9 * st.reference_step_time_s + 0.1 * step_time
