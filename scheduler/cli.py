@@ -15,6 +15,7 @@ from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 from pydantic import ValidationError
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -222,24 +223,26 @@ def gpus(
         typer.echo(json.dumps(rows, indent=2))
         return
     err.print(f"[dim]{why}[/]", highlight=False)
-    table = Table("GPU", "Name", "Power W", "Limit W", "Energy kJ", "SM MHz", "Mem MHz", "Util %",
-                  "Temp °C", "Memory MiB", "Throttle")
+    table = Table("GPU", "Name", "Power", "Limit", "Energy", "SM", "Mem", "Util", "Temp",
+                  "Memory", "Throttle", box=box.SIMPLE_HEAD)
 
     def cell(value: Any, fmt: str = "{}") -> str:
         return "n/a" if value is None else fmt.format(value)
 
     for row in rows:
+        name = row["name"].removeprefix("NVIDIA ")
         if "error" in row:
-            table.add_row(str(row["index"]), row["name"], f"[red]{row['error']}[/]")
+            table.add_row(str(row["index"]), name, f"[red]{row['error']}[/]")
             continue
         energy_kj = None if row["energy_j"] is None else row["energy_j"] / 1000
+        used, total = row["memory_used_mib"], row["memory_total_mib"]
         table.add_row(
-            str(row["index"]), row["name"], cell(row["power_w"], "{:.1f}"),
-            cell(row["power_limit_w"], "{:.0f}"), cell(energy_kj, "{:,.1f}"),
-            cell(row["sm_clock_mhz"]), cell(row["mem_clock_mhz"]), cell(row["gpu_util_pct"]),
-            cell(row["temperature_c"]),
-            f"{cell(row['memory_used_mib'])} / {cell(row['memory_total_mib'])}",
-            ", ".join(row["throttle_reasons"] or []) or "-",
+            str(row["index"]), name, cell(row["power_w"], "{:.0f} W"),
+            cell(row["power_limit_w"], "{:.0f} W"), cell(energy_kj, "{:,.1f} kJ"),
+            cell(row["sm_clock_mhz"], "{} MHz"), cell(row["mem_clock_mhz"], "{} MHz"),
+            cell(row["gpu_util_pct"], "{}%"), cell(row["temperature_c"], "{}°C"),
+            f"{cell(used and used / 1024, '{:.1f}')}/{cell(total and total / 1024, '{:.0f}')} GiB",
+            ", ".join(r.replace("_", " ") for r in row["throttle_reasons"] or []) or "-",
         )
     out.print(table)
 

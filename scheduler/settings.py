@@ -24,7 +24,8 @@ class Settings(BaseSettings):
         home: Where the SQLite store, the simulated GPUs' state and logs live.
         db: SQLAlchemy URL of the store; empty means ``sqlite:///<home>/powertrain.db``.
         backend: ``auto`` uses NVML when a driver is present, else the simulator (and says so).
-        sim_gpus / sim_sku: How many simulated GPUs and which SKU profile.
+        sim_gpus / sim_sku: How many simulated GPUs and which SKU profile; unset means the
+            simulated node's own (from its state file), else 4 × H100-SXM.
         interval_ms: Sampling period in milliseconds (100 = 10 Hz).
         flush_interval_s: How often buffered samples are written to the store.
         buffer_max_rows: Rows kept in memory while the store is failing; beyond it the oldest
@@ -37,8 +38,8 @@ class Settings(BaseSettings):
     home: Path = Field(default_factory=_default_home)
     db: str = ""
     backend: BackendName = "auto"
-    sim_gpus: int = Field(default=4, ge=1, le=64)
-    sim_sku: str = "H100-SXM"
+    sim_gpus: int | None = Field(default=None, ge=1, le=64)
+    sim_sku: str | None = None
     interval_ms: int = Field(default=100, ge=10, le=60_000)
     flush_interval_s: float = Field(default=1.0, gt=0, le=60)
     buffer_max_rows: int = Field(default=100_000, ge=100)

@@ -13,23 +13,28 @@ log = logging.getLogger(__name__)
 
 BackendKind = Literal["auto", "nvml", "simulated"]
 
+DEFAULT_SIM_GPUS = 4
+DEFAULT_SIM_SKU = "H100-SXM"
+
 
 def open_backend(
     kind: BackendKind,
     *,
-    sim_gpus: int = 4,
-    sim_sku: str = "H100-SXM",
+    sim_gpus: int | None = None,
+    sim_sku: str | None = None,
     sim_state_path: Path | None = None,
     clock: Clock | None = None,
 ) -> tuple[GpuBackend, str]:
     """Open a backend and say why it was chosen.
 
     ``auto`` uses NVML when an NVIDIA driver answers, else the simulator; it never falls back
-    silently: the returned sentence says which it chose and why.
+    silently: the returned sentence says which it chose and why. A simulated node keeps its shape
+    (GPU count, SKU) in its state file, like real hardware: unset ``sim_gpus``/``sim_sku`` take
+    the saved node's, and values that contradict it are refused.
 
     Raises:
         BackendUnavailableError: ``nvml`` was asked for and no driver answers.
-        ValueError: Unknown simulated SKU.
+        ValueError: Unknown simulated SKU, or a shape that contradicts the saved node.
     """
     if kind == "nvml":
         from telemetry.backends.nvml import NvmlBackend
@@ -44,7 +49,15 @@ def open_backend(
         reason = f"no NVIDIA driver found ({why}): using the simulated backend"
     else:
         reason = "using the simulated backend (asked for)"
-    from telemetry.backends.simulated import SimulatedBackend
+    from telemetry.backends.simulated import SimulatedBackend, saved_node_shape
 
-    backend = SimulatedBackend(gpus=sim_gpus, sku=sim_sku, clock=clock, state_path=sim_state_path)
-    return backend, f"{reason}: {sim_gpus} × {sim_sku}"
+    saved = saved_node_shape(sim_state_path) if sim_state_path is not None else None
+    gpus = sim_gpus or (saved[0] if saved else DEFAULT_SIM_GPUS)
+    sku = sim_sku or (saved[1] if saved else DEFAULT_SIM_SKU)
+    if saved is not None and saved != (gpus, sku):
+        raise ValueError(
+            f"the simulated node in {sim_state_path} has {saved[0]} × {saved[1]}, not "
+            f"{gpus} × {sku}: leave out --sim-gpus/--sim-sku, or delete that file for a new node"
+        )
+    backend = SimulatedBackend(gpus=gpus, sku=sku, clock=clock, state_path=sim_state_path)
+    return backend, f"{reason}: {gpus} × {sku}"

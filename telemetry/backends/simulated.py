@@ -257,6 +257,15 @@ def _mix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
+def saved_node_shape(state_path: Path) -> tuple[int, str] | None:
+    """GPU count and SKU of the simulated node saved at ``state_path`` (None: no usable file)."""
+    try:
+        raw = json.loads(state_path.read_text(encoding="utf-8"))
+        return len(raw["gpus"]), str(raw["sku"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 class SimulatedBackend:
     """Simulated GPUs of one SKU, on the wall clock or an injected (virtual) clock.
 

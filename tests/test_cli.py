@@ -1,0 +1,96 @@
+"""The CLI: output for people and scripts, and one clear line for every mistake."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from scheduler.cli import app
+from telemetry.store import current_revision, head_revision
+
+
+@pytest.fixture
+def run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> CliRunner:
+    for name in ("POWERTRAIN_HOME", "POWERTRAIN_DB", "POWERTRAIN_BACKEND"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("POWERTRAIN_HOME", str(tmp_path))
+    return CliRunner()
+
+
+def one_error_line(output: str) -> str:
+    lines = [line for line in output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, output
+    assert lines[0].startswith("error:"), output
+    return lines[0]
+
+
+def test_gpus_json_lists_every_gpu(run: CliRunner) -> None:
+    result = run.invoke(app, ["gpus", "--json", "--backend", "simulated", "--sim-gpus", "3"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert [r["index"] for r in rows] == [0, 1, 2]
+    for row in rows:
+        assert {"index", "uuid", "name", "power_w", "power_limit_w", "energy_j"} <= row.keys()
+        assert row["power_limit_w"] == 700.0 and 50 < row["power_w"] < 120  # an idle H100
+
+
+def test_gpus_table_says_which_backend(run: CliRunner) -> None:
+    result = run.invoke(app, ["gpus", "--backend", "auto", "--sim-sku", "A40"])
+    assert result.exit_code == 0, result.output
+    assert "no NVIDIA driver found" in result.stderr
+    assert "A40" in result.stdout
+
+
+def test_simulated_node_keeps_its_shape(run: CliRunner) -> None:
+    assert run.invoke(app, ["gpus", "--backend", "simulated", "--sim-gpus", "2"]).exit_code == 0
+    again = run.invoke(app, ["gpus", "--json", "--backend", "simulated"])
+    assert len(json.loads(again.stdout)) == 2
+    clash = run.invoke(app, ["gpus", "--backend", "simulated", "--sim-gpus", "8"])
+    assert clash.exit_code == 1
+    assert "has 2 × H100-SXM" in one_error_line(clash.stderr)
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["gpus", "--sim-gpus", "0"], "--sim-gpus"),
+        (["gpus", "--sim-gpus", "-3"], "--sim-gpus"),
+        (["gpus", "--backend", "simulated", "--sim-sku", "B9000"], "B9000"),
+        (["daemon", "--interval-ms", "-5"], "--interval-ms"),
+        (["daemon", "--interval-ms", "0"], "--interval-ms"),
+    ],
+)
+def test_bad_input_is_one_line_and_a_non_zero_exit(
+    run: CliRunner, args: list[str], needle: str
+) -> None:
+    result = run.invoke(app, args)
+    assert result.exit_code != 0
+    assert needle in one_error_line(result.stderr)
+    assert "Traceback" not in result.output
+
+
+def test_nvml_without_a_driver_is_one_line(run: CliRunner) -> None:
+    result = run.invoke(app, ["gpus", "--backend", "nvml"])
+    assert result.exit_code == 1
+    assert "NVIDIA" in one_error_line(result.stderr) or "NVML" in result.stderr
+
+
+def test_db_upgrade_and_current(run: CliRunner, tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    result = run.invoke(app, ["db", "upgrade", "--db", url])
+    assert result.exit_code == 0, result.output
+    assert current_revision(url) == head_revision()
+    current = run.invoke(app, ["db", "current", "--db", url])
+    assert f"current: {head_revision()}" in current.stdout
+
+
+def test_help_explains_every_command(run: CliRunner) -> None:
+    result = run.invoke(app, ["--help"])
+    for command in ("daemon", "gpus", "db", "demo"):
+        assert command in result.stdout
+    daemon_help = run.invoke(app, ["daemon", "--help"]).stdout
+    for flag in ("--backend", "--sim-gpus", "--sim-sku", "--db", "--interval-ms"):
+        assert flag in daemon_help
