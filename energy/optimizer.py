@@ -23,9 +23,9 @@ Done), but it probes less and more carefully:
   costs, so the walk goes on.
 * A probe's first window ends as soon as it is clearly worse than the best so far (``z``
   standard errors, from the step-to-step spread pooled over the search); measuring it longer
-  would only cost energy. Once the walk stops, the settings still within noise of the best are
-  measured again, least measured first, within a budget of steps: the choice among near-equals
-  is what the job pays for, and near-optimal settings cost little to measure.
+  would only cost energy. Once the walk stops, the best and its closest challenger, while within
+  noise of each other, are measured again, within a budget of steps: the choice among
+  near-equals is what the job pays for, and near-optimal settings cost little to measure.
 * ``MostThroughput`` under a wattage budget bisects the candidates for the highest setting whose
   measured power fits (throughput rises and power rises with the setting), starting at the
   budget itself for power limits.
@@ -359,7 +359,7 @@ class SearchConfig:
             as soon as the probe is clearly worse than the best so far.
         refine_steps / refine_window / max_measure_steps: Once the walk stops, the settings still
             within noise of the best are measured again, ``refine_window`` steps at a time, the
-            least measured first, for at most ``refine_steps`` steps in all and
+            best and its closest challenger, for at most ``refine_steps`` steps in all and
             ``max_measure_steps`` per setting: the choice among near-equals is what the job pays
             for, and near-optimal settings cost little to measure.
         z: Standard errors that make two scores "clearly different".
@@ -818,7 +818,8 @@ class EnergyOptimizer:
             self.state = Warmup(nxt)
 
     def _next_refine(self) -> int | None:
-        """The least measured setting still within noise of the best, if any is worth more."""
+        """The next setting to measure again: of the best and its closest challenger within
+        noise, the less measured; None when nothing is within noise or the budget is spent."""
         cfg = self.config
         best = self._best()
         if best is None or self._refine_left <= 0:
@@ -833,12 +834,18 @@ class EnergyOptimizer:
             both = math.hypot(self._rse(p), self._rse(best_probe))
             if score <= best_score * (1.0 + cfg.z * both):
                 contenders.append(p)
-        if len(contenders) < 2:
-            return None
+        # The duel that decides the choice: the best against its closest challenger.
         open_ = [p for p in contenders if p.steps < cfg.max_measure_steps]
-        if not open_:
+        challengers = sorted(
+            (p for p in open_ if p is not best_probe),
+            key=lambda p: self.objective.score(p, top) or math.inf,
+        )
+        if not challengers:
             return None
-        return min(open_, key=lambda p: p.steps).setting
+        duel = [challengers[0]]
+        if best_probe.steps < cfg.max_measure_steps:
+            duel.append(best_probe)
+        return min(duel, key=lambda p: p.steps).setting
 
     def _binds(self, probe: Probe) -> bool:
         """Whether the cap visibly constrains the GPU at this probe.

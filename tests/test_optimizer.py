@@ -1,0 +1,250 @@
+"""The energy optimiser: its search on model curves, its objectives, re-tuning, and on replays."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from energy.optimizer import (
+    Done,
+    EnergyOptimizer,
+    Knob,
+    LeastEnergy,
+    LeastEnergyWithinSlowdown,
+    MostThroughput,
+    Objective,
+    SearchConfig,
+    SettingSpace,
+    ZeusCost,
+    objective_from_name,
+    select,
+)
+from telemetry.backends.replay import ReplayBackend, load_trace
+from telemetry.clock import VirtualClock
+
+TRACES = Path(__file__).resolve().parents[1].parent / "shared/traces/zeus/nsdi23_trace"
+A40 = TRACES / "summary_power_a40.csv"
+
+# A GPU after DESIGN.md's model: P(f) = P_static + P_dyn (f/f_max)^k, t(f) = t_max (c/f + 1 - c).
+Curve = Callable[[int], tuple[float, float]]  # setting (mW) -> (seconds per step, watts)
+
+
+def physical(
+    p_static: float = 90.0, p_dyn: float = 210.0, k: float = 2.7, c: float = 0.8
+) -> Curve:
+    top = p_static + p_dyn
+
+    def at(limit_mw: int) -> tuple[float, float]:
+        power = min(limit_mw / 1000.0, top)
+        f = ((power - p_static) / p_dyn) ** (1 / k) if power > p_static else 0.05
+        return 0.1 * (c / max(f, 0.05) + 1 - c), power
+
+    return at
+
+
+def flat(power_w: float = 85.0) -> Curve:
+    return lambda _limit_mw: (0.05, power_w)
+
+
+def drive(
+    opt: EnergyOptimizer, curve: Curve, *, steps: int = 5_000, noise: float = 0.03, seed: int = 0
+) -> None:
+    """Run a job against a curve, one step at a time while searching, then in big chunks."""
+    rng = random.Random(seed)
+    done = 0
+    while done < steps:
+        n = opt.steps_wanted if opt.done else 1
+        t, p = curve(opt.setting)
+        jitter = 1 + noise / math.sqrt(n) * rng.gauss(0, 1)
+        opt.observe(n, n * t * jitter, n * t * jitter * p)
+        done += n
+
+
+def cost(curve: Curve, limit_mw: int, eta: float = 0.5, max_w: float = 300.0) -> float:
+    t, p = curve(limit_mw)
+    return t * (eta * p + (1 - eta) * max_w)
+
+
+SPACE = SettingSpace.power_limits(100_000, 300_000)
+
+
+def test_candidates_run_from_the_top_down_and_include_the_minimum() -> None:
+    assert SPACE.candidates()[0] == 300_000 and SPACE.candidates()[-1] == 100_000
+    assert len(SPACE.candidates()) == 9
+    assert SettingSpace.power_limits(110_000, 300_000).candidates()[-1] == 110_000
+    assert SettingSpace.sm_clocks(210, 1740, 90).knob is Knob.SM_CLOCK
+    with pytest.raises(ValueError):
+        SettingSpace.power_limits(300_000, 100_000)
+
+
+def test_finds_the_least_cost_limit_without_the_costly_bottom() -> None:
+    curve = physical()
+    opt = EnergyOptimizer(SPACE, ZeusCost(0.5, 300.0))
+    drive(opt, curve)
+    assert opt.done and opt.result is not None and opt.result.feasible
+    best = min(SPACE.candidates(), key=lambda s: cost(curve, s))
+    assert cost(curve, opt.setting) <= cost(curve, best) * 1.01
+    probed = {p.setting for p in opt.result.probes}
+    assert 100_000 not in probed and len(probed) < len(SPACE.candidates())
+    assert "optimum" in opt.result.reason or "turned" in opt.result.reason
+
+
+def test_walks_every_candidate_where_the_cap_never_binds() -> None:
+    opt = EnergyOptimizer(SPACE, ZeusCost(0.5, 300.0))
+    drive(opt, flat())
+    assert opt.result is not None
+    assert {p.setting for p in opt.result.probes} == set(SPACE.candidates())
+
+
+def test_profiling_cost_is_the_sum_of_its_probes() -> None:
+    opt = EnergyOptimizer(SPACE, ZeusCost(0.5, 300.0))
+    drive(opt, physical())
+    res = opt.result
+    assert res is not None
+    assert res.profiling_steps == sum(p.cost_steps for p in res.probes) == opt.profiling_steps
+    assert res.profiling_energy_j == pytest.approx(
+        sum(p.energy_j + p.warmup_energy_j for p in res.probes)
+    )
+    # Far fewer steps than Zeus's 50 per limit on all nine limits.
+    assert res.profiling_steps < 0.5 * 9 * 50
+
+
+def test_least_energy_and_slowdown_objectives() -> None:
+    curve = physical()
+
+    def energy(s: int) -> float:
+        t, p = curve(s)
+        return t * p
+
+    opt = EnergyOptimizer(SPACE, LeastEnergy())
+    drive(opt, curve)
+    best = min(SPACE.candidates(), key=energy)
+    assert energy(opt.setting) <= energy(best) * 1.01
+
+    slow = EnergyOptimizer(SPACE, LeastEnergyWithinSlowdown(0.10))
+    drive(slow, curve)
+    assert curve(slow.setting)[0] <= 1.10 * curve(300_000)[0] * 1.01
+    assert energy(slow.setting) < energy(300_000)
+
+
+@pytest.mark.parametrize("budget_w", [80.0, 120.0, 160.0, 199.0, 240.0, 290.0, 400.0])
+def test_throughput_never_picks_a_setting_over_the_budget(budget_w: float) -> None:
+    curve = physical()
+    opt = EnergyOptimizer(SPACE, MostThroughput(budget_w))
+    drive(opt, curve, steps=3_000)
+    res = opt.result
+    assert res is not None
+    chosen = next(p for p in res.probes if p.setting == res.setting)
+    if budget_w < curve(100_000)[1]:
+        assert not res.feasible and res.score is None
+    else:
+        assert res.feasible and chosen.power_w <= budget_w
+        # Bisection: a handful of probes, and nothing faster that fits was left out.
+        assert len(res.probes) <= 5
+        fits = [s for s in SPACE.candidates() if curve(s)[1] < 0.95 * budget_w]
+        faster = [s for s in fits if s > res.setting]
+        assert not faster
+
+
+def test_throughput_budget_holds_on_every_replayed_curve() -> None:
+    for curve in load_trace(A40)[::4]:
+        for budget_w in (110.0, 170.0, 230.0):
+            clock = VirtualClock()
+            b = ReplayBackend(A40, curve.workload, curve.batch_size, clock=clock, seed=7)
+            opt = EnergyOptimizer(SPACE, MostThroughput(budget_w))
+            while not opt.done:
+                b.set_power_limit(0, opt.setting)
+                e0 = b.energy_mj()
+                dt = b.run_steps(1)
+                opt.observe(1, dt, (b.energy_mj() - e0) / 1000)
+            res = opt.result
+            assert res is not None
+            for p in res.probes:
+                if p.setting == res.setting and res.feasible:
+                    assert p.power_w <= budget_w
+                    assert curve.at(p.setting / 1000)[1] <= budget_w * 1.03
+
+
+def test_searches_again_when_the_throughput_shifts() -> None:
+    opt = EnergyOptimizer(SPACE, ZeusCost(0.5, 300.0))
+    drive(opt, physical(), steps=3_000)
+    assert opt.done and len(opt.results) == 1
+    drive(opt, physical(), steps=2_000, seed=1)  # same phase: noise alone does not re-tune
+    assert len(opt.results) == 1
+    slower = physical(c=0.95)
+
+    def shifted(s: int) -> tuple[float, float]:
+        t, p = slower(s)
+        return 1.6 * t, p
+
+    drive(opt, shifted, steps=20_000, seed=2)
+    assert len(opt.results) == 2 and isinstance(opt.state, Done)
+
+
+def test_retune_and_discard_window() -> None:
+    opt = EnergyOptimizer(SPACE, ZeusCost(0.5, 300.0), SearchConfig(wait_steps=0))
+    assert opt.setting == 300_000 and not opt.done
+    drive(opt, physical(), steps=2_000)
+    opt.retune()
+    assert not opt.done and opt.setting == 300_000
+    opt.discard_window()
+    drive(opt, physical(), steps=2_000)
+    assert len(opt.results) == 2
+
+
+def test_observe_rejects_nonsense() -> None:
+    opt = EnergyOptimizer(SPACE, LeastEnergy())
+    with pytest.raises(ValueError):
+        opt.observe(0, 1.0, 1.0)
+    with pytest.raises(ValueError):
+        opt.observe(1, 0.0, 1.0)
+
+
+def test_objectives_by_name() -> None:
+    assert isinstance(objective_from_name("cost", max_power_w=300), ZeusCost)
+    assert isinstance(objective_from_name("energy", max_power_w=300), LeastEnergy)
+    assert isinstance(objective_from_name("slowdown", max_power_w=300), LeastEnergyWithinSlowdown)
+    assert isinstance(
+        objective_from_name("throughput", max_power_w=300, power_budget_w=200), MostThroughput
+    )
+    with pytest.raises(ValueError, match="budget"):
+        objective_from_name("throughput", max_power_w=300)
+    with pytest.raises(ValueError, match="choose one of"):
+        objective_from_name("fastest", max_power_w=300)
+    with pytest.raises(ValueError):
+        ZeusCost(1.5, 300.0)
+
+
+def test_reselect_from_earlier_probes() -> None:
+    curve = physical()
+    opt = EnergyOptimizer(SPACE, ZeusCost(0.5, 300.0))
+    drive(opt, curve)
+    assert opt.result is not None
+    least: Objective = LeastEnergy()
+    picked = select(opt.result.probes, least)
+    assert picked is not None
+    assert picked[0].energy_per_step_j == min(p.energy_per_step_j for p in opt.result.probes)
+    assert select(opt.result.probes, MostThroughput(10.0)) is None
+
+
+def test_searches_locked_clocks_on_a_replayed_gpu() -> None:
+    clock = VirtualClock()
+    b = ReplayBackend(A40, "imagenet/resnet50", 256, clock=clock, seed=0)
+    info = b.devices()[0]
+    assert info.min_sm_clock_mhz is not None and info.max_sm_clock_mhz is not None
+    space = SettingSpace.sm_clocks(info.min_sm_clock_mhz, info.max_sm_clock_mhz, 150)
+    opt = EnergyOptimizer(space, ZeusCost(0.5, 300.0))
+    for _ in range(2_000):
+        if opt.done:
+            break
+        b.lock_sm_clocks(0, info.min_sm_clock_mhz, opt.setting)
+        e0 = b.energy_mj()
+        dt = b.run_steps(1)
+        opt.observe(1, dt, (b.energy_mj() - e0) / 1000)
+    assert opt.done and opt.result is not None
+    assert opt.result.setting < info.max_sm_clock_mhz  # a lower clock pays on this curve
+    assert len(opt.result.probes) < len(space.candidates())
