@@ -22,11 +22,12 @@ the job.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, cast
 
 from telemetry.backends.replay import ReplayBackend
 from telemetry.clock import VirtualClock
@@ -188,6 +189,7 @@ class _ReplayNvml:
 
         def limits(h: int) -> list[int]:
             info = b.devices()[h]
+            assert info.min_limit_mw is not None and info.max_limit_mw is not None
             return [info.min_limit_mw, info.max_limit_mw]
 
         def set_persistence(h: int, mode: int) -> None:
@@ -237,10 +239,11 @@ def zeus_version() -> str | None:
 def _patched(backend: ReplayBackend, clock: VirtualClock) -> Iterator[tuple[Any, _ExitHooks]]:
     """Zeus's boundaries pointed at the replay for the duration of one job."""
     import pynvml  # noqa: TID251 -- faking NVML for zeus is this module's purpose
-    import zeus.device.gpu as zgpu
-    import zeus.device.gpu.nvidia as znv
-    import zeus.monitor.energy as zmon
-    import zeus.optimizer.power_limit as zplo
+
+    zgpu = importlib.import_module("zeus.device.gpu")
+    znv = importlib.import_module("zeus.device.gpu.nvidia")
+    zmon = importlib.import_module("zeus.monitor.energy")
+    zplo = importlib.import_module("zeus.optimizer.power_limit")
 
     fake = _ReplayNvml(pynvml, backend)
     saved: list[tuple[Any, str, Any]] = []
@@ -285,10 +288,10 @@ class RealZeus:
         zplo, hooks = self._stack.enter_context(_patched(self._backend, self._clock))
         self._stack.enter_context(warnings.catch_warnings())
         warnings.simplefilter("ignore")  # zeus warns that this process lacks SYS_ADMIN
-        from zeus.monitor import ZeusMonitor
+        zeus_monitor: Any = importlib.import_module("zeus.monitor").ZeusMonitor
 
         gpus = list(range(len(self._backend.devices())))
-        monitor = ZeusMonitor(gpu_indices=gpus, cpu_indices=[])
+        monitor = zeus_monitor(gpu_indices=gpus, cpu_indices=[])
         self._opt = zplo.GlobalPowerLimitOptimizer(
             monitor,
             optimum_selector=zplo.ZeusCost(eta_knob=self._eta, world_size=len(gpus)),
@@ -305,7 +308,9 @@ class RealZeus:
 
     @property
     def phase(self) -> Phase:
-        return type(self._opt.state).__name__.lower()  # type: ignore[no-any-return]
+        name = type(self._opt.state).__name__.lower()
+        assert name in ("ready", "warmup", "profiling", "done"), name
+        return cast(Phase, name)
 
     @property
     def chosen_limit_mw(self) -> int | None:
@@ -329,8 +334,8 @@ class RealZeus:
 def real_zeus_problem() -> str | None:
     """None when the zeus package can be driven here, else why not (one line)."""
     try:
-        import torch  # noqa: F401 -- zeus asks torch whether training is distributed
-        import zeus.optimizer.power_limit  # noqa: F401
+        importlib.import_module("torch")  # zeus asks torch whether training is distributed
+        importlib.import_module("zeus.optimizer.power_limit")
     except Exception as err:
         return f"the zeus package cannot be imported here ({type(err).__name__}: {err})"
     return None

@@ -18,6 +18,11 @@ Zeus's interrupted windows and the steps at the maximum limit between them inclu
 
 Usage: ``python bench/optimizer.py [--trace FILE ...] [--eta 0.5] [--epochs 100] [--json PATH]``.
 Writes ``bench/results/optimizer.txt`` (the table) and ``bench/results/optimizer.json``.
+``--write-synthetic PATH`` writes a held-out trace of another curve shape to check generalisation.
+
+Steps per epoch come from the public training-set sizes (``telemetry.backends.replay``); an
+unknown dataset counts 100,000 samples per epoch. The replay's noise is a function of the seed
+and the step indices, so every policy meets the same noise on the same steps.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
 import statistics
 import sys
 import time
@@ -157,7 +163,7 @@ def _run_zeus(job: _Job, eta: float, use_package: bool) -> tuple[float, float, i
     try:
         while job.remaining > 0 and policy.phase != "done":
             policy.on_step_begin()
-            phase = policy.phase
+            phase: str = policy.phase
             started = started or phase in ("warmup", "profiling")
             dt, de = job.run(1)
             if started and phase != "done":
@@ -340,6 +346,35 @@ def summarise(runs: Sequence[Run], eta: float, epochs: int, zeus_label: str) -> 
     return "\n".join(lines) + "\n", all_cost_ok and regret_ok and prof_ok
 
 
+def write_synthetic_trace(path: Path, seed: int = 12345) -> None:
+    """A held-out trace in the same format, from a curve shape the real traces do not have.
+
+    An imaginary 700 W GPU ("SYN700", limits 200-700 W in 50 W steps, not Zeus's 25 W grid),
+    after DESIGN.md's model: ``P(f) = P_static + a P_dyn (f/f_max)^k`` and
+    ``t(f) = t_max (c f_max/f + 1 - c)``, the clock set by the limit, with eight workloads of
+    random activity, exponent and compute share, and 1.5 % multiplicative run-to-run noise on
+    every time and power (the real traces have such noise). Nothing here is fitted to the
+    A40/P100 traces; it checks that the optimiser is not tuned to them.
+    """
+    rng = random.Random(seed)
+    rows = ["dataset,network,batch_size,optimizer,power_limit,time_per_epoch,average_power"]
+    for w in range(8):
+        p_static = rng.uniform(80.0, 160.0)
+        p_dyn = rng.uniform(150.0, 560.0) * rng.uniform(0.4, 1.0)  # activity times P_dyn_max
+        k = rng.uniform(2.3, 3.2)
+        c = rng.uniform(0.3, 0.95)
+        for batch_size in (16, 64, 256):
+            t_max = rng.uniform(50.0, 3000.0) * (256 / batch_size) ** 0.3
+            for limit in range(200, 701, 50):
+                top = p_static + p_dyn
+                power = min(float(limit) * rng.uniform(0.9, 0.97), top)
+                f = max(0.15, ((power - p_static) / p_dyn) ** (1 / k)) if power > p_static else 0.15
+                t = t_max * (c / f + 1 - c) * rng.gauss(1.0, 0.015)
+                p = max(p_static, power) * rng.gauss(1.0, 0.015)
+                rows.append(f"synth{w},net{w},{batch_size},sgd,{limit},{t:.3f},{p:.3f}")
+    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--trace", type=Path, nargs="+", default=list(DEFAULT_TRACES),
@@ -354,7 +389,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="where to write one JSON object per job and policy")
     parser.add_argument("--table", type=Path, default=RESULTS / "optimizer.txt",
                         help="where to write the human-readable table")
+    parser.add_argument("--strict", action="store_true",
+                        help="exit 1 when an acceptance target is missed")
+    parser.add_argument("--write-synthetic", type=Path, metavar="PATH",
+                        help="write a held-out synthetic trace (another curve shape) and exit")
     args = parser.parse_args(argv)
+    if args.write_synthetic is not None:
+        write_synthetic_trace(args.write_synthetic)
+        print(f"wrote {args.write_synthetic}")
+        return 0
     if not 0.0 <= args.eta <= 1.0 or args.epochs < 1:
         parser.error("need 0 <= --eta <= 1 and --epochs >= 1")
 
@@ -382,7 +425,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.json.write_text(
         json.dumps([asdict(r) for r in runs], indent=1) + "\n", encoding="utf-8"
     )
-    return 0 if ok else 1
+    return 0 if ok or not args.strict else 1
 
 
 if __name__ == "__main__":
