@@ -31,6 +31,13 @@ class Settings(BaseSettings):
         buffer_max_rows: Rows kept in memory while the store is failing; beyond it the oldest
             rows are dropped and counted.
         retention_days: Raw samples older than this are deleted (rollups stay).
+        socket: The API's Unix socket; default ``<home>/powertrain.sock``.
+        socket_group: Group given the socket (mode 0660): the users allowed to talk to the
+            daemon. Default: the daemon's own group.
+        admin_group: Members may act on any job and set node settings, like root.
+        node_cap_w: Node power cap, W; default the sum of the GPUs' maximum power limits.
+        cancel_grace_s: Time between SIGTERM and SIGKILL when a job is cancelled, s.
+        control_interval_s: Period of the control loop (placement, launches, budgets), s.
     """
 
     model_config = SettingsConfigDict(env_prefix="POWERTRAIN_", extra="ignore")
@@ -44,11 +51,17 @@ class Settings(BaseSettings):
     flush_interval_s: float = Field(default=1.0, gt=0, le=60)
     buffer_max_rows: int = Field(default=100_000, ge=100)
     retention_days: float = Field(default=14.0, gt=0)
+    socket: Path | None = None
+    socket_group: str | None = None
+    admin_group: str | None = None
+    node_cap_w: float | None = Field(default=None, gt=0)
+    cancel_grace_s: float = Field(default=10.0, ge=0, le=3600)
+    control_interval_s: float = Field(default=1.0, gt=0, le=60)
 
-    @field_validator("flush_interval_s", "retention_days")
+    @field_validator("flush_interval_s", "retention_days", "node_cap_w", "cancel_grace_s")
     @classmethod
-    def _finite(cls, value: float) -> float:
-        if not math.isfinite(value):
+    def _finite(cls, value: float | None) -> float | None:
+        if value is not None and not math.isfinite(value):
             raise ValueError("must be a finite number")
         return value
 
@@ -56,6 +69,11 @@ class Settings(BaseSettings):
     def db_url(self) -> str:
         """The store's URL: ``db`` if set, else a SQLite file under ``home``."""
         return self.db or f"sqlite:///{self.home / 'powertrain.db'}"
+
+    @property
+    def socket_path(self) -> Path:
+        """The API's Unix socket."""
+        return self.socket or self.home / "powertrain.sock"
 
     @property
     def sim_state_path(self) -> Path:

@@ -1,0 +1,298 @@
+"""The daemon's HTTP API on a Unix socket; callers are known by the kernel, not by what they say.
+
+Each connection's peer credentials (``SO_PEERCRED``: pid, uid, gid) are read once when it is
+accepted and handed to the handlers through the ASGI scope, so no request field can claim to be
+someone else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import grp
+import logging
+import os
+import pwd
+import socket
+import stat
+import struct
+import threading
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal, Protocol, TypeVar
+
+import uvicorn
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from scheduler.schemas import (
+    AttachRequest,
+    Directives,
+    JobView,
+    LogChunk,
+    NodeUpdate,
+    ProgressReport,
+    SubmitRequest,
+    UpdateRequest,
+)
+
+log = logging.getLogger(__name__)
+
+_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+_SCOPE_KEY = "powertrain.peer"
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who is on the other end of the socket, as the kernel says.
+
+    Attributes:
+        pid / uid / gid: From ``SO_PEERCRED`` when the connection was made.
+        user: Login name of ``uid`` (the uid as text if it has none).
+        admin: root, or a member of the configured admin group.
+    """
+
+    pid: int
+    uid: int
+    gid: int
+    user: str
+    admin: bool
+
+
+class NotFoundError(LookupError):
+    """No such job (HTTP 404)."""
+
+
+class ForbiddenError(PermissionError):
+    """The caller may not do this (HTTP 403)."""
+
+
+class ConflictError(RuntimeError):
+    """The job is not in a state that allows this (HTTP 409)."""
+
+
+class JobsApi(Protocol):
+    """What the API needs from the scheduler (``scheduler.service.JobService``)."""
+
+    def submit(self, caller: Caller, req: SubmitRequest) -> JobView: ...
+    def attach(self, caller: Caller, req: AttachRequest) -> JobView: ...
+    def list_jobs(self, *, include_ended: bool) -> list[JobView]: ...
+    def get(self, job_id: int) -> JobView: ...
+    def cancel(self, caller: Caller, job_id: int) -> JobView: ...
+    def update(self, caller: Caller, job_id: int, req: UpdateRequest) -> JobView: ...
+    def resume(self, caller: Caller, job_id: int) -> JobView: ...
+    def progress(self, caller: Caller, job_id: int, req: ProgressReport) -> Directives: ...
+    def log_chunk(
+        self, caller: Caller, job_id: int, stream: Literal["stdout", "stderr"], offset: int,
+        limit: int,
+    ) -> LogChunk: ...
+    def gpus(self) -> list[dict[str, Any]]: ...
+    def set_node(self, caller: Caller, req: NodeUpdate) -> dict[str, Any]: ...
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a connected Unix socket."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+    pid, uid, gid = _PEERCRED.unpack(raw)
+    return pid, uid, gid
+
+
+class _PeerCredProtocol(H11Protocol):
+    """uvicorn's h11 protocol, adding the connection's peer credentials to every request scope."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        sock = transport.get_extra_info("socket")
+        creds = peer_credentials(sock) if sock is not None else None
+        inner = self.app
+
+        async def with_peer(
+            scope: MutableMapping[str, Any],
+            receive: Callable[[], Awaitable[Any]],
+            send: Callable[[Any], Awaitable[None]],
+        ) -> None:
+            scope[_SCOPE_KEY] = creds
+            await inner(scope, receive, send)
+
+        self.app = with_peer
+
+
+def _is_admin(uid: int, gid: int, admin_group: str | None) -> bool:
+    if uid == 0:
+        return True
+    if admin_group is None:
+        return False
+    try:
+        group = grp.getgrnam(admin_group)
+    except KeyError:
+        return False
+    if gid == group.gr_gid:
+        return True
+    try:
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return False
+    return name in group.gr_mem or group.gr_gid in os.getgrouplist(name, gid)
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def create_app(service: JobsApi, *, admin_group: str | None = None) -> FastAPI:
+    """The API as an ASGI app; ``service`` does the work, the app checks input and identity."""
+    app = FastAPI(title="powertrain daemon API", version="1", docs_url=None, redoc_url=None)
+
+    def caller(request: Request) -> Caller:
+        creds = request.scope.get(_SCOPE_KEY)
+        if creds is None:
+            raise HTTPException(401, "no peer credentials: connect through the Unix socket")
+        pid, uid, gid = creds
+        return Caller(pid, uid, gid, _user_name(uid), _is_admin(uid, gid, admin_group))
+
+    Who = Annotated[Caller, Depends(caller)]
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        message = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
+        detail = f"{where}: {message}" if where else message
+        return JSONResponse({"detail": detail}, status_code=422)
+
+    def _errors(exc: Exception) -> HTTPException:
+        if isinstance(exc, NotFoundError):
+            return HTTPException(404, str(exc))
+        if isinstance(exc, ForbiddenError):
+            return HTTPException(403, str(exc))
+        if isinstance(exc, ConflictError):
+            return HTTPException(409, str(exc))
+        return HTTPException(422, str(exc))
+
+    def call(fn: Callable[[], _T]) -> _T:
+        try:
+            return fn()
+        except (LookupError, PermissionError, ConflictError, ValueError) as exc:
+            raise _errors(exc) from exc
+
+    @app.get("/v1/health")
+    def health(who: Who) -> dict[str, Any]:
+        return {"status": "ok", "you": who.user, "admin": who.admin}
+
+    @app.get("/v1/gpus")
+    def gpus(who: Who) -> list[dict[str, Any]]:
+        return service.gpus()
+
+    @app.post("/v1/jobs", status_code=201)
+    def submit(req: SubmitRequest, who: Who) -> JobView:
+        return call(lambda: service.submit(who, req))
+
+    @app.post("/v1/jobs/attach", status_code=201)
+    def attach(req: AttachRequest, who: Who) -> JobView:
+        return call(lambda: service.attach(who, req))
+
+    @app.get("/v1/jobs")
+    def jobs(who: Who, all: bool = False) -> list[JobView]:
+        return service.list_jobs(include_ended=all)
+
+    @app.get("/v1/jobs/{job_id}")
+    def job(job_id: int, who: Who) -> JobView:
+        return call(lambda: service.get(job_id))
+
+    @app.post("/v1/jobs/{job_id}/cancel")
+    def cancel(job_id: int, who: Who) -> JobView:
+        return call(lambda: service.cancel(who, job_id))
+
+    @app.post("/v1/jobs/{job_id}/resume")
+    def resume(job_id: int, who: Who) -> JobView:
+        return call(lambda: service.resume(who, job_id))
+
+    @app.patch("/v1/jobs/{job_id}")
+    def update(job_id: int, req: UpdateRequest, who: Who) -> JobView:
+        return call(lambda: service.update(who, job_id, req))
+
+    @app.post("/v1/jobs/{job_id}/progress")
+    def progress(job_id: int, req: ProgressReport, who: Who) -> Directives:
+        return call(lambda: service.progress(who, job_id, req))
+
+    @app.get("/v1/jobs/{job_id}/log")
+    def job_log(
+        job_id: int,
+        who: Who,
+        stream: Literal["stdout", "stderr"] = "stdout",
+        offset: Annotated[int, Query(ge=0)] = 0,
+        limit: Annotated[int, Query(ge=1, le=4 * 2**20)] = 2**20,
+    ) -> LogChunk:
+        return call(lambda: service.log_chunk(who, job_id, stream, offset, limit))
+
+    @app.put("/v1/node")
+    def node(req: NodeUpdate, who: Who) -> dict[str, Any]:
+        return call(lambda: service.set_node(who, req))
+
+    return app
+
+
+def bind_socket(path: Path, *, group: str | None = None) -> socket.socket:
+    """Bind the API's Unix socket with mode 0660 (and ``group``), replacing a stale one.
+
+    Raises:
+        OSError: Another process is listening there, or the folder is not writable.
+        KeyError: Unknown group.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() or path.is_symlink():
+        if not stat.S_ISSOCK(path.lstat().st_mode):
+            raise OSError(f"{path} exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            path.unlink()  # stale: left by a daemon that died
+        else:
+            raise OSError(f"another daemon is listening on {path}")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o117)  # the socket is never world-accessible, not even for a moment
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(old_umask)
+    if group is not None:
+        os.chown(path, -1, grp.getgrnam(group).gr_gid)
+    os.chmod(path, 0o660)
+    sock.listen(128)
+    return sock
+
+
+class ApiServer:
+    """Serves the app on a bound Unix socket from a background thread."""
+
+    def __init__(self, app: FastAPI, sock: socket.socket) -> None:
+        config = uvicorn.Config(
+            app, http=_PeerCredProtocol, lifespan="off", log_level="warning", access_log=False,
+            timeout_graceful_shutdown=2,
+        )
+        self._server = uvicorn.Server(config)
+        self._sock = sock
+        self._thread = threading.Thread(target=self._run, name="api", daemon=True)
+
+    def _run(self) -> None:
+        self._server.run(sockets=[self._sock])
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=10)
+        path = self._sock.getsockname()
+        self._sock.close()
+        if isinstance(path, str) and path:
+            Path(path).unlink(missing_ok=True)

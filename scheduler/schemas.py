@@ -1,0 +1,148 @@
+"""The API's request and response models (pydantic). Requests reject bad values with a message."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+ModeName = Literal["auto", "hw", "clock", "soft"]
+OnExceedName = Literal["warn", "slow", "pause", "stop"]
+
+# Finite, positive, and below anything a node could draw: 100 kW per GPU is absurd on purpose.
+Watts = Annotated[float, Field(gt=0, le=100_000, allow_inf_nan=False)]
+WattHours = Annotated[float, Field(gt=0, le=1e9, allow_inf_nan=False)]
+GpuIndex = Annotated[int, Field(ge=0, le=1023)]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SubmitRequest(_Request):
+    """``powertrain submit``: a command to run under budgets on this node's GPUs."""
+
+    name: Annotated[str, Field(min_length=1, max_length=128)] | None = None
+    argv: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
+    cwd: Annotated[str, Field(min_length=1, pattern=r"^/")]
+    env: dict[str, str] = Field(default_factory=dict)
+    gpus: Annotated[int, Field(ge=1, le=1024)] | None = None
+    gpu_ids: Annotated[list[GpuIndex], Field(min_length=1)] | None = None
+    watts: Watts | None = None
+    energy_wh: WattHours | None = None
+    mode: ModeName = "auto"
+    on_exceed: OnExceedName = "warn"
+    priority: Annotated[int, Field(ge=-1000, le=1000)] = 0
+    objective: Literal["energy", "cost", "throughput", "slowdown"] | None = None
+
+    @model_validator(mode="after")
+    def _one_way_to_ask_for_gpus(self) -> Self:
+        if self.gpus is not None and self.gpu_ids is not None:
+            raise ValueError("give either gpus (a count) or gpu_ids, not both")
+        if self.gpu_ids is not None and len(set(self.gpu_ids)) != len(self.gpu_ids):
+            raise ValueError(f"gpu_ids repeats a GPU: {self.gpu_ids}")
+        return self
+
+
+class AttachRequest(_Request):
+    """A job started elsewhere (torchrun, Slurm, a notebook) registering itself."""
+
+    name: Annotated[str, Field(min_length=1, max_length=128)]
+    pid: Annotated[int, Field(ge=1)] | None = None
+    gpu_ids: list[GpuIndex] | None = None
+    total_steps: Annotated[int, Field(ge=1)] | None = None
+    total_tokens: Annotated[int, Field(ge=1)] | None = None
+    watts: Watts | None = None
+    energy_wh: WattHours | None = None
+    mode: ModeName = "auto"
+    on_exceed: OnExceedName = "warn"
+
+
+class ProgressReport(_Request):
+    """Cumulative totals since the job began, sent by the client about once a second."""
+
+    steps: Annotated[int, Field(ge=0)]
+    samples: Annotated[int, Field(ge=0)] = 0
+    tokens: Annotated[int, Field(ge=0)] = 0
+    step_time_s: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
+    total_steps: Annotated[int, Field(ge=1)] | None = None
+    total_tokens: Annotated[int, Field(ge=1)] | None = None
+    final: bool = False
+
+
+class UpdateRequest(_Request):
+    """Change a job's budgets or priority (``powertrain budget``)."""
+
+    watts: Watts | None = None
+    energy_wh: WattHours | None = None
+    priority: Annotated[int, Field(ge=-1000, le=1000)] | None = None
+
+
+class Directives(BaseModel):
+    """What the daemon asks of a training loop, in answer to each progress report.
+
+    Attributes:
+        pace_s: Sleep after each step, s (soft power budget).
+        micro_batch: Micro-batch size to use (None: the script's own).
+        slowdown: On simulated GPUs, ``t(f)/t(f_max)`` at the GPU's clock; 1.0 on real GPUs.
+        state: The job's state.
+        action: ``pause`` (checkpoint and wait) or ``stop`` (checkpoint and exit), else None.
+    """
+
+    pace_s: float = 0.0
+    micro_batch: int | None = None
+    slowdown: float = 1.0
+    state: str
+    action: Literal["pause", "stop"] | None = None
+
+
+class JobView(BaseModel):
+    """A job as the API and ``powertrain jobs --json`` show it."""
+
+    id: int
+    name: str
+    user: str
+    state: str
+    attached: bool
+    argv: list[str]
+    cwd: str | None
+    gpus: list[int]
+    gpu_count: int | None
+    watts: float | None
+    energy_wh: float | None
+    mode: str
+    mode_effective: str | None
+    on_exceed: str
+    priority: int
+    pid: int | None
+    submitted_at: datetime
+    started_at: datetime | None
+    ended_at: datetime | None
+    exit_code: int | None
+    end_reason: str | None
+    steps: int
+    samples: int
+    tokens: int
+    power_w: float | None
+    energy_j: float | None
+    tokens_per_s: float | None
+    samples_per_s: float | None
+    j_per_token: float | None
+
+
+class LogChunk(BaseModel):
+    """A piece of a job's log file, from ``offset``; ``next_offset`` continues it."""
+
+    job_id: int
+    stream: Literal["stdout", "stderr"]
+    offset: int
+    next_offset: int
+    data: str
+    ended: bool
+
+
+class NodeUpdate(_Request):
+    """Node settings (root or the admin group only)."""
+
+    node_cap_w: Watts
