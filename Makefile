@@ -29,6 +29,7 @@ unit: $(STAMP)
 test: lint typecheck unit
 
 bench: $(STAMP)
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,postgres,torch,bench]'
 	$(BIN)/python bench/ingest.py --json bench/results/ingest.json
 	$(BIN)/python bench/daemon_overhead.py --json bench/results/daemon_overhead.json
 	$(BIN)/python bench/calibrate_sim.py --json bench/results/calibrate_sim.json
