@@ -8,6 +8,16 @@ from telemetry.store.errors import (
     StoreError,
     StoreWriteError,
 )
+from telemetry.store.jobs import (
+    InvalidTransitionError,
+    JobEvent,
+    JobNotFoundError,
+    JobRecord,
+    JobStore,
+    NewJob,
+    ProgressRecord,
+    Throughput,
+)
 from telemetry.store.migrate import (
     current_revision,
     downgrade,
@@ -26,7 +36,14 @@ from telemetry.store.repository import (
 __all__ = [
     "UPGRADE_HINT",
     "GpuRecord",
+    "InvalidTransitionError",
+    "JobEvent",
+    "JobNotFoundError",
+    "JobRecord",
+    "JobStore",
+    "NewJob",
     "ProcessRecord",
+    "ProgressRecord",
     "RollupRecord",
     "SampleRecord",
     "SchemaError",
@@ -34,6 +51,7 @@ __all__ = [
     "Store",
     "StoreError",
     "StoreWriteError",
+    "Throughput",
     "current_revision",
     "downgrade",
     "head_revision",

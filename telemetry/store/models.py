@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 from sqlalchemy import (
+    JSON,
     BigInteger,
     Boolean,
     Double,
@@ -20,6 +21,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    Text,
     UniqueConstraint,
 )
 from sqlalchemy.engine import Dialect
@@ -160,3 +162,92 @@ gpus_table = cast(Table, Gpu.__table__)
 samples_table = cast(Table, Sample.__table__)
 gpu_processes_table = cast(Table, GpuProcessSample.__table__)
 rollups_1m_table = cast(Table, Rollup1m.__table__)
+
+
+class Job(Base):
+    """A training job submitted to (or attached on) one host, with its budgets and lifecycle.
+
+    ``state`` holds a ``scheduler.jobs.JobState`` value; every change of it is a ``job_events``
+    row. Values are validated before they reach the store (the API's models); the store keeps
+    structure only.
+    """
+
+    __tablename__ = "jobs"
+    __table_args__ = (Index(None, "host", "state"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(255))
+    user: Mapped[str] = mapped_column(String(255))
+    uid: Mapped[int] = mapped_column(Integer)
+    gid: Mapped[int] = mapped_column(Integer)
+    argv: Mapped[list[str]] = mapped_column(JSON)
+    cwd: Mapped[str] = mapped_column(Text)
+    env: Mapped[dict[str, str]] = mapped_column(JSON)
+    gpu_count: Mapped[int | None] = mapped_column(Integer)
+    gpu_ids_requested: Mapped[list[int] | None] = mapped_column(JSON)
+    watts_per_gpu: Mapped[float | None] = mapped_column(Double)
+    energy_budget_wh: Mapped[float | None] = mapped_column(Double)
+    mode: Mapped[str] = mapped_column(String(16))
+    mode_effective: Mapped[str | None] = mapped_column(String(16))
+    mode_reason: Mapped[str | None] = mapped_column(Text)
+    on_exceed: Mapped[str] = mapped_column(String(16))
+    priority: Mapped[int] = mapped_column(Integer)
+    objective: Mapped[str | None] = mapped_column(String(64))
+    total_steps: Mapped[int | None] = mapped_column(BigInteger)
+    total_tokens: Mapped[int | None] = mapped_column(BigInteger)
+    state: Mapped[str] = mapped_column(String(16))
+    attached: Mapped[bool] = mapped_column(Boolean)
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int | None] = mapped_column(Integer)
+    pid_create_time: Mapped[float | None] = mapped_column(Double)
+    submitted_at: Mapped[datetime] = mapped_column(UtcTimestamp)
+    started_at: Mapped[datetime | None] = mapped_column(UtcTimestamp)
+    ended_at: Mapped[datetime | None] = mapped_column(UtcTimestamp)
+    exit_code: Mapped[int | None] = mapped_column(Integer)
+    end_reason: Mapped[str | None] = mapped_column(Text)
+
+
+class JobGpu(Base):
+    """A GPU assigned to a job (kept after the job ends, for energy and reports)."""
+
+    __tablename__ = "job_gpus"
+
+    job_id: Mapped[int] = mapped_column(
+        Integer, ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
+    )
+    gpu_id: Mapped[int] = mapped_column(Integer, ForeignKey("gpus.id"), primary_key=True)
+    gpu_index: Mapped[int] = mapped_column(Integer)
+
+
+class JobEventRow(Base):
+    """One state change of a job: when, from which state (NULL for the first), to which, why."""
+
+    __tablename__ = "job_events"
+    __table_args__ = (Index(None, "job_id", "at"),)
+
+    id: Mapped[int] = mapped_column(BigIntKey, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(Integer, ForeignKey("jobs.id", ondelete="CASCADE"))
+    at: Mapped[datetime] = mapped_column(UtcTimestamp)
+    from_state: Mapped[str | None] = mapped_column(String(16))
+    to_state: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str] = mapped_column(Text)
+
+
+class JobProgressRow(Base):
+    """A job's cumulative progress as its client reported it (NULL: not reported)."""
+
+    __tablename__ = "job_progress"
+    __table_args__ = (Index(None, "job_id", "at"),)
+
+    id: Mapped[int] = mapped_column(BigIntKey, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(Integer, ForeignKey("jobs.id", ondelete="CASCADE"))
+    at: Mapped[datetime] = mapped_column(UtcTimestamp)
+    steps: Mapped[int | None] = mapped_column(BigInteger)
+    samples: Mapped[int | None] = mapped_column(BigInteger)
+    tokens: Mapped[int | None] = mapped_column(BigInteger)
+
+
+jobs_table = cast(Table, Job.__table__)
+job_gpus_table = cast(Table, JobGpu.__table__)
+job_events_table = cast(Table, JobEventRow.__table__)
+job_progress_table = cast(Table, JobProgressRow.__table__)

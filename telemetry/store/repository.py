@@ -6,7 +6,7 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
     BigInteger,
@@ -40,6 +40,9 @@ from telemetry.store.models import (
     samples_table,
     to_epoch_us,
 )
+
+if TYPE_CHECKING:
+    from telemetry.store.jobs import JobStore
 
 MINUTE_US = 60_000_000
 ROLLUP_SETTLE_S = 10.0
@@ -251,6 +254,7 @@ class Store:
         """
         self._engine = engine
         self._max_gap_s = max_gap_s
+        self._jobs: JobStore | None = None
         self._is_sqlite = engine.dialect.name == "sqlite"
         dialect = engine.dialect
         self._insert_samples = _DriverStatement(
@@ -275,6 +279,15 @@ class Store:
     def engine(self) -> Engine:
         """The engine the store writes through."""
         return self._engine
+
+    @property
+    def jobs(self) -> JobStore:
+        """The jobs in this store (a ``JobStore`` on the same engine, made on first use)."""
+        if self._jobs is None:
+            from telemetry.store.jobs import JobStore  # jobs.py uses this module's helpers
+
+            self._jobs = JobStore(self._engine, gpu_energy=self.gpu_energy)
+        return self._jobs
 
     def _write(self) -> Any:
         """A write transaction (on SQLite, one that takes the write lock at ``BEGIN``)."""

@@ -182,3 +182,54 @@ def test_env_takes_the_url_from_the_settings(
     monkeypatch.setenv("POWERTRAIN_DB", store_url)
     command.upgrade(alembic_config(None), "head")
     assert current_revision(store_url) == head_revision()
+
+
+JOB_TABLES = {"jobs", "job_gpus", "job_events", "job_progress"}
+
+
+def test_a_store_at_0001_is_refused_then_upgraded_to_0002_with_samples_kept(
+    store_url: str,
+) -> None:
+    upgrade(store_url, "0001")
+    assert current_revision(store_url) == "0001"
+    assert not (JOB_TABLES & _tables(store_url))
+    engine = make_engine(store_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO gpus (host, backend, gpu_index, uuid, name, has_energy_counter,"
+                    " first_seen_at, last_seen_at) VALUES ('n', 'simulated', 0, 'GPU-0', 'H100',"
+                    " true, 0, 0)"
+                )
+            )
+            gpu_id = conn.execute(text("SELECT id FROM gpus")).scalar_one()
+            for t in range(5):
+                conn.execute(
+                    text(
+                        "INSERT INTO samples (gpu_id, sampled_at, power_mw, energy_mj)"
+                        " VALUES (:g, :t, 300000, :e)"
+                    ),
+                    {"g": gpu_id, "t": t * 1_000_000, "e": t * 300_000},
+                )
+    finally:
+        engine.dispose()
+
+    with pytest.raises(SchemaOutdatedError) as caught:
+        open_store(store_url)
+    assert "0001" in str(caught.value) and UPGRADE_HINT in str(caught.value)
+
+    upgrade(store_url)
+    assert current_revision(store_url) == "0002" == head_revision()
+    assert _tables(store_url) >= TABLES | JOB_TABLES
+    store = open_store(store_url)
+    try:
+        assert store.sample_count() == 5
+        assert store.gpu_energy(store.gpus()[0].id).energy_mj == 1_200_000
+        assert store.jobs.list() == []
+    finally:
+        store.close()
+
+    downgrade(store_url, "0001")
+    assert not (JOB_TABLES & _tables(store_url))
+    assert _count(store_url, "samples") == 5
