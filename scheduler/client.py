@@ -1,0 +1,691 @@
+"""The in-process training client: a training script registers with the powertrain daemon, reports
+its progress in batches and obeys the daemon's pacing, micro-batch, pause and stop directives.
+
+A plain loop::
+
+    from scheduler.client import JobStopped, track
+
+    with track(name="gpt", total_tokens=2_000_000_000, checkpoint=save_checkpoint) as job:
+        for batch in loader:
+            with job.step(tokens=batch.numel(), samples=batch.shape[0]):
+                train_step(batch, micro_batch=job.micro_batch or default_micro_batch)
+
+Framework callbacks call :meth:`Job.on_step` once per optimizer step instead; see its docstring.
+
+The daemon is never needed for training to go on: when it is absent or dies, the client logs one
+warning, keeps counting, and retries in the background. Progress is reported as cumulative totals,
+so a report that was lost, or a daemon restart, loses nothing.
+
+This module does not import torch.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import math
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal, get_args
+
+import httpx
+import platformdirs
+
+__all__ = [
+    "Directive",
+    "Job",
+    "JobStopped",
+    "Mode",
+    "OnExceed",
+    "default_socket_path",
+    "track",
+]
+
+log = logging.getLogger(__name__)
+
+Mode = Literal["auto", "hw", "clock", "soft"]
+OnExceed = Literal["warn", "slow", "pause", "stop"]
+Action = Literal["pause", "stop"]
+
+_BASE_URL = "http://powertrain"
+_REQUEST_TIMEOUT = httpx.Timeout(5.0, connect=2.0)
+# A paused job whose daemon has been unreachable this long resumes: nobody is left to resume it.
+_ORPHANED_PAUSE_S = 60.0
+# Directives beyond these bounds are a daemon bug; clamping keeps a training loop from hanging.
+_MAX_PACE_S = 60.0
+_MAX_SLOWDOWN = 100.0
+
+
+class JobStopped(SystemExit):
+    """The daemon stopped this job (for example, its energy budget ran out).
+
+    Raised from the step hook after the checkpoint hook has run. It subclasses :class:`SystemExit`
+    so that a training loop's ``except Exception`` does not swallow it and an uncaught one ends
+    the script with its message and exit status 1, without a traceback.
+
+    Attributes:
+        job_id: The daemon's id of the stopped job.
+    """
+
+    def __init__(self, job_id: int | None, state: str | None) -> None:
+        self.job_id = job_id
+        super().__init__(
+            f"powertrain: job {job_id} stopped by the daemon (state {state!r}); "
+            "the checkpoint hook has run"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Directive:
+    """What the daemon last asked of this job (replaced whole, never mutated).
+
+    Attributes:
+        pace_s: Seconds to sleep after each step (soft power budget).
+        micro_batch: The micro-batch size the loop should use; ``None`` keeps the loop's own.
+        slowdown: On simulated GPUs, the step-time ratio t(f)/t(f_max) at the current clock: each
+            step of measured duration d is stretched by sleeping d * (slowdown - 1). 1.0 on real
+            GPUs.
+        state: The job's state as the daemon sees it (``None`` before the first answer).
+        action: ``"pause"`` or ``"stop"`` when the daemon wants the job to checkpoint and wait or
+            end; ``None`` otherwise.
+    """
+
+    pace_s: float = 0.0
+    micro_batch: int | None = None
+    slowdown: float = 1.0
+    state: str | None = None
+    action: Action | None = None
+
+
+def default_socket_path() -> Path:
+    """The daemon's Unix socket: ``$POWERTRAIN_SOCKET``, else ``<home>/powertrain.sock``.
+
+    ``<home>`` is ``$POWERTRAIN_HOME``, else the per-user data folder, as in the daemon's settings.
+    """
+    explicit = os.environ.get("POWERTRAIN_SOCKET")
+    if explicit:
+        return Path(explicit)
+    home = os.environ.get("POWERTRAIN_HOME") or platformdirs.user_data_dir(
+        "powertrain", appauthor=False
+    )
+    return Path(home) / "powertrain.sock"
+
+
+def _visible_gpu_ids() -> list[int] | None:
+    """GPU indices from ``CUDA_VISIBLE_DEVICES`` when it is a list of integers, else ``None``."""
+    raw = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if not raw or not raw.strip():
+        return None
+    try:
+        return [int(part) for part in raw.split(",")]
+    except ValueError:  # UUIDs or MIG names: the daemon finds the GPUs from the pid instead
+        return None
+
+
+def _launched_job_id() -> int | None:
+    raw = os.environ.get("POWERTRAIN_JOB_ID")
+    if not raw:
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        log.warning("powertrain: ignoring POWERTRAIN_JOB_ID=%r (not an integer); attaching", raw)
+        return None
+
+
+def _finite(value: Any, default: float, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return default
+    number = float(value)
+    if not math.isfinite(number):
+        return default
+    return min(max(number, low), high)
+
+
+def _parse_directive(data: Any) -> Directive:
+    """A :class:`Directive` from a progress answer; malformed fields fall back to neutral values."""
+    if not isinstance(data, dict):
+        return Directive()
+    micro_batch = data.get("micro_batch")
+    if isinstance(micro_batch, bool) or not isinstance(micro_batch, int) or micro_batch < 1:
+        micro_batch = None
+    state = data.get("state")
+    action = data.get("action")
+    return Directive(
+        pace_s=_finite(data.get("pace_s"), 0.0, 0.0, _MAX_PACE_S),
+        micro_batch=micro_batch,
+        slowdown=_finite(data.get("slowdown"), 1.0, 1.0, _MAX_SLOWDOWN),
+        state=state if isinstance(state, str) else None,
+        action=action if action in get_args(Action) else None,
+    )
+
+
+def _detail(response: httpx.Response) -> str:
+    try:
+        data = response.json()
+    except ValueError:
+        data = None
+    if isinstance(data, dict) and isinstance(data.get("detail"), str):
+        return f"HTTP {response.status_code}: {data['detail']}"
+    return f"HTTP {response.status_code}"
+
+
+class _Step:
+    """The context manager :meth:`Job.step` returns; one instance per job, reused every step.
+
+    Attributes:
+        tokens: Tokens this step processes (may be set inside the ``with`` block).
+        samples: Samples this step processes (may be set inside the ``with`` block).
+    """
+
+    __slots__ = ("_job", "_t0", "samples", "tokens")
+
+    def __init__(self, job: Job) -> None:
+        self._job = job
+        self._t0 = 0.0
+        self.tokens = 0
+        self.samples = 0
+
+    def __enter__(self) -> _Step:
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        duration_s = time.perf_counter() - self._t0
+        if exc_type is None:  # a step that raised did not happen
+            self._job._record(duration_s, self.tokens, self.samples, self._t0)
+
+
+class Job:
+    """One training job as seen from inside the training process.
+
+    Use it as a context manager (``with track(...) as job``) or call :meth:`start` and
+    :meth:`close`. Progress goes to the daemon from a background thread about once every
+    ``report_interval_s``; the step hook only counts and applies the last directive.
+
+    Thread safety: the training thread is the only writer of the progress counters and publishes
+    them as one tuple (``_totals``); the reporter thread is the only writer of ``_directive`` (a
+    frozen :class:`Directive`). Each side reads the other's value with one attribute load, and a
+    reference store or load is atomic in CPython (with or without the GIL), so each side always
+    sees a complete, consistent snapshot without a lock. No lock is ever held across I/O.
+
+    Args:
+        name: Job name shown by the daemon; defaults to the script's file name.
+        total_steps: Planned optimizer steps, if known (progress and energy forecasts).
+        total_tokens: Planned tokens, if known.
+        watts: Wattage budget for the job's GPUs, in W.
+        energy_wh: Energy budget for the whole job, in Wh.
+        mode: How the wattage budget is held: ``auto``, ``hw``, ``clock`` or ``soft``.
+        on_exceed: What the daemon does when the energy forecast exceeds the budget.
+        gpu_ids: GPU indices the job uses; default from ``CUDA_VISIBLE_DEVICES``.
+        checkpoint: Called on the training thread before the job pauses or stops.
+        socket_path: The daemon's socket; default :func:`default_socket_path`.
+        report_interval_s: Seconds between progress reports (and retries when unreachable).
+        final_timeout_s: Time allowed for the final report when the job ends.
+        enabled: ``False`` counts steps locally and never contacts the daemon.
+        initial_steps: Steps already done when this process starts (resuming from a checkpoint
+            under the same job), so the cumulative totals continue.
+        initial_samples: Samples already done, likewise.
+        initial_tokens: Tokens already done, likewise.
+
+    Raises:
+        ValueError: ``mode`` or ``on_exceed`` is not one of the allowed values, or an interval is
+            not positive.
+    """
+
+    def __init__(
+        self,
+        name: str | None = None,
+        *,
+        total_steps: int | None = None,
+        total_tokens: int | None = None,
+        watts: float | None = None,
+        energy_wh: float | None = None,
+        mode: Mode = "auto",
+        on_exceed: OnExceed = "warn",
+        gpu_ids: list[int] | None = None,
+        checkpoint: Callable[[], object] | None = None,
+        socket_path: str | os.PathLike[str] | None = None,
+        report_interval_s: float = 1.0,
+        final_timeout_s: float = 2.0,
+        enabled: bool = True,
+        initial_steps: int = 0,
+        initial_samples: int = 0,
+        initial_tokens: int = 0,
+    ) -> None:
+        if mode not in get_args(Mode):
+            raise ValueError(f"mode must be one of {get_args(Mode)}, not {mode!r}")
+        if on_exceed not in get_args(OnExceed):
+            raise ValueError(f"on_exceed must be one of {get_args(OnExceed)}, not {on_exceed!r}")
+        if not report_interval_s > 0 or not final_timeout_s > 0:
+            raise ValueError("report_interval_s and final_timeout_s must be positive")
+        self.name = name or Path(sys.argv[0] or "python").name or "python"
+        self.total_steps = total_steps
+        self.total_tokens = total_tokens
+        self._watts = watts
+        self._energy_wh = energy_wh
+        self._mode = mode
+        self._on_exceed = on_exceed
+        self._gpu_ids = gpu_ids
+        self._checkpoint = checkpoint
+        self._socket_path = Path(socket_path) if socket_path is not None else None
+        self._interval_s = report_interval_s
+        self._final_timeout_s = final_timeout_s
+        self._enabled = enabled
+        self._initial_tokens = initial_tokens
+
+        # Written by the training thread only: (steps, samples, tokens, step seconds).
+        self._totals: tuple[int, int, int, float] = (
+            initial_steps, initial_samples, initial_tokens, 0.0,
+        )
+        self._step = _Step(self)
+        self._t_first: float | None = None
+        self._paused_s = 0.0
+        self._mark = 0.0  # end of the last on_step call, after its sleeps
+
+        # Written by the reporter thread (and by start/close before/after it runs).
+        self._directive = Directive()
+        self._id: int | None = None
+        self._launched = False
+        self._healthy: bool | None = None  # None: never tried; False: warned about this outage
+        self._last_ok = 0.0
+        self._sent: tuple[int, int, int, float] = self._totals
+        self._updated = threading.Event()
+
+        self._http: httpx.Client | None = None
+        self._thread: threading.Thread | None = None
+        self._closing = threading.Event()
+        self._started = False
+        self._closed = False
+
+    # -- public read-only view -------------------------------------------------------------
+
+    @property
+    def id(self) -> int | None:
+        """The daemon's job id; ``None`` until attached (or when the daemon is unreachable)."""
+        return self._id
+
+    @property
+    def directive(self) -> Directive:
+        """The daemon's latest directive."""
+        return self._directive
+
+    @property
+    def state(self) -> str | None:
+        """The job's state as the daemon last reported it."""
+        return self._directive.state
+
+    @property
+    def pace_s(self) -> float:
+        """Seconds slept after each step to hold a soft power budget."""
+        return self._directive.pace_s
+
+    @property
+    def slowdown(self) -> float:
+        """Step-time stretch factor of a simulated GPU (1.0 on real GPUs)."""
+        return self._directive.slowdown
+
+    @property
+    def micro_batch(self) -> int | None:
+        """The micro-batch size the daemon asks for, or ``None`` to keep the loop's own."""
+        return self._directive.micro_batch
+
+    @property
+    def connected(self) -> bool:
+        """Whether the last exchange with the daemon succeeded."""
+        return self._healthy is True
+
+    @property
+    def steps(self) -> int:
+        """Cumulative steps (including ``initial_steps``)."""
+        return self._totals[0]
+
+    @property
+    def samples(self) -> int:
+        """Cumulative samples (including ``initial_samples``)."""
+        return self._totals[1]
+
+    @property
+    def tokens(self) -> int:
+        """Cumulative tokens (including ``initial_tokens``)."""
+        return self._totals[2]
+
+    @property
+    def tokens_per_s(self) -> float:
+        """This process's throughput in tokens per wall second since its first step began.
+
+        Pacing and stretch sleeps count (they are real time the job takes); pauses do not.
+        """
+        if self._t_first is None:
+            return 0.0
+        elapsed_s = time.perf_counter() - self._t_first - self._paused_s
+        tokens = self._totals[2] - self._initial_tokens
+        return tokens / elapsed_s if elapsed_s > 0 else 0.0
+
+    # -- the hot path (training thread) --------------------------------------------------------
+
+    def step(self, tokens: int = 0, samples: int = 0) -> _Step:
+        """Time one optimizer step: ``with job.step(tokens=n, samples=b): ...``.
+
+        The step counts when the block ends without an exception; then the daemon's pace and
+        slowdown sleeps run, and a pause or stop directive is obeyed. The returned object is
+        reused every step (steps do not nest); its ``tokens`` and ``samples`` may be set inside
+        the block when they are only known there.
+
+        Args:
+            tokens: Tokens the step processes (the global batch, all micro-batches).
+            samples: Samples (sequences) the step processes.
+
+        Raises:
+            JobStopped: On leaving the block, when the daemon stopped the job.
+        """
+        step = self._step
+        step.tokens = tokens
+        step.samples = samples
+        return step
+
+    def on_step(self, tokens: int = 0, samples: int = 0, step_time_s: float | None = None) -> None:
+        """Record one finished optimizer step from a framework callback.
+
+        Without ``step_time_s`` the step's time is the wall time since the previous call (or since
+        :meth:`start`), not counting this client's own sleeps. Call it once per optimizer step::
+
+            class PowertrainCallback(lightning.pytorch.Callback):
+                def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                    # Lightning calls this per batch; with gradient accumulation, count only
+                    # the batches that end an optimizer step.
+                    job.on_step(tokens=batch["input_ids"].numel(), samples=len(batch["input_ids"]))
+
+            class PowertrainHFCallback(transformers.TrainerCallback):
+                def on_step_end(self, args, state, control, **kwargs):
+                    batch = args.per_device_train_batch_size * args.gradient_accumulation_steps
+                    job.on_step(tokens=batch * seq_len, samples=batch)
+
+        with ``job = track(name=...).start()`` before ``trainer.fit``/``trainer.train()`` and
+        ``job.close()`` after (or the whole run inside ``with track(...) as job:``).
+
+        Args:
+            tokens: Tokens the step processed.
+            samples: Samples the step processed.
+            step_time_s: The step's own duration in seconds, when the caller measured it.
+
+        Raises:
+            JobStopped: When the daemon stopped the job.
+        """
+        now = time.perf_counter()
+        duration_s = step_time_s if step_time_s is not None else now - self._mark
+        self._record(duration_s, tokens, samples, now - duration_s)
+        self._mark = time.perf_counter()
+
+    def _record(self, duration_s: float, tokens: int, samples: int, began: float) -> None:
+        """Count a finished step, then apply the directive: the training thread's only work."""
+        if self._t_first is None:
+            self._t_first = began
+        directive = self._directive
+        stretch_s = duration_s * (directive.slowdown - 1.0)
+        steps, samples0, tokens0, busy_s = self._totals
+        # The reported step time includes the stretch: it stands for the simulated GPU's slower
+        # step. Pace sleeps are not part of the step.
+        self._totals = (steps + 1, samples0 + samples, tokens0 + tokens,
+                        busy_s + duration_s + stretch_s)
+        sleep_s = stretch_s + directive.pace_s
+        if sleep_s > 0.0:
+            time.sleep(sleep_s)
+        if directive.action is not None:
+            self._obey(directive)
+
+    def _obey(self, directive: Directive) -> None:
+        """Checkpoint, then stop or wait until the daemon lets the job run again."""
+        if directive.action == "stop":
+            self._call_checkpoint()
+            raise JobStopped(self._id, directive.state)
+        log.info("powertrain: job %s paused by the daemon; checkpointing", self._id)
+        self._call_checkpoint()
+        t0 = time.perf_counter()
+        try:
+            while True:
+                self._updated.wait(self._interval_s)
+                self._updated.clear()
+                current = self._directive
+                if current.action == "stop":
+                    raise JobStopped(self._id, current.state)  # already checkpointed
+                if current.action is None and current.state == "running":
+                    log.info("powertrain: job %s resumed", self._id)
+                    return
+                if (self._healthy is False
+                        and time.monotonic() - self._last_ok > _ORPHANED_PAUSE_S):
+                    log.warning("powertrain: daemon unreachable for %.0f s while job %s was "
+                                "paused; resuming", _ORPHANED_PAUSE_S, self._id)
+                    self._directive = Directive()
+                    return
+        finally:
+            self._paused_s += time.perf_counter() - t0
+
+    def _call_checkpoint(self) -> None:
+        if self._checkpoint is not None:
+            self._checkpoint()
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def start(self) -> Job:
+        """Register with the daemon (or adopt ``POWERTRAIN_JOB_ID``), fetch the first directive
+        and start the reporter thread. Never raises for an absent daemon.
+
+        Returns:
+            The job itself.
+        """
+        if self._started:
+            return self
+        self._started = True
+        self._mark = time.perf_counter()
+        if not self._enabled:
+            return self
+        path = self._socket_path or default_socket_path()
+        self._socket_path = path
+        self._http = httpx.Client(
+            transport=httpx.HTTPTransport(uds=str(path)),
+            base_url=_BASE_URL,
+            timeout=_REQUEST_TIMEOUT,
+        )
+        launched = _launched_job_id()
+        if launched is not None:
+            self._id, self._launched = launched, True
+        # One synchronous exchange, so a micro-batch directive is known before the first step.
+        self._exchange(final=False, timeout=self._final_timeout_s)
+        self._thread = threading.Thread(
+            target=self._report_loop, name="powertrain-reporter", daemon=True
+        )
+        self._thread.start()
+        atexit.register(self.close)
+        return self
+
+    def close(self) -> None:
+        """Stop the reporter and send the final report (``final: true``). Idempotent."""
+        if self._closed or not self._started:
+            return
+        self._closed = True
+        atexit.unregister(self.close)
+        if self._http is None:
+            return
+        self._closing.set()
+        if self._thread is not None:
+            self._thread.join(self._final_timeout_s)
+        try:
+            self._exchange(final=True, timeout=self._final_timeout_s)
+        finally:
+            self._http.close()
+
+    def __enter__(self) -> Job:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- the reporter (background thread) ------------------------------------------------------
+
+    def _report_loop(self) -> None:
+        while not self._closing.wait(self._interval_s):
+            try:
+                self._exchange(final=False, timeout=_REQUEST_TIMEOUT)
+            except Exception:  # a bug here must not end reporting for good, nor training
+                log.exception("powertrain: progress report failed")
+
+    def _exchange(self, *, final: bool, timeout: float | httpx.Timeout) -> None:
+        """Attach if needed, then report the cumulative totals and take the directive."""
+        if self._id is None and not self._attach(timeout):
+            return
+        self._report(final=final, timeout=timeout)
+
+    def _attach(self, timeout: float | httpx.Timeout) -> bool:
+        assert self._http is not None
+        body = {
+            "name": self.name,
+            "pid": os.getpid(),
+            "gpu_ids": self._gpu_ids if self._gpu_ids is not None else _visible_gpu_ids(),
+            "total_steps": self.total_steps,
+            "total_tokens": self.total_tokens,
+            "watts": self._watts,
+            "energy_wh": self._energy_wh,
+            "mode": self._mode,
+            "on_exceed": self._on_exceed,
+        }
+        try:
+            response = self._http.post("/v1/jobs/attach", json=body, timeout=timeout)
+        except httpx.HTTPError as exc:
+            self._unreachable(exc)
+            return False
+        if response.status_code != 201:
+            self._unreachable(_detail(response))
+            return False
+        try:
+            data = response.json()
+            job_id = data["id"]
+            if not isinstance(job_id, int):
+                raise TypeError(f"id is {job_id!r}")
+        except (ValueError, KeyError, TypeError) as exc:
+            self._unreachable(f"unexpected attach answer ({exc})")
+            return False
+        self._id = job_id
+        state = data.get("state")
+        self._directive = Directive(state=state if isinstance(state, str) else None)
+        log.info("powertrain: attached as job %d", job_id)
+        return True
+
+    def _report(self, *, final: bool, timeout: float | httpx.Timeout) -> None:
+        assert self._http is not None
+        totals = self._totals  # one load: a consistent snapshot (see the class docstring)
+        steps, samples, tokens, busy_s = totals
+        new_steps = steps - self._sent[0]
+        body = {
+            "steps": steps,
+            "samples": samples,
+            "tokens": tokens,
+            "step_time_s": (busy_s - self._sent[3]) / new_steps if new_steps > 0 else None,
+            "total_steps": self.total_steps,
+            "total_tokens": self.total_tokens,
+            "final": final,
+        }
+        try:
+            response = self._http.post(f"/v1/jobs/{self._id}/progress", json=body,
+                                       timeout=timeout)
+        except httpx.HTTPError as exc:
+            self._unreachable(exc)
+            return
+        if response.status_code == 404 and not self._launched:
+            # The daemon no longer knows this job (its store was reset): attach again; the
+            # cumulative totals then bring the new job up to date.
+            self._unreachable(_detail(response))
+            self._id = None
+            return
+        if response.status_code != 200:
+            self._unreachable(_detail(response))
+            return
+        try:
+            data = response.json()
+        except ValueError:
+            self._unreachable("progress answer is not JSON")
+            return
+        # Only a delivered report moves the baseline, so step_time_s then spans every step since.
+        self._sent = totals
+        self._directive = _parse_directive(data)
+        self._reachable()
+        self._updated.set()
+
+    def _unreachable(self, reason: object) -> None:
+        """Warn once per outage; training goes on and reports retry every interval."""
+        if self._healthy is not False:
+            log.warning(
+                "powertrain: daemon at %s unreachable (%s); training continues untracked and "
+                "reports resume when it is back", self._socket_path, reason,
+            )
+            self._healthy = False
+        else:
+            log.debug("powertrain: daemon still unreachable (%s)", reason)
+
+    def _reachable(self) -> None:
+        if self._healthy is False:
+            log.info("powertrain: daemon reachable again; job %s reported", self._id)
+        self._healthy = True
+        self._last_ok = time.monotonic()
+
+
+def track(
+    name: str | None = None,
+    *,
+    total_steps: int | None = None,
+    total_tokens: int | None = None,
+    watts: float | None = None,
+    energy_wh: float | None = None,
+    mode: Mode = "auto",
+    on_exceed: OnExceed = "warn",
+    gpu_ids: list[int] | None = None,
+    checkpoint: Callable[[], object] | None = None,
+    socket_path: str | os.PathLike[str] | None = None,
+    report_interval_s: float = 1.0,
+    final_timeout_s: float = 2.0,
+    enabled: bool = True,
+    initial_steps: int = 0,
+    initial_samples: int = 0,
+    initial_tokens: int = 0,
+) -> Job:
+    """A :class:`Job` for this training process, to use as ``with track(...) as job:``.
+
+    See :class:`Job` for the arguments.
+
+    Returns:
+        The (not yet started) job; entering it registers with the daemon.
+    """
+    return Job(
+        name,
+        total_steps=total_steps,
+        total_tokens=total_tokens,
+        watts=watts,
+        energy_wh=energy_wh,
+        mode=mode,
+        on_exceed=on_exceed,
+        gpu_ids=gpu_ids,
+        checkpoint=checkpoint,
+        socket_path=socket_path,
+        report_interval_s=report_interval_s,
+        final_timeout_s=final_timeout_s,
+        enabled=enabled,
+        initial_steps=initial_steps,
+        initial_samples=initial_samples,
+        initial_tokens=initial_tokens,
+    )
