@@ -42,6 +42,12 @@ class FakeJob:
     reports: list[dict[str, Any]] = field(default_factory=list)
 
 
+def _check_directive(fields: dict[str, Any]) -> None:
+    unknown = set(fields) - {"pace_s", "micro_batch", "slowdown", "state", "action"}
+    if unknown:
+        raise TypeError(f"unknown directive fields: {sorted(unknown)}")
+
+
 class _Server(socketserver.ThreadingUnixStreamServer):
     daemon_threads = True
     block_on_close = False
@@ -95,14 +101,22 @@ class _Handler(BaseHTTPRequestHandler):
 class FakeDaemon:
     """The daemon's job API on a real Unix socket, in a background thread.
 
+    Args:
+        socket_path: Where to listen.
+        first_job_id: The id the first job gets.
+        directive: Directive fields every new job starts with (e.g. ``micro_batch=4``).
+
     Attributes:
         socket_path: Where it listens.
         jobs: Jobs by id (attached or launched).
         requests: Every request as ``(path, body, peer pid)``, in arrival order.
     """
 
-    def __init__(self, socket_path: str | os.PathLike[str], first_job_id: int = 1) -> None:
+    def __init__(self, socket_path: str | os.PathLike[str], first_job_id: int = 1,
+                 **directive: Any) -> None:
+        _check_directive(directive)
         self.socket_path = Path(socket_path)
+        self.new_job_directive = directive
         self.jobs: dict[int, FakeJob] = {}
         self.requests: list[tuple[str, Any, int]] = []
         self._next_id = first_job_id
@@ -157,6 +171,7 @@ class FakeDaemon:
         """Register a job as if the daemon had launched its process; returns its id."""
         with self._lock:
             job = FakeJob(id=self._next_id, name=name)
+            job.directive.update(self.new_job_directive)
             self._next_id += 1
             self.jobs[job.id] = job
             return job.id
@@ -164,9 +179,7 @@ class FakeDaemon:
     def set_directive(self, job_id: int, **fields: Any) -> None:
         """Change what the job's progress reports are answered with (pace_s, micro_batch,
         slowdown, state, action)."""
-        unknown = set(fields) - {"pace_s", "micro_batch", "slowdown", "state", "action"}
-        if unknown:
-            raise TypeError(f"unknown directive fields: {sorted(unknown)}")
+        _check_directive(fields)
         with self._lock:
             self.jobs[job_id].directive.update(fields)
 
@@ -207,6 +220,7 @@ class FakeDaemon:
             if body.get("on_exceed", "warn") not in _ON_EXCEED:
                 return 422, {"detail": f"on_exceed must be one of {sorted(_ON_EXCEED)}"}
             job = FakeJob(id=self._next_id, name=body["name"], attach={**body, "peer_pid": pid})
+            job.directive.update(self.new_job_directive)
             self._next_id += 1
             self.jobs[job.id] = job
             return 201, {"id": job.id, "name": job.name, "state": job.directive["state"]}

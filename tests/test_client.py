@@ -236,6 +236,7 @@ def test_daemon_restart_is_lossless(
     with track(socket_path=sock_path, report_interval_s=FAST) as job:
         run_steps(job, 10)
         first_id = job.id
+        assert first_id is not None
         daemon.stop()
         run_steps(job, 10, body_s=0.005)  # reports fail meanwhile
         assert not job.connected
@@ -255,7 +256,7 @@ def test_forgotten_job_is_attached_again(daemon: FakeDaemon, sock_path: Path) ->
             daemon.jobs.clear()  # as if the daemon's store had been reset
         assert daemon.wait_for(lambda: job.id not in (None, first_id))
         run_steps(job, 3)
-    assert daemon.reports(job.id)[-1]["steps"] == 13  # type: ignore[arg-type]
+    assert job.id is not None and daemon.reports(job.id)[-1]["steps"] == 13
 
 
 def test_final_report_on_exit_without_periodic_reports(
