@@ -157,11 +157,35 @@ class Rollup1m(Base):
     method: Mapped[str] = mapped_column(String(16))
 
 
+class RollupLevel(Base):
+    """One GPU's coarser bucket (10 minutes, one hour): the sum of its one-minute rollups.
+
+    ``energy_mj`` is the exact sum of the minutes' energies (counter deltas), never an average
+    of averages; a bucket is written once every minute in it is rolled up. ``level_s`` is the
+    bucket width in seconds (``telemetry.store.repository.ROLLUP_LEVELS_S``).
+    """
+
+    __tablename__ = "rollups_levels"
+
+    gpu_id: Mapped[int] = mapped_column(
+        Integer, ForeignKey("gpus.id", ondelete="CASCADE"), primary_key=True
+    )
+    level_s: Mapped[int] = mapped_column(Integer, primary_key=True)
+    bucket_start: Mapped[datetime] = mapped_column(UtcTimestamp, primary_key=True)
+    n_samples: Mapped[int] = mapped_column(Integer)
+    energy_mj: Mapped[float] = mapped_column(Double)
+    mean_power_mw: Mapped[float | None] = mapped_column(Double)
+    min_power_mw: Mapped[int | None] = mapped_column(Integer)
+    max_power_mw: Mapped[int | None] = mapped_column(Integer)
+    method: Mapped[str] = mapped_column(String(16))
+
+
 # The Core tables, for the repository's bulk statements.
 gpus_table = cast(Table, Gpu.__table__)
 samples_table = cast(Table, Sample.__table__)
 gpu_processes_table = cast(Table, GpuProcessSample.__table__)
 rollups_1m_table = cast(Table, Rollup1m.__table__)
+rollups_levels_table = cast(Table, RollupLevel.__table__)
 
 
 class Job(Base):

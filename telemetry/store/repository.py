@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from bisect import bisect_right
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from sqlalchemy import (
     BigInteger,
@@ -23,6 +24,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 
 from energy.counters import (
     DEFAULT_MAX_GAP_S,
+    EnergyMethod,
     EnergyResult,
     EnergySample,
     IntervalMethod,
@@ -37,6 +39,7 @@ from telemetry.store.models import (
     gpu_processes_table,
     gpus_table,
     rollups_1m_table,
+    rollups_levels_table,
     samples_table,
     to_epoch_us,
 )
@@ -49,6 +52,12 @@ ROLLUP_SETTLE_S = 10.0
 """A minute is rolled up this many seconds after it ends (the sampler flushes every second)."""
 ROLLUP_WINDOW_US = 60 * MINUTE_US
 """Rollups of a long backlog are written an hour at a time, each hour in its own transaction."""
+ROLLUP_LEVELS_S = (600, 3600)
+"""Widths, in seconds, of the coarser buckets summed from the minutes (``rollups_levels``)."""
+RAW_MAX_SPAN_S = 6 * 3600.0
+"""Energy over at most this many seconds is read from raw samples (where they are still kept);
+longer ranges read rollups."""
+_VALUES_CHUNK = 2000
 
 _READING_FIELDS = (
     "power_mw",
@@ -158,6 +167,135 @@ class RollupRecord:
     min_power_mw: int | None
     max_power_mw: int | None
     method: str
+
+
+@dataclass(frozen=True, slots=True)
+class BucketRecord:
+    """One GPU's coarser rollup bucket: the exact sum of its minutes.
+
+    Attributes:
+        gpu_id: The GPU.
+        level_s: Bucket width, s (one of ``ROLLUP_LEVELS_S``).
+        start: Start of the bucket (aware UTC).
+        n_samples: Samples taken in the bucket.
+        energy_mj: Sum of the bucket's minute energies, mJ.
+        mean_power_mw: Mean of the minutes' mean power weighted by their sample counts, mW.
+        min_power_mw / max_power_mw: Lowest and highest reading in the bucket, mW.
+        method: ``counter``, ``trapezoid``, ``mixed`` or ``none``.
+    """
+
+    gpu_id: int
+    level_s: int
+    start: datetime
+    n_samples: int
+    energy_mj: float
+    mean_power_mw: float | None
+    min_power_mw: int | None
+    max_power_mw: int | None
+    method: str
+
+
+EnergySource = Literal["samples", "rollups"]
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentEnergy:
+    """One GPU's energy between two consecutive breakpoints (see ``Store.segment_energy``).
+
+    Attributes:
+        start / end: The segment, ``[start, end)`` (aware UTC).
+        energy_mj: Energy, mJ.
+        max_power_mw: Highest power reading, mW (from rollups: the highest of the minutes and
+            buckets read, which may reach up to a minute beyond the segment); ``None``: none.
+        method: How the energy was found: ``counter``, ``trapezoid``, ``mixed`` or ``none``.
+        source: ``samples`` (raw) or ``rollups`` (minute edges, coarser buckets inside).
+        counter_resets / gaps: Counter restarts and trapezoid gaps in the segment (raw samples
+            only; rollups do not keep them).
+    """
+
+    start: datetime
+    end: datetime
+    energy_mj: float
+    max_power_mw: int | None
+    method: EnergyMethod
+    source: EnergySource
+    counter_resets: int = 0
+    gaps: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class PowerPoint:
+    """Power of one GPU over a bucket of a chart's time axis.
+
+    Attributes:
+        start / end: The bucket (aware UTC).
+        mean_power_mw: Mean power, mW (from rollups: the bucket's energy over its width).
+        max_power_mw: Highest reading, mW, or ``None``.
+    """
+
+    start: datetime
+    end: datetime
+    mean_power_mw: float
+    max_power_mw: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class ProgressAt:
+    """A job's cumulative progress at a time: its latest report at or before it (``None``s:
+    no report yet)."""
+
+    steps: int | None
+    samples: int | None
+    tokens: int | None
+
+
+class _SegmentAcc:
+    __slots__ = ("energy_mj", "gaps", "max_mw", "methods", "resets")
+
+    def __init__(self) -> None:
+        self.energy_mj = 0.0
+        self.max_mw: int | None = None
+        self.methods: set[str] = set()
+        self.resets = 0
+        self.gaps = 0
+
+    def peak(self, mw: int | None) -> None:
+        if mw is not None and (self.max_mw is None or mw > self.max_mw):
+            self.max_mw = mw
+
+    def method(self) -> EnergyMethod:
+        seen = self.methods - {"none"}
+        if not seen:
+            return "none"
+        if len(seen) > 1 or "mixed" in seen:
+            return "mixed"
+        return "counter" if "counter" in seen else "trapezoid"
+
+
+def _combine_method_strings(methods: Sequence[str | None]) -> str:
+    seen = {m for m in methods if m is not None and m != "none"}
+    if not seen:
+        return "none"
+    if len(seen) > 1 or "mixed" in seen:
+        return "mixed"
+    return next(iter(seen))
+
+
+def _values_sql(rows: Sequence[tuple[int | float, ...]]) -> str:
+    """Numeric tuples as a SQL ``VALUES`` list (numbers only, formatted here: nothing to inject)."""
+    parts = []
+    for row in rows:
+        parts.append("(" + ", ".join(repr(float(v)) if isinstance(v, float) else str(int(v))
+                                     for v in row) + ")")
+    return ", ".join(parts)
+
+
+def _floor(t_us: int, width_us: int) -> int:
+    return t_us - t_us % width_us
+
+
+def _ceil(t_us: int, width_us: int) -> int:
+    return -((-t_us) // width_us) * width_us
 
 
 def _is_transient(exc: DBAPIError) -> bool:
@@ -557,9 +695,64 @@ class Store:
         for gpu_id in gpu_ids:
             try:
                 written += self._rollup_gpu(gpu_id, end_us)
+                for level_s in ROLLUP_LEVELS_S:
+                    self._rollup_level(gpu_id, level_s, end_us)
             except SQLAlchemyError as exc:
                 raise _write_error(f"rolling up GPU {gpu_id}", exc) from exc
         return written
+
+    def _rollup_level(self, gpu_id: int, level_s: int, end_us: int) -> int:
+        """Sum the minutes of every complete ``level_s`` bucket not yet written (ending by
+        ``end_us``, the minute rollups' frontier)."""
+        width_us = level_s * 1_000_000
+        m, b = rollups_1m_table.c, rollups_levels_table.c
+        m_us = _us(m.minute_start)
+        stop_us = _floor(end_us, width_us)
+        with self._write() as conn:
+            last = conn.execute(
+                select(func.max(_us(b.bucket_start))).where(
+                    b.gpu_id == gpu_id, b.level_s == level_s
+                )
+            ).scalar_one()
+            query = select(
+                m_us, m.n_samples, m.energy_mj, m.mean_power_mw, m.min_power_mw,
+                m.max_power_mw, m.method,
+            ).where(m.gpu_id == gpu_id, m_us < stop_us)
+            if last is not None:
+                query = query.where(m_us >= int(last) + width_us)
+            buckets: dict[int, list[Any]] = {}
+            for t, n, e, mean, lo, hi, method in conn.execute(query.order_by(m_us)):
+                key = _floor(int(t), width_us)
+                acc = buckets.get(key)
+                if acc is None:
+                    acc = buckets[key] = [0, 0.0, 0.0, 0, None, None, []]
+                acc[0] += n
+                acc[1] += e
+                if mean is not None:
+                    acc[2] += mean * n
+                    acc[3] += n
+                if lo is not None:
+                    acc[4] = lo if acc[4] is None else min(acc[4], lo)
+                if hi is not None:
+                    acc[5] = hi if acc[5] is None else max(acc[5], hi)
+                acc[6].append(method)
+            rows = [
+                {
+                    "gpu_id": gpu_id,
+                    "level_s": level_s,
+                    "bucket_start": from_epoch_us(key),
+                    "n_samples": acc[0],
+                    "energy_mj": acc[1],
+                    "mean_power_mw": acc[2] / acc[3] if acc[3] else None,
+                    "min_power_mw": acc[4],
+                    "max_power_mw": acc[5],
+                    "method": _combine_method_strings(acc[6]),
+                }
+                for key, acc in buckets.items()
+            ]
+            if rows:
+                conn.execute(rollups_levels_table.insert(), rows)
+        return len(rows)
 
     def _rollup_gpu(self, gpu_id: int, end_us: int) -> int:
         s, r = samples_table.c, rollups_1m_table.c
@@ -715,6 +908,445 @@ class Store:
                 raise _write_error(f"retention for GPU {gpu_id}", exc) from exc
         return deleted
 
+    def level_rollups(
+        self,
+        gpu_id: int,
+        level_s: int,
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> list[BucketRecord]:
+        """One GPU's ``level_s`` buckets with ``since <= start < until``, oldest first."""
+        c = rollups_levels_table.c
+        query = (
+            select(rollups_levels_table)
+            .where(
+                c.gpu_id == gpu_id,
+                c.level_s == level_s,
+                *self._range(c.bucket_start, since, until),
+            )
+            .order_by(c.bucket_start)
+        )
+        with self._engine.connect() as conn:
+            return [
+                BucketRecord(
+                    gpu_id=row.gpu_id,
+                    level_s=row.level_s,
+                    start=row.bucket_start,
+                    n_samples=row.n_samples,
+                    energy_mj=float(row.energy_mj),
+                    mean_power_mw=None if row.mean_power_mw is None else float(row.mean_power_mw),
+                    min_power_mw=row.min_power_mw,
+                    max_power_mw=row.max_power_mw,
+                    method=row.method,
+                )
+                for row in conn.execute(query)
+            ]
+
+    # -- energy between breakpoints (reports) ------------------------------------------------
+
+    def _frontiers(self, conn: Connection, gpu_id: int) -> dict[int, int]:
+        """Where each rollup level of one GPU ends: level width (60 for minutes) to the end of
+        its latest row, epoch µs; levels without rows are absent."""
+        m, b = rollups_1m_table.c, rollups_levels_table.c
+        out: dict[int, int] = {}
+        last = conn.execute(
+            select(func.max(_us(m.minute_start))).where(m.gpu_id == gpu_id)
+        ).scalar_one()
+        if last is not None:
+            out[60] = int(last) + MINUTE_US
+        for level_s in ROLLUP_LEVELS_S:
+            last = conn.execute(
+                select(func.max(_us(b.bucket_start))).where(
+                    b.gpu_id == gpu_id, b.level_s == level_s
+                )
+            ).scalar_one()
+            if last is not None:
+                out[level_s] = int(last) + level_s * 1_000_000
+        return out
+
+    def _raw_covers(self, conn: Connection, gpu_id: int, start_us: int) -> bool:
+        """Whether raw samples reach back to ``start_us`` (or to the GPU's first rollup)."""
+        s, m = samples_table.c, rollups_1m_table.c
+        first_sample = conn.execute(
+            select(func.min(_us(s.sampled_at))).where(s.gpu_id == gpu_id)
+        ).scalar_one()
+        if first_sample is None:
+            return False
+        first_minute = conn.execute(
+            select(func.min(_us(m.minute_start))).where(m.gpu_id == gpu_id)
+        ).scalar_one()
+        reach_us = start_us if first_minute is None else max(start_us, int(first_minute))
+        return int(first_sample) <= reach_us + MINUTE_US
+
+    def segment_energy(
+        self,
+        points: Mapping[int, Sequence[datetime]],
+        *,
+        source: EnergySource | Literal["auto"] = "auto",
+    ) -> dict[int, list[SegmentEnergy]]:
+        """Energy of each GPU between consecutive breakpoints, for many GPUs in a few queries.
+
+        Which data is read (``source="auto"``): a GPU whose breakpoints span at most
+        ``RAW_MAX_SPAN_S`` and whose raw samples still reach back that far is read from raw
+        samples; an interval between two samples that straddles a breakpoint is split in
+        proportion to time. Otherwise rollups are read: the whole minutes of a segment from
+        ``rollups_1m`` at its edges and the 10-minute and hourly buckets (``rollups_levels``)
+        that fit entirely inside it; a breakpoint inside a minute takes that minute's energy in
+        proportion to the time on each side (the only approximation: it assumes power constant
+        within the edge minute). Time after a GPU's latest minute rollup (the minute in
+        progress) comes from raw samples. Rollups are sums of counter deltas, so the middle of a
+        segment is as exact as its raw samples.
+
+        Args:
+            points: GPU id to its breakpoints (aware UTC; sorted and deduplicated here; fewer
+                than two give no segment).
+            source: ``auto``, or force ``samples`` or ``rollups`` (tests, benchmarks).
+
+        Returns:
+            GPU id to one ``SegmentEnergy`` per pair of consecutive breakpoints.
+        """
+        out: dict[int, list[SegmentEnergy]] = {}
+        minute_pieces: list[tuple[int, int, int, int, float]] = []  # id, gpu, lo, hi, weight
+        level_pieces: list[tuple[int, int, int, int, int]] = []  # id, gpu, level, lo, hi
+        piece_owner: list[tuple[int, int]] = []  # piece id -> (gpu id, segment index)
+        accs: dict[int, list[_SegmentAcc]] = {}
+        bps_us: dict[int, list[int]] = {}
+        sources: dict[int, EnergySource] = {}
+        with self._engine.connect() as conn:
+            for gpu_id, raw_points in points.items():
+                bps = sorted({to_epoch_us(p) for p in raw_points})
+                bps_us[gpu_id] = bps
+                if len(bps) < 2:
+                    out[gpu_id] = []
+                    continue
+                seg_accs = [_SegmentAcc() for _ in range(len(bps) - 1)]
+                accs[gpu_id] = seg_accs
+                use_raw = source == "samples" or (
+                    source == "auto"
+                    and (bps[-1] - bps[0]) <= RAW_MAX_SPAN_S * 1e6
+                    and self._raw_covers(conn, gpu_id, bps[0])
+                )
+                if use_raw:
+                    sources[gpu_id] = "samples"
+                    self._raw_segments(conn, gpu_id, bps, seg_accs, leading=False)
+                    continue
+                sources[gpu_id] = "rollups"
+                frontiers = self._frontiers(conn, gpu_id)
+                minute_end = frontiers.get(60)
+                if minute_end is None:
+                    minute_end = bps[0]
+                for i in range(len(bps) - 1):
+                    a, b = bps[i], min(bps[i + 1], minute_end)
+                    if a >= b:
+                        continue
+                    for kind, level_s, lo, hi, w in _pieces(a, b, frontiers):
+                        piece_owner.append((gpu_id, i))
+                        pid = len(piece_owner) - 1
+                        if kind == "m":
+                            minute_pieces.append((pid, gpu_id, lo, hi, w))
+                        else:
+                            level_pieces.append((pid, gpu_id, level_s, lo, hi))
+                if bps[-1] > minute_end:
+                    tail = [max(minute_end, bps[0])] + [p for p in bps if p > minute_end]
+                    tail_accs = [_SegmentAcc() for _ in range(len(tail) - 1)]
+                    self._raw_segments(conn, gpu_id, tail, tail_accs, leading=True)
+                    for j, acc in enumerate(tail_accs):
+                        # the tail segment [tail[j], ...) lies in the segment containing tail[j]
+                        i = bisect_right(bps, tail[j]) - 1
+                        target = seg_accs[i]
+                        target.energy_mj += acc.energy_mj
+                        target.peak(acc.max_mw)
+                        target.methods |= acc.methods
+                        target.resets += acc.resets
+                        target.gaps += acc.gaps
+            for chunk_start in range(0, len(minute_pieces), _VALUES_CHUNK):
+                chunk = minute_pieces[chunk_start : chunk_start + _VALUES_CHUNK]
+                sql = (
+                    f"WITH p(id, gpu_id, lo, hi, w) AS (VALUES {_values_sql(chunk)}) "
+                    "SELECT p.id, SUM(r.energy_mj * CAST(p.w AS DOUBLE PRECISION)), "
+                    "MAX(r.max_power_mw), "
+                    "MIN(CASE WHEN r.method <> 'none' THEN r.method END), "
+                    "MAX(CASE WHEN r.method <> 'none' THEN r.method END) "
+                    "FROM p JOIN rollups_1m r ON r.gpu_id = p.gpu_id "
+                    "AND r.minute_start >= p.lo AND r.minute_start < p.hi GROUP BY p.id"
+                )
+                self._add_pieces(conn.exec_driver_sql(sql), piece_owner, accs)
+            for chunk_start in range(0, len(level_pieces), _VALUES_CHUNK):
+                chunk_l = level_pieces[chunk_start : chunk_start + _VALUES_CHUNK]
+                sql = (
+                    f"WITH p(id, gpu_id, level_s, lo, hi) AS (VALUES {_values_sql(chunk_l)}) "
+                    "SELECT p.id, SUM(r.energy_mj), MAX(r.max_power_mw), "
+                    "MIN(CASE WHEN r.method <> 'none' THEN r.method END), "
+                    "MAX(CASE WHEN r.method <> 'none' THEN r.method END) "
+                    "FROM p JOIN rollups_levels r ON r.gpu_id = p.gpu_id "
+                    "AND r.level_s = p.level_s "
+                    "AND r.bucket_start >= p.lo AND r.bucket_start < p.hi GROUP BY p.id"
+                )
+                self._add_pieces(conn.exec_driver_sql(sql), piece_owner, accs)
+        for gpu_id, seg_accs in accs.items():
+            bps = bps_us[gpu_id]
+            out[gpu_id] = [
+                SegmentEnergy(
+                    start=from_epoch_us(bps[i]),
+                    end=from_epoch_us(bps[i + 1]),
+                    energy_mj=acc.energy_mj,
+                    max_power_mw=acc.max_mw,
+                    method=acc.method(),
+                    source=sources[gpu_id],
+                    counter_resets=acc.resets,
+                    gaps=acc.gaps,
+                )
+                for i, acc in enumerate(seg_accs)
+            ]
+        return out
+
+    @staticmethod
+    def _add_pieces(
+        rows: Any, owner: Sequence[tuple[int, int]], accs: dict[int, list[_SegmentAcc]]
+    ) -> None:
+        for pid, energy, max_mw, m_lo, m_hi in rows:
+            gpu_id, i = owner[int(pid)]
+            acc = accs[gpu_id][i]
+            acc.energy_mj += float(energy or 0.0)
+            acc.peak(None if max_mw is None else int(max_mw))
+            if m_lo is not None:
+                acc.methods.add(str(m_lo))
+                acc.methods.add(str(m_hi))
+
+    def _raw_segments(
+        self,
+        conn: Connection,
+        gpu_id: int,
+        bps: Sequence[int],
+        accs: Sequence[_SegmentAcc],
+        *,
+        leading: bool,
+    ) -> None:
+        """Add raw-sample energy between breakpoints ``bps`` (epoch µs) into ``accs``.
+
+        An interval between two samples is split across breakpoints in proportion to time. With
+        ``leading``, the part of the first interval before ``bps[0]`` counts in the first
+        segment (rollups count an interval in the minute where it ends).
+        """
+        s = samples_table.c
+        t_us = _us(s.sampled_at)
+        cols = (t_us, s.energy_mj, s.power_mw, s.power_avg_mw)
+        start, stop = bps[0], bps[-1]
+        before = conn.execute(
+            select(*cols)
+            .where(s.gpu_id == gpu_id, t_us < start)
+            .order_by(t_us.desc(), s.id.desc())
+            .limit(1)
+        ).first()
+        after = conn.execute(
+            select(*cols).where(s.gpu_id == gpu_id, t_us >= stop).order_by(t_us, s.id).limit(1)
+        ).first()
+        inside = conn.execute(
+            select(*cols)
+            .where(s.gpu_id == gpu_id, t_us >= start, t_us < stop)
+            .order_by(t_us, s.id)
+        )
+        n = len(accs)
+        j = 0
+        prev: EnergySample | None = None
+        prev_us = 0
+        rows: Iterator[Any] = _chain_rows(before, inside, after)
+        for t, e, p, pa in rows:
+            power = p if p is not None else pa
+            cur = EnergySample(t / 1e6, e, power)
+            t_int = int(t)
+            if start <= t_int < stop:
+                while j + 1 < n and bps[j + 1] <= t_int:
+                    j += 1
+                accs[j].peak(power)
+            if prev is not None:
+                part = interval_energy(prev, cur, max_gap_s=self._max_gap_s)
+                if part.energy_mj is not None and part.method is not None:
+                    _spread(part.energy_mj, part.method, part.counter_reset, part.gap,
+                            prev_us, t_int, bps, accs, leading=leading)
+            prev, prev_us = cur, t_int
+
+    # -- chart series and progress -------------------------------------------------------------
+
+    def power_series(
+        self, gpu_id: int, since: datetime, until: datetime, *, max_points: int = 600
+    ) -> list[PowerPoint]:
+        """One GPU's power over ``[since, until)`` in at most about ``max_points`` buckets.
+
+        Raw samples averaged per bucket where the range is short enough for them
+        (``RAW_MAX_SPAN_S``) and they are kept; else the finest rollup level with at most
+        ``max_points`` buckets (mean power = bucket energy / width), then minutes after that
+        level's latest bucket.
+        """
+        since_us, until_us = to_epoch_us(since), to_epoch_us(until)
+        span_us = until_us - since_us
+        if span_us <= 0:
+            return []
+        with self._engine.connect() as conn:
+            if span_us <= RAW_MAX_SPAN_S * 1e6 and self._raw_covers(conn, gpu_id, since_us):
+                bucket_us = max(1_000_000, _ceil(span_us // max_points + 1, 1_000_000))
+                s = samples_table.c
+                t_us = _us(s.sampled_at)
+                power = func.coalesce(s.power_mw, s.power_avg_mw)
+                key = (t_us - since_us) / bucket_us
+                query = (
+                    select(type_coerce(key, BigInteger), func.avg(power), func.max(power))
+                    .where(s.gpu_id == gpu_id, t_us >= since_us, t_us < until_us)
+                    .group_by(key)
+                    .order_by(key)
+                )
+                out = []
+                for k, mean, peak in conn.execute(query):
+                    if mean is None:
+                        continue
+                    lo = since_us + int(k) * bucket_us
+                    out.append(PowerPoint(from_epoch_us(lo),
+                                          from_epoch_us(min(lo + bucket_us, until_us)),
+                                          float(mean), None if peak is None else int(peak)))
+                return out
+            frontiers = self._frontiers(conn, gpu_id)
+        level_s = 60
+        for candidate in ROLLUP_LEVELS_S:
+            if span_us / (level_s * 1e6) <= max_points:
+                break
+            if candidate in frontiers:
+                level_s = candidate
+        points: list[PowerPoint] = []
+        minutes_from = since
+        if level_s != 60:
+            width = timedelta(seconds=level_s)
+            for bucket in self.level_rollups(gpu_id, level_s, since, until):
+                points.append(PowerPoint(bucket.start, bucket.start + width,
+                                         bucket.energy_mj / level_s, bucket.max_power_mw))
+            minutes_from = max(since, from_epoch_us(frontiers[level_s]))
+        for r in self.rollups(gpu_id, minutes_from, until):
+            points.append(PowerPoint(r.minute_start, r.minute_start + timedelta(minutes=1),
+                                     r.energy_mj / 60.0, r.max_power_mw))
+        return points
+
+    def progress_at(self, queries: Sequence[tuple[int, datetime]]) -> list[ProgressAt]:
+        """Cumulative progress of jobs at given times, in a few queries.
+
+        Args:
+            queries: ``(job_id, at)`` pairs (aware UTC).
+
+        Returns:
+            For each pair, the job's latest report with ``at <= t`` (``None`` fields: none yet).
+        """
+        out: list[ProgressAt] = [ProgressAt(None, None, None)] * len(queries)
+        rows = [(i, job_id, to_epoch_us(t)) for i, (job_id, t) in enumerate(queries)]
+        with self._engine.connect() as conn:
+            for chunk_start in range(0, len(rows), _VALUES_CHUNK):
+                chunk = rows[chunk_start : chunk_start + _VALUES_CHUNK]
+                sql = (
+                    f"WITH q(id, job_id, t) AS (VALUES {_values_sql(chunk)}) "
+                    "SELECT q.id, pr.steps, pr.samples, pr.tokens FROM q "
+                    "JOIN job_progress pr ON pr.id = ("
+                    "SELECT x.id FROM job_progress x WHERE x.job_id = q.job_id AND x.at <= q.t "
+                    "ORDER BY x.at DESC, x.id DESC LIMIT 1)"
+                )
+                for i, steps, samples, tokens in conn.exec_driver_sql(sql):
+                    out[int(i)] = ProgressAt(steps, samples, tokens)
+        return out
+
     def close(self) -> None:
         """Close every pooled connection."""
         self._engine.dispose()
+
+
+def _chain_rows(before: Any, inside: Any, after: Any) -> Iterator[Any]:
+    if before is not None:
+        yield before
+    yield from inside
+    if after is not None:
+        yield after
+
+
+def _spread(
+    energy_mj: float,
+    method: str,
+    reset: bool,
+    gap: bool,
+    t0: int,
+    t1: int,
+    bps: Sequence[int],
+    accs: Sequence[_SegmentAcc],
+    *,
+    leading: bool,
+) -> None:
+    """Split one interval's energy (epoch µs ``t0`` to ``t1``) over the segments it overlaps,
+    in proportion to time; resets and gaps count where the interval ends. With ``leading``,
+    the first segment reaches back without bound."""
+    n = len(accs)
+
+    def add(i: int, share: float, flags: bool) -> None:
+        acc = accs[i]
+        acc.energy_mj += share
+        acc.methods.add(method)
+        if flags:
+            acc.resets += reset
+            acc.gaps += gap
+
+    if t1 <= t0:
+        if (leading or t1 >= bps[0]) and t1 < bps[-1]:
+            add(max(0, bisect_right(bps, t1) - 1), energy_mj, True)
+        return
+    dt = t1 - t0
+    i = max(0, bisect_right(bps, t0) - 1)
+    while i < n:
+        lower = t0 if (leading and i == 0) else bps[i]
+        if lower >= t1:
+            break
+        a, b = max(t0, lower), min(t1, bps[i + 1])
+        if b > a:
+            add(i, energy_mj * (b - a) / dt, b == t1 or i + 1 == n)
+        i += 1
+
+
+def _pieces(
+    a: int, b: int, frontiers: dict[int, int]
+) -> list[tuple[str, int, int, int, float]]:
+    """Rollup rows that make up ``[a, b)`` (epoch µs): ``(kind, level_s, lo, hi, weight)``.
+
+    ``kind`` ``m``: minutes ``lo <= minute_start < hi`` of ``rollups_1m`` times ``weight`` (a
+    partial edge minute is weighted by the share of it inside); ``l``: ``level_s`` buckets
+    ``lo <= bucket_start < hi``. Buckets are used only where they fit entirely and their level
+    is rolled up (before its frontier).
+    """
+    out: list[tuple[str, int, int, int, float]] = []
+    am, bm = _floor(a, MINUTE_US), _floor(b, MINUTE_US)
+    if am == bm:
+        out.append(("m", 60, am, am + MINUTE_US, (b - a) / MINUTE_US))
+        return out
+    lo = a
+    if a > am:
+        out.append(("m", 60, am, am + MINUTE_US, (am + MINUTE_US - a) / MINUTE_US))
+        lo = am + MINUTE_US
+    if b > bm:
+        out.append(("m", 60, bm, bm + MINUTE_US, (b - bm) / MINUTE_US))
+    levels = sorted((s for s in ROLLUP_LEVELS_S if s in frontiers), reverse=True)
+    _decompose(lo, bm, levels, frontiers, out)
+    return out
+
+
+def _decompose(
+    lo: int,
+    hi: int,
+    levels: Sequence[int],
+    frontiers: dict[int, int],
+    out: list[tuple[str, int, int, int, float]],
+) -> None:
+    if lo >= hi:
+        return
+    if not levels:
+        out.append(("m", 60, lo, hi, 1.0))
+        return
+    level_s, finer = levels[0], levels[1:]
+    width = level_s * 1_000_000
+    cl, fh = _ceil(lo, width), min(_floor(hi, width), frontiers[level_s])
+    if cl >= fh:
+        _decompose(lo, hi, finer, frontiers, out)
+        return
+    _decompose(lo, cl, finer, frontiers, out)
+    out.append(("l", level_s, cl, fh, 1.0))
+    _decompose(fh, hi, finer, frontiers, out)
