@@ -216,9 +216,11 @@ class Job:
 
     Thread safety: the training thread is the only writer of the progress counters and publishes
     them as one tuple (``_totals``); the reporter thread is the only writer of ``_directive`` (a
-    frozen :class:`Directive`). Each side reads the other's value with one attribute load, and a
-    reference store or load is atomic in CPython (with or without the GIL), so each side always
-    sees a complete, consistent snapshot without a lock. No lock is ever held across I/O.
+    frozen :class:`Directive`). Each side reads the other's value with one attribute load, and
+    storing or loading an object reference is atomic in CPython (under the GIL, and under
+    per-object locking in free-threaded builds), so each side always sees a complete, consistent
+    snapshot without a lock, and no update is lost because each value has a single writer. No
+    lock is ever held across I/O; the step hook itself takes none.
 
     Args:
         name: Job name shown by the daemon; defaults to the script's file name.
@@ -511,7 +513,9 @@ class Job:
         return self
 
     def close(self) -> None:
-        """Stop the reporter and send the final report (``final: true``). Idempotent."""
+        """Stop the reporter and send the final report (``final: true``), within
+        ``final_timeout_s``. Runs however the job ends (also on an exception or
+        :class:`JobStopped`): ``final`` says no more reports come from this process. Idempotent."""
         if self._closed or not self._started:
             return
         self._closed = True
