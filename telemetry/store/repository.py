@@ -1009,6 +1009,7 @@ class Store:
         minute_pieces: list[tuple[int, int, int, int, float]] = []  # id, gpu, lo, hi, weight
         level_pieces: list[tuple[int, int, int, int, int]] = []  # id, gpu, level, lo, hi
         piece_owner: list[tuple[int, int]] = []  # piece id -> (gpu id, segment index)
+        partial: list[tuple[int, int, int, int, int]] = []  # id, gpu, minute, cut_lo, cut_hi
         accs: dict[int, list[_SegmentAcc]] = {}
         bps_us: dict[int, list[int]] = {}
         sources: dict[int, EnergySource] = {}
@@ -1039,11 +1040,13 @@ class Store:
                     a, b = bps[i], min(bps[i + 1], minute_end)
                     if a >= b:
                         continue
-                    for kind, level_s, lo, hi, w in _pieces(a, b, frontiers):
+                    for kind, level_s, lo, hi, cut_lo, cut_hi in _pieces(a, b, frontiers):
                         piece_owner.append((gpu_id, i))
                         pid = len(piece_owner) - 1
                         if kind == "m":
-                            minute_pieces.append((pid, gpu_id, lo, hi, w))
+                            minute_pieces.append((pid, gpu_id, lo, hi, 1.0))
+                        elif kind == "p":
+                            partial.append((pid, gpu_id, lo, cut_lo, cut_hi))
                         else:
                             level_pieces.append((pid, gpu_id, level_s, lo, hi))
                 if bps[-1] > minute_end:
@@ -1059,6 +1062,12 @@ class Store:
                         target.methods |= acc.methods
                         target.resets += acc.resets
                         target.gaps += acc.gaps
+            fractions = self._minute_fractions(
+                conn, {(g, m, x) for _, g, m, lo, hi in partial for x in (lo, hi)}
+            )
+            for pid, gpu_id, minute, cut_lo, cut_hi in partial:
+                w = fractions[(gpu_id, minute, cut_hi)] - fractions[(gpu_id, minute, cut_lo)]
+                minute_pieces.append((pid, gpu_id, minute, minute + MINUTE_US, max(0.0, w)))
             for chunk_start in range(0, len(minute_pieces), _VALUES_CHUNK):
                 chunk = minute_pieces[chunk_start : chunk_start + _VALUES_CHUNK]
                 sql = (
@@ -1098,6 +1107,58 @@ class Store:
                 )
                 for i, acc in enumerate(seg_accs)
             ]
+        return out
+
+    def _minute_fractions(
+        self, conn: Connection, cuts: set[tuple[int, int, int]]
+    ) -> dict[tuple[int, int, int], float]:
+        """The share of a minute's rolled-up energy that lies before a time inside it.
+
+        For ``(gpu_id, minute, x)``: the energy counter interpolated at ``x`` between the raw
+        samples around it, less the counter at the minute's first interval's start (the last
+        sample before the minute), over the whole minute's counter delta. Where raw samples are
+        gone (retention), lack a counter, or the counter restarted, the share of time instead.
+        """
+        out: dict[tuple[int, int, int], float] = {}
+        todo: list[tuple[int, int, int, int]] = []
+        for g, m, x in cuts:
+            if x <= m:
+                out[(g, m, x)] = 0.0
+            elif x >= m + MINUTE_US:
+                out[(g, m, x)] = 1.0
+            else:
+                out[(g, m, x)] = (x - m) / MINUTE_US
+                todo.append((len(todo), g, m, x))
+
+        def seek(value: str, op: str, bound: str, order: str) -> str:
+            return (f"(SELECT s.{value} FROM samples s WHERE s.gpu_id = q.gpu_id "
+                    f"AND s.sampled_at {op} {bound} ORDER BY s.sampled_at {order} LIMIT 1)")
+
+        for chunk_start in range(0, len(todo), _VALUES_CHUNK):
+            chunk = todo[chunk_start : chunk_start + _VALUES_CHUNK]
+            sql = (
+                f"WITH q(id, gpu_id, m, x) AS (VALUES {_values_sql(chunk)}) SELECT q.id, "
+                + ", ".join([
+                    # the minute's first interval starts at the last sample before it, or at
+                    # its own first sample when there is none (the GPU's first minute)
+                    f"COALESCE({seek('energy_mj', '<', 'q.m', 'DESC')}, "
+                    f"{seek('energy_mj', '>=', 'q.m', 'ASC')})",
+                    seek("energy_mj", "<", f"q.m + {MINUTE_US}", "DESC"),
+                    seek("sampled_at", "<=", "q.x", "DESC"),
+                    seek("energy_mj", "<=", "q.x", "DESC"),
+                    seek("sampled_at", ">", "q.x", "ASC"),
+                    seek("energy_mj", ">", "q.x", "ASC"),
+                ])
+                + " FROM q"
+            )
+            for qid, c0, ck, t_lo, c_lo, t_hi, c_hi in conn.exec_driver_sql(sql):
+                _, g, m, x = chunk[int(qid) - chunk_start]
+                if c0 is None or ck is None or c_lo is None or ck <= c0 or c_lo < c0:
+                    continue
+                c_x = float(c_lo)
+                if t_hi is not None and c_hi is not None and c_hi >= c_lo and t_hi > t_lo:
+                    c_x += (c_hi - c_lo) * (x - int(t_lo)) / (int(t_hi) - int(t_lo))
+                out[(g, m, x)] = min(1.0, max(0.0, (c_x - c0) / (ck - c0)))
         return out
 
     @staticmethod
@@ -1305,27 +1366,30 @@ def _spread(
 
 def _pieces(
     a: int, b: int, frontiers: dict[int, int]
-) -> list[tuple[str, int, int, int, float]]:
-    """Rollup rows that make up ``[a, b)`` (epoch µs): ``(kind, level_s, lo, hi, weight)``.
+) -> list[tuple[str, int, int, int, int, int]]:
+    """Rollup rows that make up ``[a, b)`` (epoch µs): ``(kind, level_s, lo, hi, cut_lo,
+    cut_hi)``.
 
-    ``kind`` ``m``: minutes ``lo <= minute_start < hi`` of ``rollups_1m`` times ``weight`` (a
-    partial edge minute is weighted by the share of it inside); ``l``: ``level_s`` buckets
-    ``lo <= bucket_start < hi``. Buckets are used only where they fit entirely and their level
-    is rolled up (before its frontier).
+    ``kind`` ``m``: minutes ``lo <= minute_start < hi`` of ``rollups_1m``; ``p``: the part
+    ``[cut_lo, cut_hi)`` of the one minute starting at ``lo`` (weighted later); ``l``:
+    ``level_s`` buckets ``lo <= bucket_start < hi``. Buckets are used only where they fit
+    entirely and their level is rolled up (before its frontier).
     """
-    out: list[tuple[str, int, int, int, float]] = []
+    out: list[tuple[str, int, int, int, int, int]] = []
     am, bm = _floor(a, MINUTE_US), _floor(b, MINUTE_US)
     if am == bm:
-        out.append(("m", 60, am, am + MINUTE_US, (b - a) / MINUTE_US))
+        out.append(("p", 60, am, am + MINUTE_US, a, b))
         return out
     lo = a
     if a > am:
-        out.append(("m", 60, am, am + MINUTE_US, (am + MINUTE_US - a) / MINUTE_US))
+        out.append(("p", 60, am, am + MINUTE_US, a, am + MINUTE_US))
         lo = am + MINUTE_US
     if b > bm:
-        out.append(("m", 60, bm, bm + MINUTE_US, (b - bm) / MINUTE_US))
+        out.append(("p", 60, bm, bm + MINUTE_US, bm, b))
     levels = sorted((s for s in ROLLUP_LEVELS_S if s in frontiers), reverse=True)
-    _decompose(lo, bm, levels, frontiers, out)
+    full: list[tuple[str, int, int, int, float]] = []
+    _decompose(lo, bm, levels, frontiers, full)
+    out.extend((kind, level_s, f_lo, f_hi, f_lo, f_hi) for kind, level_s, f_lo, f_hi, _ in full)
     return out
 
 

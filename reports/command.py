@@ -1,0 +1,333 @@
+"""``powertrain report``: energy per job, GPU, user or period as a table, JSON, CSV, HTML, PNGs.
+
+``report`` is a Typer command function (the CLI registers it with ``app.command("report")``).
+Bad input (an unknown job, ``--since`` after ``--until``, an unparseable time, an unwritable
+output) ends in one ``error: ...`` line on stderr and a non-zero exit, before anything is written;
+files are written to a temporary name and renamed into place, so none is ever left half written.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+
+from energy.cost import FlatRate, Rate, parse_series, parse_time, parse_time_of_use
+from reports.charts import (
+    energy_bars,
+    energy_figure,
+    j_per_token_figure,
+    png_bytes,
+    power_figure,
+    throughput_figure,
+)
+from reports.html import render_html
+from reports.queries import (
+    BY_CHOICES,
+    By,
+    Report,
+    ReportInputError,
+    ReportRequest,
+    UnknownJobError,
+    build_report,
+    job_life,
+    timeline,
+)
+from reports.render import table, to_csv, to_json
+from telemetry.store import Store
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+_RELATIVE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|d|w)\s*(?:ago)?\s*$", re.I)
+_UNIT_S = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+class ReportUsageError(ValueError):
+    """A command-line value that cannot be used (the message is the one line shown)."""
+
+
+def parse_when(text: str, now: datetime) -> datetime:
+    """A time from the command line: ISO 8601 (naive = UTC), ``now``, or a relative
+    ``24h``/``7d``/``30m``/``90s``/``2w`` meaning that long before ``now``.
+
+    Raises:
+        ReportUsageError: Neither form.
+    """
+    if text.strip().lower() == "now":
+        return now
+    match = _RELATIVE.match(text)
+    if match:
+        return now - timedelta(seconds=float(match.group(1)) * _UNIT_S[match.group(2).lower()])
+    try:
+        return parse_time(text)
+    except ValueError:
+        raise ReportUsageError(
+            f"cannot read time {text!r}: use ISO 8601 (2026-01-31T12:00Z) or a relative "
+            "24h, 7d, 30m"
+        ) from None
+
+
+def _writable_file(path: Path, what: str) -> None:
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise ReportUsageError(f"cannot write {what} {path}: it is a directory")
+    if not parent.is_dir():
+        raise ReportUsageError(f"cannot write {what} {path}: no directory {parent}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ReportUsageError(f"cannot write {what} {path}: {parent} is not writable")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ReportUsageError(f"cannot write {what} {path}: permission denied")
+
+
+def _writable_dir(path: Path) -> None:
+    if path.exists() and not path.is_dir():
+        raise ReportUsageError(f"cannot write charts to {path}: not a directory")
+    target = path if path.exists() else path.parent
+    if not target.is_dir():
+        raise ReportUsageError(f"cannot write charts to {path}: no directory {target}")
+    if not os.access(target, os.W_OK | os.X_OK):
+        raise ReportUsageError(f"cannot write charts to {path}: {target} is not writable")
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path``, then rename it into place.
+
+    Raises:
+        OSError: Nothing is left behind (the temporary file is removed).
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with tmp.open("wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_files(files: Mapping[Path, bytes]) -> None:
+    """Write several files atomically; if one fails, remove those this call created."""
+    created: list[Path] = []
+    try:
+        for path, data in files.items():
+            existed = path.exists()
+            write_atomic(path, data)
+            if not existed:
+                created.append(path)
+    except BaseException:
+        for path in created:
+            path.unlink(missing_ok=True)
+        raise
+
+
+def render_charts(store: Store, report: Report) -> dict[str, bytes]:
+    """Every chart of the report as PNG bytes, by name (``power``, ``energy``, ...)."""
+    lives = job_life(store, report)
+    charts = {
+        "power": png_bytes(power_figure(timeline(store, report))),
+        "energy": png_bytes(energy_figure(energy_bars(report), report.request.by)),
+    }
+    if lives:
+        charts["throughput"] = png_bytes(throughput_figure(lives))
+        charts["j_per_token"] = png_bytes(j_per_token_figure(lives))
+    return charts
+
+
+def _store_url(db: str | None, home: Path | None) -> str:
+    from scheduler.settings import Settings
+
+    values: dict[str, Any] = {}
+    if db is not None:
+        values["db"] = db
+    if home is not None:
+        values["home"] = home
+    url = Settings(**values).db_url
+    if url.startswith("sqlite:///"):
+        path = Path(url.removeprefix("sqlite:///"))
+        if not path.is_file():
+            raise ReportUsageError(
+                f"no store at {path}: run the daemon first, or name one with --db/--home"
+            )
+    return url
+
+
+def _rate(
+    value: float | None, path: Path | None, parse: Callable[[str], Rate], flat_opt: str,
+    file_opt: str,
+) -> Rate | None:
+    if value is not None and path is not None:
+        raise ReportUsageError(f"give {flat_opt} or {file_opt}, not both")
+    if value is not None:
+        try:
+            return FlatRate(value)
+        except ValueError as exc:
+            raise ReportUsageError(f"{flat_opt}: {exc}") from None
+    if path is not None:
+        try:
+            return parse(path.read_text())
+        except OSError as exc:
+            raise ReportUsageError(f"{file_opt} {path}: {exc.strerror or exc}") from None
+        except ValueError as exc:
+            raise ReportUsageError(f"{file_opt} {path}: {exc}") from None
+    return None
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False, markup=True,
+                               soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def report(
+    job: Annotated[int | None, typer.Option("--job", help="Only this job (range: its span).")]
+    = None,
+    user: Annotated[str | None, typer.Option("--user", help="Only this user's jobs.")] = None,
+    gpu: Annotated[int | None, typer.Option("--gpu", help="Only the GPU with this index.")]
+    = None,
+    since: Annotated[str | None, typer.Option(
+        "--since", help="Start: ISO 8601 (naive = UTC) or relative (24h, 7d, 30m).")] = None,
+    until: Annotated[str | None, typer.Option(
+        "--until", help="End: ISO 8601 or relative (default: now).")] = None,
+    by: Annotated[str, typer.Option("--by", help="Group by job, gpu, user, day or hour.")]
+    = "job",
+    db: Annotated[str | None, typer.Option(
+        "--db", help="SQLAlchemy URL of the store. Env: POWERTRAIN_DB.")] = None,
+    home: Annotated[Path | None, typer.Option(
+        "--home", help="Data folder (store). Env: POWERTRAIN_HOME.")] = None,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="Print the rows as a JSON list (or write them to --output).")] = False,
+    as_csv: Annotated[bool, typer.Option(
+        "--csv", help="Print the rows as CSV (or write them to --output).")] = False,
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="Write the --json or --csv output to this file.")] = None,
+    html: Annotated[Path | None, typer.Option(
+        "--html", help="Write one self-contained HTML report (charts embedded).")] = None,
+    png: Annotated[Path | None, typer.Option(
+        "--png", help="Write the charts as PNG files into this directory.")] = None,
+    price_kwh: Annotated[float | None, typer.Option(
+        "--price-kwh", help="Electricity price per kWh (flat).")] = None,
+    tou: Annotated[Path | None, typer.Option(
+        "--tou", help="Time-of-use prices: CSV start (HH:MM UTC), price_per_kwh.")] = None,
+    co2_g_per_kwh: Annotated[float | None, typer.Option(
+        "--co2-g-per-kwh", help="Carbon intensity, gCO2/kWh (constant).")] = None,
+    co2_csv: Annotated[Path | None, typer.Option(
+        "--co2-csv", help="Carbon intensity over time: CSV time (ISO 8601), g_per_kwh.")] = None,
+) -> None:
+    """Where the energy went: per job, GPU, user, day or hour, with cost, CO2 and J/token.
+
+    Short ranges (up to 6 h) read raw samples; longer ones read rollups. A shared GPU's energy is
+    split evenly among its jobs; energy of GPUs without a job is reported as idle.
+    """
+    now = datetime.now(UTC)
+    try:
+        if by not in BY_CHOICES:
+            raise ReportUsageError(f"--by must be one of {', '.join(BY_CHOICES)} (got {by!r})")
+        if as_json and as_csv:
+            raise ReportUsageError("give --json or --csv, not both")
+        if output is not None and not (as_json or as_csv):
+            raise ReportUsageError("--output needs --json or --csv")
+        since_t = parse_when(since, now) if since is not None else None
+        until_t = parse_when(until, now) if until is not None else None
+        if since_t is not None and until_t is not None and since_t >= until_t:
+            raise ReportUsageError(
+                f"--since ({since_t.isoformat()}) must be before --until ({until_t.isoformat()})"
+            )
+        price = _rate(price_kwh, tou, parse_time_of_use, "--price-kwh", "--tou")
+        co2 = _rate(co2_g_per_kwh, co2_csv,
+                    lambda text: parse_series(text, label="gCO2/kWh series"),
+                    "--co2-g-per-kwh", "--co2-csv")
+        if output is not None:
+            _writable_file(output, "output")
+        if html is not None:
+            _writable_file(html, "HTML report")
+        if png is not None:
+            _writable_dir(png)
+        url = _store_url(db, home)
+    except ReportUsageError as exc:
+        _fail(str(exc), EXIT_USAGE)
+
+    by_value: By = by  # narrowed by the BY_CHOICES check above
+    request = ReportRequest(since=since_t, until=until_t, by=by_value, job_id=job, user=user,
+                            gpu_index=gpu, price=price, co2=co2, now=now)
+    from telemetry.store import SchemaOutdatedError, StoreError, open_store
+
+    try:
+        store = open_store(url)
+    except SchemaOutdatedError as exc:
+        _fail(str(exc), EXIT_ERROR)
+    except (StoreError, OSError, ValueError) as exc:
+        _fail(f"cannot open the store: {exc}", EXIT_ERROR)
+    try:
+        try:
+            result = build_report(store, request)
+        except UnknownJobError as exc:
+            _fail(str(exc.args[0]), EXIT_ERROR)
+        except ReportInputError as exc:
+            _fail(str(exc), EXIT_USAGE)
+        charts = render_charts(store, result) if (html or png) else {}
+    finally:
+        store.close()
+
+    files: dict[Path, bytes] = {}
+    text_out: str | None = None
+    if as_json or as_csv:
+        text_out = to_json(result) if as_json else to_csv(result)
+        if output is not None:
+            files[output] = text_out.encode()
+            text_out = None
+    if html is not None:
+        files[html] = render_html(result, charts).encode()
+    if png is not None:
+        for name, data in charts.items():
+            files[png / f"{name}.png"] = data
+    try:
+        if png is not None:
+            png.mkdir(exist_ok=True)
+        write_files(files)
+    except OSError as exc:
+        _fail(f"cannot write {getattr(exc, 'filename', None) or 'output'}: "
+              f"{exc.strerror or exc}", EXIT_ERROR)
+
+    console = Console()
+    if text_out is not None:
+        sys.stdout.write(text_out)
+        sys.stdout.flush()
+    elif not (as_json or as_csv):
+        console.print(table(result))
+    for path in files:
+        Console(stderr=text_out is not None).print(f"wrote {path}", highlight=False)
+
+
+def write_demo_report(store_url: str, path: Path, *, by: By = "job") -> Path:
+    """Write the HTML report of everything in a store (``make demo`` calls this at the end).
+
+    Args:
+        store_url: SQLAlchemy URL of the store.
+        path: The HTML file to write (its directory must exist).
+        by: Grouping of the report's main table.
+
+    Returns:
+        ``path``, resolved.
+
+    Raises:
+        StoreError / OSError: The store could not be read or the file written (no partial
+            file is left).
+    """
+    from telemetry.store import open_store
+
+    store = open_store(store_url)
+    try:
+        result = build_report(store, ReportRequest(by=by))
+        charts = render_charts(store, result)
+    finally:
+        store.close()
+    write_atomic(path, render_html(result, charts).encode())
+    return path.resolve()

@@ -1,0 +1,634 @@
+"""Report data: energy per job, GPU, user or period from the store, with cost, CO2 and work.
+
+``build_report`` reads each GPU's energy between breakpoints (job starts and ends, rate changes,
+period boundaries) with ``Store.segment_energy`` (raw samples for short ranges, rollups for long
+ones), hands it to ``energy.accounting`` for attribution, and adds the jobs' progress.
+``timeline`` and ``job_life`` read the series behind the charts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+from energy.accounting import (
+    ATTRIBUTION_RULE,
+    GpuSegment,
+    JobSpan,
+    Share,
+    attribute,
+    breakpoints,
+    group,
+    per_unit,
+    period_boundaries,
+    period_key,
+    units_per_wh,
+)
+from energy.cost import Rate
+from telemetry.store import GpuRecord, JobRecord, Store
+from telemetry.store.models import from_epoch_us, to_epoch_us
+from telemetry.store.repository import RAW_MAX_SPAN_S
+
+By = Literal["job", "gpu", "user", "day", "hour"]
+BY_CHOICES: tuple[By, ...] = ("job", "gpu", "user", "day", "hour")
+IDLE_KEY = "idle"
+
+SOURCE_RULE = (
+    f"Ranges up to {RAW_MAX_SPAN_S / 3600:g} h read raw samples (energy counter deltas; "
+    "trapezoid of power across counter resets and on GPUs without a counter; a sample interval "
+    "that straddles a job's start or end is split in proportion to time). Longer ranges read "
+    "rollups, which are sums of counter deltas: whole 1-minute rollups at a job's edges, "
+    "10-minute and hourly buckets inside; the minute in which a job starts or ends is split in "
+    "proportion to time."
+)
+
+
+class ReportInputError(ValueError):
+    """The request cannot be answered as asked (bad range, unknown GPU)."""
+
+
+class UnknownJobError(LookupError):
+    """No job has the requested id."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReportRequest:
+    """What to report.
+
+    Attributes:
+        since / until: The range (aware UTC); defaults: the job's span with ``job_id``, else
+            from the first GPU's registration until ``now``.
+        by: Grouping: ``job``, ``gpu``, ``user``, ``day`` or ``hour`` (UTC periods).
+        job_id / user / gpu_index: Filters (one job; one user's jobs; GPUs with this index).
+        price: Electricity price per kWh (flat or time of use); ``None``: no cost column.
+        co2: Carbon intensity in gCO2/kWh (constant or series); ``None``: no CO2 column.
+        now: The current time (aware UTC); the wall clock if ``None``.
+        source: ``auto`` (see ``Store.segment_energy``), or force ``samples`` or ``rollups``.
+    """
+
+    since: datetime | None = None
+    until: datetime | None = None
+    by: By = "job"
+    job_id: int | None = None
+    user: str | None = None
+    gpu_index: int | None = None
+    price: Rate | None = None
+    co2: Rate | None = None
+    now: datetime | None = None
+    source: Literal["auto", "samples", "rollups"] = "auto"
+
+
+@dataclass(frozen=True, slots=True)
+class ReportRow:
+    """One group of the report (a job, GPU, user, period, or the idle line).
+
+    Attributes:
+        key: The group: job id, GPU (``index``, or ``host:index`` across hosts), user name,
+            period (``2026-01-01``, ``2026-01-01T13:00Z``) or ``idle``.
+        label: A display name (the job's name, the GPU's model, ...).
+        energy_j: Energy, J. ``idle_j``: of which no job ran, J.
+        mean_power_w: ``energy_j`` over the group's time (a job's span, else the period or the
+            range), W.
+        peak_power_w: Highest single-GPU power reading, W.
+        tokens / samples / steps: Work done in the group's time (from progress reports).
+        j_per_token / j_per_sample / tokens_per_wh: Energy per unit of work and its inverse.
+        cost: In the price's currency; ``co2_g``: grams of CO2.
+        method: How the energy was found: ``counter``, ``trapezoid``, ``mixed``, ``none``.
+        start / end: The group's time (aware UTC).
+        extra: Per-kind fields (job: name, user, gpus, state, budgets; gpu: host, index, name).
+    """
+
+    key: str
+    label: str
+    energy_j: float
+    idle_j: float
+    mean_power_w: float | None
+    peak_power_w: float | None
+    tokens: int | None
+    samples: int | None
+    steps: int | None
+    j_per_token: float | None
+    j_per_sample: float | None
+    tokens_per_wh: float | None
+    cost: float | None
+    co2_g: float | None
+    method: str
+    start: datetime
+    end: datetime
+    shared_j: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """The row as a JSON-ready dict (times as ISO 8601)."""
+        out: dict[str, Any] = {
+            "key": self.key,
+            "label": self.label,
+            "energy_j": self.energy_j,
+            "energy_kwh": self.energy_j / 3.6e6,
+            "idle_j": self.idle_j,
+            "shared_j": self.shared_j,
+            "mean_power_w": self.mean_power_w,
+            "peak_power_w": self.peak_power_w,
+            "tokens": self.tokens,
+            "samples": self.samples,
+            "steps": self.steps,
+            "j_per_token": self.j_per_token,
+            "j_per_sample": self.j_per_sample,
+            "tokens_per_wh": self.tokens_per_wh,
+            "cost": self.cost,
+            "co2_g": self.co2_g,
+            "method": self.method,
+            "start": self.start.isoformat(),
+            "end": self.end.isoformat(),
+        }
+        out.update(self.extra)
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    """The report's headline figures and the rules behind them.
+
+    Attributes:
+        since / until: The range (aware UTC).
+        energy_j / job_energy_j / idle_energy_j: Total, given to jobs, idle, J (within the
+            filters: with a job or user filter there is no idle energy).
+        idle_share: ``idle_energy_j / energy_j`` (``None`` without energy).
+        cost / co2_g: Totals (``None`` without a price / carbon intensity).
+        tokens: Tokens of the reported jobs; ``j_per_token``: their energy per token.
+        methods: Methods the energy came from; ``source``: ``samples``, ``rollups`` or both.
+        counter_resets / gaps: Seen in raw samples (rollups do not keep them).
+        attribution_rule / source_rule / price / co2: One line each, for the report.
+        n_jobs / n_gpus: Jobs and GPUs in the report.
+    """
+
+    since: datetime
+    until: datetime
+    energy_j: float
+    job_energy_j: float
+    idle_energy_j: float
+    idle_share: float | None
+    cost: float | None
+    co2_g: float | None
+    tokens: int | None
+    j_per_token: float | None
+    method: str
+    source: str
+    counter_resets: int
+    gaps: int
+    attribution_rule: str
+    source_rule: str
+    price: str | None
+    co2: str | None
+    n_jobs: int
+    n_gpus: int
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """A computed report: the request, summary, rows, and what the charts need."""
+
+    request: ReportRequest
+    summary: Summary
+    rows: list[ReportRow]
+    jobs: dict[int, JobRecord]
+    gpus: dict[int, GpuRecord]
+    spans: list[JobSpan]
+
+
+def _gpu_key(gpu: GpuRecord, multi_host: bool) -> str:
+    return f"{gpu.host}:{gpu.index}" if multi_host else str(gpu.index)
+
+
+def _us_points(times_s: Sequence[float]) -> list[int]:
+    return sorted({round(t * 1e6) for t in times_s})
+
+
+def _tokens_delta(a: Any, b: Any) -> tuple[int | None, int | None, int | None]:
+    """Progress between two ``ProgressAt`` (a missing start counts as 0)."""
+
+    def d(x: int | None, y: int | None) -> int | None:
+        if y is None:
+            return None
+        return max(0, y - (x or 0))
+
+    return d(a.steps, b.steps), d(a.samples, b.samples), d(a.tokens, b.tokens)
+
+
+def _add(x: int | None, y: int | None) -> int | None:
+    if y is None:
+        return x
+    return y if x is None else x + y
+
+
+def build_report(store: Store, request: ReportRequest) -> Report:
+    """Compute a report (see the module doc).
+
+    Raises:
+        UnknownJobError: ``job_id`` names no job.
+        ReportInputError: ``since`` is not before ``until``, or no GPU has ``gpu_index``.
+    """
+    now = request.now or datetime.now(UTC)
+    gpus = {g.id: g for g in store.gpus()}
+    multi_host = len({g.host for g in gpus.values()}) > 1
+    all_jobs = {j.id: j for j in store.jobs.list() if j.started_at is not None}
+    job: JobRecord | None = None
+    if request.job_id is not None:
+        job = store.jobs.get(request.job_id)
+        if job is None:
+            raise UnknownJobError(f"no job {request.job_id}")
+    until = request.until or (job.ended_at if job and job.ended_at else None) or now
+    since = request.since or (job.started_at if job and job.started_at else None)
+    if since is None:
+        first = min((g.first_seen_at for g in gpus.values()), default=until - timedelta(days=1))
+        since = min(first, until)
+    if since >= until:
+        raise ReportInputError(
+            f"--since ({since.isoformat()}) must be before --until ({until.isoformat()})"
+        )
+    since_s, until_s = to_epoch_us(since) / 1e6, to_epoch_us(until) / 1e6
+
+    selected = dict(gpus)
+    if request.gpu_index is not None:
+        selected = {i: g for i, g in gpus.items() if g.index == request.gpu_index}
+        if not selected:
+            raise ReportInputError(f"no GPU with index {request.gpu_index} in the store")
+    if job is not None:
+        selected = {i: g for i, g in selected.items() if i in job.gpu_ids}
+
+    def job_end(j: JobRecord) -> datetime:
+        return j.ended_at or max(now, j.started_at or now)
+
+    spans: list[JobSpan] = []
+    for j in all_jobs.values():
+        assert j.started_at is not None
+        start_s = max(to_epoch_us(j.started_at) / 1e6, since_s)
+        end_s = min(to_epoch_us(job_end(j)) / 1e6, until_s)
+        if end_s <= start_s:
+            continue
+        spans.extend(JobSpan(j.id, g, start_s, end_s) for g in j.gpu_ids if g in selected)
+
+    def wanted(job_id: int) -> bool:
+        if job is not None and job_id != job.id:
+            return False
+        return request.user is None or all_jobs[job_id].user == request.user
+
+    if request.user is not None or job is not None:
+        used = {s.gpu_id for s in spans if wanted(s.job_id)}
+        selected = {i: g for i, g in selected.items() if i in used}
+        spans = [s for s in spans if s.gpu_id in selected]
+
+    extra: list[float] = []
+    for rate in (request.price, request.co2):
+        if rate is not None:
+            extra.extend(rate.changes(since_s, until_s))
+    if request.by in ("day", "hour"):
+        extra.extend(period_boundaries(since_s, until_s, request.by))
+    spans_by_gpu: dict[int, list[JobSpan]] = {}
+    for s in spans:
+        spans_by_gpu.setdefault(s.gpu_id, []).append(s)
+    points = {
+        gpu_id: [
+            from_epoch_us(t)
+            for t in _us_points(breakpoints(since_s, until_s, spans_by_gpu.get(gpu_id, ()), extra))
+        ]
+        for gpu_id in selected
+    }
+    energies = store.segment_energy(points, source=request.source)
+    segments: list[GpuSegment] = []
+    sources: set[str] = set()
+    resets = gaps = 0
+    for gpu_id, segs in energies.items():
+        for seg in segs:
+            sources.add(seg.source)
+            resets += seg.counter_resets
+            gaps += seg.gaps
+            segments.append(
+                GpuSegment(
+                    gpu_id,
+                    to_epoch_us(seg.start) / 1e6,
+                    to_epoch_us(seg.end) / 1e6,
+                    seg.energy_mj / 1000.0,
+                    None if seg.max_power_mw is None else seg.max_power_mw / 1000.0,
+                    seg.method,
+                )
+            )
+    shares = attribute(segments, spans)
+    if request.user is not None or job is not None:
+        shares = [s for s in shares if s.job_id is not None and wanted(s.job_id)]
+
+    reported_jobs = sorted({s.job_id for s in shares if s.job_id is not None})
+    job_span: dict[int, tuple[float, float]] = {}
+    for s in spans:
+        lo, hi = job_span.get(s.job_id, (s.start_s, s.end_s))
+        job_span[s.job_id] = (min(lo, s.start_s), max(hi, s.end_s))
+
+    # progress at each reported job's clipped span ends (and period boundaries inside it)
+    times: dict[int, list[float]] = {}
+    for job_id in reported_jobs:
+        lo, hi = job_span[job_id]
+        ts = [lo, hi]
+        if request.by in ("day", "hour"):
+            ts.extend(period_boundaries(lo, hi, request.by))
+        times[job_id] = sorted(set(ts))
+    queries = [(job_id, from_epoch_us(round(t * 1e6))) for job_id in reported_jobs
+               for t in times[job_id]]
+    answers = iter(store.progress_at(queries))
+    progress = {job_id: [next(answers) for _ in times[job_id]] for job_id in reported_jobs}
+
+    rows = _rows(request, shares, all_jobs, selected, multi_host, job_span, times, progress,
+                 since_s, until_s)
+
+    totals = group(shares, lambda s: "all", price=request.price, co2=request.co2).get("all")
+    energy_j = totals.energy_j if totals else 0.0
+    idle_j = totals.idle_j if totals else 0.0
+    tokens: int | None = None
+    for job_id in reported_jobs:
+        tokens = _add(tokens, _tokens_delta(progress[job_id][0], progress[job_id][-1])[2])
+    summary = Summary(
+        since=since,
+        until=until,
+        energy_j=energy_j,
+        job_energy_j=energy_j - idle_j,
+        idle_energy_j=idle_j,
+        idle_share=idle_j / energy_j if energy_j > 0 else None,
+        cost=totals.cost if totals else None,
+        co2_g=totals.co2_g if totals else None,
+        tokens=tokens,
+        j_per_token=per_unit(energy_j - idle_j, tokens),
+        method=totals.method if totals else "none",
+        source=" and ".join(sorted(sources)) or "none",
+        counter_resets=resets,
+        gaps=gaps,
+        attribution_rule=ATTRIBUTION_RULE
+        + " The store keeps no per-process utilisation, so shared GPUs are split evenly.",
+        source_rule=SOURCE_RULE,
+        price=request.price.describe() if request.price else None,
+        co2=request.co2.describe() if request.co2 else None,
+        n_jobs=len(reported_jobs),
+        n_gpus=len(selected),
+    )
+    return Report(request, summary, rows, {i: all_jobs[i] for i in reported_jobs}, selected,
+                  spans)
+
+
+def _rows(
+    request: ReportRequest,
+    shares: list[Share],
+    jobs: dict[int, JobRecord],
+    gpus: dict[int, GpuRecord],
+    multi_host: bool,
+    job_span: dict[int, tuple[float, float]],
+    times: dict[int, list[float]],
+    progress: dict[int, list[Any]],
+    since_s: float,
+    until_s: float,
+) -> list[ReportRow]:
+    by = request.by
+    work: dict[Hashable, list[int | None]] = {}  # key -> [steps, samples, tokens]
+
+    def add_work(key: Hashable, delta: tuple[int | None, ...], fraction: float = 1.0) -> None:
+        acc = work.setdefault(key, [None, None, None])
+        for i, v in enumerate(delta):
+            if v is not None:
+                acc[i] = _add(acc[i], round(v * fraction))
+
+    for job_id, ps in progress.items():
+        whole = _tokens_delta(ps[0], ps[-1])
+        if by == "job":
+            add_work(str(job_id), whole)
+        elif by == "user":
+            add_work(jobs[job_id].user, whole)
+        elif by == "gpu":
+            mine = [gpu_id for gpu_id in jobs[job_id].gpu_ids if gpu_id in gpus]
+            for gpu_id in mine:
+                add_work(_gpu_key(gpus[gpu_id], multi_host), whole, 1.0 / len(mine))
+        else:
+            ts = times[job_id]
+            for k in range(len(ts) - 1):
+                add_work(period_key(ts[k], by), _tokens_delta(ps[k], ps[k + 1]))
+
+    def key_of(s: Share) -> Hashable:
+        if by == "gpu":
+            return _gpu_key(gpus[s.gpu_id], multi_host)
+        if by in ("day", "hour"):
+            return period_key(s.start_s, by)
+        if s.job_id is None:
+            return IDLE_KEY
+        return str(s.job_id) if by == "job" else jobs[s.job_id].user
+
+    groups = group(shares, key_of, price=request.price, co2=request.co2)
+    span_of: dict[Hashable, tuple[float, float]] = {}
+    for s in shares:
+        sk = key_of(s)
+        lo, hi = span_of.get(sk, (s.start_s, s.end_s))
+        span_of[sk] = (min(lo, s.start_s), max(hi, s.end_s))
+
+    rows: list[ReportRow] = []
+    for gk, g in groups.items():
+        key = str(gk)
+        extra: dict[str, Any] = {}
+        label = key
+        if by == "job" and key != IDLE_KEY:
+            j = jobs[int(key)]
+            start_s, end_s = job_span[j.id]
+            label = j.name
+            extra = {
+                "job_id": j.id,
+                "name": j.name,
+                "user": j.user,
+                "state": str(j.state),
+                "gpus": list(j.gpus),
+                "watts_per_gpu": j.watts_per_gpu,
+                "energy_budget_wh": j.energy_budget_wh,
+                "argv": list(j.argv),
+            }
+        elif by in ("day", "hour"):
+            start_s, end_s = span_of[gk]
+        else:
+            start_s, end_s = since_s, until_s
+            if by == "gpu":
+                gpu = next(x for x in gpus.values() if _gpu_key(x, multi_host) == key)
+                label = gpu.name
+                extra = {"host": gpu.host, "index": gpu.index, "gpu_name": gpu.name}
+        if by in ("day", "hour"):
+            # a period row spans its period, clipped to the range
+            p_start = _period_start(start_s, by)
+            width = 86_400.0 if by == "day" else 3_600.0
+            start_s, end_s = max(p_start, since_s), min(p_start + width, until_s)
+        steps, samples, tokens = work.get(gk, [None, None, None])
+        duration = end_s - start_s
+        job_energy = g.energy_j - g.idle_j
+        rows.append(
+            ReportRow(
+                key=key,
+                label=label,
+                energy_j=g.energy_j,
+                idle_j=g.idle_j,
+                mean_power_w=g.energy_j / duration if duration > 0 else None,
+                peak_power_w=g.peak_w,
+                tokens=tokens,
+                samples=samples,
+                steps=steps,
+                j_per_token=per_unit(job_energy, tokens),
+                j_per_sample=per_unit(job_energy, samples),
+                tokens_per_wh=units_per_wh(tokens, job_energy),
+                cost=g.cost,
+                co2_g=g.co2_g,
+                method=g.method,
+                start=from_epoch_us(round(start_s * 1e6)),
+                end=from_epoch_us(round(end_s * 1e6)),
+                shared_j=g.shared_j,
+                extra=extra,
+            )
+        )
+
+    def order(row: ReportRow) -> tuple[Any, ...]:
+        if row.key == IDLE_KEY:
+            return (1, 0, "")
+        if by == "job":
+            return (0, int(row.key), "")
+        if by == "user":
+            return (0, -row.energy_j, row.key)
+        if by == "gpu":
+            return (0, row.extra.get("host", ""), row.extra.get("index", 0))
+        return (0, 0, row.key)
+
+    rows.sort(key=order)
+    return rows
+
+
+def _period_start(t_s: float, by: str) -> float:
+    width = 86_400.0 if by == "day" else 3_600.0
+    return math.floor(t_s / width) * width
+
+
+# -- chart series ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class GpuTimeline:
+    """One GPU's power over the report's range, and the jobs on it.
+
+    Attributes:
+        gpu_key / gpu_name: As in the report.
+        times_s: Bucket starts, s since the epoch; ``mean_w``: mean power per bucket, W.
+        jobs: ``(job_id, name, start_s, end_s, watts_per_gpu)`` for each job on the GPU.
+    """
+
+    gpu_key: str
+    gpu_name: str
+    times_s: list[float]
+    mean_w: list[float]
+    jobs: list[tuple[int, str, float, float, float | None]]
+
+
+def timeline(store: Store, report: Report, *, max_points: int = 600) -> list[GpuTimeline]:
+    """Power over time of every GPU in the report, with its jobs' spans and budgets."""
+    multi_host = len({g.host for g in report.gpus.values()}) > 1
+    out = []
+    for gpu in sorted(report.gpus.values(), key=lambda g: (g.host, g.index)):
+        series = store.power_series(
+            gpu.id, report.summary.since, report.summary.until, max_points=max_points
+        )
+        jobs = [
+            (
+                s.job_id,
+                report.jobs[s.job_id].name if s.job_id in report.jobs else str(s.job_id),
+                s.start_s,
+                s.end_s,
+                report.jobs[s.job_id].watts_per_gpu if s.job_id in report.jobs else None,
+            )
+            for s in report.spans
+            if s.gpu_id == gpu.id and s.job_id in report.jobs
+        ]
+        out.append(
+            GpuTimeline(
+                _gpu_key(gpu, multi_host),
+                gpu.name,
+                [to_epoch_us(p.start) / 1e6 for p in series],
+                [p.mean_power_mw / 1000.0 for p in series],
+                jobs,
+            )
+        )
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class JobLife:
+    """A job's energy and work between its progress reports (the points its controllers visited).
+
+    Attributes:
+        job_id / name: The job.
+        times_s: Window ends, s since the epoch.
+        power_w: Mean power of the job's GPUs together over each window, W.
+        tokens_per_s: Throughput over each window.
+        j_per_token: Energy per token over each window; ``cum_j_per_token``: since the start.
+    """
+
+    job_id: int
+    name: str
+    times_s: list[float]
+    power_w: list[float]
+    tokens_per_s: list[float]
+    j_per_token: list[float | None]
+    cum_j_per_token: list[float | None]
+
+
+def job_life(
+    store: Store, report: Report, *, max_jobs: int = 6, max_points: int = 60
+) -> list[JobLife]:
+    """Per-window power, throughput and J/token of the report's biggest jobs.
+
+    Windows run between progress reports (thinned to at most ``max_points``) within the job's
+    span in the report; the energy is that of the job's GPUs over each window (all of it: on a
+    GPU shared with another job the window's power includes the other job's).
+    """
+    energy_by_job: dict[int, float] = {}
+    for row in report.rows:
+        if "job_id" in row.extra:
+            energy_by_job[int(row.extra["job_id"])] = row.energy_j
+    top = sorted(energy_by_job, key=lambda j: -energy_by_job[j])[:max_jobs]
+    out = []
+    for job_id in sorted(top):
+        job = report.jobs[job_id]
+        spans = [s for s in report.spans if s.job_id == job_id]
+        if not spans:
+            continue
+        lo = min(s.start_s for s in spans)
+        hi = max(s.end_s for s in spans)
+        reports = [
+            p for p in store.jobs.progress(job_id)
+            if lo <= to_epoch_us(p.at) / 1e6 <= hi and p.tokens is not None
+        ]
+        if len(reports) < 2:
+            continue
+        step = max(1, math.ceil(len(reports) / max_points))
+        kept = reports[::step]
+        if kept[-1] is not reports[-1]:
+            kept.append(reports[-1])
+        ts = [to_epoch_us(p.at) / 1e6 for p in kept]
+        bps = [from_epoch_us(round(t * 1e6)) for t in ts]
+        energies = store.segment_energy({g: bps for g in job.gpu_ids if g in report.gpus})
+        n = len(kept) - 1
+        window_j = [sum(segs[k].energy_mj for segs in energies.values()) / 1000 for k in range(n)]
+        life = JobLife(job_id, job.name, [], [], [], [], [])
+        cum_j = 0.0
+        cum_tokens = 0
+        for k in range(n):
+            dt = ts[k + 1] - ts[k]
+            d_tokens = (kept[k + 1].tokens or 0) - (kept[k].tokens or 0)
+            if dt <= 0 or d_tokens < 0:
+                continue
+            cum_j += window_j[k]
+            cum_tokens += d_tokens
+            life.times_s.append(ts[k + 1])
+            life.power_w.append(window_j[k] / dt)
+            life.tokens_per_s.append(d_tokens / dt)
+            life.j_per_token.append(per_unit(window_j[k], d_tokens))
+            life.cum_j_per_token.append(per_unit(cum_j, cum_tokens))
+        out.append(life)
+    return out
