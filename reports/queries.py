@@ -41,8 +41,9 @@ SOURCE_RULE = (
     "trapezoid of power across counter resets and on GPUs without a counter; a sample interval "
     "that straddles a job's start or end is split in proportion to time). Longer ranges read "
     "rollups, which are sums of counter deltas: whole 1-minute rollups at a job's edges, "
-    "10-minute and hourly buckets inside; the minute in which a job starts or ends is split in "
-    "proportion to time."
+    "10-minute and hourly buckets inside; the minute in which a job starts or ends is split "
+    "where the raw samples' energy counter puts the boundary, or in proportion to time once "
+    "retention has deleted them."
 )
 
 
@@ -604,6 +605,8 @@ def job_life(
             p for p in store.jobs.progress(job_id)
             if lo <= to_epoch_us(p.at) / 1e6 <= hi and p.tokens is not None
         ]
+        latest_at = {p.at: p for p in reports}  # one report per instant: the last one
+        reports = list(latest_at.values())
         if len(reports) < 2:
             continue
         step = max(1, math.ceil(len(reports) / max_points))

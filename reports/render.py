@@ -125,26 +125,26 @@ def table(report: Report) -> Group:
     by = report.request.by
     t = Table(title=_title(report), box=box.SIMPLE_HEAD, title_justify="left")
     first = {"job": "Job", "gpu": "GPU", "user": "User", "day": "Day", "hour": "Hour"}[by]
-    t.add_column(first)
+    t.add_column(first, overflow="fold")
     if by in ("job", "gpu"):
-        t.add_column("Name" if by == "job" else "Model")
+        t.add_column("Name" if by == "job" else "Model", overflow="fold", min_width=8)
     if by == "job":
-        t.add_column("User")
-    t.add_column("Energy", justify="right")
+        t.add_column("User", overflow="fold")
+    t.add_column("Energy", justify="right", no_wrap=True)
     if by in ("gpu", "day", "hour"):
-        t.add_column("Idle", justify="right")
-    t.add_column("Mean", justify="right")
-    t.add_column("Peak", justify="right")
-    t.add_column("Tokens", justify="right")
-    t.add_column("J/token", justify="right")
-    t.add_column("tokens/Wh", justify="right")
+        t.add_column("Idle", justify="right", no_wrap=True)
+    t.add_column("Mean", justify="right", no_wrap=True)
+    t.add_column("Peak", justify="right", no_wrap=True)
+    t.add_column("Tokens", justify="right", no_wrap=True)
+    t.add_column("J/token", justify="right", no_wrap=True)
+    t.add_column("tokens/Wh", justify="right", no_wrap=True)
     has_cost = report.summary.cost is not None
     has_co2 = report.summary.co2_g is not None
     if has_cost:
-        t.add_column("Cost", justify="right")
+        t.add_column("Cost", justify="right", no_wrap=True)
     if has_co2:
-        t.add_column("CO2", justify="right")
-    t.add_column("Method")
+        t.add_column("CO2", justify="right", no_wrap=True)
+    t.add_column("Method", no_wrap=True)
     for row in report.rows:
         t.add_row(*_cells(row, by, has_cost, has_co2))
     lines = [Text(f"{label}: {value}") for label, value in headline(report)]

@@ -965,18 +965,21 @@ class Store:
         return out
 
     def _raw_covers(self, conn: Connection, gpu_id: int, start_us: int) -> bool:
-        """Whether raw samples reach back to ``start_us`` (or to the GPU's first rollup)."""
+        """Whether raw samples reach back to ``start_us``: the GPU's first kept sample is no
+        later, or no rollup is older than it (retention deletes samples, never rollups, so
+        rollups from before the first sample mean older samples were deleted)."""
         s, m = samples_table.c, rollups_1m_table.c
         first_sample = conn.execute(
             select(func.min(_us(s.sampled_at))).where(s.gpu_id == gpu_id)
         ).scalar_one()
         if first_sample is None:
             return False
+        if int(first_sample) <= start_us:
+            return True
         first_minute = conn.execute(
             select(func.min(_us(m.minute_start))).where(m.gpu_id == gpu_id)
         ).scalar_one()
-        reach_us = start_us if first_minute is None else max(start_us, int(first_minute))
-        return int(first_sample) <= reach_us + MINUTE_US
+        return first_minute is None or int(first_minute) >= _floor(int(first_sample), MINUTE_US)
 
     def segment_energy(
         self,

@@ -68,7 +68,7 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Scenario:
     return s
 
 
-def _report(s: Scenario, source: str, **kw: Any) -> Report:
+def _report(s: Scenario, source: Any, **kw: Any) -> Report:
     request = ReportRequest(since=s.rig.start, until=s.rig.now(), now=s.rig.now(),
                             source=source, **kw)
     return build_report(s.rig.store, request)

@@ -1,0 +1,173 @@
+"""``powertrain report`` end to end through Typer: outputs, escaping, and bad input."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from reports.command import parse_when, report, write_demo_report
+from telemetry.store import open_store
+from tests.reports.conftest import Rig
+
+SCRIPT_NAME = "<script>alert(1)</script>"
+EVIL_USER = "<b>eve</b>"
+EVIL_ARG = '"><img src=x onerror=alert(2)>'
+
+app = typer.Typer()
+app.command("report")(report)
+
+
+@app.command("other")
+def _other() -> None:  # a second command keeps "report" a subcommand, as in the real CLI
+    """Unused."""
+
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def store_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A store with two finished jobs, one with a hostile name, user and command."""
+    path = tmp_path_factory.mktemp("cmd") / "powertrain.db"
+    store = open_store(f"sqlite:///{path}")
+    try:
+        rig = Rig(store, gpus=2)
+        rig.run(20)
+        a = rig.start_job(SCRIPT_NAME, (0,), user=EVIL_USER, watts=450.0)
+        store.jobs.set_fields(a.id, argv=["python", EVIL_ARG])
+        rig.run(40)
+        b = rig.start_job("plain", (1,), tokens_per_s=3_000.0)
+        rig.run(120)
+        rig.end_job(a)
+        rig.run(30)
+        rig.end_job(b)
+        rig.run(20)
+    finally:
+        store.close()
+    return path
+
+
+def invoke(*args: str) -> object:
+    return runner.invoke(app, ["report", *args], env={"COLUMNS": "200"})
+
+
+def db(path: Path) -> list[str]:
+    return ["--db", f"sqlite:///{path}", "--since", "2025-12-31T23:00Z", "--until",
+            "2026-01-01T01:00Z"]
+
+
+def test_json_rows_have_the_documented_fields(store_file: Path) -> None:
+    result = invoke(*db(store_file), "--json", "--price-kwh", "0.25", "--co2-g-per-kwh", "400")
+    assert result.exit_code == 0, result.output  # type: ignore[attr-defined]
+    rows = json.loads(result.stdout)  # type: ignore[attr-defined]
+    assert [r["key"] for r in rows] == ["1", "2", "idle"]
+    for row in rows:
+        for field in ("key", "energy_j", "mean_power_w", "peak_power_w", "tokens",
+                      "j_per_token", "cost", "co2_g"):
+            assert field in row
+        assert row["cost"] == pytest.approx(row["energy_j"] / 3.6e6 * 0.25)
+        assert row["co2_g"] == pytest.approx(row["energy_j"] / 3.6e6 * 400)
+    assert rows[0]["name"] == SCRIPT_NAME and rows[0]["user"] == EVIL_USER
+    assert rows[1]["tokens"] > 0 and rows[1]["j_per_token"] > 0
+
+
+def test_csv_to_a_file_and_by_gpu(store_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "r.csv"
+    result = invoke(*db(store_file), "--csv", "--by", "gpu", "--output", str(out))
+    assert result.exit_code == 0, result.output  # type: ignore[attr-defined]
+    rows = list(csv.DictReader(io.StringIO(out.read_text())))
+    assert [r["key"] for r in rows] == ["0", "1"]
+    assert float(rows[0]["idle_j"]) > 0
+
+
+def test_table_is_the_default_and_shows_names_as_typed(store_file: Path) -> None:
+    result = invoke(*db(store_file), "--tou", str(_tou(store_file.parent)))
+    assert result.exit_code == 0, result.output  # type: ignore[attr-defined]
+    assert "<script>" in result.stdout  # type: ignore[attr-defined]  # as typed (may wrap)
+    assert "Idle" in result.stdout and "Cost" in result.stdout  # type: ignore[attr-defined]
+
+
+def _tou(folder: Path) -> Path:
+    path = folder / "tou.csv"
+    path.write_text("start,price_per_kwh\n00:00,0.10\n00:02,0.40\n07:00,0.20\n")
+    return path
+
+
+def test_html_is_self_contained_and_escapes_user_text(store_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "report.html"
+    result = invoke(*db(store_file), "--html", str(out), "--png", str(tmp_path / "png"))
+    assert result.exit_code == 0, result.output  # type: ignore[attr-defined]
+    page = out.read_text()
+    assert SCRIPT_NAME not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert EVIL_USER not in page and "&lt;b&gt;eve&lt;/b&gt;" in page
+    assert "<img src=x" not in page
+    assert "http://" not in page and "https://" not in page and "src=\"//" not in page
+    assert page.count('src="data:image/png;base64,') == 4
+    assert sorted(p.name for p in (tmp_path / "png").iterdir()) == [
+        "energy.png", "j_per_token.png", "power.png", "throughput.png"]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in (tmp_path / "png").iterdir())
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--job", "999"], "no job 999"),
+        (["--since", "2026-01-02", "--until", "2026-01-01"], "must be before --until"),
+        (["--since", "yesterday-ish"], "cannot read time"),
+        (["--by", "week"], "--by must be one of"),
+        (["--html", "/nonexistent-dir/r.html"], "cannot write HTML report"),
+        (["--co2-csv", "/nonexistent.csv"], "--co2-csv"),
+        (["--gpu", "7"], "no GPU with index 7"),
+    ],
+)
+def test_bad_input_is_one_line_and_a_non_zero_exit(
+    store_file: Path, args: list[str], message: str
+) -> None:
+    result = invoke("--db", f"sqlite:///{store_file}", *args)
+    assert result.exit_code != 0
+    err = result.stderr.strip()  # type: ignore[attr-defined]
+    assert message in err and len(err.splitlines()) == 1, err
+    assert "Traceback" not in result.output  # type: ignore[attr-defined]
+
+
+def test_unwritable_outputs_leave_nothing_behind(store_file: Path, tmp_path: Path) -> None:
+    a_file = tmp_path / "not-a-dir"
+    a_file.write_text("x")
+    result = invoke(*db(store_file), "--html", str(tmp_path / "r.html"), "--png", str(a_file))
+    assert result.exit_code != 0 and "not a directory" in result.stderr  # type: ignore[attr-defined]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["not-a-dir"]
+    result = invoke(*db(store_file), "--html", str(tmp_path))
+    assert result.exit_code != 0 and "is a directory" in result.stderr  # type: ignore[attr-defined]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["not-a-dir"]
+
+
+def test_a_missing_store_is_not_created(tmp_path: Path) -> None:
+    result = invoke("--db", f"sqlite:///{tmp_path / 'none.db'}")
+    assert result.exit_code != 0 and "no store at" in result.stderr  # type: ignore[attr-defined]
+    assert not (tmp_path / "none.db").exists()
+
+
+def test_times_iso_and_relative() -> None:
+    now = datetime(2026, 3, 1, 12, tzinfo=UTC)
+    assert parse_when("24h", now) == now - timedelta(hours=24)
+    assert parse_when("7d", now) == now - timedelta(days=7)
+    assert parse_when("90s", now) == now - timedelta(seconds=90)
+    assert parse_when("30m", now) == now - timedelta(minutes=30)
+    assert parse_when("now", now) == now
+    assert parse_when("2026-02-01T10:00:00Z", now) == datetime(2026, 2, 1, 10, tzinfo=UTC)
+    assert parse_when("2026-02-01T10:00", now) == datetime(2026, 2, 1, 10, tzinfo=UTC)
+    assert parse_when("2026-02-01T11:00+01:00", now) == datetime(2026, 2, 1, 10, tzinfo=UTC)
+
+
+def test_write_demo_report(store_file: Path, tmp_path: Path) -> None:
+    path = write_demo_report(f"sqlite:///{store_file}", tmp_path / "demo.html")
+    assert path == (tmp_path / "demo.html").resolve()
+    assert "Energy by job" in path.read_text()
+    assert [p.name for p in tmp_path.iterdir()] == ["demo.html"]
