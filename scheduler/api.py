@@ -145,22 +145,30 @@ def _user_name(uid: int) -> str:
         return str(uid)
 
 
+def _caller(request: Request) -> Caller:
+    """The connection's peer, from the credentials the protocol put in the scope."""
+    creds = request.scope.get(_SCOPE_KEY)
+    if creds is None:
+        raise HTTPException(401, "no peer credentials: connect through the Unix socket")
+    pid, uid, gid = creds
+    admin = _is_admin(uid, gid, request.app.state.admin_group)
+    return Caller(pid, uid, gid, _user_name(uid), admin)
+
+
+Who = Annotated[Caller, Depends(_caller)]
+
+
 def create_app(service: JobsApi, *, admin_group: str | None = None) -> FastAPI:
     """The API as an ASGI app; ``service`` does the work, the app checks input and identity."""
     app = FastAPI(title="powertrain daemon API", version="1", docs_url=None, redoc_url=None)
 
-    def caller(request: Request) -> Caller:
-        creds = request.scope.get(_SCOPE_KEY)
-        if creds is None:
-            raise HTTPException(401, "no peer credentials: connect through the Unix socket")
-        pid, uid, gid = creds
-        return Caller(pid, uid, gid, _user_name(uid), _is_admin(uid, gid, admin_group))
-
-    Who = Annotated[Caller, Depends(caller)]
+    app.state.admin_group = admin_group
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0]
+        if first.get("type") == "json_invalid":
+            return JSONResponse({"detail": f"malformed JSON: {first.get('msg')}"}, status_code=422)
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         message = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
         detail = f"{where}: {message}" if where else message
@@ -281,6 +289,7 @@ class ApiServer:
         )
         self._server = uvicorn.Server(config)
         self._sock = sock
+        self._path = Path(sock.getsockname())
         self._thread = threading.Thread(target=self._run, name="api", daemon=True)
 
     def _run(self) -> None:
@@ -292,7 +301,5 @@ class ApiServer:
     def stop(self) -> None:
         self._server.should_exit = True
         self._thread.join(timeout=10)
-        path = self._sock.getsockname()
         self._sock.close()
-        if isinstance(path, str) and path:
-            Path(path).unlink(missing_ok=True)
+        self._path.unlink(missing_ok=True)

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
 from pydantic import ValidationError
@@ -21,6 +23,9 @@ from rich.table import Table
 
 from scheduler.settings import BackendName, Settings
 from telemetry.backends.base import GpuBackend, GpuError, GpuReading, ThrottleReason
+
+if TYPE_CHECKING:
+    from scheduler.apiclient import DaemonClient
 
 app = typer.Typer(
     help="powertrain: energy-aware GPU training scheduler and monitor.",
@@ -123,16 +128,32 @@ def daemon(
         int | None,
         typer.Option("--interval-ms", help="Sampling period in ms (default 100 = 10 Hz)."),
     ] = None,
+    socket: Annotated[
+        Path | None,
+        typer.Option("--socket", help="API socket (default <home>/powertrain.sock). "
+                     "Env: POWERTRAIN_SOCKET."),
+    ] = None,
+    socket_group: Annotated[
+        str | None, typer.Option("--socket-group", help="Group allowed to use the API socket.")
+    ] = None,
+    admin_group: Annotated[
+        str | None, typer.Option("--admin-group", help="Group that may act on any job.")
+    ] = None,
+    node_cap_w: Annotated[
+        float | None,
+        typer.Option("--node-cap-w", help="Node power cap, W (default: sum of max limits)."),
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ) -> None:
-    """Run the daemon in the foreground (systemd style): sample every GPU into the store.
+    """Run the daemon in the foreground (systemd style): sample GPUs, run jobs, serve the API.
 
     SIGTERM or SIGINT flushes buffered samples and exits 0. A fresh database is created; an
     outdated one is refused until `powertrain db upgrade` has run.
     """
     settings = build_settings(
         backend=backend, sim_gpus=sim_gpus, sim_sku=sim_sku, db=db, home=home,
-        interval_ms=interval_ms,
+        interval_ms=interval_ms, socket=socket, socket_group=socket_group,
+        admin_group=admin_group, node_cap_w=node_cap_w,
     )
     setup_logging(verbose)
     log = logging.getLogger("powertrain")
@@ -245,6 +266,191 @@ def gpus(
             ", ".join(r.replace("_", " ") for r in row["throttle_reasons"] or []) or "-",
         )
     out.print(table)
+
+
+SocketOpt = Annotated[
+    Path | None,
+    typer.Option("--socket", help="The daemon's API socket. Env: POWERTRAIN_SOCKET."),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+
+
+def daemon_client(socket: Path | None, home: Path | None = None) -> DaemonClient:
+    from scheduler.apiclient import DaemonClient
+
+    return DaemonClient(build_settings(socket=socket, home=home).socket_path)
+
+
+def talk(socket: Path | None, action: Callable[[DaemonClient], T]) -> T:
+    """Run ``action`` against the daemon; its refusals become one line and exit 1."""
+    from scheduler.apiclient import DaemonError
+
+    with daemon_client(socket) as client:
+        try:
+            return action(client)
+        except DaemonError as exc:
+            fail(str(exc))
+
+
+def _parse_gpu_ids(text: str) -> list[int]:
+    try:
+        ids = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        fail(f"--gpu-ids: expected indices like 0,2 (got {text!r})", EXIT_USAGE)
+    if not ids:
+        fail("--gpu-ids: no GPU given", EXIT_USAGE)
+    return ids
+
+
+@app.command(context_settings={"allow_interspersed_args": False})
+def submit(
+    command: Annotated[list[str], typer.Argument(help="The command to run, after --.",
+                                                 show_default=False)],
+    name: Annotated[str | None, typer.Option(help="Job name (default: the command).")] = None,
+    gpus: Annotated[int | None, typer.Option(help="How many GPUs (default 1).")] = None,
+    gpu_ids: Annotated[
+        str | None, typer.Option("--gpu-ids", help="Exactly these GPUs, e.g. 0,2.")
+    ] = None,
+    watts: Annotated[float | None, typer.Option(help="Wattage budget per GPU, W.")] = None,
+    energy_wh: Annotated[
+        float | None, typer.Option("--energy-wh", help="Energy budget of the whole job, Wh.")
+    ] = None,
+    mode: Annotated[
+        str, typer.Option(help="How the wattage budget is held: auto, hw, clock or soft.")
+    ] = "auto",
+    on_exceed: Annotated[
+        str, typer.Option("--on-exceed", help="When the energy budget runs out: warn, slow, "
+                          "pause or stop.")
+    ] = "warn",
+    priority: Annotated[int, typer.Option(help="Higher runs first.")] = 0,
+    socket: SocketOpt = None,
+) -> None:
+    """Queue a training command under budgets; print the job id alone on stdout.
+
+    Example: powertrain submit --gpus 2 --watts 300 -- python train.py --lr 3e-4
+    """
+    from scheduler.schemas import SubmitRequest
+
+    env = {k: v for k, v in os.environ.items() if k not in {"POWERTRAIN_JOB_ID"}}
+    try:
+        req = SubmitRequest.model_validate({
+            "name": name, "argv": command, "cwd": os.getcwd(), "env": env, "gpus": gpus,
+            "gpu_ids": _parse_gpu_ids(gpu_ids) if gpu_ids is not None else None,
+            "watts": watts, "energy_wh": energy_wh, "mode": mode, "on_exceed": on_exceed,
+            "priority": priority,
+        })
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = "--" + "-".join(str(p) for p in first["loc"]).replace("_", "-")
+        fail(f"{where}: {first['msg']}".replace("--argv", "command"), EXIT_USAGE)
+    job = talk(socket, lambda c: c.submit(req.model_dump(mode="json")))
+    typer.echo(job["id"])
+
+
+def _fmt(value: Any, fmt: str) -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+@app.command()
+def jobs(
+    all_jobs: Annotated[bool, typer.Option("--all", help="Include ended jobs.")] = False,
+    as_json: JsonOpt = False,
+    socket: SocketOpt = None,
+) -> None:
+    """List jobs: state, GPUs, budget, power now, throughput and energy so far."""
+    rows = talk(socket, lambda c: c.jobs(include_ended=all_jobs))
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    table = Table("ID", "Name", "User", "State", "GPUs", "Budget", "Power", "Tokens/s",
+                  "Energy", "J/token", box=box.SIMPLE_HEAD)
+    for row in rows:
+        energy_j = row["energy_j"]
+        table.add_row(
+            str(row["id"]), row["name"], row["user"], row["state"],
+            ",".join(map(str, row["gpus"])) or _fmt(row["gpu_count"], "({} wanted)"),
+            _fmt(row["watts"], "{:.0f} W/GPU"), _fmt(row["power_w"], "{:.0f} W"),
+            _fmt(row["tokens_per_s"], "{:,.0f}"),
+            "-" if energy_j is None else f"{energy_j / 3600:.2f} Wh",
+            _fmt(row["j_per_token"], "{:.4f}"),
+        )
+    out.print(table)
+
+
+@app.command()
+def cancel(
+    job_id: Annotated[int, typer.Argument(help="Job id.")],
+    socket: SocketOpt = None,
+) -> None:
+    """Cancel a job: a queued one at once; a running one gets SIGTERM, then SIGKILL."""
+    job = talk(socket, lambda c: c.cancel(job_id))
+    if job["state"] == "cancelled":
+        out.print(f"job {job_id} cancelled")
+    else:
+        out.print(f"job {job_id}: stopping (SIGTERM now, SIGKILL after the grace period)")
+
+
+@app.command()
+def resume(
+    job_id: Annotated[int, typer.Argument(help="Job id.")],
+    socket: SocketOpt = None,
+) -> None:
+    """Let a paused job run again."""
+    job = talk(socket, lambda c: c.resume(job_id))
+    out.print(f"job {job_id} {job['state']}")
+
+
+@app.command()
+def budget(
+    job_id: Annotated[int, typer.Argument(help="Job id.")],
+    watts: Annotated[float | None, typer.Option(help="New wattage budget per GPU, W.")] = None,
+    energy_wh: Annotated[
+        float | None, typer.Option("--energy-wh", help="New energy budget, Wh.")
+    ] = None,
+    socket: SocketOpt = None,
+) -> None:
+    """Change a job's budgets."""
+    from scheduler.schemas import UpdateRequest
+
+    if watts is None and energy_wh is None:
+        fail("give --watts and/or --energy-wh", EXIT_USAGE)
+    try:
+        req = UpdateRequest(watts=watts, energy_wh=energy_wh)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        fail(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}", EXIT_USAGE)
+    job = talk(socket, lambda c: c.update(job_id, req.model_dump(exclude_none=True)))
+    out.print(f"job {job_id}: {_fmt(job['watts'], '{:.0f} W/GPU')}, "
+              f"{_fmt(job['energy_wh'], '{:.1f} Wh')}")
+
+
+@app.command()
+def logs(
+    job_id: Annotated[int, typer.Argument(help="Job id.")],
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing until the "
+                                         "job ends.")] = False,
+    stderr: Annotated[bool, typer.Option("--stderr", help="The job's stderr.")] = False,
+    socket: SocketOpt = None,
+) -> None:
+    """Print a job's output (stdout, or --stderr)."""
+    stream = "stderr" if stderr else "stdout"
+    offset = 0
+    with daemon_client(socket) as client:
+        from scheduler.apiclient import DaemonError
+
+        try:
+            while True:
+                chunk = client.log(job_id, stream=stream, offset=offset)
+                if chunk["data"]:
+                    sys.stdout.write(chunk["data"])
+                    sys.stdout.flush()
+                offset = chunk["next_offset"]
+                if not follow or (chunk["ended"] and not chunk["data"]):
+                    return
+                if not chunk["data"]:
+                    time.sleep(0.5)
+        except DaemonError as exc:
+            fail(str(exc))
 
 
 @db_app.command("upgrade")

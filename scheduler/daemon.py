@@ -1,4 +1,5 @@
-"""The daemon: APScheduler drives sampling, flushes, rollups and retention until SIGTERM/SIGINT.
+"""The daemon: APScheduler drives sampling, flushes, the job control loop, rollups and retention,
+and the API serves requests, until SIGTERM/SIGINT. Jobs keep running when the daemon stops.
 
 This is the only module that imports APScheduler.
 """
@@ -22,6 +23,8 @@ from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import make_url
 
+from scheduler.api import ApiServer, bind_socket, create_app
+from scheduler.service import JobService
 from scheduler.settings import Settings
 from telemetry.backends.base import GpuBackend
 from telemetry.sampler import BatchWriter, Sampler
@@ -77,11 +80,15 @@ class Daemon:
         self.settings = settings
         self.backend = backend
         self.store = store
-        self.gpu_ids = store.register_gpus(
-            backend.devices(), host=host or socket.gethostname(), backend=backend.name
-        )
+        self.host = host or socket.gethostname()
+        self.gpu_ids = store.register_gpus(backend.devices(), host=self.host, backend=backend.name)
         self.writer = BatchWriter(store, max_rows=settings.buffer_max_rows)
         self.sampler = Sampler(backend, self.gpu_ids, self.writer)
+        self.service = JobService(settings, store, backend, self.gpu_ids, host=self.host)
+        self._api = ApiServer(
+            create_app(self.service, admin_group=settings.admin_group),
+            bind_socket(settings.socket_path, group=settings.socket_group),
+        )
         self._stopped = threading.Event()
         self._scheduler = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(max_workers=4)},
@@ -96,14 +103,18 @@ class Daemon:
         every(self.sampler.tick, "interval", seconds=self.settings.interval_ms / 1000,
               id="sample", next_run_time=now)
         every(self.writer.flush, "interval", seconds=self.settings.flush_interval_s, id="flush")
+        every(self._guard(self.service.tick), "interval",
+              seconds=self.settings.control_interval_s, id="control", next_run_time=now)
         every(self._guard(self._rollup), "interval", seconds=ROLLUP_INTERVAL_S, id="rollup")
         every(self._guard(self._retention), "interval", seconds=RETENTION_INTERVAL_S,
               id="retention", next_run_time=now)
         self._scheduler.start()
+        self._api.start()
         log.info(
-            "sampling %d GPUs every %d ms into %s", len(self.gpu_ids),
+            "sampling %d GPUs every %d ms into %s; API on %s", len(self.gpu_ids),
             self.settings.interval_ms,
             make_url(self.settings.db_url).render_as_string(hide_password=True),
+            self.settings.socket_path,
         )
 
     def stop(self) -> None:
@@ -111,6 +122,7 @@ class Daemon:
         if self._stopped.is_set():
             return
         self._stopped.set()
+        self._api.stop()
         if self._scheduler.running:
             self._scheduler.shutdown(wait=True)
         self.writer.flush()

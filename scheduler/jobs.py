@@ -60,7 +60,8 @@ class OnExceed(StrEnum):
 
 
 TRANSITIONS: Mapping[JobState, frozenset[JobState]] = {
-    JobState.QUEUED: frozenset({JobState.RUNNING, JobState.CANCELLED}),
+    # queued -> failed: the job could not be launched (no such user, cwd gone, ...).
+    JobState.QUEUED: frozenset({JobState.RUNNING, JobState.CANCELLED, JobState.FAILED}),
     JobState.RUNNING: frozenset(
         {
             JobState.COMPLETED,
