@@ -88,8 +88,13 @@ class GPT(nn.Module):
 def load_corpus(max_bytes: int) -> bytes:
     """Up to ``max_bytes`` of the standard library's ``.py`` sources, in a fixed file order."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in root.rglob("*.py")
-                   if not {"site-packages", "dist-packages"} & set(p.parts))
+    files: list[Path] = []
+    for folder, subfolders, names in os.walk(root):
+        # installed packages are not the standard library (and can be large)
+        subfolders[:] = sorted(d for d in subfolders
+                               if d not in {"site-packages", "dist-packages", "__pycache__"})
+        files.extend(Path(folder) / n for n in names if n.endswith(".py"))
+    files.sort()
     random.Random(0).shuffle(files)  # a spread of modules, the same on every run
     chunks: list[bytes] = []
     size = 0
