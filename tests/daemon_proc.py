@@ -14,7 +14,10 @@ from pathlib import Path
 class DaemonProcess:
     """A `powertrain daemon` process on simulated GPUs with its home in a temporary folder."""
 
-    def __init__(self, home: Path, *args: str, gpus: int = 4, db: str | None = None) -> None:
+    def __init__(
+        self, home: Path, *args: str, gpus: int = 4, db: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.home = home
         self.log_path = home / f"daemon-{time.monotonic_ns()}.log"
         cmd = [sys.executable, "-m", "scheduler", "daemon", "--backend", "simulated",
@@ -23,8 +26,10 @@ class DaemonProcess:
             cmd += ["--db", db]
         home.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("w")
-        env = {k: v for k, v in os.environ.items() if not k.startswith("POWERTRAIN_")}
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("POWERTRAIN_")}
+        self.proc = subprocess.Popen(
+            cmd, stdout=self._log, stderr=subprocess.STDOUT, env=clean | (env or {})
+        )
 
     def wait_for(self, condition: Callable[[], bool], timeout_s: float = 30.0) -> None:
         """Poll until ``condition`` holds; fail with the daemon's log if it never does."""

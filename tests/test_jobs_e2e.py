@@ -1,0 +1,311 @@
+"""Jobs end to end: a real daemon on simulated GPUs, real CLI calls, real training processes."""
+
+from __future__ import annotations
+
+import grp
+import itertools
+import json
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from telemetry.store import open_store
+from tests.daemon_proc import DaemonProcess
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "examples" / "pretrain_gpt.py"
+# A small model: a few seconds of real training on the CPU.
+TINY = ["--layers", "2", "--dim", "64", "--heads", "2", "--seq-len", "64", "--batch-size", "8",
+        "--data-mb", "1", "--log-every", "10", "--eval-batches", "2"]
+
+
+def cli(socket: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "scheduler", args[0], "--socket", str(socket), *args[1:]],
+        capture_output=True, text=True, cwd=REPO, timeout=60,
+    )
+
+
+def submit(socket: Path, *args: str) -> int:
+    done = cli(socket, "submit", *args)
+    assert done.returncode == 0, done.stderr
+    return int(done.stdout.strip())
+
+
+def jobs(socket: Path) -> dict[int, dict[str, Any]]:
+    done = cli(socket, "jobs", "--all", "--json")
+    assert done.returncode == 0, done.stderr
+    return {j["id"]: j for j in json.loads(done.stdout)}
+
+
+def wait_until(daemon: DaemonProcess, condition: Callable[[], bool], timeout_s: float) -> None:
+    daemon.wait_for(condition, timeout_s=timeout_s)
+
+
+@pytest.fixture
+def sock_dir() -> Iterator[Path]:
+    """A short, world-traversable folder for the socket (tmp_path is deep and private)."""
+    path = Path(tempfile.mkdtemp(prefix="pt-sock-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def start_daemon(home: Path, socket: Path, *args: str, gpus: int = 4, **env: str) -> DaemonProcess:
+    daemon = DaemonProcess(home, "--socket", str(socket), *args, gpus=gpus, env=env)
+
+    def answers() -> bool:
+        with httpx.Client(transport=httpx.HTTPTransport(uds=str(socket)),
+                          base_url="http://powertrain") as http:
+            return http.get("/v1/health").status_code == 200
+
+    daemon.wait_for(answers, timeout_s=60)  # a stale socket file is not a daemon
+    return daemon
+
+
+def test_two_example_jobs_train_and_are_accounted(tmp_path: Path, sock_dir: Path) -> None:
+    socket = sock_dir / "api.sock"
+    daemon = start_daemon(tmp_path, socket)
+    try:
+        python = sys.executable
+        first = submit(socket, "--name", "gpt-a", "--watts", "400", "--", python, str(EXAMPLE),
+                       *TINY, "--steps", "60")
+        second = submit(socket, "--name", "gpt-b", "--gpus", "2", "--watts", "300", "--", python,
+                        str(EXAMPLE), *TINY, "--steps", "60", "--seed", "1")
+        wait_until(daemon, lambda: all(j["state"] == "completed" for j in jobs(socket).values()),
+                   timeout_s=240)
+        listed = jobs(socket)
+        for job_id in (first, second):
+            view = listed[job_id]
+            assert view["exit_code"] == 0
+            assert view["tokens"] == 60 * 8 * 64
+            assert view["tokens_per_s"] and view["tokens_per_s"] > 0
+            assert view["energy_j"] and view["energy_j"] > 0
+            assert view["j_per_token"] == pytest.approx(view["energy_j"] / view["tokens"])
+        assert listed[first]["watts"] == 400 and len(listed[first]["gpus"]) == 1
+        assert listed[second]["watts"] == 300 and len(listed[second]["gpus"]) == 2
+        assert not set(listed[first]["gpus"]) & set(listed[second]["gpus"])
+        log = cli(socket, "logs", str(first))
+        assert "done:" in log.stdout
+    finally:
+        assert daemon.terminate() == 0, daemon.log()
+
+    store = open_store(f"sqlite:///{tmp_path / 'powertrain.db'}")
+    try:
+        for job_id in (first, second):
+            job = store.jobs.get(job_id)
+            assert job is not None and job.gpus and job.state == "completed"
+            assert store.jobs.throughput(job_id) is not None
+            energy = store.jobs.energy(job_id)
+            # A busy simulated H100 draws ~650 W: the job's GPUs were busy while it trained.
+            assert energy.energy_mj / 1000 / energy.duration_s > 300 * len(job.gpus)
+            assert [e.to_state for e in store.jobs.events(job_id)] == [
+                "queued", "running", "completed"
+            ]
+    finally:
+        store.close()
+
+
+def test_node_cap_holds_the_second_job_until_the_first_ends(
+    tmp_path: Path, sock_dir: Path
+) -> None:
+    socket = sock_dir / "api.sock"
+    # Idle H100s draw ~75 W: 400 W + 3 idle GPUs fits under 750 W, two 400 W jobs do not.
+    daemon = start_daemon(tmp_path, socket, "--node-cap-w", "750")
+    try:
+        first = submit(socket, "--watts", "400", "--", "sleep", "3")
+        second = submit(socket, "--watts", "400", "--", "sleep", "1")
+        wait_until(daemon, lambda: jobs(socket)[first]["state"] == "running", timeout_s=30)
+        assert jobs(socket)[second]["state"] == "queued"
+        wait_until(daemon, lambda: jobs(socket)[second]["state"] == "completed", timeout_s=60)
+        listed = jobs(socket)
+        assert listed[second]["started_at"] >= listed[first]["ended_at"]
+
+        for args, needle in [
+            (["--gpus", "5"], "allowed: 1 to 4"),
+            (["--watts", "750"], "200 W to 700 W"),
+            (["--watts", "150"], "200 W to 700 W"),
+            (["--watts", "700", "--gpus", "2"], "cap"),
+        ]:
+            refused = cli(socket, "submit", *args, "--", "true")
+            assert refused.returncode != 0
+            assert needle in refused.stderr, (args, refused.stderr)
+        assert len(jobs(socket)) == 2
+    finally:
+        assert daemon.terminate() == 0, daemon.log()
+
+
+def test_bad_input_is_refused_and_nothing_is_stored(tmp_path: Path, sock_dir: Path) -> None:
+    socket = sock_dir / "api.sock"
+    daemon = start_daemon(tmp_path, socket)
+    try:
+        for args in (
+            ["submit", "--watts", "-5", "--", "true"],
+            ["submit", "--watts", "0", "--", "true"],
+            ["submit", "--watts", "nan", "--", "true"],
+            ["submit", "--watts", "1e12", "--", "true"],
+            ["submit", "--energy-wh", "-1", "--", "true"],
+            ["submit", "--gpu-ids", "0,9", "--", "true"],
+            ["submit", "--gpu-ids", "x", "--", "true"],
+            ["submit", "--mode", "turbo", "--", "true"],
+            ["submit", "--"],
+            ["cancel", "999"],
+            ["logs", "999"],
+            ["budget", "999", "--watts", "300"],
+        ):
+            done = cli(socket, *args)
+            assert done.returncode != 0, args
+            lines = [line for line in done.stderr.splitlines() if line.strip()]
+            assert "Traceback" not in done.stderr, args
+            if args != ["submit", "--"]:  # the usage error is Typer's own box
+                assert len(lines) == 1 and lines[0].startswith("error:"), (args, done.stderr)
+
+        with httpx.Client(transport=httpx.HTTPTransport(uds=str(socket)),
+                          base_url="http://powertrain") as http:
+            for body in (b"{not json", b"[]", b'{"argv": [], "cwd": "/"}',
+                         b'{"argv": ["true"], "cwd": "/", "watts": "NaN"}',
+                         b'{"argv": ["true"], "cwd": "relative"}',
+                         b'{"argv": ["true"], "cwd": "/", "who": "root"}'):
+                answer = http.post("/v1/jobs", content=body,
+                                   headers={"content-type": "application/json"})
+                assert answer.status_code == 422, (body, answer.text)
+                assert isinstance(answer.json()["detail"], str)
+            assert http.post("/v1/jobs/999/cancel").status_code == 404
+        assert jobs(socket) == {}
+    finally:
+        assert daemon.terminate() == 0, daemon.log()
+
+
+# -- ownership, with real users --------------------------------------------------------------------
+
+USERS_GROUP = "pt-users"
+ALICE, BOB = "pt-alice", "pt-bob"
+
+RAW_CLIENT = r"""
+import http.client, json, socket, sys
+class Conn(http.client.HTTPConnection):
+    def __init__(self, path):
+        super().__init__("localhost")
+        self.path = path
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(self.path)
+path, method, url, body = sys.argv[1:5]
+conn = Conn(path)
+conn.request(method, url, body=body or None, headers={"content-type": "application/json"})
+answer = conn.getresponse()
+print(json.dumps({"status": answer.status, "body": json.loads(answer.read() or b"null")}))
+"""
+
+
+def ensure_user(name: str) -> None:
+    try:
+        grp.getgrnam(USERS_GROUP)
+    except KeyError:
+        subprocess.run(["groupadd", "--system", USERS_GROUP], check=True)
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/bin/sh",
+                        "-G", USERS_GROUP, name], check=True)
+    else:
+        subprocess.run(["usermod", "-a", "-G", USERS_GROUP, name], check=True)
+
+
+def as_user(user: str, socket: Path, method: str, url: str, body: str = "") -> dict[str, Any]:
+    done = subprocess.run(
+        ["runuser", "-u", user, "--", "/usr/bin/python3", "-c", RAW_CLIENT, str(socket), method,
+         url, body],
+        capture_output=True, text=True, timeout=30, cwd="/tmp",
+    )
+    assert done.returncode == 0, done.stderr
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="creating users and running jobs as them needs root")
+def test_a_user_cannot_touch_another_users_job_but_root_can(
+    tmp_path: Path, sock_dir: Path
+) -> None:
+    for user in (ALICE, BOB):
+        ensure_user(user)
+    socket = sock_dir / "api.sock"
+    daemon = start_daemon(tmp_path, socket, "--socket-group", USERS_GROUP,
+                          POWERTRAIN_RUNNER_PYTHON="/usr/bin/python3")
+    try:
+        assert socket.stat().st_mode & 0o777 == 0o660
+        body = json.dumps({"argv": ["sleep", "60"], "cwd": "/tmp", "watts": 300})
+        made = as_user(ALICE, socket, "POST", "/v1/jobs", body)
+        assert made["status"] == 201 and made["body"]["user"] == ALICE
+        job_id = made["body"]["id"]
+        wait_until(daemon, lambda: jobs(socket)[job_id]["state"] == "running", timeout_s=30)
+        pid = jobs(socket)[job_id]["pid"]
+        assert pwd.getpwuid(os.stat(f"/proc/{pid}").st_uid).pw_name == ALICE
+
+        seen = as_user(BOB, socket, "GET", "/v1/jobs")
+        assert [j["id"] for j in seen["body"]] == [job_id]  # everyone sees every job
+        for method, url, change in (("POST", f"/v1/jobs/{job_id}/cancel", ""),
+                                    ("PATCH", f"/v1/jobs/{job_id}", '{"watts": 250}')):
+            refused = as_user(BOB, socket, method, url, change)
+            assert refused["status"] == 403 and ALICE in refused["body"]["detail"]
+        assert jobs(socket)[job_id]["watts"] == 300
+
+        changed = as_user(ALICE, socket, "PATCH", f"/v1/jobs/{job_id}", '{"watts": 250}')
+        assert changed["status"] == 200 and changed["body"]["watts"] == 250
+        by_root = cli(socket, "cancel", str(job_id))
+        assert by_root.returncode == 0, by_root.stderr
+        wait_until(daemon, lambda: jobs(socket)[job_id]["state"] == "cancelled", timeout_s=30)
+    finally:
+        assert daemon.terminate() == 0, daemon.log()
+
+
+def test_a_daemon_restart_readopts_a_running_job(tmp_path: Path, sock_dir: Path) -> None:
+    socket = sock_dir / "api.sock"
+    daemon = start_daemon(tmp_path, socket)
+    job_id = submit(socket, "--", sys.executable, str(EXAMPLE), *TINY, "--steps", "150")
+    wait_until(daemon, lambda: jobs(socket)[job_id]["steps"] >= 10, timeout_s=120)
+    pid = jobs(socket)[job_id]["pid"]
+    daemon.kill()
+    killed_at = time.time()
+    time.sleep(1.0)
+    os.kill(pid, 0)  # the job outlived its daemon
+
+    restarted = start_daemon(tmp_path, socket)
+    restarted_at = time.time()
+    try:
+        wait_until(restarted, lambda: jobs(socket)[job_id]["state"] != "running", timeout_s=240)
+        view = jobs(socket)[job_id]
+        assert view["state"] == "completed" and view["exit_code"] == 0
+        assert view["tokens"] == 150 * 8 * 64  # the client reconnected and lost nothing
+    finally:
+        assert restarted.terminate() == 0, restarted.log()
+
+    store = open_store(f"sqlite:///{tmp_path / 'powertrain.db'}")
+    try:
+        job = store.jobs.get(job_id)
+        assert job is not None
+        assert [e.to_state for e in store.jobs.events(job_id)] == ["queued", "running", "completed"]
+        gpu_id = job.gpu_ids[0]
+        assert job.started_at is not None and job.ended_at is not None
+        times = [s.sampled_at.timestamp()
+                 for s in store.samples(gpu_id, since=job.started_at, until=job.ended_at)]
+        gaps = sorted(b - a for a, b in itertools.pairwise(times))
+        downtime = restarted_at - killed_at
+        assert gaps[-1] <= downtime + 1.5  # the only hole is the restart itself
+        assert gaps[-2] <= 1.0
+        energy = store.jobs.energy(job_id)
+        assert energy.method == "counter"  # the counter bridges the restart exactly
+    finally:
+        store.close()
