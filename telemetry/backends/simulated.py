@@ -202,6 +202,8 @@ class _GpuState:
     lock: tuple[int, int] | None = None
     workload: Workload | None = None
     pids: tuple[int, ...] = ()
+    # Share of time the workload is busy (paced jobs); the rest of the time the GPU idles.
+    duty: float = 1.0
     faults: dict[str, dict[str, Any]] = field(default_factory=dict)
     # Limits set but not yet in force: (effective time s, limit mW), in time order.
     pending: list[tuple[float, int]] = field(default_factory=list)
@@ -220,6 +222,7 @@ class _GpuState:
                 else {"name": self.workload.name, **workload_to_json(self.workload)}
             ),
             "pids": list(self.pids),
+            "duty": self.duty,
             "faults": self.faults,
             "pending": [list(p) for p in self.pending],
             "segments": [s.to_json() for s in self.segments],
@@ -243,6 +246,7 @@ class _GpuState:
             lock=(int(lock[0]), int(lock[1])) if lock else None,
             workload=workload,
             pids=tuple(int(p) for p in raw.get("pids", ())),
+            duty=float(raw.get("duty", 1.0)),
             faults={str(k): dict(v) for k, v in raw.get("faults", {}).items()},
             pending=[(float(t), int(mw)) for t, mw in raw.get("pending", ())],
             segments=[_Segment.from_json(s) for s in raw["segments"]],
@@ -409,28 +413,51 @@ class SimulatedBackend:
         return self._sku
 
     def set_workload(
-        self, index: int, workload: Workload | str | None, *, pids: Iterable[int] = ()
+        self,
+        index: int,
+        workload: Workload | str | None,
+        *,
+        pids: Iterable[int] = (),
+        duty: float = 1.0,
     ) -> None:
         """Run a workload on a GPU (None: idle). A string names a workload in the profiles.
+
+        A paced job keeps its GPU busy only part of the time: with ``duty < 1`` the GPU alternates
+        between busy bursts and idle gaps faster than NVML's 1 s averaging window, so the
+        simulator draws the time-weighted mean ``duty * P_busy(f) + (1 - duty) * P_idle`` and
+        reports utilisation scaled by ``duty``. The power limit and clock locks act on the busy
+        bursts' power (the firmware caps instantaneous power), so ``f`` is what they allow the
+        busy GPU; the reported SM clock is the busy bursts' clock.
 
         Args:
             index: GPU index.
             workload: A ``Workload``, a name from ``profiles/workloads.json`` (``"training"``,
                 ``"A40/imagenet/resnet50/bs256"``), or None for idle.
             pids: Process ids to report as the GPU's compute processes.
+            duty: Share of time the workload keeps the GPU busy, 0..1 (1: always busy).
 
         Raises:
             GpuNotFoundError: No GPU with that index.
-            ValueError: Unknown workload name.
+            ValueError: Unknown workload name, or ``duty`` outside 0..1.
         """
+        if not 0.0 <= duty <= 1.0:
+            raise ValueError(f"duty must be in 0..1 (share of time busy), got {duty}")
         wl = get_workload(workload) if isinstance(workload, str) else workload
         pid_tuple = tuple(int(p) for p in pids)
+        duty_f = float(duty)
 
         def apply(g: _GpuState, now: float) -> None:
             g.workload = wl
             g.pids = pid_tuple if wl is not None else ()
+            g.duty = duty_f if wl is not None else 1.0
 
         self._mutate(index, apply, None)
+
+    def duty(self, index: int) -> float:
+        """Share of time the GPU's workload keeps it busy, 0..1 (1.0 when idle or unpaced)."""
+        with self._lock:
+            self._check_file(self._clock.now())
+            return self._gpu(index).duty
 
     def workload(self, index: int) -> Workload | None:
         """The workload running on a GPU (None: idle)."""
@@ -570,15 +597,16 @@ class SimulatedBackend:
                 locked_max_mhz=None if g.lock is None else float(g.lock[1]),
             )
             clock = op.sm_clock_mhz
-            power = op.power_w
+            # Bursts at the busy operating point, gaps at idle power (time-weighted mean).
+            power = g.duty * op.power_w + (1.0 - g.duty) * sku.idle_power_w
             reasons = ThrottleReason.NONE
             if op.power_capped:
                 reasons |= ThrottleReason.SW_POWER_CAP
             if op.clock_capped:
                 reasons |= ThrottleReason.APPLICATIONS_CLOCKS_SETTING
             mem_clock = round(sku.mem_clock_mhz)
-            gpu_util = wl.gpu_util_pct
-            mem_util = wl.mem_util_pct
+            gpu_util = round(wl.gpu_util_pct * g.duty)
+            mem_util = round(wl.mem_util_pct * g.duty)
             mem_used = max(int(wl.memory_fraction * sku.memory_total_bytes), _IDLE_MEMORY_BYTES)
         temp_ss = sku.ambient_c + sku.thermal_c_per_w * power
         return _Segment(

@@ -465,3 +465,79 @@ def test_errors_name_what_is_allowed(make: Factory, clock: VirtualClock) -> None
             call()
     with pytest.raises(ValueError, match="training"):
         sim.set_workload(0, "no-such-workload")
+
+
+# --- duty-cycled (paced) load ----------------------------------------------------------------
+
+
+def test_duty_mixes_busy_and_idle_power_and_scales_utilisation(
+    make: Factory, clock: VirtualClock
+) -> None:
+    sim = make()
+    sim.set_workload(0, "training", duty=1.0)
+    busy_w = sim.true_power_w(0)
+    busy_util = sim.read(0).gpu_util_pct or 0
+    sim.set_workload(0, "training", duty=0.25)
+    clock.advance(2.0)
+    expected_w = 0.25 * busy_w + 0.75 * H100.idle_power_w
+    assert sim.true_power_w(0) == pytest.approx(expected_w, rel=1e-12)
+    r = sim.read(0)
+    assert (r.power_avg_mw or 0) == pytest.approx(expected_w * 1000, abs=1)
+    assert r.gpu_util_pct == round(busy_util * 0.25)
+    assert r.sm_clock_mhz == 1980  # the bursts run at the busy clock
+    assert sim.step_slowdown(0) == pytest.approx(1.0)
+    assert sim.duty(0) == 0.25
+    # Duty 0 with a workload: the GPU idles but the job's processes stay on it.
+    sim.set_workload(0, "training", pids=[9], duty=0.0)
+    assert sim.true_power_w(0) == pytest.approx(H100.idle_power_w)
+    assert [p.pid for p in sim.read(0).processes] == [9]
+
+
+def test_power_limit_acts_on_the_busy_bursts(make: Factory, clock: VirtualClock) -> None:
+    sim = make()
+    sim.set_workload(0, "training")
+    sim.set_power_limit(0, 300_000)
+    clock.advance(1.0)
+    capped_w = sim.true_power_w(0)
+    capped_slowdown = sim.step_slowdown(0)
+    assert capped_w * (1 + get_workload("training").ripple) <= 300.0
+    sim.set_workload(0, "training", duty=0.5)
+    clock.advance(1.0)
+    # The limit still binds on the bursts: same clock, same slowdown, power mixed with idle.
+    assert sim.step_slowdown(0) == pytest.approx(capped_slowdown)
+    assert sim.true_power_w(0) == pytest.approx(0.5 * capped_w + 0.5 * H100.idle_power_w)
+    assert (sim.read(0).throttle_reasons or 0) & ThrottleReason.SW_POWER_CAP
+
+
+def test_energy_stays_exact_across_duty_changes(make: Factory, clock: VirtualClock) -> None:
+    sim = make()
+    start_mj = sim.true_energy_mj(0)
+    expected_j = 0.0
+    for i, duty in enumerate([1.0, 0.3, 0.7, 0.05, 1.0, 0.5]):
+        sim.set_workload(0, "training", duty=duty)
+        power_w = sim.true_power_w(0)
+        t0 = clock.now()
+        clock.advance(0.37 + 0.11 * i)
+        expected_j += power_w * (clock.now() - t0)  # the float clock rounds each step
+    assert sim.true_energy_mj(0) - start_mj == pytest.approx(expected_j * 1000, rel=1e-9)
+    counter_mj = sim.read(0).energy_mj or 0
+    assert sim.true_energy_mj(0) - counter_mj <= H100.max_limit_w * 1000 * 0.1 + 1
+
+
+def test_duty_is_persisted_validated_and_reset_by_idle(make: Factory, clock: VirtualClock) -> None:
+    first = make()
+    first.set_workload(1, "training", duty=0.4)
+    power_w = first.true_power_w(1)
+    del first
+    clock.advance(1.0)
+    second = make()
+    assert second.duty(1) == 0.4
+    assert second.true_power_w(1) == pytest.approx(power_w)
+    with pytest.raises(ValueError, match="duty"):
+        second.set_workload(1, "training", duty=1.5)
+    with pytest.raises(ValueError, match="duty"):
+        second.set_workload(1, "training", duty=-0.1)
+    assert second.duty(1) == 0.4  # a refused change changes nothing
+    second.set_workload(1, None, duty=0.4)
+    assert second.duty(1) == 1.0
+    assert second.true_power_w(1) == pytest.approx(H100.idle_power_w)
