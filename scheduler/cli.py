@@ -483,16 +483,18 @@ def db_current(db: DbOpt = None, home: HomeOpt = None) -> None:
 
 @app.command()
 def demo(
-    seconds: Annotated[float, typer.Option(help="How long the daemon samples.", min=5)] = 30.0,
     home: Annotated[Path, typer.Option(help="Where the demo's store goes (wiped first).")] = Path(
         ".demo"
     ),
-    sim_gpus: Annotated[int, typer.Option("--sim-gpus", min=1, max=16)] = 4,
+    steps: Annotated[
+        int | None, typer.Option(min=5, help="Training steps per job (default 150).")
+    ] = None,
 ) -> None:
-    """Run the daemon on simulated H100s under a synthetic load, then show energy per GPU."""
+    """Run the daemon on 4 simulated H100s with two real training jobs under budgets, then show
+    a per-job summary (energy, mean power, tokens/s, J/token)."""
     from scheduler.demo import run_demo
 
-    guarded(lambda: run_demo(home=home, seconds=seconds, gpus=sim_gpus, console=out))
+    guarded(lambda: run_demo(home=home, steps=steps, console=out))
 
 
 def main() -> None:

@@ -1,7 +1,8 @@
-"""`powertrain demo`: the daemon on simulated H100s under a synthetic load, then energy per GPU.
+"""`powertrain demo`: the daemon on simulated H100s runs two real training jobs under budgets.
 
-The daemon runs as a real subprocess; this process drives the simulated node's load through the
-node's state file, the same way a job would, and reads the results back from the store.
+The daemon runs as a real subprocess on simulated GPUs; two runs of ``examples/pretrain_gpt.py``
+(real PyTorch training on the CPU) are submitted through its API with different budgets; their
+progress is shown while they train, then a per-job summary is read back from the store.
 """
 
 from __future__ import annotations
@@ -14,122 +15,150 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from rich import box
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from telemetry.backends.simulated import SimulatedBackend
+from scheduler.apiclient import DaemonClient, DaemonError
 from telemetry.store import open_store
 
-CAPPED_LIMIT_MW = 400_000
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "pretrain_gpt.py"
+SEQ_LEN = 128
+BATCH = 16
 
 
 @dataclass(frozen=True, slots=True)
-class _Pattern:
-    label: str
-    busy_from: float  # share of the run before the GPU starts working
-    period_s: float | None  # busy/idle alternation period (input stalls), None: steady
+class DemoJob:
+    """One submitted run: name, budget per GPU (W), GPUs, steps."""
+
+    name: str
+    watts: float
+    gpus: int
+    steps: int
+
+    @property
+    def tokens(self) -> int:
+        return self.steps * BATCH * SEQ_LEN
 
 
-PATTERNS = (
-    _Pattern("training", 0.0, None),
-    _Pattern("training, 400 W cap", 0.0, None),
-    _Pattern("idle, then training", 1 / 3, None),
-    _Pattern("4 s on / 4 s off", 0.0, 8.0),
-)
+JOBS = (DemoJob("gpt-450w", 450.0, 1, 150), DemoJob("gpt-300w-x2", 300.0, 2, 150))
 
 
-def _busy(pattern: _Pattern, t: float, seconds: float) -> bool:
-    if t < pattern.busy_from * seconds:
-        return False
-    return pattern.period_s is None or (t % pattern.period_s) < pattern.period_s / 2
-
-
-def run_demo(*, home: Path, seconds: float, gpus: int, console: Console) -> None:
-    """Run the demo in ``home`` (wiped first) and print per-GPU energy and mean power."""
+def run_demo(*, home: Path, steps: int | None, console: Console) -> Path:
+    """Run the demo in ``home`` (wiped first); returns the store's path."""
+    home = home.resolve()
     shutil.rmtree(home, ignore_errors=True)
     home.mkdir(parents=True)
-    node = SimulatedBackend(gpus=gpus, sku="H100-SXM", state_path=home / "simulated-gpus.json")
-    patterns = [PATTERNS[i % len(PATTERNS)] for i in range(gpus)]
-    for index, pattern in enumerate(patterns):
-        if "cap" in pattern.label:
-            node.set_power_limit(index, CAPPED_LIMIT_MW)
-
+    socket = home / "powertrain.sock"
     env = {k: v for k, v in os.environ.items() if not k.startswith("POWERTRAIN_")}
     log_path = home / "daemon.log"
     cmd = [sys.executable, "-m", "scheduler", "daemon", "--backend", "simulated",
-           "--home", str(home)]
-    console.print(f"[bold]powertrain demo[/]: daemon on {gpus} simulated H100 SXM GPUs, "
-                  f"sampling at 10 Hz for {seconds:.0f} s (log: {log_path})")
+           "--sim-gpus", "4", "--home", str(home), "--socket", str(socket)]
+    console.print(f"[bold]powertrain demo[/]: daemon on 4 simulated H100 SXM GPUs "
+                  f"(store {home / 'powertrain.db'}, log {log_path})")
+    jobs = [DemoJob(j.name, j.watts, j.gpus, steps or j.steps) for j in JOBS]
     with log_path.open("w") as log:
         daemon = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
-            _drive(node, patterns, seconds, daemon, console)
+            with DaemonClient(socket) as client:
+                _wait_ready(client, daemon)
+                ids = {job.name: _submit(client, job) for job in jobs}
+                _follow(client, daemon, jobs, ids, console)
+                views = {v["id"]: v for v in client.jobs(include_ended=True)}
         finally:
             daemon.send_signal(signal.SIGTERM)
             code = daemon.wait(30)
-    for index in range(gpus):
-        node.set_workload(index, None)
-        node.reset_power_limit(index)
-    node.close()
     if code != 0:
         raise RuntimeError(f"the daemon exited with status {code}; see {log_path}")
-    _summarise(home, patterns, console)
+    _summarise(home, jobs, ids, views, console)
+    return home / "powertrain.db"
 
 
-def _drive(
-    node: SimulatedBackend,
-    patterns: list[_Pattern],
-    seconds: float,
+def _wait_ready(client: DaemonClient, daemon: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if daemon.poll() is not None:
+            raise RuntimeError(f"the daemon exited early with status {daemon.returncode}")
+        try:
+            client.request("GET", "/v1/health")
+            return
+        except DaemonError:
+            time.sleep(0.2)
+    raise RuntimeError("the daemon did not answer within 60 s")
+
+
+def _submit(client: DaemonClient, job: DemoJob) -> int:
+    argv = [sys.executable, str(EXAMPLE), "--steps", str(job.steps), "--name", job.name,
+            "--log-every", "25"]
+    view = client.submit({"name": job.name, "argv": argv, "cwd": str(EXAMPLE.parent),
+                          "env": dict(os.environ), "gpus": job.gpus, "watts": job.watts})
+    return int(view["id"])
+
+
+def _follow(
+    client: DaemonClient,
     daemon: subprocess.Popen[bytes],
+    jobs: list[DemoJob],
+    ids: dict[str, int],
     console: Console,
 ) -> None:
-    state: list[bool | None] = [None] * len(patterns)
-    progress = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed:.0f}/{task.total:.0f} s"),
-        TimeRemainingColumn(),
-        console=console,
-    )
+    progress = Progress(TextColumn("{task.description}"), BarColumn(),
+                        TextColumn("{task.percentage:>3.0f}%"), TimeElapsedColumn(),
+                        console=console)
     with progress:
-        task = progress.add_task("sampling", total=seconds)
-        start = time.monotonic()
-        while (t := time.monotonic() - start) < seconds:
+        tasks: dict[int, TaskID] = {
+            ids[j.name]: progress.add_task(j.name, total=j.tokens) for j in jobs
+        }
+        while True:
             if daemon.poll() is not None:
                 raise RuntimeError(f"the daemon exited early with status {daemon.returncode}")
-            for index, pattern in enumerate(patterns):
-                busy = _busy(pattern, t, seconds)
-                if busy != state[index]:
-                    node.set_workload(index, "training" if busy else None)
-                    state[index] = busy
-            busy_now = sum(1 for s in state if s)
-            progress.update(task, completed=t, description=f"sampling ({busy_now} GPUs busy)")
-            time.sleep(0.2)
-        progress.update(task, completed=seconds)
+            views = {v["id"]: v for v in client.jobs(include_ended=True)}
+            for job in jobs:
+                view = views[ids[job.name]]
+                progress.update(tasks[view["id"]], completed=view["tokens"],
+                                description=_describe(job, view))
+            if all(views[i]["state"] not in ("queued", "running", "paused") for i in ids.values()):
+                return
+            time.sleep(0.5)
 
 
-def _summarise(home: Path, patterns: list[_Pattern], console: Console) -> None:
+def _describe(job: DemoJob, view: dict[str, Any]) -> str:
+    power = "-" if view["power_w"] is None else f"{view['power_w']:.0f} W"
+    rate = "-" if view["tokens_per_s"] is None else f"{view['tokens_per_s']:,.0f} tok/s"
+    return (f"{job.name:<12} {view['state']:<9} GPUs {','.join(map(str, view['gpus'])) or '-':<4}"
+            f" {power:>7} {rate:>12}")
+
+
+def _summarise(
+    home: Path,
+    jobs: list[DemoJob],
+    ids: dict[str, int],
+    views: dict[int, dict[str, Any]],
+    console: Console,
+) -> None:
     store = open_store(f"sqlite:///{home / 'powertrain.db'}")
     try:
-        table = Table("GPU", "Load", "Samples", "Span", "Energy", "Mean power",
-                      title="Energy per GPU, from the store", box=box.SIMPLE_HEAD)
-        total_j = 0.0
-        for gpu in sorted(store.gpus(), key=lambda g: g.index):
-            energy = store.gpu_energy(gpu.id)
-            samples = store.sample_count(gpu.id)
+        table = Table("Job", "State", "GPUs", "Budget", "Energy", "Mean power", "Tokens/s",
+                      "J/token", title="Per-job summary, from the store", box=box.SIMPLE_HEAD)
+        for job in jobs:
+            job_id = ids[job.name]
+            record = store.jobs.get(job_id)
+            energy = store.jobs.energy(job_id)
+            view = views[job_id]
             joules = energy.energy_mj / 1000
-            total_j += joules
             mean_w = joules / energy.duration_s if energy.duration_s else float("nan")
+            rate = store.jobs.throughput(job_id, window_s=1e9)
+            tokens = view["tokens"]
             table.add_row(
-                str(gpu.index), patterns[gpu.index].label, f"{samples:,}",
-                f"{energy.duration_s:.1f} s", f"{joules / 1000:,.2f} kJ ({joules / 3600:.2f} Wh)",
-                f"{mean_w:.0f} W",
+                f"{job_id} {job.name}", view["state"],
+                ",".join(map(str, record.gpus)) if record else "-",
+                f"{job.watts:.0f} W/GPU", f"{joules / 3600:.2f} Wh", f"{mean_w:.0f} W",
+                "-" if rate is None or rate.tokens_per_s is None else f"{rate.tokens_per_s:,.0f}",
+                f"{joules / tokens:.4f}" if tokens else "-",
             )
         console.print(table)
-        console.print(f"Total: {total_j / 1000:,.2f} kJ ({total_j / 3600:.2f} Wh). "
-                      f"Store: {home / 'powertrain.db'}")
     finally:
         store.close()
