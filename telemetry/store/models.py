@@ -275,3 +275,37 @@ jobs_table = cast(Table, Job.__table__)
 job_gpus_table = cast(Table, JobGpu.__table__)
 job_events_table = cast(Table, JobEventRow.__table__)
 job_progress_table = cast(Table, JobProgressRow.__table__)
+
+
+class SettingsJournalRow(Base):
+    """One GPU setting powertrain changed (or, in a dry run, would have changed), and its undo.
+
+    Written before the GPU is touched (``pending``), then ``applied`` or ``failed``; an applied
+    or pending change ends ``undone`` (back to the GPU's default) or ``undo_failed``. ``value`` is
+    a power limit in mW (``setting = 'power_limit'``) or the locked maximum SM clock in MHz
+    (``'sm_clocks'``, with the lower bound in ``min_clock_mhz``); ``previous_value`` is what was
+    in force before, in the same unit, when known.
+    """
+
+    __tablename__ = "settings_journal"
+    __table_args__ = (Index(None, "host", "status"), Index(None, "job_id"))
+
+    id: Mapped[int] = mapped_column(BigIntKey, primary_key=True, autoincrement=True)
+    host: Mapped[str] = mapped_column(String(255))
+    gpu_id: Mapped[int] = mapped_column(Integer, ForeignKey("gpus.id"))
+    gpu_index: Mapped[int] = mapped_column(Integer)
+    job_id: Mapped[int | None] = mapped_column(Integer, ForeignKey("jobs.id", ondelete="SET NULL"))
+    setting: Mapped[str] = mapped_column(String(16))
+    value: Mapped[int] = mapped_column(Integer)
+    min_clock_mhz: Mapped[int | None] = mapped_column(Integer)
+    previous_value: Mapped[int | None] = mapped_column(Integer)
+    dry_run: Mapped[bool] = mapped_column(Boolean)
+    status: Mapped[str] = mapped_column(String(16))
+    requested_at: Mapped[datetime] = mapped_column(UtcTimestamp)
+    applied_at: Mapped[datetime | None] = mapped_column(UtcTimestamp)
+    undone_at: Mapped[datetime | None] = mapped_column(UtcTimestamp)
+    undo_reason: Mapped[str | None] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(Text)
+
+
+settings_journal_table = cast(Table, SettingsJournalRow.__table__)

@@ -46,6 +46,7 @@ from telemetry.store.models import (
 
 if TYPE_CHECKING:
     from telemetry.store.jobs import JobStore
+    from telemetry.store.journal import JournalStore
 
 MINUTE_US = 60_000_000
 ROLLUP_SETTLE_S = 10.0
@@ -393,6 +394,7 @@ class Store:
         self._engine = engine
         self._max_gap_s = max_gap_s
         self._jobs: JobStore | None = None
+        self._journal: JournalStore | None = None
         self._is_sqlite = engine.dialect.name == "sqlite"
         dialect = engine.dialect
         self._insert_samples = _DriverStatement(
@@ -426,6 +428,15 @@ class Store:
 
             self._jobs = JobStore(self._engine, gpu_energy=self.gpu_energy)
         return self._jobs
+
+    @property
+    def journal(self) -> JournalStore:
+        """The settings journal in this store (a ``JournalStore`` on the same engine)."""
+        if self._journal is None:
+            from telemetry.store.journal import JournalStore  # imports this module
+
+            self._journal = JournalStore(self._engine)
+        return self._journal
 
     def _write(self) -> Any:
         """A write transaction (on SQLite, one that takes the write lock at ``BEGIN``)."""
