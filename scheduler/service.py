@@ -153,8 +153,7 @@ class JobService:
             check_request(tuple(indices), req.watts, self._slots(busy=frozenset()))
         new = NewJob(
             name=req.name, user=caller.user, uid=caller.uid, gid=caller.gid, argv=argv, cwd=cwd,
-            host=self._host, gpu_count=len(indices) or None,
-            gpu_ids_requested=tuple(indices) or None, watts_per_gpu=req.watts,
+            host=self._host, gpu_ids_requested=tuple(indices) or None, watts_per_gpu=req.watts,
             energy_budget_wh=req.energy_wh, mode=Mode(req.mode), on_exceed=OnExceed(req.on_exceed),
             total_steps=req.total_steps, total_tokens=req.total_tokens, attached=True, pid=pid,
             pid_create_time=create_time,

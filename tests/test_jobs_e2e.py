@@ -309,3 +309,26 @@ def test_a_daemon_restart_readopts_a_running_job(tmp_path: Path, sock_dir: Path)
         assert energy.method == "counter"  # the counter bridges the restart exactly
     finally:
         store.close()
+
+
+def test_a_job_started_elsewhere_attaches_and_is_tracked(tmp_path: Path, sock_dir: Path) -> None:
+    socket = sock_dir / "api.sock"
+    daemon = start_daemon(tmp_path, socket)
+    try:
+        env = dict(os.environ, POWERTRAIN_SOCKET=str(socket), CUDA_VISIBLE_DEVICES="2")
+        env.pop("POWERTRAIN_JOB_ID", None)
+        run = subprocess.run(
+            [sys.executable, str(EXAMPLE), *TINY, "--steps", "40", "--name", "notebook"],
+            env=env, capture_output=True, text=True, timeout=240, cwd=REPO,
+        )
+        assert run.returncode == 0, run.stderr
+        listed = list(jobs(socket).values())
+        assert len(listed) == 1
+        view = listed[0]
+        assert view["attached"] and view["name"] == "notebook" and view["gpus"] == [2]
+        assert view["tokens"] == 40 * 8 * 64
+        # The process is gone, so the daemon ends the job on its next control tick.
+        wait_until(daemon, lambda: jobs(socket)[view["id"]]["state"] != "running", timeout_s=30)
+        assert jobs(socket)[view["id"]]["energy_j"] > 0
+    finally:
+        assert daemon.terminate() == 0, daemon.log()
