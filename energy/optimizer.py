@@ -23,9 +23,12 @@ Done), but it probes less and more carefully:
   costs, so the walk goes on.
 * A probe's first window ends as soon as it is clearly worse than the best so far (``z``
   standard errors, from the step-to-step spread pooled over the search); measuring it longer
-  would only cost energy. Once the walk stops, the best and its closest challenger, while within
-  noise of each other, are measured again, within a budget of steps: the choice among
-  near-equals is what the job pays for, and near-optimal settings cost little to measure.
+  would only cost energy. Once the walk stops, the search races: the best against the
+  challenger with the largest expected loss (what committing to the best would cost, on
+  average, were the challenger in fact better), measuring whichever of the two is less
+  precise. It stops when that expected loss is negligible or a step budget proportional to the
+  number of candidates is spent: near-ties get steps only while the choice can still matter,
+  and a clear winner ends the search early.
 * ``MostThroughput`` under a wattage budget bisects the candidates for the highest setting whose
   measured power fits (throughput rises and power rises with the setting), starting at the
   budget itself for power limits.
@@ -194,6 +197,17 @@ def _finite(x: float) -> float:
     return x if math.isfinite(x) else 0.0
 
 
+def _expected_loss(gap: float, sd: float) -> float:
+    """``E[max(0, -X)]`` for ``X ~ Normal(gap, sd)``: how much worse, on average, keeping the
+    best is than a challenger that measured ``gap`` worse with standard error ``sd``."""
+    if sd <= 0 or not math.isfinite(sd):
+        return max(0.0, -gap) if math.isfinite(sd) else math.inf
+    z = gap / sd
+    pdf = math.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+    cdf_neg = 0.5 * math.erfc(z / math.sqrt(2.0))
+    return sd * pdf - gap * cdf_neg
+
+
 #: Standard errors of headroom the constraints keep (``power + z*SE <= budget``).
 _CONSTRAINT_Z = 2.0
 
@@ -357,11 +371,17 @@ class SearchConfig:
             this many steps and seconds (NVML applies a power limit within about 100 ms).
         min_measure_steps / screen_steps: Bounds of a probe's first window; it ends between them
             as soon as the probe is clearly worse than the best so far.
-        refine_steps / refine_window / max_measure_steps: Once the walk stops, the settings still
-            within noise of the best are measured again, ``refine_window`` steps at a time, the
-            best and its closest challenger, for at most ``refine_steps`` steps in all and
-            ``max_measure_steps`` per setting: the choice among near-equals is what the job pays
-            for, and near-optimal settings cost little to measure.
+        budget_steps_per_candidate: The whole search measures at most this many steps per
+            candidate setting: ``k * budget_steps_per_candidate`` over ``k`` candidates, however
+            they are shared out (warm-ups come on top). Zeus takes 50 steps per candidate (10
+            warm-up, 40 measured); 24 measured steps and a 2-step warm-up are about half that.
+        refine_window / loss_tol: Once the walk stops, the search races the best against the
+            challenger with the largest expected loss (how much worse, on average, committing to
+            the best would be if the challenger were in fact better, given both scores'
+            standard errors), ``refine_window`` steps at a time, on whichever of the two is
+            measured less precisely. It stops when the summed expected loss of committing falls
+            below ``loss_tol`` (relative to the best score) or the budget is spent: steps go to
+            near-ties only while the choice can still matter.
         z: Standard errors that make two scores "clearly different".
         rise_tol: Relative margin above the best score that ends the walk down (with ``z``).
         bind_drop / bind_share: A cap binds when the power drawn fell by ``bind_drop`` (relative,
@@ -376,9 +396,9 @@ class SearchConfig:
     warmup_s: float = 0.1
     min_measure_steps: int = 8
     screen_steps: int = 16
-    refine_steps: int = 96
+    budget_steps_per_candidate: int = 24
     refine_window: int = 16
-    max_measure_steps: int = 64
+    loss_tol: float = 0.0005
     z: float = 3.0
     rise_tol: float = 0.05
     bind_share: float = 0.8
@@ -391,10 +411,12 @@ class SearchConfig:
     def __post_init__(self) -> None:
         if self.wait_steps < 0 or self.warmup_steps < 0 or self.warmup_s < 0:
             raise ValueError("wait and warm-up must not be negative")
-        if not 2 <= self.min_measure_steps <= self.screen_steps <= self.max_measure_steps:
-            raise ValueError("need 2 <= min_measure_steps <= screen_steps <= max_measure_steps")
-        if self.refine_steps < 0 or self.refine_window < 1:
-            raise ValueError("refine_steps must be >= 0 and refine_window >= 1")
+        if not 2 <= self.min_measure_steps <= self.screen_steps:
+            raise ValueError("need 2 <= min_measure_steps <= screen_steps")
+        if self.budget_steps_per_candidate < 1 or self.refine_window < 1:
+            raise ValueError("budget_steps_per_candidate and refine_window must be >= 1")
+        if self.loss_tol < 0:
+            raise ValueError(f"loss_tol must be >= 0, got {self.loss_tol}")
         if self.monitor_min_steps < 1 or self.shift_windows < 1 or self.shift_tol <= 0:
             raise ValueError("monitor windows, shift windows and shift tolerance must be positive")
 
@@ -589,8 +611,10 @@ class EnergyOptimizer:
         self._probes: list[Probe] = []
         #: Every window measured per setting in this search: (measured, warm-up).
         self._windows: dict[int, tuple[_Window, _Window]] = {}
-        self._refine_left = self.config.refine_steps
         self._refining = False
+        self._race_window = self.config.refine_window
+        #: The most steps one search may spend, warm-ups included.
+        self._budget_steps = self.config.budget_steps_per_candidate * len(self._candidates)
         self._stop_reason = ""
         self._bisect_first = True
         if self.config.wait_steps == 0:
@@ -716,8 +740,8 @@ class EnergyOptimizer:
     def _start_search(self) -> None:
         self._probes = []
         self._windows = {}
-        self._refine_left = self.config.refine_steps
         self._refining = False
+        self._race_window = self.config.refine_window
         self._stop_reason = ""
         self._bisect_first = True
         self.setting = self._candidates[0]
@@ -738,7 +762,6 @@ class EnergyOptimizer:
             window, warmup = self._windows[st.setting]
             window.merge(st.window)
             warmup.merge(st.warmup)
-            self._refine_left -= st.window.steps
             i = next(i for i, p in enumerate(self._probes) if p.setting == st.setting)
             self._probes[i] = window.probe(st.setting, warmup)
         else:
@@ -784,7 +807,7 @@ class EnergyOptimizer:
         """
         cfg, w = self.config, st.window
         if self._refining:
-            return w.steps >= min(cfg.refine_window, max(1, self._refine_left))
+            return w.steps >= self._race_window
         if w.steps >= cfg.screen_steps:
             return True
         if w.steps < cfg.min_measure_steps or not self._probes:
@@ -813,39 +836,62 @@ class EnergyOptimizer:
             nxt = self._next_refine()
         if nxt is None:
             self._finish(self._stop_reason)
+        elif nxt == self.setting and self._refining:
+            # Measuring the same setting again: it is warm already.
+            self.state = Measuring(nxt, _Window())
         else:
             self.setting = nxt
             self.state = Warmup(nxt)
 
+    def _measured_steps(self) -> int:
+        """Steps measured so far in this search's finished windows (warm-ups not included)."""
+        return sum(p.steps for p in self._probes)
+
     def _next_refine(self) -> int | None:
-        """The next setting to measure again: of the best and its closest challenger within
-        noise, the less measured; None when nothing is within noise or the budget is spent."""
+        """The next setting of the race, or None once the choice is settled or the budget spent.
+
+        The best races the challenger with the largest expected loss: of the two, the one whose
+        score is less precise is measured next (a window of ``refine_window`` steps, less when
+        the budget runs short). The race ends when the expected losses summed over challengers
+        fall below ``loss_tol`` of the best score: what is left to learn is worth less than it
+        costs to measure.
+        """
         cfg = self.config
         best = self._best()
-        if best is None or self._refine_left <= 0:
+        if best is None:
             return None
         best_probe, best_score = best
         top = self._top()
-        contenders = []
+        best_sd = best_score * self._rse(best_probe)
+        losses: list[tuple[float, Probe]] = []
         for p in self._probes:
             score = self.objective.score(p, top)
-            if score is None:
+            if score is None or p is best_probe:
                 continue
-            both = math.hypot(self._rse(p), self._rse(best_probe))
-            if score <= best_score * (1.0 + cfg.z * both):
-                contenders.append(p)
-        # The duel that decides the choice: the best against its closest challenger.
-        open_ = [p for p in contenders if p.steps < cfg.max_measure_steps]
-        challengers = sorted(
-            (p for p in open_ if p is not best_probe),
-            key=lambda p: self.objective.score(p, top) or math.inf,
-        )
-        if not challengers:
+            sd = math.hypot(best_score * self._rse(best_probe), score * self._rse(p))
+            losses.append((_expected_loss(score - best_score, sd), p))
+        if not losses:
+            self._stop_reason += "; nothing left to race"
             return None
-        duel = [challengers[0]]
-        if best_probe.steps < cfg.max_measure_steps:
-            duel.append(best_probe)
-        return min(duel, key=lambda p: p.steps).setting
+        if sum(el for el, _ in losses) <= cfg.loss_tol * best_score:
+            self._stop_reason += "; the choice is settled"
+            return None
+        _, challenger = max(losses, key=lambda lp: lp[0])
+        challenger_score = self.objective.score(challenger, top) or best_score
+        pick = (
+            best_probe
+            if best_sd >= challenger_score * self._rse(challenger)
+            else challenger
+        )
+        left = self._budget_steps - self._measured_steps()
+        if left < cfg.min_measure_steps:
+            self._stop_reason += "; the profiling budget is spent"
+            return None
+        # A window at least as long as the warm-up it costs (fast steps need many to fill
+        # ``warmup_s``), so that switching settings does not eat the budget.
+        warmup = max(cfg.warmup_steps, math.ceil(cfg.warmup_s / max(pick.step_time_s, 1e-9)))
+        self._race_window = min(max(cfg.refine_window, warmup), left)
+        return pick.setting
 
     def _binds(self, probe: Probe) -> bool:
         """Whether the cap visibly constrains the GPU at this probe.

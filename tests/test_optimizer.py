@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from collections.abc import Callable
@@ -15,6 +16,7 @@ from energy.optimizer import (
     Knob,
     LeastEnergy,
     LeastEnergyWithinSlowdown,
+    Measuring,
     MostThroughput,
     Objective,
     SearchConfig,
@@ -109,8 +111,11 @@ def test_profiling_cost_is_the_sum_of_its_probes() -> None:
     assert res.profiling_energy_j == pytest.approx(
         sum(p.energy_j + p.warmup_energy_j for p in res.probes)
     )
-    # Far fewer steps than Zeus's 50 per limit on all nine limits.
-    assert res.profiling_steps < 0.5 * 9 * 50
+    # The measured steps keep to the budget; with the warm-ups on top, still far fewer steps than
+    # Zeus's 50 per limit on all nine limits (the energy comparison lives in bench/optimizer.py).
+    budget = SearchConfig().budget_steps_per_candidate * len(SPACE.candidates())
+    assert sum(p.steps for p in res.probes) <= budget
+    assert res.profiling_steps < 0.6 * 9 * 50
 
 
 def test_least_energy_and_slowdown_objectives() -> None:
@@ -248,3 +253,77 @@ def test_searches_locked_clocks_on_a_replayed_gpu() -> None:
     assert opt.done and opt.result is not None
     assert opt.result.setting < info.max_sm_clock_mhz  # a lower clock pays on this curve
     assert len(opt.result.probes) < len(space.candidates())
+
+
+def _tied(tie_mw: tuple[int, int] = (200_000, 175_000)) -> Curve:
+    """A curve whose least cost is shared by two settings; every other costs 8 % more."""
+
+    def at(limit_mw: int) -> tuple[float, float]:
+        return (0.10 if limit_mw in tie_mw else 0.108), 150.0
+
+    return at
+
+
+def test_race_spends_the_budget_on_a_near_tie_and_nowhere_else() -> None:
+    cfg = SearchConfig()
+    opt = EnergyOptimizer(SPACE, ZeusCost(0.5, 300.0), cfg)
+    drive(opt, _tied(), steps=3_000)
+    res = opt.result
+    assert res is not None and res.setting in (200_000, 175_000)
+    steps = {p.setting: p.steps for p in res.probes}
+    budget = cfg.budget_steps_per_candidate * len(SPACE.candidates())
+    assert sum(steps.values()) <= budget
+    assert "budget" in res.reason
+    # The tied pair got the race; the clearly worse settings kept their screening window.
+    assert steps[200_000] > cfg.screen_steps and steps[175_000] > cfg.screen_steps
+    assert all(n <= cfg.screen_steps for s, n in steps.items() if s not in (200_000, 175_000))
+
+
+def test_race_ends_early_once_the_choice_is_settled() -> None:
+    # Hardly any noise: the best is plain after the walk, and the budget is left unspent.
+    opt = EnergyOptimizer(SPACE, ZeusCost(0.5, 300.0))
+    drive(opt, physical(), noise=0.001)
+    res = opt.result
+    assert res is not None and "settled" in res.reason
+    budget = SearchConfig().budget_steps_per_candidate * len(SPACE.candidates())
+    assert sum(p.steps for p in res.probes) < 0.5 * budget
+
+
+def test_budget_bounds_the_measured_steps() -> None:
+    for per_candidate in (8, 12, 40):
+        cfg = SearchConfig(budget_steps_per_candidate=per_candidate)
+        opt = EnergyOptimizer(SPACE, ZeusCost(0.5, 300.0), cfg)
+        drive(opt, _tied(), steps=4_000, seed=per_candidate)
+        res = opt.result
+        assert res is not None
+        measured = sum(p.steps for p in res.probes)
+        # The walk's screening windows come first; the race never goes past the budget.
+        walk = sum(min(p.steps, cfg.screen_steps) for p in res.probes)
+        assert measured <= max(walk, per_candidate * len(SPACE.candidates()))
+
+
+def test_measuring_the_same_setting_again_needs_no_warmup() -> None:
+    cfg = SearchConfig(wait_steps=0)
+    for seed in range(5):
+        opt = EnergyOptimizer(SPACE, ZeusCost(0.5, 300.0), cfg)
+        settings: list[int] = []
+        windows: list[Measuring] = []
+        rng = random.Random(seed)
+        curve = _tied((125_000, 100_000))  # the walk ends at a contender: races may stay there
+        while not opt.done:
+            settings.append(opt.setting)
+            if isinstance(opt.state, Measuring) and not any(w is opt.state for w in windows):
+                windows.append(opt.state)
+            t, p = curve(opt.setting)
+            jitter = 1 + 0.03 * rng.gauss(0, 1)
+            opt.observe(1, t * jitter, t * jitter * p)
+        res = opt.result
+        assert res is not None
+        visits = 1 + sum(a != b for a, b in itertools.pairwise(settings))
+        # Every step here lasts >= warmup_s, so a visit's warm-up is warmup_steps steps, once,
+        # however many windows it measures.
+        assert sum(p.warmup_steps for p in res.probes) == cfg.warmup_steps * visits
+        assert len(settings) == res.profiling_steps
+        if len(windows) > visits:
+            return
+    raise AssertionError("no race measured a setting twice in a row")
