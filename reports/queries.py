@@ -241,7 +241,9 @@ def build_report(store: Store, request: ReportRequest) -> Report:
         job = store.jobs.get(request.job_id)
         if job is None:
             raise UnknownJobError(f"no job {request.job_id}")
-    until = request.until or (job.ended_at if job and job.ended_at else None) or now
+    latest = max((g.last_seen_at for g in gpus.values()), default=now)
+    # by default the report ends at the latest data (or now, if that is earlier)
+    until = request.until or (job.ended_at if job and job.ended_at else None) or min(now, latest)
     since = request.since or (job.started_at if job and job.started_at else None)
     if since is None:
         first = min((g.first_seen_at for g in gpus.values()), default=until - timedelta(days=1))

@@ -1257,47 +1257,55 @@ class Store:
         span_us = until_us - since_us
         if span_us <= 0:
             return []
+        bucket_us = max(1_000_000, _ceil(span_us // max_points + 1, 1_000_000))
         with self._engine.connect() as conn:
             if span_us <= RAW_MAX_SPAN_S * 1e6 and self._raw_covers(conn, gpu_id, since_us):
-                bucket_us = max(1_000_000, _ceil(span_us // max_points + 1, 1_000_000))
-                s = samples_table.c
-                t_us = _us(s.sampled_at)
-                power = func.coalesce(s.power_mw, s.power_avg_mw)
-                key = (t_us - since_us) / bucket_us
-                query = (
-                    select(type_coerce(key, BigInteger), func.avg(power), func.max(power))
-                    .where(s.gpu_id == gpu_id, t_us >= since_us, t_us < until_us)
-                    .group_by(key)
-                    .order_by(key)
-                )
-                out = []
-                for k, mean, peak in conn.execute(query):
-                    if mean is None:
-                        continue
-                    lo = since_us + int(k) * bucket_us
-                    out.append(PowerPoint(from_epoch_us(lo),
-                                          from_epoch_us(min(lo + bucket_us, until_us)),
-                                          float(mean), None if peak is None else int(peak)))
-                return out
+                return self._raw_power(conn, gpu_id, since_us, until_us, bucket_us)
             frontiers = self._frontiers(conn, gpu_id)
-        level_s = 60
-        for candidate in ROLLUP_LEVELS_S:
-            if span_us / (level_s * 1e6) <= max_points:
-                break
-            if candidate in frontiers:
-                level_s = candidate
-        points: list[PowerPoint] = []
-        minutes_from = since
-        if level_s != 60:
-            width = timedelta(seconds=level_s)
-            for bucket in self.level_rollups(gpu_id, level_s, since, until):
-                points.append(PowerPoint(bucket.start, bucket.start + width,
-                                         bucket.energy_mj / level_s, bucket.max_power_mw))
-            minutes_from = max(since, from_epoch_us(frontiers[level_s]))
-        for r in self.rollups(gpu_id, minutes_from, until):
-            points.append(PowerPoint(r.minute_start, r.minute_start + timedelta(minutes=1),
-                                     r.energy_mj / 60.0, r.max_power_mw))
+            level_s = 60
+            for candidate in ROLLUP_LEVELS_S:
+                if span_us / (level_s * 1e6) <= max_points:
+                    break
+                if candidate in frontiers:
+                    level_s = candidate
+            points: list[PowerPoint] = []
+            minutes_from = since
+            if level_s != 60:
+                width = timedelta(seconds=level_s)
+                for bucket in self.level_rollups(gpu_id, level_s, since, until):
+                    points.append(PowerPoint(bucket.start, bucket.start + width,
+                                             bucket.energy_mj / level_s, bucket.max_power_mw))
+                minutes_from = max(since, from_epoch_us(frontiers[level_s]))
+            for r in self.rollups(gpu_id, minutes_from, until):
+                points.append(PowerPoint(r.minute_start, r.minute_start + timedelta(minutes=1),
+                                         r.energy_mj / 60.0, r.max_power_mw))
+            # after the latest minute rollup (the minute in progress, or never rolled up): raw
+            raw_from = max(since_us, frontiers.get(60, since_us))
+            if raw_from < until_us:
+                points.extend(self._raw_power(conn, gpu_id, raw_from, until_us, bucket_us))
         return points
+
+    def _raw_power(
+        self, conn: Connection, gpu_id: int, since_us: int, until_us: int, bucket_us: int
+    ) -> list[PowerPoint]:
+        s = samples_table.c
+        t_us = _us(s.sampled_at)
+        power = func.coalesce(s.power_mw, s.power_avg_mw)
+        key = (t_us - since_us) // bucket_us
+        query = (
+            select(type_coerce(key, BigInteger), func.avg(power), func.max(power))
+            .where(s.gpu_id == gpu_id, t_us >= since_us, t_us < until_us)
+            .group_by(key)
+            .order_by(key)
+        )
+        out = []
+        for k, mean, peak in conn.execute(query):
+            if mean is None:
+                continue
+            lo = since_us + int(k) * bucket_us
+            out.append(PowerPoint(from_epoch_us(lo), from_epoch_us(min(lo + bucket_us, until_us)),
+                                  float(mean), None if peak is None else int(peak)))
+        return out
 
     def progress_at(self, queries: Sequence[tuple[int, datetime]]) -> list[ProgressAt]:
         """Cumulative progress of jobs at given times, in a few queries.
