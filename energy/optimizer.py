@@ -371,10 +371,11 @@ class SearchConfig:
             this many steps and seconds (NVML applies a power limit within about 100 ms).
         min_measure_steps / screen_steps: Bounds of a probe's first window; it ends between them
             as soon as the probe is clearly worse than the best so far.
-        budget_steps_per_candidate: The whole search measures at most this many steps per
+        budget_steps_per_candidate: The whole search spends at most this many steps per
             candidate setting: ``k * budget_steps_per_candidate`` over ``k`` candidates, however
-            they are shared out (warm-ups come on top). Zeus takes 50 steps per candidate (10
-            warm-up, 40 measured); 24 measured steps and a 2-step warm-up are about half that.
+            they are shared out, counting the measured steps and ``warmup_steps`` per warm-up
+            (a warm-up that fast steps stretch to ``warmup_s`` is charged no more). Zeus takes
+            50 steps per candidate (10 warm-up, 40 measured); 24 is under half of that.
         refine_window / loss_tol: Once the walk stops, the search races the best against the
             challenger with the largest expected loss (how much worse, on average, committing to
             the best would be if the challenger were in fact better, given both scores'
@@ -613,7 +614,8 @@ class EnergyOptimizer:
         self._windows: dict[int, tuple[_Window, _Window]] = {}
         self._refining = False
         self._race_window = self.config.refine_window
-        #: The most steps one search may spend, warm-ups included.
+        self._visits = 0
+        #: The most steps one search may spend: measured, and ``warmup_steps`` per warm-up.
         self._budget_steps = self.config.budget_steps_per_candidate * len(self._candidates)
         self._stop_reason = ""
         self._bisect_first = True
@@ -742,6 +744,7 @@ class EnergyOptimizer:
         self._windows = {}
         self._refining = False
         self._race_window = self.config.refine_window
+        self._visits = 0
         self._stop_reason = ""
         self._bisect_first = True
         self.setting = self._candidates[0]
@@ -758,6 +761,8 @@ class EnergyOptimizer:
 
     def _record(self, st: Measuring) -> None:
         """Keep a finished window: a new probe, or more of an earlier one (refinement)."""
+        if st.warmup.steps:
+            self._visits += 1
         if st.setting in self._windows:
             window, warmup = self._windows[st.setting]
             window.merge(st.window)
@@ -843,9 +848,11 @@ class EnergyOptimizer:
             self.setting = nxt
             self.state = Warmup(nxt)
 
-    def _measured_steps(self) -> int:
-        """Steps measured so far in this search's finished windows (warm-ups not included)."""
-        return sum(p.steps for p in self._probes)
+    def _spent_steps(self) -> int:
+        """Budget spent so far: the steps measured in finished windows, and ``warmup_steps`` for
+        each warm-up (its share of the budget; a warm-up stretched to ``warmup_s`` by fast steps
+        is not charged more, so that fast steps do not starve the race)."""
+        return sum(p.steps for p in self._probes) + self._visits * self.config.warmup_steps
 
     def _next_refine(self) -> int | None:
         """The next setting of the race, or None once the choice is settled or the budget spent.
@@ -883,7 +890,9 @@ class EnergyOptimizer:
             if best_sd >= challenger_score * self._rse(challenger)
             else challenger
         )
-        left = self._budget_steps - self._measured_steps()
+        left = self._budget_steps - self._spent_steps()
+        if pick.setting != self.setting:
+            left -= cfg.warmup_steps
         if left < cfg.min_measure_steps:
             self._stop_reason += "; the profiling budget is spent"
             return None
