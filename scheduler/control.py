@@ -1059,7 +1059,9 @@ class EnergyForecast:
         self._total_tokens = total_tokens
         self._deadline_s = deadline_s
         self._window_s = window_s
-        self._history: deque[tuple[float, float, float, float]] = deque()
+        # (time s, energy J, energy J while making progress, steps, tokens)
+        self._history: deque[tuple[float, float, float, float, float]] = deque()
+        self._stalled_j = 0.0
         self._j_per_unit: float | None = None
         self._units_per_s: float | None = None
 
@@ -1070,13 +1072,16 @@ class EnergyForecast:
             The forecast at ``now_s``.
         """
         hist = self._history
-        hist.append((now_s, energy_j, steps, tokens))
+        if hist and steps <= hist[-1][3] and tokens <= hist[-1][4]:
+            # No progress (a pause): its energy does not count into the rate per step.
+            self._stalled_j += energy_j - hist[-1][1]
+        hist.append((now_s, energy_j, energy_j - self._stalled_j, steps, tokens))
         while len(hist) > 2 and hist[1][0] <= now_s - self._window_s:
             hist.popleft()
-        t0, e0, s0, k0 = hist[0]
+        t0, e0, a0, s0, k0 = hist[0]
         dt = now_s - t0
-        de = energy_j - e0
-        power_w = de / dt if dt > 0 else 0.0
+        power_w = (energy_j - e0) / dt if dt > 0 else 0.0
+        de = energy_j - self._stalled_j - a0
         if self._total_steps is not None or self._total_tokens is not None:
             by_steps = self._total_steps is not None
             done = steps if by_steps else tokens

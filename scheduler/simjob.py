@@ -54,7 +54,7 @@ from telemetry.backends.profiles import Workload, get_workload
 from telemetry.backends.simulated import SimulatedBackend
 from telemetry.clock import VirtualClock
 
-__all__ = ["JobSpec", "JobStats", "SimJob", "SimNode"]
+__all__ = ["JobSpec", "JobStats", "SimJob", "SimMode", "SimNode"]
 
 SimMode = Literal["none", "hw", "clock", "soft", "auto"]
 
@@ -376,9 +376,9 @@ class SimNode:
                         floor,
                     )
                 )
-            decision = self.cap_guard.tick(now, node_w, powers)
-            if decision is not None:
-                self.cap_decisions.append(decision)
+            cap = self.cap_guard.tick(now, node_w, powers)
+            if cap is not None:
+                self.cap_decisions.append(cap)
             budgets = {p.job_id: self.cap_guard.effective_budget_w(p) for p in powers}
         for job in running:
             obs = self._observe(job, budgets.get(job.id))
