@@ -162,7 +162,6 @@ class Actuators:
         # (index, setting) -> the entry this instance applied and that is still in force
         self._in_force: dict[tuple[int, Setting], JournalEntry] = {}
         self._directives: dict[int, Directives] = {}
-        self._dry_directives: dict[int, Directives] = {}
 
     @property
     def dry_run(self) -> bool:
@@ -348,7 +347,8 @@ class Actuators:
             micro_batch: Micro-batch size (``None``: the job's own).
 
         Returns:
-            The directives the client will read (none in a dry run: they are only logged).
+            The directives the client will read. A dry run hands them out too: they change the
+            training loop, not the card, and the soft mode is what a dry run validates.
 
         Raises:
             ValueError: ``pace_s`` negative or not finite, or ``micro_batch < 1``.
@@ -359,18 +359,16 @@ class Actuators:
             raise ValueError(f"micro-batch must be at least 1, got {micro_batch}")
         new = Directives(None if pace_s is None else float(pace_s), micro_batch)
         with self._lock:
-            table = self._dry_directives if self._dry_run else self._directives
-            if table.get(job_id, _NO_DIRECTIVES) != new:
-                prefix = "dry run: would set" if self._dry_run else "set"
-                _log.info("%s directives of job %d: %s", prefix, job_id, _describe(new))
+            if self._directives.get(job_id, _NO_DIRECTIVES) != new:
+                _log.info("set directives of job %d: %s", job_id, _describe(new))
             if new == _NO_DIRECTIVES:
-                table.pop(job_id, None)
+                self._directives.pop(job_id, None)
             else:
-                table[job_id] = new
+                self._directives[job_id] = new
             return self.directives(job_id)
 
     def directives(self, job_id: int) -> Directives:
-        """A job's soft directives (``(None, None)``: none; always so in a dry run)."""
+        """A job's soft directives (``(None, None)``: none)."""
         with self._lock:
             return self._directives.get(job_id, _NO_DIRECTIVES)
 
@@ -378,7 +376,6 @@ class Actuators:
         """Forget a job's soft directives (it ended, or returned to full speed)."""
         with self._lock:
             self._directives.pop(job_id, None)
-            self._dry_directives.pop(job_id, None)
 
     # -- internals -------------------------------------------------------------------------------
 

@@ -86,7 +86,11 @@ class JobsApi(Protocol):
     def resume(self, caller: Caller, job_id: int) -> JobView: ...
     def progress(self, caller: Caller, job_id: int, req: ProgressReport) -> Directives: ...
     def log_chunk(
-        self, caller: Caller, job_id: int, stream: Literal["stdout", "stderr"], offset: int,
+        self,
+        caller: Caller,
+        job_id: int,
+        stream: Literal["stdout", "stderr"],
+        offset: int,
         limit: int,
     ) -> LogChunk: ...
     def gpus(self) -> list[dict[str, Any]]: ...
@@ -284,7 +288,11 @@ class ApiServer:
 
     def __init__(self, app: FastAPI, sock: socket.socket) -> None:
         config = uvicorn.Config(
-            app, http=_PeerCredProtocol, lifespan="off", log_level="warning", access_log=False,
+            app,
+            http=_PeerCredProtocol,
+            lifespan="off",
+            log_level="warning",
+            access_log=False,
             timeout_graceful_shutdown=2,
         )
         self._server = uvicorn.Server(config)

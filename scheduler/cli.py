@@ -51,8 +51,10 @@ HomeOpt = Annotated[
 ]
 DbOpt = Annotated[
     str | None,
-    typer.Option("--db", help="SQLAlchemy URL of the store (default: SQLite under --home). "
-                 "Env: POWERTRAIN_DB."),
+    typer.Option(
+        "--db",
+        help="SQLAlchemy URL of the store (default: SQLite under --home). Env: POWERTRAIN_DB.",
+    ),
 ]
 BackendOpt = Annotated[
     BackendName | None,
@@ -130,8 +132,9 @@ def daemon(
     ] = None,
     socket: Annotated[
         Path | None,
-        typer.Option("--socket", help="API socket (default <home>/powertrain.sock). "
-                     "Env: POWERTRAIN_SOCKET."),
+        typer.Option(
+            "--socket", help="API socket (default <home>/powertrain.sock). Env: POWERTRAIN_SOCKET."
+        ),
     ] = None,
     socket_group: Annotated[
         str | None, typer.Option("--socket-group", help="Group allowed to use the API socket.")
@@ -139,6 +142,10 @@ def daemon(
     admin_group: Annotated[
         str | None, typer.Option("--admin-group", help="Group that may act on any job.")
     ] = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option("--dry-run", help="Log every GPU setting it would change; change none."),
+    ] = False,
     node_cap_w: Annotated[
         float | None,
         typer.Option("--node-cap-w", help="Node power cap, W (default: sum of max limits)."),
@@ -151,9 +158,17 @@ def daemon(
     outdated one is refused until `powertrain db upgrade` has run.
     """
     settings = build_settings(
-        backend=backend, sim_gpus=sim_gpus, sim_sku=sim_sku, db=db, home=home,
-        interval_ms=interval_ms, socket=socket, socket_group=socket_group,
-        admin_group=admin_group, node_cap_w=node_cap_w,
+        backend=backend,
+        sim_gpus=sim_gpus,
+        sim_sku=sim_sku,
+        db=db,
+        home=home,
+        interval_ms=interval_ms,
+        socket=socket,
+        socket_group=socket_group,
+        admin_group=admin_group,
+        node_cap_w=node_cap_w,
+        dry_run=dry_run or None,
     )
     setup_logging(verbose)
     log = logging.getLogger("powertrain")
@@ -186,7 +201,8 @@ def _reading_json(
         return None if mw is None else round(mw / 1000, 3)
 
     reasons = (
-        None if r.throttle_reasons is None
+        None
+        if r.throttle_reasons is None
         else [str(f.name).lower() for f in ThrottleReason if f and r.throttle_reasons & f]
     )
     return {
@@ -219,9 +235,13 @@ def gpus(
     sim_gpus: SimGpusOpt = None,
     sim_sku: SimSkuOpt = None,
     home: HomeOpt = None,
+    db: DbOpt = None,
 ) -> None:
-    """Show every GPU's live state, read from the backend directly."""
-    settings = build_settings(backend=backend, sim_gpus=sim_gpus, sim_sku=sim_sku, home=home)
+    """Show every GPU's live state, read from the backend directly, and the settings powertrain
+    applied to it (from the store's settings journal), with the job they are for."""
+    settings = build_settings(
+        backend=backend, sim_gpus=sim_gpus, sim_sku=sim_sku, home=home, db=db
+    )
 
     def read_all() -> tuple[list[dict[str, Any]], str]:
         gpu_backend, why = open_gpus(settings)
@@ -231,8 +251,14 @@ def gpus(
                 try:
                     reading = gpu_backend.read(info.index)
                 except GpuError as exc:
-                    rows.append({"index": info.index, "uuid": info.uuid, "name": info.name,
-                                 "error": str(exc)})
+                    rows.append(
+                        {
+                            "index": info.index,
+                            "uuid": info.uuid,
+                            "name": info.name,
+                            "error": str(exc),
+                        }
+                    )
                     continue
                 rows.append(_reading_json(info.name, info.uuid, reading, info.memory_total_bytes))
             return rows, why
@@ -240,12 +266,28 @@ def gpus(
             gpu_backend.close()
 
     rows, why = guarded(read_all)
+    applied = guarded(lambda: _applied_settings(settings))
+    for row in rows:
+        row["applied"] = applied.get(row["index"], [])
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
     err.print(f"[dim]{why}[/]", highlight=False)
-    table = Table("GPU", "Name", "Power", "Limit", "Energy", "SM", "Mem", "Util", "Temp",
-                  "Memory", "Throttle", box=box.SIMPLE_HEAD)
+    table = Table(
+        "GPU",
+        "Name",
+        "Power",
+        "Limit",
+        "Energy",
+        "SM",
+        "Mem",
+        "Util",
+        "Temp",
+        "Memory",
+        "Throttle",
+        "Set by powertrain",
+        box=box.SIMPLE_HEAD,
+    )
 
     def cell(value: Any, fmt: str = "{}") -> str:
         return "n/a" if value is None else fmt.format(value)
@@ -258,12 +300,21 @@ def gpus(
         energy_kj = None if row["energy_j"] is None else row["energy_j"] / 1000
         used, total = row["memory_used_mib"], row["memory_total_mib"]
         table.add_row(
-            str(row["index"]), name, cell(row["power_w"], "{:.0f} W"),
-            cell(row["power_limit_w"], "{:.0f} W"), cell(energy_kj, "{:,.1f} kJ"),
-            cell(row["sm_clock_mhz"], "{} MHz"), cell(row["mem_clock_mhz"], "{} MHz"),
-            cell(row["gpu_util_pct"], "{}%"), cell(row["temperature_c"], "{}°C"),
+            str(row["index"]),
+            name,
+            cell(row["power_w"], "{:.0f} W"),
+            cell(row["power_limit_w"], "{:.0f} W"),
+            cell(energy_kj, "{:,.1f} kJ"),
+            cell(row["sm_clock_mhz"], "{} MHz"),
+            cell(row["mem_clock_mhz"], "{} MHz"),
+            cell(row["gpu_util_pct"], "{}%"),
+            cell(row["temperature_c"], "{}°C"),
             f"{cell(used and used / 1024, '{:.1f}')}/{cell(total and total / 1024, '{:.0f}')} GiB",
             ", ".join(r.replace("_", " ") for r in row["throttle_reasons"] or []) or "-",
+            "; ".join(
+                f"{a['setting']} for job {a['job']}" + (" (dry run)" if a["dry_run"] else "")
+                for a in row["applied"]
+            ) or "-",
         )
     out.print(table)
 
@@ -304,8 +355,9 @@ def _parse_gpu_ids(text: str) -> list[int]:
 
 @app.command(context_settings={"allow_interspersed_args": False})
 def submit(
-    command: Annotated[list[str], typer.Argument(help="The command to run, after --.",
-                                                 show_default=False)],
+    command: Annotated[
+        list[str], typer.Argument(help="The command to run, after --.", show_default=False)
+    ],
     name: Annotated[str | None, typer.Option(help="Job name (default: the command).")] = None,
     gpus: Annotated[int | None, typer.Option(help="How many GPUs (default 1).")] = None,
     gpu_ids: Annotated[
@@ -319,8 +371,10 @@ def submit(
         str, typer.Option(help="How the wattage budget is held: auto, hw, clock or soft.")
     ] = "auto",
     on_exceed: Annotated[
-        str, typer.Option("--on-exceed", help="When the energy budget runs out: warn, slow, "
-                          "pause or stop.")
+        str,
+        typer.Option(
+            "--on-exceed", help="When the energy budget runs out: warn, slow, pause or stop."
+        ),
     ] = "warn",
     priority: Annotated[int, typer.Option(help="Higher runs first.")] = 0,
     socket: SocketOpt = None,
@@ -333,12 +387,21 @@ def submit(
 
     env = {k: v for k, v in os.environ.items() if k not in {"POWERTRAIN_JOB_ID"}}
     try:
-        req = SubmitRequest.model_validate({
-            "name": name, "argv": command, "cwd": os.getcwd(), "env": env, "gpus": gpus,
-            "gpu_ids": _parse_gpu_ids(gpu_ids) if gpu_ids is not None else None,
-            "watts": watts, "energy_wh": energy_wh, "mode": mode, "on_exceed": on_exceed,
-            "priority": priority,
-        })
+        req = SubmitRequest.model_validate(
+            {
+                "name": name,
+                "argv": command,
+                "cwd": os.getcwd(),
+                "env": env,
+                "gpus": gpus,
+                "gpu_ids": _parse_gpu_ids(gpu_ids) if gpu_ids is not None else None,
+                "watts": watts,
+                "energy_wh": energy_wh,
+                "mode": mode,
+                "on_exceed": on_exceed,
+                "priority": priority,
+            }
+        )
     except ValidationError as exc:
         first = exc.errors()[0]
         where = "--" + "-".join(str(p) for p in first["loc"]).replace("_", "-")
@@ -362,14 +425,29 @@ def jobs(
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
-    table = Table("ID", "Name", "User", "State", "GPUs", "Budget", "Power", "Tokens/s",
-                  "Energy", "J/token", box=box.SIMPLE_HEAD)
+    table = Table(
+        "ID",
+        "Name",
+        "User",
+        "State",
+        "GPUs",
+        "Budget",
+        "Power",
+        "Tokens/s",
+        "Energy",
+        "J/token",
+        box=box.SIMPLE_HEAD,
+    )
     for row in rows:
         energy_j = row["energy_j"]
         table.add_row(
-            str(row["id"]), row["name"], row["user"], row["state"],
+            str(row["id"]),
+            row["name"],
+            row["user"],
+            row["state"],
             ",".join(map(str, row["gpus"])) or _fmt(row["gpu_count"], "({} wanted)"),
-            _fmt(row["watts"], "{:.0f} W/GPU"), _fmt(row["power_w"], "{:.0f} W"),
+            _fmt(row["watts"], "{:.0f} W/GPU"),
+            _fmt(row["power_w"], "{:.0f} W"),
             _fmt(row["tokens_per_s"], "{:,.0f}"),
             "-" if energy_j is None else f"{energy_j / 3600:.2f} Wh",
             _fmt(row["j_per_token"], "{:.4f}"),
@@ -420,15 +498,17 @@ def budget(
         first = exc.errors()[0]
         fail(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}", EXIT_USAGE)
     job = talk(socket, lambda c: c.update(job_id, req.model_dump(exclude_none=True)))
-    out.print(f"job {job_id}: {_fmt(job['watts'], '{:.0f} W/GPU')}, "
-              f"{_fmt(job['energy_wh'], '{:.1f} Wh')}")
+    out.print(
+        f"job {job_id}: {_fmt(job['watts'], '{:.0f} W/GPU')}, {_fmt(job['energy_wh'], '{:.1f} Wh')}"
+    )
 
 
 @app.command()
 def logs(
     job_id: Annotated[int, typer.Argument(help="Job id.")],
-    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing until the "
-                                         "job ends.")] = False,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep printing until the job ends.")
+    ] = False,
     stderr: Annotated[bool, typer.Option("--stderr", help="The job's stderr.")] = False,
     socket: SocketOpt = None,
 ) -> None:
@@ -451,6 +531,33 @@ def logs(
                     time.sleep(0.5)
         except DaemonError as exc:
             fail(str(exc))
+
+
+def _applied_settings(settings: Settings) -> dict[int, list[dict[str, Any]]]:
+    """Outstanding settings-journal entries of this host, by GPU index (none without a store)."""
+    import socket as socket_module
+
+    from sqlalchemy import make_url
+
+    from scheduler.actuators import applied_settings
+    from telemetry.store import open_store
+
+    url = make_url(settings.db_url)
+    if url.get_backend_name() == "sqlite" and not Path(url.database or "").exists():
+        return {}
+    store = open_store(settings.db_url)
+    try:
+        by_gpu = applied_settings(store, socket_module.gethostname())
+    finally:
+        store.close()
+    return {
+        index: [
+            {"setting": e.describe(), "job": e.job_id, "dry_run": e.dry_run,
+             "since": e.applied_at.isoformat() if e.applied_at else None}
+            for e in entries
+        ]
+        for index, entries in by_gpu.items()
+    }
 
 
 @db_app.command("upgrade")
@@ -495,6 +602,15 @@ def demo(
     from scheduler.demo import run_demo
 
     guarded(lambda: run_demo(home=home, steps=steps, console=out))
+
+
+def _register_report() -> None:
+    from reports.command import report
+
+    app.command("report")(report)
+
+
+_register_report()
 
 
 def main() -> None:

@@ -289,7 +289,10 @@ class Job:
 
         # Written by the training thread only: (steps, samples, tokens, step seconds).
         self._totals: tuple[int, int, int, float] = (
-            initial_steps, initial_samples, initial_tokens, 0.0,
+            initial_steps,
+            initial_samples,
+            initial_tokens,
+            0.0,
         )
         self._step = _Step(self)
         self._t_first: float | None = None
@@ -439,8 +442,12 @@ class Job:
         steps, samples0, tokens0, busy_s = self._totals
         # The reported step time includes the stretch: it stands for the simulated GPU's slower
         # step. Pace sleeps are not part of the step.
-        self._totals = (steps + 1, samples0 + samples, tokens0 + tokens,
-                        busy_s + duration_s + stretch_s)
+        self._totals = (
+            steps + 1,
+            samples0 + samples,
+            tokens0 + tokens,
+            busy_s + duration_s + stretch_s,
+        )
         sleep_s = stretch_s + directive.pace_s
         if sleep_s > 0.0:
             time.sleep(sleep_s)
@@ -465,10 +472,13 @@ class Job:
                 if current.action is None and current.state == "running":
                     log.info("powertrain: job %s resumed", self._id)
                     return
-                if (self._healthy is False
-                        and time.monotonic() - self._last_ok > _ORPHANED_PAUSE_S):
-                    log.warning("powertrain: daemon unreachable for %.0f s while job %s was "
-                                "paused; resuming", _ORPHANED_PAUSE_S, self._id)
+                if self._healthy is False and time.monotonic() - self._last_ok > _ORPHANED_PAUSE_S:
+                    log.warning(
+                        "powertrain: daemon unreachable for %.0f s while job %s was "
+                        "paused; resuming",
+                        _ORPHANED_PAUSE_S,
+                        self._id,
+                    )
                     self._directive = Directive()
                     return
         finally:
@@ -606,8 +616,7 @@ class Job:
             "final": final,
         }
         try:
-            response = self._http.post(f"/v1/jobs/{self._id}/progress", json=body,
-                                       timeout=timeout)
+            response = self._http.post(f"/v1/jobs/{self._id}/progress", json=body, timeout=timeout)
         except httpx.HTTPError as exc:
             self._unreachable(exc)
             return
@@ -636,7 +645,9 @@ class Job:
         if self._healthy is not False:
             log.warning(
                 "powertrain: daemon at %s unreachable (%s); training continues untracked and "
-                "reports resume when it is back", self._socket_path, reason,
+                "reports resume when it is back",
+                self._socket_path,
+                reason,
             )
             self._healthy = False
         else:

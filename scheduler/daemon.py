@@ -85,6 +85,14 @@ class Daemon:
         self.writer = BatchWriter(store, max_rows=settings.buffer_max_rows)
         self.sampler = Sampler(backend, self.gpu_ids, self.writer)
         self.service = JobService(settings, store, backend, self.gpu_ids, host=self.host)
+        for entry in self.service.actuators.recover():
+            log.warning(
+                "recovery: GPU %d %s for job %s, left by a previous daemon: %s",
+                entry.gpu_index,
+                entry.describe(),
+                entry.job_id,
+                entry.status,
+            )
         self._api = ApiServer(
             create_app(self.service, admin_group=settings.admin_group),
             bind_socket(settings.socket_path, group=settings.socket_group),
@@ -100,18 +108,34 @@ class Daemon:
         """Schedule the jobs and start the scheduler's thread."""
         every = self._scheduler.add_job
         now = datetime.now(UTC)
-        every(self.sampler.tick, "interval", seconds=self.settings.interval_ms / 1000,
-              id="sample", next_run_time=now)
+        every(
+            self.sampler.tick,
+            "interval",
+            seconds=self.settings.interval_ms / 1000,
+            id="sample",
+            next_run_time=now,
+        )
         every(self.writer.flush, "interval", seconds=self.settings.flush_interval_s, id="flush")
-        every(self._guard(self.service.tick), "interval",
-              seconds=self.settings.control_interval_s, id="control", next_run_time=now)
+        every(
+            self._guard(self.service.tick),
+            "interval",
+            seconds=self.settings.control_interval_s,
+            id="control",
+            next_run_time=now,
+        )
         every(self._guard(self._rollup), "interval", seconds=ROLLUP_INTERVAL_S, id="rollup")
-        every(self._guard(self._retention), "interval", seconds=RETENTION_INTERVAL_S,
-              id="retention", next_run_time=now)
+        every(
+            self._guard(self._retention),
+            "interval",
+            seconds=RETENTION_INTERVAL_S,
+            id="retention",
+            next_run_time=now,
+        )
         self._scheduler.start()
         self._api.start()
         log.info(
-            "sampling %d GPUs every %d ms into %s; API on %s", len(self.gpu_ids),
+            "sampling %d GPUs every %d ms into %s; API on %s",
+            len(self.gpu_ids),
             self.settings.interval_ms,
             make_url(self.settings.db_url).render_as_string(hide_password=True),
             self.settings.socket_path,
@@ -125,6 +149,7 @@ class Daemon:
         self._api.stop()
         if self._scheduler.running:
             self._scheduler.shutdown(wait=True)
+        self.service.actuators.undo_all("daemon stopped")
         self.writer.flush()
         self._guard(self._rollup)()
         stats = self.writer.stats()

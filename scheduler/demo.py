@@ -55,10 +55,24 @@ def run_demo(*, home: Path, steps: int | None, console: Console) -> Path:
     socket = home / "powertrain.sock"
     env = {k: v for k, v in os.environ.items() if not k.startswith("POWERTRAIN_")}
     log_path = home / "daemon.log"
-    cmd = [sys.executable, "-m", "scheduler", "daemon", "--backend", "simulated",
-           "--sim-gpus", "4", "--home", str(home), "--socket", str(socket)]
-    console.print(f"[bold]powertrain demo[/]: daemon on 4 simulated H100 SXM GPUs "
-                  f"(store {home / 'powertrain.db'}, log {log_path})")
+    cmd = [
+        sys.executable,
+        "-m",
+        "scheduler",
+        "daemon",
+        "--backend",
+        "simulated",
+        "--sim-gpus",
+        "4",
+        "--home",
+        str(home),
+        "--socket",
+        str(socket),
+    ]
+    console.print(
+        f"[bold]powertrain demo[/]: daemon on 4 simulated H100 SXM GPUs "
+        f"(store {home / 'powertrain.db'}, log {log_path})"
+    )
     jobs = [DemoJob(j.name, j.watts, j.gpus, steps or j.steps) for j in JOBS]
     with log_path.open("w") as log:
         daemon = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -91,10 +105,26 @@ def _wait_ready(client: DaemonClient, daemon: subprocess.Popen[bytes]) -> None:
 
 
 def _submit(client: DaemonClient, job: DemoJob) -> int:
-    argv = [sys.executable, str(EXAMPLE), "--steps", str(job.steps), "--name", job.name,
-            "--log-every", "25"]
-    view = client.submit({"name": job.name, "argv": argv, "cwd": str(EXAMPLE.parent),
-                          "env": dict(os.environ), "gpus": job.gpus, "watts": job.watts})
+    argv = [
+        sys.executable,
+        str(EXAMPLE),
+        "--steps",
+        str(job.steps),
+        "--name",
+        job.name,
+        "--log-every",
+        "25",
+    ]
+    view = client.submit(
+        {
+            "name": job.name,
+            "argv": argv,
+            "cwd": str(EXAMPLE.parent),
+            "env": dict(os.environ),
+            "gpus": job.gpus,
+            "watts": job.watts,
+        }
+    )
     return int(view["id"])
 
 
@@ -105,9 +135,13 @@ def _follow(
     ids: dict[str, int],
     console: Console,
 ) -> None:
-    progress = Progress(TextColumn("{task.description}"), BarColumn(),
-                        TextColumn("{task.percentage:>3.0f}%"), TimeElapsedColumn(),
-                        console=console)
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.percentage:>3.0f}%"),
+        TimeElapsedColumn(),
+        console=console,
+    )
     with progress:
         tasks: dict[int, TaskID] = {
             ids[j.name]: progress.add_task(j.name, total=j.tokens) for j in jobs
@@ -118,8 +152,9 @@ def _follow(
             views = {v["id"]: v for v in client.jobs(include_ended=True)}
             for job in jobs:
                 view = views[ids[job.name]]
-                progress.update(tasks[view["id"]], completed=view["tokens"],
-                                description=_describe(job, view))
+                progress.update(
+                    tasks[view["id"]], completed=view["tokens"], description=_describe(job, view)
+                )
             if all(views[i]["state"] not in ("queued", "running", "paused") for i in ids.values()):
                 return
             time.sleep(0.5)
@@ -128,8 +163,10 @@ def _follow(
 def _describe(job: DemoJob, view: dict[str, Any]) -> str:
     power = "-" if view["power_w"] is None else f"{view['power_w']:.0f} W"
     rate = "-" if view["tokens_per_s"] is None else f"{view['tokens_per_s']:,.0f} tok/s"
-    return (f"{job.name:<12} {view['state']:<9} GPUs {','.join(map(str, view['gpus'])) or '-':<4}"
-            f" {power:>7} {rate:>12}")
+    return (
+        f"{job.name:<12} {view['state']:<9} GPUs {','.join(map(str, view['gpus'])) or '-':<4}"
+        f" {power:>7} {rate:>12}"
+    )
 
 
 def _summarise(
@@ -141,8 +178,18 @@ def _summarise(
 ) -> None:
     store = open_store(f"sqlite:///{home / 'powertrain.db'}")
     try:
-        table = Table("Job", "State", "GPUs", "Budget", "Energy", "Mean power", "Tokens/s",
-                      "J/token", title="Per-job summary, from the store", box=box.SIMPLE_HEAD)
+        table = Table(
+            "Job",
+            "State",
+            "GPUs",
+            "Budget",
+            "Energy",
+            "Mean power",
+            "Tokens/s",
+            "J/token",
+            title="Per-job summary, from the store",
+            box=box.SIMPLE_HEAD,
+        )
         for job in jobs:
             job_id = ids[job.name]
             record = store.jobs.get(job_id)
@@ -153,9 +200,12 @@ def _summarise(
             rate = store.jobs.throughput(job_id, window_s=1e9)
             tokens = view["tokens"]
             table.add_row(
-                f"{job_id} {job.name}", view["state"],
+                f"{job_id} {job.name}",
+                view["state"],
                 ",".join(map(str, record.gpus)) if record else "-",
-                f"{job.watts:.0f} W/GPU", f"{joules / 3600:.2f} Wh", f"{mean_w:.0f} W",
+                f"{job.watts:.0f} W/GPU",
+                f"{joules / 3600:.2f} Wh",
+                f"{mean_w:.0f} W",
                 "-" if rate is None or rate.tokens_per_s is None else f"{rate.tokens_per_s:,.0f}",
                 f"{joules / tokens:.4f}" if tokens else "-",
             )

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import psutil
 
+from scheduler.actuators import Actuators
 from scheduler.api import Caller, ConflictError, ForbiddenError, NotFoundError
 from scheduler.jobs import ACTIVE_STATES, TERMINAL_STATES, JobState, Mode, OnExceed
 from scheduler.launcher import Launcher
@@ -52,8 +53,6 @@ class _Live:
 
     last_step_at: float = -math.inf  # clock time of the last progress report that moved
     steps: int = 0
-    pace_s: float = 0.0
-    micro_batch: int | None = None
     cancel_reason: str | None = None
 
 
@@ -66,6 +65,7 @@ class JobService:
         backend: This node's GPUs.
         gpu_ids: GPU index → the GPU's id in the store.
         host: This node's name (jobs of other nodes in a shared store are not touched).
+        actuators: The only way GPU settings and soft directives change.
         launcher: Starts, polls and stops job processes.
         clock: Time source.
     """
@@ -78,6 +78,7 @@ class JobService:
         gpu_ids: dict[int, int],
         *,
         host: str,
+        actuators: Actuators | None = None,
         launcher: Launcher | None = None,
         clock: Clock | None = None,
     ) -> None:
@@ -88,8 +89,12 @@ class JobService:
         self._gpu_ids = gpu_ids
         self._host = host
         self._clock = clock or WallClock()
+        self.actuators = actuators or Actuators(
+            backend, store, host=host, gpu_ids=gpu_ids, dry_run=settings.dry_run, clock=self._clock
+        )
         self._launcher = launcher or Launcher(
-            clock=self._clock, log_dir_of=lambda job: self._log_dir(job.id),
+            clock=self._clock,
+            log_dir_of=lambda job: self._log_dir(job.id),
             python=settings.runner_python,
         )
         self._lock = threading.RLock()
@@ -113,16 +118,28 @@ class JobService:
         """Queue a job to run as the caller."""
         if not os.path.isdir(req.cwd):
             raise ValueError(f"cwd: no such directory: {req.cwd}")
-        check_request(req.gpu_ids or req.gpus or 1, req.watts, self._slots(busy=frozenset()),
-                      node_cap_w=self.node_cap_w)
+        check_request(
+            req.gpu_ids or req.gpus or 1,
+            req.watts,
+            self._slots(busy=frozenset()),
+            node_cap_w=self.node_cap_w,
+        )
         new = NewJob(
             name=req.name or Path(req.argv[0]).name,
-            user=caller.user, uid=caller.uid, gid=caller.gid,
-            argv=tuple(req.argv), cwd=req.cwd, env=dict(req.env), host=self._host,
+            user=caller.user,
+            uid=caller.uid,
+            gid=caller.gid,
+            argv=tuple(req.argv),
+            cwd=req.cwd,
+            env=dict(req.env),
+            host=self._host,
             gpu_count=None if req.gpu_ids else (req.gpus or 1),
             gpu_ids_requested=tuple(req.gpu_ids) if req.gpu_ids else None,
-            watts_per_gpu=req.watts, energy_budget_wh=req.energy_wh,
-            mode=Mode(req.mode), on_exceed=OnExceed(req.on_exceed), priority=req.priority,
+            watts_per_gpu=req.watts,
+            energy_budget_wh=req.energy_wh,
+            mode=Mode(req.mode),
+            on_exceed=OnExceed(req.on_exceed),
+            priority=req.priority,
             objective=req.objective,
         )
         with self._lock:
@@ -152,21 +169,42 @@ class JobService:
         if indices:
             check_request(tuple(indices), req.watts, self._slots(busy=frozenset()))
         new = NewJob(
-            name=req.name, user=caller.user, uid=caller.uid, gid=caller.gid, argv=argv, cwd=cwd,
-            host=self._host, gpu_ids_requested=tuple(indices) or None, watts_per_gpu=req.watts,
-            energy_budget_wh=req.energy_wh, mode=Mode(req.mode), on_exceed=OnExceed(req.on_exceed),
-            total_steps=req.total_steps, total_tokens=req.total_tokens, attached=True, pid=pid,
+            name=req.name,
+            user=caller.user,
+            uid=caller.uid,
+            gid=caller.gid,
+            argv=argv,
+            cwd=cwd,
+            host=self._host,
+            gpu_ids_requested=tuple(indices) or None,
+            watts_per_gpu=req.watts,
+            energy_budget_wh=req.energy_wh,
+            mode=Mode(req.mode),
+            on_exceed=OnExceed(req.on_exceed),
+            total_steps=req.total_steps,
+            total_tokens=req.total_tokens,
+            attached=True,
+            pid=pid,
             pid_create_time=create_time,
         )
         with self._lock:
             now = self._now()
             job = self._jobs.create(new, at=now)
             job = self._jobs.transition(
-                job.id, JobState.RUNNING, "attached: already running", at=now,
+                job.id,
+                JobState.RUNNING,
+                "attached: already running",
+                at=now,
                 gpus=[(self._gpu_ids[i], i) for i in sorted(indices)],
             )
-        log.info("job %d (%s) attached by %s: pid %d on GPUs %s", job.id, job.name, job.user,
-                 pid, list(job.gpus))
+        log.info(
+            "job %d (%s) attached by %s: pid %d on GPUs %s",
+            job.id,
+            job.name,
+            job.user,
+            pid,
+            list(job.gpus),
+        )
         return self._view(job)
 
     def list_jobs(self, *, include_ended: bool) -> list[JobView]:
@@ -227,8 +265,9 @@ class JobService:
         with self._lock:
             job = self._owned(caller, job_id, "report progress for")
             if job.state in ACTIVE_STATES:
-                self._jobs.add_progress(job.id, at=self._now(), steps=req.steps,
-                                        samples=req.samples, tokens=req.tokens)
+                self._jobs.add_progress(
+                    job.id, at=self._now(), steps=req.steps, samples=req.samples, tokens=req.tokens
+                )
                 if req.total_steps or req.total_tokens:
                     declared = {"total_steps": req.total_steps, "total_tokens": req.total_tokens}
                     job = self._jobs.set_fields(
@@ -238,17 +277,26 @@ class JobService:
                 if req.steps > live.steps:
                     live.last_step_at = self._clock.now()
                 live.steps = req.steps
-            live = self._live_of(job.id)
+            pace_s, micro_batch = self.actuators.directives(job.id)
             action: Literal["pause", "stop"] | None = None
             if job.state == JobState.PAUSED:
                 action = "pause"
             elif job.state in TERMINAL_STATES:
                 action = "stop"
-            return Directives(pace_s=live.pace_s, micro_batch=live.micro_batch,
-                              slowdown=self._slowdown(job), state=job.state.value, action=action)
+            return Directives(
+                pace_s=pace_s or 0.0,
+                micro_batch=micro_batch,
+                slowdown=self._slowdown(job),
+                state=job.state.value,
+                action=action,
+            )
 
     def log_chunk(
-        self, caller: Caller, job_id: int, stream: Literal["stdout", "stderr"], offset: int,
+        self,
+        caller: Caller,
+        job_id: int,
+        stream: Literal["stdout", "stderr"],
+        offset: int,
         limit: int,
     ) -> LogChunk:
         """Part of a job's stdout or stderr log (its owner and admins only)."""
@@ -261,25 +309,38 @@ class JobService:
                 data = fh.read(limit)
         elif job.attached:
             raise ConflictError(f"job {job_id} was attached: its output is wherever it runs")
-        return LogChunk(job_id=job.id, stream=stream, offset=offset,
-                        next_offset=offset + len(data), data=data.decode(errors="replace"),
-                        ended=job.state in TERMINAL_STATES)
+        return LogChunk(
+            job_id=job.id,
+            stream=stream,
+            offset=offset,
+            next_offset=offset + len(data),
+            data=data.decode(errors="replace"),
+            ended=job.state in TERMINAL_STATES,
+        )
 
     def gpus(self) -> list[dict[str, Any]]:
         """Every GPU's live state and the job holding it."""
         holders = {i: j.id for j in self._active() for i in j.gpus}
         rows: list[dict[str, Any]] = []
         for index, info in sorted(self._infos.items()):
-            row: dict[str, Any] = {"index": index, "uuid": info.uuid, "name": info.name,
-                                   "job": holders.get(index)}
+            row: dict[str, Any] = {
+                "index": index,
+                "uuid": info.uuid,
+                "name": info.name,
+                "job": holders.get(index),
+            }
             try:
                 r = self._backend.read(index)
             except GpuError as exc:
                 row["error"] = str(exc)
             else:
-                row.update(power_w=_w(r.power_avg_mw), power_limit_w=_w(r.power_limit_mw),
-                           energy_j=None if r.energy_mj is None else r.energy_mj / 1000,
-                           sm_clock_mhz=r.sm_clock_mhz, gpu_util_pct=r.gpu_util_pct)
+                row.update(
+                    power_w=_w(r.power_avg_mw),
+                    power_limit_w=_w(r.power_limit_mw),
+                    energy_j=None if r.energy_mj is None else r.energy_mj / 1000,
+                    sm_clock_mhz=r.sm_clock_mhz,
+                    gpu_util_pct=r.gpu_util_pct,
+                )
             rows.append(row)
         return rows
 
@@ -316,9 +377,9 @@ class JobService:
                 state, reason = JobState.FAILED, status.reason or "process vanished"
             else:
                 state, reason = JobState.FAILED, f"exited with status {status.exit_code}"
-            self._jobs.transition(job.id, state, reason, at=self._now(),
-                                  exit_code=status.exit_code)
+            self._jobs.transition(job.id, state, reason, at=self._now(), exit_code=status.exit_code)
             self._launcher.forget(job)
+            self.actuators.undo_job(job.id, f"job {job.id} {state}")
             log.info("job %d %s: %s", job.id, state, reason)
 
     def _place(self) -> None:
@@ -329,20 +390,32 @@ class JobService:
         busy = frozenset(i for j in active for i in j.gpus)
         running_w = sum(self._budget_w(j.watts_per_gpu, j.gpus) for j in active)
         waiting = [
-            Waiting(job_id=j.id, priority=j.priority, submitted_at=j.submitted_at,
-                    gpus=j.gpu_ids_requested or j.gpu_count or 1, watts_per_gpu=j.watts_per_gpu)
+            Waiting(
+                job_id=j.id,
+                priority=j.priority,
+                submitted_at=j.submitted_at,
+                gpus=j.gpu_ids_requested or j.gpu_count or 1,
+                watts_per_gpu=j.watts_per_gpu,
+            )
             for j in waiting_jobs
         ]
         by_id = {j.id: j for j in waiting_jobs}
-        for placement in plan(waiting, self._slots(busy=busy), node_cap_w=self.node_cap_w,
-                              running_budget_w=running_w, now=self._now()):
+        for placement in plan(
+            waiting,
+            self._slots(busy=busy),
+            node_cap_w=self.node_cap_w,
+            running_budget_w=running_w,
+            now=self._now(),
+        ):
             self._launch(by_id[placement.job_id], placement.gpu_indices)
 
     def _launch(self, job: JobRecord, indices: tuple[int, ...]) -> None:
         now = self._now()
         try:
             launched = self._launcher.launch(
-                job, indices, socket_path=self._settings.socket_path,
+                job,
+                indices,
+                socket_path=self._settings.socket_path,
                 log_dir=self._log_dir(job.id),
             )
         except (OSError, ValueError, KeyError) as exc:
@@ -350,8 +423,12 @@ class JobService:
             log.error("job %d could not start: %s", job.id, exc)
             return
         self._jobs.transition(
-            job.id, JobState.RUNNING, f"placed on GPUs {list(indices)}", at=now,
-            gpus=[(self._gpu_ids[i], i) for i in indices], pid=launched.pid,
+            job.id,
+            JobState.RUNNING,
+            f"placed on GPUs {list(indices)}",
+            at=now,
+            gpus=[(self._gpu_ids[i], i) for i in indices],
+            pid=launched.pid,
             pid_create_time=launched.create_time,
         )
         log.info("job %d started on GPUs %s as pid %d", job.id, list(indices), launched.pid)
@@ -406,11 +483,15 @@ class JobService:
     def _slots(self, *, busy: frozenset[int]) -> list[GpuSlot]:
         slots = []
         for index, info in sorted(self._infos.items()):
-            slots.append(GpuSlot(
-                index=index, busy=index in busy, idle_power_w=self._idle_power_w(index),
-                min_limit_w=(info.min_limit_mw or 0) / 1000,
-                max_limit_w=(info.max_limit_mw or 0) / 1000,
-            ))
+            slots.append(
+                GpuSlot(
+                    index=index,
+                    busy=index in busy,
+                    idle_power_w=self._idle_power_w(index),
+                    min_limit_w=(info.min_limit_mw or 0) / 1000,
+                    max_limit_w=(info.max_limit_mw or 0) / 1000,
+                )
+            )
         return slots
 
     def _idle_power_w(self, index: int) -> float:
@@ -470,17 +551,32 @@ class JobService:
         rate = self._jobs.throughput(job.id)
         tokens = (latest.tokens or 0) if latest else 0
         return JobView(
-            id=job.id, name=job.name, user=job.user, state=job.state.value,
-            attached=job.attached, argv=list(job.argv), cwd=job.cwd, gpus=list(job.gpus),
-            gpu_count=job.gpu_count, watts=job.watts_per_gpu, energy_wh=job.energy_budget_wh,
+            id=job.id,
+            name=job.name,
+            user=job.user,
+            state=job.state.value,
+            attached=job.attached,
+            argv=list(job.argv),
+            cwd=job.cwd,
+            gpus=list(job.gpus),
+            gpu_count=job.gpu_count,
+            watts=job.watts_per_gpu,
+            energy_wh=job.energy_budget_wh,
             mode=job.mode.value,
             mode_effective=job.mode_effective.value if job.mode_effective else None,
-            on_exceed=job.on_exceed.value, priority=job.priority, pid=job.pid,
-            submitted_at=job.submitted_at, started_at=job.started_at, ended_at=job.ended_at,
-            exit_code=job.exit_code, end_reason=job.end_reason,
+            on_exceed=job.on_exceed.value,
+            priority=job.priority,
+            pid=job.pid,
+            submitted_at=job.submitted_at,
+            started_at=job.started_at,
+            ended_at=job.ended_at,
+            exit_code=job.exit_code,
+            end_reason=job.end_reason,
             steps=(latest.steps or 0) if latest else 0,
-            samples=(latest.samples or 0) if latest else 0, tokens=tokens,
-            power_w=power_w, energy_j=energy_j,
+            samples=(latest.samples or 0) if latest else 0,
+            tokens=tokens,
+            power_w=power_w,
+            energy_j=energy_j,
             tokens_per_s=rate.tokens_per_s if rate else None,
             samples_per_s=rate.samples_per_s if rate else None,
             j_per_token=energy_j / tokens if energy_j is not None and tokens else None,
@@ -489,4 +585,3 @@ class JobService:
 
 def _w(mw: int | None) -> float | None:
     return None if mw is None else mw / 1000
-

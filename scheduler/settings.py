@@ -38,6 +38,8 @@ class Settings(BaseSettings):
         node_cap_w: Node power cap, W; default the sum of the GPUs' maximum power limits.
         cancel_grace_s: Time between SIGTERM and SIGKILL when a job is cancelled, s.
         control_interval_s: Period of the control loop (placement, launches, budgets), s.
+        dry_run: Log every GPU setting the daemon would change (power limits, locked clocks)
+            and change none; soft directives to training loops still apply.
         runner_python: Interpreter that runs each job's small runner process; every job's user
             must be able to execute it. Default: the daemon's own interpreter.
     """
@@ -60,6 +62,7 @@ class Settings(BaseSettings):
     cancel_grace_s: float = Field(default=10.0, ge=0, le=3600)
     control_interval_s: float = Field(default=1.0, gt=0, le=60)
     runner_python: str | None = None
+    dry_run: bool = False
 
     @field_validator("flush_interval_s", "retention_days", "node_cap_w", "cancel_grace_s")
     @classmethod
