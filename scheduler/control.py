@@ -798,8 +798,10 @@ class SoftController:
     each settled measurement (``P_busy = P_idle + (P - P_idle) / d``) and inverting the model
     lands on the setpoint in one step -- the estimate is the integral state. Only settled
     measurements (``hold_ticks`` after a change) update it, so nothing integrates during the
-    dead time; the duty is clamped to ``[min_duty, 1]`` and the estimate is not updated while the
-    duty is pinned at a clamp (anti-windup), and a deadband keeps it from dithering. The first
+    dead time; the duty is clamped to ``[min_duty, 1]``, and because the state is an estimate of
+    the plant rather than an accumulated error, saturation cannot wind it up (anti-windup by
+    construction); it is not updated while the GPU idles (a paused job), and a deadband keeps
+    the duty from dithering. The first
     duty, before ``P_busy`` is measured, assumes ``P_busy`` = the card's maximum limit: safe.
 
     Micro-batch directives are not used: a smaller micro-batch (with more accumulation steps)
@@ -912,7 +914,7 @@ class SoftController:
         # A settled measurement: re-estimate busy power, the integral state.
         # The duty in force is what the client obeys (its pace), not what was asked.
         duty_now = _duty_of(obs.step_time_s, obs.pace_s)
-        if duty_now > 0.05 and not (duty_now >= 1.0 and power < setpoint):
+        if duty_now > 0.05 and power > idle_w * 1.2:  # not while the job idles (paused)
             self._busy_w = idle_w + (power - idle_w) / duty_now
         busy = self._busy_w or facts.max_limit_mw / 1000.0
         want = self._duty_for(setpoint, idle_w, busy)
