@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from scheduler.simjob import JobSpec, JobStats, SimMode, SimNode  # noqa: E402
+from bench.simjob import JobSpec, JobStats, SimMode, SimNode  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 BUDGETS_W = (400.0, 300.0, 200.0)

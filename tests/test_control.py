@@ -11,6 +11,7 @@ from typing import Literal
 
 import pytest
 
+from bench.simjob import JobSpec, SimJob, SimMode, SimNode
 from scheduler.control import (
     ClockController,
     EnergyAction,
@@ -27,7 +28,6 @@ from scheduler.control import (
     SoftController,
     choose_mode,
 )
-from scheduler.simjob import JobSpec, SimJob, SimMode, SimNode
 from telemetry.backends.profiles import get_sku
 
 H100 = get_sku("H100-SXM")

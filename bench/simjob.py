@@ -8,7 +8,8 @@ directives a report interval after they are given, and makes its GPUs' duty
 ``t_step / (t_step + pace)``, as the daemon does for paced jobs. Results come from the
 simulator's exact energy: per-GPU 1 s and 10 s average power, throughput, energy per token.
 
-Used by ``tests/test_control.py`` and ``bench/budget.py``::
+Lives in bench/ because it changes simulated GPU settings directly, which product code may do
+only through ``scheduler.actuators``. Used by ``tests/test_control.py`` and ``bench/budget.py``::
 
     node = SimNode(gpus=1)
     job = node.add_job(JobSpec("a", gpus=(0,), mode="soft", budget_w=300.0))
