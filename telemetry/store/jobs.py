@@ -23,6 +23,7 @@ from energy.counters import EnergyMethod, EnergyResult
 from scheduler.jobs import JobState, Mode, OnExceed, can_transition
 from telemetry.store.errors import StoreError
 from telemetry.store.models import (
+    control_decisions_table,
     job_events_table,
     job_gpus_table,
     job_progress_table,
@@ -168,6 +169,23 @@ class ProgressRecord:
     steps: int | None
     samples: int | None
     tokens: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionRecord:
+    """A stored control decision (see ``scheduler.control.Decision``); ``*_after`` is ``None``
+    until the change has settled."""
+
+    id: int
+    job_id: int
+    at: datetime
+    source: str
+    what: str
+    why: str
+    power_before_w: float | None
+    steps_per_s_before: float | None
+    power_after_w: float | None
+    steps_per_s_after: float | None
 
 
 class Throughput(NamedTuple):
@@ -651,3 +669,56 @@ class JobStore:
 
             gpu_energy = self._gpu_energy = Store(self._engine).gpu_energy
         return _combine_energy([gpu_energy(g, job.started_at, end) for g in job.gpu_ids])
+
+    # -- control decisions -----------------------------------------------------------------------
+
+    def add_decision(
+        self,
+        job_id: int,
+        *,
+        at: datetime,
+        source: str,
+        what: str,
+        why: str,
+        power_before_w: float | None,
+        steps_per_s_before: float | None,
+    ) -> int:
+        """Store a control decision; returns its id (for ``complete_decision``).
+
+        Raises:
+            StoreWriteError: Nothing was written.
+        """
+        try:
+            with self._engine.begin() as conn:
+                result = conn.execute(
+                    control_decisions_table.insert().values(
+                        job_id=job_id, at=at, source=source, what=what, why=why,
+                        power_before_w=power_before_w, steps_per_s_before=steps_per_s_before,
+                    )
+                )
+                key = result.inserted_primary_key
+        except SQLAlchemyError as exc:
+            raise self._wrap(f"storing a decision for job {job_id}", exc) from exc
+        assert key is not None
+        return int(key[0])
+
+    def complete_decision(
+        self, decision_id: int, *, power_after_w: float | None, steps_per_s_after: float | None
+    ) -> None:
+        """Record the power and throughput once a decision's change has settled."""
+        try:
+            with self._engine.begin() as conn:
+                conn.execute(
+                    update(control_decisions_table)
+                    .where(control_decisions_table.c.id == decision_id)
+                    .values(power_after_w=power_after_w, steps_per_s_after=steps_per_s_after)
+                )
+        except SQLAlchemyError as exc:
+            raise self._wrap(f"completing decision {decision_id}", exc) from exc
+
+    def decisions(self, job_id: int) -> builtins.list[DecisionRecord]:
+        """A job's control decisions, oldest first."""
+        c = control_decisions_table.c
+        query = select(control_decisions_table).where(c.job_id == job_id).order_by(c.at, c.id)
+        with self._engine.connect() as conn:
+            return [DecisionRecord(*row) for row in conn.execute(query)]

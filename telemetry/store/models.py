@@ -309,3 +309,26 @@ class SettingsJournalRow(Base):
 
 
 settings_journal_table = cast(Table, SettingsJournalRow.__table__)
+
+
+class ControlDecisionRow(Base):
+    """One control decision for a job (a controller, the energy guard or the node-cap guard):
+    what it changed and why, with the power and throughput before it and, once the change has
+    settled, after it (NULL until then)."""
+
+    __tablename__ = "control_decisions"
+    __table_args__ = (Index(None, "job_id", "at"),)
+
+    id: Mapped[int] = mapped_column(BigIntKey, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(Integer, ForeignKey("jobs.id", ondelete="CASCADE"))
+    at: Mapped[datetime] = mapped_column(UtcTimestamp)
+    source: Mapped[str] = mapped_column(String(16))
+    what: Mapped[str] = mapped_column(Text)
+    why: Mapped[str] = mapped_column(Text)
+    power_before_w: Mapped[float | None] = mapped_column(Double)
+    steps_per_s_before: Mapped[float | None] = mapped_column(Double)
+    power_after_w: Mapped[float | None] = mapped_column(Double)
+    steps_per_s_after: Mapped[float | None] = mapped_column(Double)
+
+
+control_decisions_table = cast(Table, ControlDecisionRow.__table__)
