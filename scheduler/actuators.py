@@ -77,13 +77,17 @@ class Directives(NamedTuple):
         pace_s: Extra time to spend per step, s (0 or ``None``: full speed).
         micro_batch: Micro-batch size to use; the client raises gradient accumulation so the
             global batch stays the same.
+        duty: Share of wall time the loop may compute (``None``: all of it): after a step of
+            duration d the client sleeps ``d * (1/duty - 1)``, so pacing follows the steps'
+            real duration however it varies.
     """
 
     pace_s: float | None
     micro_batch: int | None
+    duty: float | None = None
 
 
-_NO_DIRECTIVES: Final = Directives(None, None)
+_NO_DIRECTIVES: Final = Directives(None, None, None)
 
 
 def _who(job_id: int | None) -> str:
@@ -239,6 +243,16 @@ class Actuators:
         with self._lock:
             return self._undo(self._journal.outstanding(self._host, gpu_index=index), reason)
 
+    def reset_setting(self, index: int, setting: Setting, reason: str) -> list[JournalEntry]:
+        """Undo one kind of setting (power limit or SM clocks) on one GPU: back to its default.
+
+        Returns:
+            The entries closed or that could not be undone.
+        """
+        with self._lock:
+            entries = self._journal.outstanding(self._host, gpu_index=index)
+            return self._undo([e for e in entries if e.setting == setting], reason)
+
     def undo_job(self, job_id: int, reason: str) -> list[JournalEntry]:
         """Undo every setting a job has in force, and drop its soft directives (the job ended).
 
@@ -337,27 +351,40 @@ class Actuators:
     # -- soft actuators --------------------------------------------------------------------------
 
     def set_directives(
-        self, job_id: int, *, pace_s: float | None = None, micro_batch: int | None = None
+        self,
+        job_id: int,
+        *,
+        pace_s: float | None = None,
+        micro_batch: int | None = None,
+        duty: float | None = None,
     ) -> Directives:
-        """Replace a job's soft directives (both of them: ``None`` clears one).
+        """Replace a job's soft directives (all of them: ``None`` clears one).
 
         Args:
             job_id: The job.
             pace_s: Extra time per step, s (``None`` or 0: full speed).
             micro_batch: Micro-batch size (``None``: the job's own).
+            duty: Share of wall time the loop may compute, in (0, 1] (``None``: all).
 
         Returns:
             The directives the client will read. A dry run hands them out too: they change the
             training loop, not the card, and the soft mode is what a dry run validates.
 
         Raises:
-            ValueError: ``pace_s`` negative or not finite, or ``micro_batch < 1``.
+            ValueError: ``pace_s`` negative or not finite, ``micro_batch < 1``, or ``duty``
+                outside (0, 1].
         """
         if pace_s is not None and not 0.0 <= pace_s < float("inf"):
             raise ValueError(f"pace must be a finite number of seconds >= 0, got {pace_s}")
         if micro_batch is not None and micro_batch < 1:
             raise ValueError(f"micro-batch must be at least 1, got {micro_batch}")
-        new = Directives(None if pace_s is None else float(pace_s), micro_batch)
+        if duty is not None and not 0.0 < duty <= 1.0:
+            raise ValueError(f"duty must be in (0, 1], got {duty}")
+        new = Directives(
+            None if pace_s is None else float(pace_s),
+            micro_batch,
+            None if duty is None or duty >= 1.0 else float(duty),
+        )
         with self._lock:
             if self._directives.get(job_id, _NO_DIRECTIVES) != new:
                 _log.info("set directives of job %d: %s", job_id, _describe(new))
@@ -552,4 +579,6 @@ def _describe(d: Directives) -> str:
         parts.append(f"pace {d.pace_s:g} s per step")
     if d.micro_batch is not None:
         parts.append(f"micro-batch {d.micro_batch}")
+    if d.duty is not None:
+        parts.append(f"duty {d.duty:.3f}")
     return ", ".join(parts)

@@ -266,7 +266,13 @@ def gpus(
             gpu_backend.close()
 
     rows, why = guarded(read_all)
-    applied = guarded(lambda: _applied_settings(settings))
+    from telemetry.store import StoreError
+
+    try:
+        applied = _applied_settings(settings)
+    except (StoreError, OSError) as exc:  # the GPUs are still worth showing
+        err.print(f"[yellow]warning:[/] settings journal not read: {exc}", highlight=False)
+        applied = {}
     for row in rows:
         row["applied"] = applied.get(row["index"], [])
     if as_json:

@@ -60,6 +60,7 @@ _ORPHANED_PAUSE_S = 60.0
 # Directives beyond these bounds are a daemon bug; clamping keeps a training loop from hanging.
 _MAX_PACE_S = 60.0
 _MAX_SLOWDOWN = 100.0
+_MIN_DUTY = 0.01  # a directive below this would leave the loop all but stopped
 
 
 class JobStopped(SystemExit):
@@ -86,7 +87,9 @@ class Directive:
     """What the daemon last asked of this job (replaced whole, never mutated).
 
     Attributes:
-        pace_s: Seconds to sleep after each step (soft power budget).
+        pace_s: Seconds to sleep after each step.
+        duty: Share of wall time the loop may compute (soft power budget): after a step of
+            duration d (stretched by ``slowdown``), sleep ``d * (1/duty - 1)``. 1.0: full speed.
         micro_batch: The micro-batch size the loop should use; ``None`` keeps the loop's own.
         slowdown: On simulated GPUs, the step-time ratio t(f)/t(f_max) at the current clock: each
             step of measured duration d is stretched by sleeping d * (slowdown - 1). 1.0 on real
@@ -97,6 +100,7 @@ class Directive:
     """
 
     pace_s: float = 0.0
+    duty: float = 1.0
     micro_batch: int | None = None
     slowdown: float = 1.0
     state: str | None = None
@@ -159,6 +163,7 @@ def _parse_directive(data: Any) -> Directive:
     action = data.get("action")
     return Directive(
         pace_s=_finite(data.get("pace_s"), 0.0, 0.0, _MAX_PACE_S),
+        duty=_finite(data.get("duty"), 1.0, _MIN_DUTY, 1.0),
         micro_batch=micro_batch,
         slowdown=_finite(data.get("slowdown"), 1.0, 1.0, _MAX_SLOWDOWN),
         state=state if isinstance(state, str) else None,
@@ -449,6 +454,8 @@ class Job:
             busy_s + duration_s + stretch_s,
         )
         sleep_s = stretch_s + directive.pace_s
+        if directive.duty < 1.0:
+            sleep_s += (duration_s + stretch_s) * (1.0 / directive.duty - 1.0)
         if sleep_s > 0.0:
             time.sleep(sleep_s)
         if directive.action is not None:

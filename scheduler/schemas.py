@@ -83,7 +83,9 @@ class Directives(BaseModel):
     """What the daemon asks of a training loop, in answer to each progress report.
 
     Attributes:
-        pace_s: Sleep after each step, s (soft power budget).
+        pace_s: Sleep after each step, s.
+        duty: Share of wall time the loop may compute (soft power budget): after a step of
+            duration d, sleep ``d * (1/duty - 1)``; 1.0 = full speed.
         micro_batch: Micro-batch size to use (None: the script's own).
         slowdown: On simulated GPUs, ``t(f)/t(f_max)`` at the GPU's clock; 1.0 on real GPUs.
         state: The job's state.
@@ -91,6 +93,7 @@ class Directives(BaseModel):
     """
 
     pace_s: float = 0.0
+    duty: float = 1.0
     micro_batch: int | None = None
     slowdown: float = 1.0
     state: str

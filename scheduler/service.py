@@ -11,7 +11,7 @@ import math
 import os
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -20,6 +20,7 @@ import psutil
 
 from scheduler.actuators import Actuators
 from scheduler.api import Caller, ConflictError, ForbiddenError, NotFoundError
+from scheduler.budgets import BudgetLoop, Progress
 from scheduler.jobs import ACTIVE_STATES, TERMINAL_STATES, JobState, Mode, OnExceed
 from scheduler.launcher import Launcher
 from scheduler.placement import GpuSlot, Waiting, check_request, plan
@@ -54,6 +55,7 @@ class _Live:
     last_step_at: float = -math.inf  # clock time of the last progress report that moved
     steps: int = 0
     cancel_reason: str | None = None
+    progress: Progress = field(default_factory=Progress)
 
 
 class JobService:
@@ -103,14 +105,26 @@ class JobService:
         # Simulated GPUs: what the node runs now (it outlives the daemon), so a restart does not
         # flip busy GPUs to idle and back.
         workload = getattr(backend, "workload", None)
-        self._sim_busy: dict[int, bool] = (
-            {i: workload(i) is not None for i in self._infos} if workload is not None else {}
+        duty = getattr(backend, "duty", None)
+        self._sim_busy: dict[int, tuple[tuple[int, ...], float] | None] = (
+            {
+                i: (tuple(p.pid for p in backend.read(i).processes), duty(i) if duty else 1.0)
+                if workload(i) is not None else None
+                for i in self._infos
+            }
+            if workload is not None
+            else {}
         )
         # Jobs adopted after a restart count as stepping until their clients report again.
         for job in self._active():
             self._live_of(job.id).last_step_at = self._clock.now()
         default_cap_w = sum((d.max_limit_mw or 0) / 1000 for d in self._infos.values())
         self.node_cap_w = settings.node_cap_w or default_cap_w
+        self.budgets = BudgetLoop(
+            backend, self._jobs, self.actuators, self._infos, node_cap=lambda: self.node_cap_w,
+            clock=self._clock, on_pause=self._pause, on_resume=self._resume_for_budget,
+            on_stop=self._stop_for_budget,
+        )
 
     # -- the API ---------------------------------------------------------------------------------
 
@@ -246,6 +260,7 @@ class JobService:
                 fields["priority"] = req.priority
             if fields:
                 job = self._jobs.set_fields(job.id, **fields)
+                self.budgets.budget_changed(job)
                 log.info("job %d changed by %s: %s", job.id, caller.user, fields)
         return self._view(job)
 
@@ -258,6 +273,7 @@ class JobService:
             job = self._jobs.transition(
                 job.id, JobState.RUNNING, f"resumed by {caller.user}", at=self._now()
             )
+            self.budgets.resumed_by_hand(job.id)
         return self._view(job)
 
     def progress(self, caller: Caller, job_id: int, req: ProgressReport) -> Directives:
@@ -277,7 +293,8 @@ class JobService:
                 if req.steps > live.steps:
                     live.last_step_at = self._clock.now()
                 live.steps = req.steps
-            pace_s, micro_batch = self.actuators.directives(job.id)
+                live.progress.add(self._clock.now(), req.steps, req.tokens, req.step_time_s)
+            pace_s, micro_batch, duty = self.actuators.directives(job.id)
             action: Literal["pause", "stop"] | None = None
             if job.state == JobState.PAUSED:
                 action = "pause"
@@ -285,6 +302,7 @@ class JobService:
                 action = "stop"
             return Directives(
                 pace_s=pace_s or 0.0,
+                duty=duty or 1.0,
                 micro_batch=micro_batch,
                 slowdown=self._slowdown(job),
                 state=job.state.value,
@@ -360,6 +378,8 @@ class JobService:
         with self._lock:
             self._reap()
             self._place()
+            active = self._active()
+            self.budgets.tick(active, {j.id: self._live_of(j.id).progress for j in active})
             self._follow_activity()
 
     def _reap(self) -> None:
@@ -369,8 +389,11 @@ class JobService:
             if status.running:
                 continue
             live = self._live.pop(job.id, _Live())
+            stop_reason = self.budgets.stop_reason(job.id)
             if live.cancel_reason is not None:
                 state, reason = JobState.CANCELLED, live.cancel_reason
+            elif stop_reason is not None:
+                state, reason = JobState.STOPPED, stop_reason
             elif status.exit_code == 0:
                 state, reason = JobState.COMPLETED, "exited with status 0"
             elif status.exit_code is None:
@@ -379,6 +402,7 @@ class JobService:
                 state, reason = JobState.FAILED, f"exited with status {status.exit_code}"
             self._jobs.transition(job.id, state, reason, at=self._now(), exit_code=status.exit_code)
             self._launcher.forget(job)
+            self.budgets.forget(job.id)
             self.actuators.undo_job(job.id, f"job {job.id} {state}")
             log.info("job %d %s: %s", job.id, state, reason)
 
@@ -433,23 +457,45 @@ class JobService:
         )
         log.info("job %d started on GPUs %s as pid %d", job.id, list(indices), launched.pid)
 
+    def _pause(self, job: JobRecord, why: str) -> None:
+        """The energy guard pauses a job: its client checkpoints and waits."""
+        self._jobs.transition(job.id, JobState.PAUSED, f"energy budget: {why}", at=self._now())
+        log.warning("job %d paused: %s", job.id, why)
+
+    def _resume_for_budget(self, job: JobRecord, why: str) -> None:
+        current = self._jobs.get(job.id)
+        if current is not None and current.state == JobState.PAUSED:
+            self._jobs.transition(job.id, JobState.RUNNING, why, at=self._now())
+            log.info("job %d resumed: %s", job.id, why)
+
+    def _stop_for_budget(self, job: JobRecord, why: str) -> None:
+        """The energy guard stops a job: SIGTERM now, SIGKILL after the grace period."""
+        log.warning("job %d stopping: %s", job.id, why)
+        self._launcher.terminate(job, grace_s=self._settings.cancel_grace_s)
+
     def _follow_activity(self) -> None:
         """On simulated GPUs, a job's GPUs are busy while its steps keep coming, else idle."""
         set_workload: Callable[..., None] | None = getattr(self._backend, "set_workload", None)
         if set_workload is None:
             return
         now = self._clock.now()
-        busy: dict[int, tuple[int, ...]] = {}
+        busy: dict[int, tuple[tuple[int, ...], float]] = {}
         for job in self._active():
             live = self._live.get(job.id)
             stepping = live is not None and now - live.last_step_at < ACTIVITY_TIMEOUT_S
-            if job.state == JobState.RUNNING and stepping:
+            if job.state == JobState.RUNNING and stepping and live is not None:
+                # A paced job keeps its GPU busy only while it steps, idle while it sleeps: the
+                # client sleeps d * (1/duty - 1) after each step of duration d.
+                duty = self.budgets.duty(job.id)
                 for index in job.gpus:
-                    busy[index] = (job.pid,) if job.pid else ()
+                    busy[index] = ((job.pid,) if job.pid else (), round(duty, 3))
         for index in self._infos:
-            want = index in busy
+            want = busy.get(index)
             if self._sim_busy.get(index) != want:
-                set_workload(index, "training" if want else None, pids=busy.get(index, ()))
+                if want is None:
+                    set_workload(index, None)
+                else:
+                    set_workload(index, "training", pids=want[0], duty=want[1])
                 self._sim_busy[index] = want
 
     # -- helpers ---------------------------------------------------------------------------------

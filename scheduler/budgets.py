@@ -1,0 +1,567 @@
+"""Budgets at run time: each second, hold every running job to its wattage and energy budgets.
+
+The control tick (``BudgetLoop.tick``) builds one ``scheduler.control.Observation`` per job from
+the GPUs' 1 s average power and the client's reports, runs the job's controller (hw, clock or
+soft), its energy guard, and the node-cap guard, applies their commands through the actuators
+(journaled), and stores every decision with the power and throughput before it and, five seconds
+later, after it. The ``slow`` energy action and ``--objective`` hand the job to the energy
+optimiser (``energy.optimizer``), driven with the same per-second measurements.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from itertools import pairwise
+from typing import Literal
+
+from energy.optimizer import (
+    EnergyOptimizer,
+    LeastEnergy,
+    SearchConfig,
+    SettingSpace,
+    objective_from_name,
+)
+from scheduler.actuators import Actuators
+from scheduler.control import (
+    Command,
+    Decision,
+    EnergyAction,
+    EnergyEvent,
+    EnergyForecast,
+    EnergyGuard,
+    GpuFacts,
+    GpuObservation,
+    JobPower,
+    LockClocks,
+    ModeChoice,
+    NodeCapGuard,
+    Observation,
+    PowerController,
+    ResetClocks,
+    ResetPowerLimit,
+    SetMicroBatch,
+    SetPace,
+    SetPowerLimit,
+    choose_mode,
+    make_controller,
+)
+from scheduler.jobs import JobState
+from telemetry.backends.base import GpuBackend, GpuError, GpuInfo, GpuReading
+from telemetry.clock import Clock, to_datetime
+from telemetry.store.jobs import JobRecord, JobStore
+from telemetry.store.journal import Setting
+
+log = logging.getLogger(__name__)
+
+AFTER_S = 5.0
+"""A decision's "after" power and throughput are measured this long after it."""
+
+THROUGHPUT_WINDOW_S = 5.0
+
+
+@dataclass(slots=True)
+class Progress:
+    """What the service knows of a job's client (from its progress reports)."""
+
+    reports: deque[tuple[float, int, int]] = field(default_factory=lambda: deque(maxlen=64))
+    step_time_s: float | None = None
+
+    def add(self, now_s: float, steps: int, tokens: int, step_time_s: float | None) -> None:
+        self.reports.append((now_s, steps, tokens))
+        if step_time_s:
+            self.step_time_s = step_time_s
+
+    @property
+    def steps(self) -> int:
+        return self.reports[-1][1] if self.reports else 0
+
+    @property
+    def tokens(self) -> int:
+        return self.reports[-1][2] if self.reports else 0
+
+    def rates(
+        self, now_s: float, window_s: float = THROUGHPUT_WINDOW_S
+    ) -> tuple[float | None, float | None]:
+        """Steps/s and tokens/s over the last ``window_s`` of reports."""
+        recent = [r for r in self.reports if r[0] >= now_s - window_s]
+        if len(recent) < 2 or recent[-1][0] <= recent[0][0]:
+            return None, None
+        dt = recent[-1][0] - recent[0][0]
+        return (recent[-1][1] - recent[0][1]) / dt, (recent[-1][2] - recent[0][2]) / dt
+
+
+@dataclass(slots=True)
+class _Optimising:
+    """The energy optimiser driving a job (``slow``, ``--objective``)."""
+
+    optimizer: EnergyOptimizer
+    knob: Literal["power_limit", "sm_clocks"]
+    applied: int | None = None
+    steps0: int = 0
+    time0: float = 0.0
+    energy0_j: float = 0.0
+
+
+@dataclass(slots=True)
+class _JobControl:
+    """Per-job control state kept between ticks."""
+
+    choice: ModeChoice | None = None
+    controller: PowerController | None = None
+    forecast: EnergyForecast | None = None
+    guard: EnergyGuard | None = None
+    optimising: _Optimising | None = None
+    energy_j: float = 0.0
+    counters: dict[int, int] = field(default_factory=dict)
+    last_s: float | None = None
+    duty: float = 1.0
+    micro_batch: int | None = None
+    pending: list[tuple[float, int]] = field(default_factory=list)
+    last_obs: Observation | None = None
+    stop_reason: str | None = None
+
+
+class BudgetLoop:
+    """Holds the running jobs of one node to their budgets, one ``tick`` a second.
+
+    Args:
+        backend: The node's GPUs.
+        jobs: The job store (decisions, mode, energy at adoption).
+        actuators: The only way settings change.
+        infos: The GPUs' probed facts, by index.
+        node_cap_w: The node power cap, W (read each tick through ``node_cap``).
+        clock: Time source.
+        on_pause / on_resume / on_stop: How the service pauses, resumes or stops a job.
+    """
+
+    def __init__(
+        self,
+        backend: GpuBackend,
+        jobs: JobStore,
+        actuators: Actuators,
+        infos: Mapping[int, GpuInfo],
+        *,
+        node_cap: Callable[[], float],
+        clock: Clock,
+        on_pause: Callable[[JobRecord, str], None],
+        on_resume: Callable[[JobRecord, str], None],
+        on_stop: Callable[[JobRecord, str], None],
+    ) -> None:
+        self._backend = backend
+        self._jobs = jobs
+        self._actuators = actuators
+        self._infos = dict(infos)
+        self._node_cap = node_cap
+        self._clock = clock
+        self._on_pause = on_pause
+        self._on_resume = on_resume
+        self._on_stop = on_stop
+        self._controls: dict[int, _JobControl] = {}
+        self._cap_guard = NodeCapGuard(node_cap())
+        self._cap_w = node_cap()
+        self._hw_permitted: tuple[bool, str] | None = None
+        self._idle_mw: dict[int, int] = {}
+        self._facts = {i: self._probe_facts(info) for i, info in self._infos.items()}
+
+    # -- what the service calls ------------------------------------------------------------------
+
+    def forget(self, job_id: int) -> None:
+        """The job ended: drop its state (the service undoes its settings)."""
+        self._controls.pop(job_id, None)
+
+    def budget_changed(self, job: JobRecord) -> None:
+        """``powertrain budget``: the energy guard takes the new budget at the next tick."""
+        control = self._controls.get(job.id)
+        if control is None:
+            return
+        if job.energy_budget_wh is not None:
+            if control.guard is None:
+                control.guard = EnergyGuard(job.energy_budget_wh * 3600, job.on_exceed.value)
+            else:
+                control.guard.set_budget(job.energy_budget_wh * 3600)
+
+    def resumed_by_hand(self, job_id: int) -> None:
+        control = self._controls.get(job_id)
+        if control is not None and control.guard is not None:
+            control.guard.resume()
+
+    def stop_reason(self, job_id: int) -> str | None:
+        control = self._controls.get(job_id)
+        return control.stop_reason if control else None
+
+    def duty(self, job_id: int) -> float:
+        """The share of wall time the job's loop may compute (1.0: not paced)."""
+        control = self._controls.get(job_id)
+        return control.duty if control else 1.0
+
+    def tick(self, active: Sequence[JobRecord], progress: Mapping[int, Progress]) -> None:
+        """One control tick for every active job of this node."""
+        now_s = self._clock.now()
+        readings = self._read_all()
+        busy = {i for job in active for i in job.gpus}
+        for index, reading in readings.items():
+            if index not in busy and reading.power_avg_mw is not None:
+                self._idle_mw[index] = reading.power_avg_mw  # what a free GPU draws
+
+        observations: dict[int, Observation] = {}
+        for job in active:
+            control = self._controls.get(job.id)
+            if control is None:
+                control = self._controls[job.id] = self._start(job)
+            self._account(control, job, readings, now_s)
+            observations[job.id] = self._observe(job, control, readings,
+                                                 progress.get(job.id, Progress()), now_s)
+
+        budgets = self._node_cap_tick(active, observations, readings, now_s)
+        for job in active:
+            control = self._controls[job.id]
+            obs = observations[job.id]
+            obs = Observation(
+                now_s=obs.now_s, gpus=obs.gpus, budget_w=budgets.get(job.id, job.watts_per_gpu),
+                steps_per_s=obs.steps_per_s, tokens_per_s=obs.tokens_per_s,
+                step_time_s=obs.step_time_s, pace_s=obs.pace_s, micro_batch=obs.micro_batch,
+            )
+            control.last_obs = obs
+            if job.state == JobState.RUNNING:
+                self._hold_power(job, control, obs, progress.get(job.id, Progress()).steps)
+            self._energy(job, control, obs, progress.get(job.id, Progress()))
+            self._complete_decisions(control, obs, now_s)
+
+    # -- setup -----------------------------------------------------------------------------------
+
+    def _start(self, job: JobRecord) -> _JobControl:
+        control = _JobControl()
+        control.energy_j = self._jobs.energy(job.id).energy_mj / 1000 if job.started_at else 0.0
+        if job.energy_budget_wh is not None:
+            control.forecast = EnergyForecast(total_steps=job.total_steps,
+                                              total_tokens=job.total_tokens)
+            control.guard = EnergyGuard(job.energy_budget_wh * 3600, job.on_exceed.value)
+        if job.objective is not None:
+            self._start_optimiser(job, control, job.objective, why=f"--objective {job.objective}")
+        return control
+
+    def _probe_facts(self, info: GpuInfo) -> GpuFacts:
+        step = 15
+        clocks: tuple[int, ...] = getattr(self._backend, "supported_sm_clocks", lambda i: ())(
+            info.index
+        )
+        if len(clocks) > 1:
+            ordered = sorted(set(clocks))
+            step = max(1, round(statistics.median(b - a for a, b in pairwise(ordered))))
+        sku = getattr(self._backend, "sku", None)
+        if sku is not None:
+            step = round(sku.sm_clock_step_mhz)
+        max_mw = info.max_limit_mw or 0
+        return GpuFacts(
+            index=info.index,
+            min_limit_mw=info.min_limit_mw or max_mw,
+            max_limit_mw=max_mw,
+            default_limit_mw=info.default_limit_mw or max_mw,
+            min_sm_clock_mhz=info.min_sm_clock_mhz or 0,
+            max_sm_clock_mhz=info.max_sm_clock_mhz or 0,
+            sm_clock_step_mhz=step,
+            idle_power_mw=round(sku.idle_power_w * 1000) if sku is not None else max_mw // 10,
+        )
+
+    def _choose(self, job: JobRecord) -> ModeChoice:
+        if self._hw_permitted is None:
+            self._hw_permitted = self._actuators.probe_power_limit_permission(job.gpus[0])
+            log.info("power limits %s: %s",
+                     "may be set" if self._hw_permitted[0] else "may not be set",
+                     self._hw_permitted[1])
+        permitted, why = self._hw_permitted
+        try:
+            choice = choose_mode(job.mode.value, hw_permitted=permitted, clocks_permitted=permitted)
+        except ValueError as exc:
+            choice = ModeChoice("soft", f"{exc}; falling back to soft ({why})")
+        if job.mode.value == "auto" and not permitted:
+            choice = ModeChoice("soft", f"auto: {why}, so soft (pacing)")
+        return choice
+
+    # -- energy accounting -------------------------------------------------------------------------
+
+    def _read_all(self) -> dict[int, GpuReading]:
+        readings = {}
+        for index in self._infos:
+            try:
+                readings[index] = self._backend.read(index)
+            except GpuError:
+                continue
+        return readings
+
+    def _account(
+        self, control: _JobControl, job: JobRecord, readings: Mapping[int, GpuReading],
+        now_s: float,
+    ) -> None:
+        """Add the job's GPUs' energy since the last tick (counter deltas; power if reset)."""
+        dt = now_s - control.last_s if control.last_s is not None else 0.0
+        for index in job.gpus:
+            r = readings.get(index)
+            if r is None or r.energy_mj is None:
+                if r is not None and r.power_avg_mw is not None:
+                    control.energy_j += r.power_avg_mw / 1000 * dt
+                continue
+            last = control.counters.get(index)
+            if last is not None and control.last_s is not None:
+                delta_mj = r.energy_mj - last
+                if delta_mj >= 0:
+                    control.energy_j += delta_mj / 1000
+                elif r.power_avg_mw is not None:  # the counter reset (driver reload)
+                    control.energy_j += r.power_avg_mw / 1000 * dt
+            control.counters[index] = r.energy_mj
+        control.last_s = now_s
+
+    def _observe(
+        self, job: JobRecord, control: _JobControl, readings: Mapping[int, GpuReading],
+        progress: Progress, now_s: float,
+    ) -> Observation:
+        gpus = []
+        for index in job.gpus:
+            r = readings.get(index)
+            facts = self._facts[index]
+            if index in self._idle_mw:
+                facts = GpuFacts(**{**_asdict(facts), "idle_power_mw": self._idle_mw[index]})
+            locked = self._actuators_locked(index)
+            gpus.append(GpuObservation(
+                facts=facts,
+                power_avg_mw=r.power_avg_mw if r else None,
+                limit_mw=r.power_limit_mw if r else None,
+                locked_max_mhz=locked,
+            ))
+        steps_per_s, tokens_per_s = progress.rates(now_s)
+        step_s = progress.step_time_s
+        # The pace the duty directive means at today's step time (see ``_apply``).
+        pace_s = step_s * (1.0 / control.duty - 1.0) if step_s and control.duty < 1.0 else 0.0
+        return Observation(
+            now_s=now_s, gpus=tuple(gpus), budget_w=job.watts_per_gpu, steps_per_s=steps_per_s,
+            tokens_per_s=tokens_per_s, step_time_s=step_s, pace_s=pace_s,
+            micro_batch=control.micro_batch,
+        )
+
+    def _actuators_locked(self, index: int) -> int | None:
+        for entry in self._actuators.applied(index):
+            if entry.setting == Setting.SM_CLOCKS:
+                return entry.value
+        return None
+
+    # -- wattage -----------------------------------------------------------------------------------
+
+    def _hold_power(
+        self, job: JobRecord, control: _JobControl, obs: Observation, steps: int
+    ) -> None:
+        if control.optimising is not None:
+            self._drive_optimiser(job, control, obs, steps)
+            return
+        if obs.budget_w is None:
+            if control.controller is not None:
+                self._apply(job, control, control.controller.undo(obs))
+                control.controller = None
+            return
+        if control.controller is None:
+            control.choice = self._choose(job)
+            control.controller = make_controller(control.choice.mode)
+            self._jobs.set_fields(job.id, mode_effective=control.choice.mode,
+                                  mode_reason=control.choice.reason)
+            log.info("job %d holds %.0f W per GPU in %s mode: %s", job.id, obs.budget_w,
+                     control.choice.mode, control.choice.reason)
+        for decision in control.controller.tick(obs):
+            self._decide(job, control, decision)
+
+    def _decide(self, job: JobRecord, control: _JobControl, decision: Decision) -> None:
+        self._apply(job, control, decision.commands)
+        decision_id = self._jobs.add_decision(
+            job.id, at=to_datetime(decision.at_s), source=decision.source, what=decision.what,
+            why=decision.why, power_before_w=decision.power_before_w,
+            steps_per_s_before=decision.steps_per_s_before,
+        )
+        control.pending.append((decision.at_s + AFTER_S, decision_id))
+        log.debug("job %d: %s (%s)", job.id, decision.what, decision.why)
+
+    def _apply(self, job: JobRecord, control: _JobControl, commands: Sequence[Command]) -> None:
+        for command in commands:
+            if isinstance(command, SetPowerLimit):
+                self._actuators.set_power_limit(job.id, command.index, command.limit_mw)
+            elif isinstance(command, ResetPowerLimit):
+                self._actuators.reset_setting(
+                    command.index, Setting.POWER_LIMIT, f"job {job.id} released it"
+                )
+            elif isinstance(command, LockClocks):
+                self._actuators.lock_sm_clocks(job.id, command.index, command.max_mhz)
+            elif isinstance(command, ResetClocks):
+                self._actuators.reset_setting(
+                    command.index, Setting.SM_CLOCKS, f"job {job.id} released it"
+                )
+            elif isinstance(command, SetPace):
+                # The controller thinks in pace per step at the step time it saw; the client is
+                # told the duty that pace means, so it paces each step by its real duration.
+                step_s = control.last_obs.step_time_s if control.last_obs else None
+                control.duty = (
+                    step_s / (step_s + command.pace_s) if step_s and command.pace_s > 0 else 1.0
+                )
+                self._send_directives(job, control)
+            elif isinstance(command, SetMicroBatch):
+                control.micro_batch = command.micro_batch
+                self._send_directives(job, control)
+
+    def _send_directives(self, job: JobRecord, control: _JobControl) -> None:
+        self._actuators.set_directives(
+            job.id, micro_batch=control.micro_batch,
+            duty=control.duty if control.duty < 1.0 else None,
+        )
+
+    def _complete_decisions(self, control: _JobControl, obs: Observation, now_s: float) -> None:
+        due = [(t, i) for t, i in control.pending if t <= now_s]
+        if not due:
+            return
+        control.pending = [(t, i) for t, i in control.pending if t > now_s]
+        for _, decision_id in due:
+            self._jobs.complete_decision(decision_id, power_after_w=obs.mean_power_w(),
+                                         steps_per_s_after=obs.steps_per_s)
+
+    # -- the node cap ------------------------------------------------------------------------------
+
+    def _node_cap_tick(
+        self, active: Sequence[JobRecord], observations: Mapping[int, Observation],
+        readings: Mapping[int, GpuReading], now_s: float,
+    ) -> dict[int, float | None]:
+        cap_w = self._node_cap()
+        if cap_w != self._cap_w:
+            self._cap_guard, self._cap_w = NodeCapGuard(cap_w), cap_w
+        node_w = sum((r.power_avg_mw or 0) for r in readings.values()) / 1000
+        powers = [
+            JobPower(
+                job_id=job.id, priority=job.priority, gpus=len(job.gpus),
+                power_w=sum((g.power_avg_mw or 0) for g in observations[job.id].gpus) / 1000,
+                budget_w=job.watts_per_gpu,
+                floor_w=max((self._facts[i].min_limit_mw for i in job.gpus), default=0) / 1000,
+            )
+            for job in active if job.state == JobState.RUNNING and job.gpus
+        ]
+        decision = self._cap_guard.tick(now_s, node_w, powers)
+        if decision is not None and decision.sentence:
+            log.warning("node cap: %s", decision.sentence)
+            for job_id in decision.changed:
+                obs = observations[job_id]
+                budget = decision.budgets_w.get(job_id)
+                self._jobs.add_decision(
+                    job_id, at=to_datetime(now_s), source="node-cap",
+                    what="budget back to its own" if budget is None
+                    else f"budget held to {budget:.0f} W per GPU",
+                    why=decision.sentence, power_before_w=obs.mean_power_w(),
+                    steps_per_s_before=obs.steps_per_s,
+                )
+        return {p.job_id: self._cap_guard.effective_budget_w(p) for p in powers}
+
+    # -- energy ------------------------------------------------------------------------------------
+
+    def _energy(
+        self, job: JobRecord, control: _JobControl, obs: Observation, progress: Progress
+    ) -> None:
+        if control.guard is None or control.forecast is None:
+            return
+        forecast = control.forecast.update(obs.now_s, control.energy_j, progress.steps,
+                                           progress.tokens)
+        event = control.guard.tick(forecast)
+        if event is None:
+            return
+        self._record_energy_event(job, obs, event)
+        if event.action is EnergyAction.WARN:
+            log.warning("job %d energy budget: %s", job.id, event.why)
+        elif event.action is EnergyAction.SLOW:
+            self._start_optimiser(job, control, "energy", why=event.why)
+        elif event.action is EnergyAction.PAUSE:
+            self._on_pause(job, event.why)
+        elif event.action is EnergyAction.RESUME:
+            self._on_resume(job, event.why)
+        elif event.action is EnergyAction.STOP:
+            control.stop_reason = f"energy budget: {event.why}"
+            self._on_stop(job, control.stop_reason)
+
+    def _record_energy_event(self, job: JobRecord, obs: Observation, event: EnergyEvent) -> None:
+        self._jobs.add_decision(
+            job.id, at=to_datetime(event.at_s), source="energy", what=event.action.value,
+            why=event.why, power_before_w=obs.mean_power_w(), steps_per_s_before=obs.steps_per_s,
+        )
+
+    # -- the optimiser -----------------------------------------------------------------------------
+
+    def _start_optimiser(
+        self, job: JobRecord, control: _JobControl, objective: str, *, why: str
+    ) -> None:
+        """Hand the job's setting to the energy optimiser (hw: power limits; clock: clocks)."""
+        if not job.gpus:
+            return
+        choice = control.choice or self._choose(job)
+        facts = self._facts[job.gpus[0]]
+        budget_w = job.watts_per_gpu
+        if choice.mode == "soft":
+            log.warning("job %d: %s, but soft mode has no setting that saves energy (pacing "
+                        "adds idle time); only warning", job.id, why)
+            return
+        if choice.mode == "hw":
+            top_mw = facts.max_limit_mw if budget_w is None else min(
+                facts.max_limit_mw, round(budget_w * 1000))
+            space = SettingSpace.power_limits(facts.min_limit_mw, max(top_mw, facts.min_limit_mw))
+            knob: Literal["power_limit", "sm_clocks"] = "power_limit"
+        else:
+            top = self._actuators_locked(job.gpus[0]) or facts.max_sm_clock_mhz
+            space = SettingSpace.sm_clocks(facts.min_sm_clock_mhz, top)
+            knob = "sm_clocks"
+        goal = LeastEnergy(power_budget_w=budget_w) if objective == "energy" else (
+            objective_from_name(objective, max_power_w=facts.max_limit_mw / 1000 * len(job.gpus),
+                                power_budget_w=budget_w)
+        )
+        control.optimising = _Optimising(EnergyOptimizer(space, goal, SearchConfig()), knob)
+        control.choice = choice
+        log.info("job %d: the energy optimiser takes over (%s): %s over %s", job.id, why,
+                 goal.name, knob)
+
+    def _drive_optimiser(
+        self, job: JobRecord, control: _JobControl, obs: Observation, steps: int
+    ) -> None:
+        opt = control.optimising
+        assert opt is not None
+        if opt.applied is None or opt.applied != opt.optimizer.setting:
+            self._apply_setting(job, control, opt, obs)
+            opt.steps0, opt.time0, opt.energy0_j = steps, obs.now_s, control.energy_j
+            return
+        done = steps - opt.steps0
+        dt = obs.now_s - opt.time0
+        if done >= opt.optimizer.steps_wanted and dt > 0:
+            before = opt.optimizer.setting
+            opt.optimizer.observe(done, dt, max(control.energy_j - opt.energy0_j, 0.0))
+            opt.steps0, opt.time0, opt.energy0_j = steps, obs.now_s, control.energy_j
+            if opt.optimizer.setting != before:
+                self._apply_setting(job, control, opt, obs)
+
+    def _apply_setting(
+        self, job: JobRecord, control: _JobControl, opt: _Optimising, obs: Observation
+    ) -> None:
+        value = opt.optimizer.setting
+        commands: list[Command] = []
+        for index in job.gpus:
+            if opt.knob == "power_limit":
+                commands.append(SetPowerLimit(index, value))
+            else:
+                commands.append(LockClocks(index, value))
+        unit = "W" if opt.knob == "power_limit" else "MHz"
+        shown = value / 1000 if opt.knob == "power_limit" else value
+        state = type(opt.optimizer.state).__name__.lower()
+        self._decide(job, control, Decision(
+            at_s=obs.now_s, source="optimizer",
+            what=f"{opt.knob.replace('_', ' ')} {shown:g} {unit}",
+            why=f"energy optimiser ({opt.optimizer.objective.name}, {state})",
+            commands=tuple(commands), power_before_w=obs.mean_power_w(),
+            steps_per_s_before=obs.steps_per_s,
+        ))
+        opt.applied = value
+
+
+
+def _asdict(facts: GpuFacts) -> dict[str, int]:
+    return {name: getattr(facts, name) for name in GpuFacts.__dataclass_fields__}
+
