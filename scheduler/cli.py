@@ -383,6 +383,11 @@ def submit(
         ),
     ] = "warn",
     priority: Annotated[int, typer.Option(help="Higher runs first.")] = 0,
+    objective: Annotated[
+        str | None,
+        typer.Option(help="Let the energy optimiser pick the power limit or clock: energy, "
+                     "cost, throughput (within --watts) or slowdown."),
+    ] = None,
     socket: SocketOpt = None,
 ) -> None:
     """Queue a training command under budgets; print the job id alone on stdout.
@@ -406,6 +411,7 @@ def submit(
                 "mode": mode,
                 "on_exceed": on_exceed,
                 "priority": priority,
+                "objective": objective,
             }
         )
     except ValidationError as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -9,6 +10,9 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+import httpx
 
 
 class DaemonProcess:
@@ -60,3 +64,45 @@ class DaemonProcess:
         if not self._log.closed:
             self._log.flush()
         return self.log_path.read_text()
+
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "examples" / "pretrain_gpt.py"
+# A small model: a few seconds of real training on the CPU.
+TINY = ["--layers", "2", "--dim", "64", "--heads", "2", "--seq-len", "64", "--batch-size", "8",
+        "--data-mb", "1", "--log-every", "10", "--eval-batches", "2"]
+
+
+def cli(socket: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "scheduler", args[0], "--socket", str(socket), *args[1:]],
+        capture_output=True, text=True, cwd=REPO, timeout=60,
+    )
+
+
+def submit(socket: Path, *args: str) -> int:
+    done = cli(socket, "submit", *args)
+    assert done.returncode == 0, done.stderr
+    return int(done.stdout.strip())
+
+
+def jobs(socket: Path) -> dict[int, dict[str, Any]]:
+    done = cli(socket, "jobs", "--all", "--json")
+    assert done.returncode == 0, done.stderr
+    return {j["id"]: j for j in json.loads(done.stdout)}
+
+
+def wait_until(daemon: DaemonProcess, condition: Callable[[], bool], timeout_s: float) -> None:
+    daemon.wait_for(condition, timeout_s=timeout_s)
+
+
+def start_daemon(home: Path, socket: Path, *args: str, gpus: int = 4, **env: str) -> DaemonProcess:
+    daemon = DaemonProcess(home, "--socket", str(socket), *args, gpus=gpus, env=env)
+
+    def answers() -> bool:
+        with httpx.Client(transport=httpx.HTTPTransport(uds=str(socket)),
+                          base_url="http://powertrain") as http:
+            return http.get("/v1/health").status_code == 200
+
+    daemon.wait_for(answers, timeout_s=60)  # a stale socket file is not a daemon
+    return daemon
