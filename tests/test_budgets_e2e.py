@@ -9,6 +9,7 @@ from __future__ import annotations
 import bisect
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -202,26 +203,43 @@ def test_energy_budgets_warn_slow_pause_and_stop(tmp_path: Path, sock_dir: Path)
 
 
 def test_node_cap_holds_with_two_jobs(tmp_path: Path, sock_dir: Path) -> None:
+    """A submitted job within its budget, and an attached job that placement never saw and that
+    has no budget: together with two idle GPUs they draw ~1200 W against a 1000 W cap."""
     socket = sock_dir / "api.sock"
-    # Two busy H100s draw ~1310 W and two idle ones ~150 W: a 1000 W cap must bite.
     daemon = start_daemon(tmp_path, socket, "--node-cap-w", "1000")
+    attached: subprocess.Popen[bytes] | None = None
     try:
-        first = run_example(socket, "--mode", "hw", "--priority", "1", seconds=45)
-        second = run_example(socket, "--mode", "hw", seconds=45)
+        first = run_example(socket, "--watts", "400", "--priority", "1", seconds=50)
+        wait_until(daemon, lambda: jobs(socket)[first]["state"] == "running", timeout_s=60)
+        env = dict(os.environ, POWERTRAIN_SOCKET=str(socket), CUDA_VISIBLE_DEVICES="3")
+        env.pop("POWERTRAIN_JOB_ID", None)
+        attached = subprocess.Popen(
+            [sys.executable, str(EXAMPLE), *LONG_RUN, "--max-seconds", "50", "--name", "nb"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wait_until(daemon, lambda: len(jobs(socket)) == 2, timeout_s=60)
+        second = max(jobs(socket))
         wait_until(daemon, lambda: finished(socket, [first, second]), timeout_s=300)
+        assert attached.wait(60) == 0
     finally:
+        if attached is not None and attached.poll() is None:
+            attached.kill()
         assert daemon.terminate() == 0, daemon.log()
     store = store_of(tmp_path)
     try:
         a, b = store.jobs.get(first), store.jobs.get(second)
         assert a and b and a.started_at and b.started_at and a.ended_at and b.ended_at
+        assert b.attached and b.watts_per_gpu is None
         begin = max(a.started_at, b.started_at).timestamp() + SETTLE_S
         end = min(a.ended_at, b.ended_at).timestamp()
         windows = window_averages_w(store, [g.id for g in store.gpus()], begin, end)
         assert len(windows) >= 10
         within = sum(w <= 1000.0 for w in windows) / len(windows)
         assert within >= 0.99, (max(windows), within)
-        assert any(d.source == "node-cap" for d in store.jobs.decisions(second))
+        assert max(windows) > 900.0  # held near the cap, not far below it
+        held = [d for d in store.jobs.decisions(second) if d.source == "node-cap"]
+        assert held, "the lower-priority job was the one held back"
+        assert not [d for d in store.jobs.decisions(first) if d.source == "node-cap"]
     finally:
         store.close()
     assert "node cap:" in daemon.log()
