@@ -20,14 +20,6 @@ import typer
 from rich.console import Console
 
 from energy.cost import FlatRate, Rate, parse_series, parse_time, parse_time_of_use
-from reports.charts import (
-    energy_bars,
-    energy_figure,
-    j_per_token_figure,
-    png_bytes,
-    power_figure,
-    throughput_figure,
-)
 from reports.html import render_html
 from reports.queries import (
     BY_CHOICES,
@@ -130,6 +122,16 @@ def write_files(files: Mapping[Path, bytes]) -> None:
 
 def render_charts(store: Store, report: Report) -> dict[str, bytes]:
     """Every chart of the report as PNG bytes, by name (``power``, ``energy``, ...)."""
+    # matplotlib loads only when charts are drawn, not with every `powertrain` command.
+    from reports.charts import (
+        energy_bars,
+        energy_figure,
+        j_per_token_figure,
+        png_bytes,
+        power_figure,
+        throughput_figure,
+    )
+
     lives = job_life(store, report)
     charts = {
         "power": png_bytes(power_figure(timeline(store, report))),
