@@ -1,8 +1,10 @@
 """`powertrain demo`: the daemon on simulated H100s runs two real training jobs under budgets.
 
 The daemon runs as a real subprocess on simulated GPUs; two runs of ``examples/pretrain_gpt.py``
-(real PyTorch training on the CPU) are submitted through its API with different budgets; their
-progress is shown while they train, then a per-job summary is read back from the store.
+(real PyTorch training on the CPU) are submitted through its API with different wattage budgets,
+which the daemon holds (power limits where it may set them, else pacing); their progress is shown
+while they train, then a per-job summary is read back from the store and the HTML report is
+written.
 """
 
 from __future__ import annotations
@@ -88,6 +90,11 @@ def run_demo(*, home: Path, steps: int | None, console: Console) -> Path:
     if code != 0:
         raise RuntimeError(f"the daemon exited with status {code}; see {log_path}")
     _summarise(home, jobs, ids, views, console)
+    from reports.command import write_demo_report
+
+    report = write_demo_report(f"sqlite:///{home / 'powertrain.db'}", home / "report.html")
+    console.print(f"HTML report: {report}")
+    console.print(f"Explore it: powertrain report --home {home} [--by gpu|user|hour] [--json]")
     return home / "powertrain.db"
 
 
