@@ -5,8 +5,10 @@ aggregate (the sum of power) over every raw sample of the 30 days.
 The store is filled in bulk: the schema comes from the migrations (``open_store``), samples go in
 with plain ``sqlite3`` ``executemany`` in time order per GPU, and the minute, 10-minute and hourly
 rollups are computed with numpy exactly as ``Store.rollup`` defines them (each interval's counter
-delta counts in the minute where it ends; buckets are sums of minutes). The jobs go through
-``JobStore``. The timings run in a fresh child process, so that its peak RSS is the report's.
+delta counts in the minute where it ends; buckets are sums of minutes; the minutes' running
+total). The jobs go through ``JobStore``; the energy marks at their edges are written by
+``Store.rollup`` itself, as the daemon would. The timings run in a fresh child process, so that
+its peak RSS is the report's.
 
 A "report" here is what ``powertrain report --by job --json`` does: open the store (schema
 check), the queries, attribution, progress, the rows and the JSON (not the charts, not the Rich
@@ -145,10 +147,11 @@ def fill(path: Path, days: int, gpus: int, n_jobs: int) -> dict[str, float]:
         minutes = t0_us + np.arange(len(last), dtype=np.int64) * 60_000_000
         conn.executemany(
             "INSERT INTO rollups_1m (gpu_id, minute_start, n_samples, energy_mj, mean_power_mw,"
-            " min_power_mw, max_power_mw, method) VALUES (?, ?, 60, ?, ?, ?, ?, 'counter')",
+            " min_power_mw, max_power_mw, method, energy_cum_mj)"
+            " VALUES (?, ?, 60, ?, ?, ?, ?, 'counter', ?)",
             zip([gpu_id] * len(last), minutes.tolist(), energy_m.tolist(),
                 pm.mean(axis=1).tolist(), pm.min(axis=1).tolist(), pm.max(axis=1).tolist(),
-                strict=True),
+                np.cumsum(energy_m).tolist(), strict=True),
         )
         for level_s in (600, 3600):
             k = level_s // 60
@@ -166,6 +169,21 @@ def fill(path: Path, days: int, gpus: int, n_jobs: int) -> dict[str, float]:
         conn.commit()
         print(f"  GPU {g}: {span_s:,} samples, counter delta {counter[-1] - counter[0]:,} mJ",
               flush=True)
+    conn.commit()
+    conn.close()
+    # the energy marks at the job edges: what the daemon's rollup writes, by the same code (the
+    # minutes and buckets are all there already, so it writes nothing else)
+    marking = time.perf_counter()
+    store = open_store(f"sqlite:///{path}")
+    try:
+        store.rollup(T0 + timedelta(days=days, seconds=30))
+        with store.engine.connect() as sconn:
+            marks = sconn.exec_driver_sql("SELECT count(*) FROM energy_marks").scalar_one()
+    finally:
+        store.close()
+    print(f"  {marks} energy marks at job edges in {time.perf_counter() - marking:.1f} s",
+          flush=True)
+    conn = sqlite3.connect(path)
     conn.execute("ANALYZE")
     conn.commit()
     conn.close()

@@ -129,12 +129,19 @@ def attribute(
         gpu_spans = by_gpu.get(gpu_id, [])
         active: list[JobSpan] = []
         k = 0
+        n_spans = len(gpu_spans)
         for seg in segs:
             mid = (seg.start_s + seg.end_s) / 2
-            while k < len(gpu_spans) and gpu_spans[k].start_s <= mid:
+            while k < n_spans and gpu_spans[k].start_s <= mid:
                 active.append(gpu_spans[k])
                 k += 1
-            active = [s for s in active if s.end_s > mid]
+            if active:
+                active = [s for s in active if s.end_s > mid]
+            if len(active) <= 1:  # the common case, without the set and the sort
+                job_id = active[0].job_id if active else None
+                out.append(Share(seg.gpu_id, seg.start_s, seg.end_s, job_id, seg.energy_j,
+                                 seg.peak_w, seg.method, len(active)))
+                continue
             jobs = sorted({s.job_id for s in active})
             out.extend(_split(seg, jobs, weights))
     return out
@@ -246,6 +253,29 @@ def group(
             g.cost += per_kwh(s.energy_j, price.at(s.start_s))
         if co2 is not None and g.co2_g is not None:
             g.co2_g += per_kwh(s.energy_j, co2.at(s.start_s))
+    return out
+
+
+def merge(groups: Iterable[GroupEnergy]) -> GroupEnergy | None:
+    """The sum of groups (as if their shares were grouped together); ``None`` for none."""
+    out: GroupEnergy | None = None
+    for g in groups:
+        if out is None:
+            out = GroupEnergy(cost=g.cost, co2_g=g.co2_g)
+            out.energy_j, out.idle_j, out.shared_j = g.energy_j, g.idle_j, g.shared_j
+            out.peak_w = g.peak_w
+            out.methods = set(g.methods)
+            continue
+        out.energy_j += g.energy_j
+        out.idle_j += g.idle_j
+        out.shared_j += g.shared_j
+        if g.peak_w is not None and (out.peak_w is None or g.peak_w > out.peak_w):
+            out.peak_w = g.peak_w
+        out.methods |= g.methods
+        if out.cost is not None and g.cost is not None:
+            out.cost += g.cost
+        if out.co2_g is not None and g.co2_g is not None:
+            out.co2_g += g.co2_g
     return out
 
 

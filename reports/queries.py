@@ -9,7 +9,7 @@ ones), hands it to ``energy.accounting`` for attribution, and adds the jobs' pro
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -17,11 +17,13 @@ from typing import Any, Literal
 from energy.accounting import (
     ATTRIBUTION_RULE,
     GpuSegment,
+    GroupEnergy,
     JobSpan,
     Share,
     attribute,
     breakpoints,
     group,
+    merge,
     per_unit,
     period_boundaries,
     period_key,
@@ -294,13 +296,10 @@ def build_report(store: Store, request: ReportRequest) -> Report:
     for s in spans:
         spans_by_gpu.setdefault(s.gpu_id, []).append(s)
     points = {
-        gpu_id: [
-            from_epoch_us(t)
-            for t in _us_points(breakpoints(since_s, until_s, spans_by_gpu.get(gpu_id, ()), extra))
-        ]
+        gpu_id: _us_points(breakpoints(since_s, until_s, spans_by_gpu.get(gpu_id, ()), extra))
         for gpu_id in selected
     }
-    energies = store.segment_energy(points, source=request.source)
+    energies = store.segment_energy_us(points, source=request.source)
     segments: list[GpuSegment] = []
     sources: set[str] = set()
     resets = gaps = 0
@@ -312,8 +311,8 @@ def build_report(store: Store, request: ReportRequest) -> Report:
             segments.append(
                 GpuSegment(
                     gpu_id,
-                    to_epoch_us(seg.start) / 1e6,
-                    to_epoch_us(seg.end) / 1e6,
+                    seg.start_us / 1e6,
+                    seg.end_us / 1e6,
                     seg.energy_mj / 1000.0,
                     None if seg.max_power_mw is None else seg.max_power_mw / 1000.0,
                     seg.method,
@@ -342,10 +341,10 @@ def build_report(store: Store, request: ReportRequest) -> Report:
     answers = iter(store.progress_at(queries))
     progress = {job_id: [next(answers) for _ in times[job_id]] for job_id in reported_jobs}
 
-    rows = _rows(request, shares, all_jobs, selected, multi_host, job_span, times, progress,
-                 since_s, until_s)
+    rows, groups = _rows(request, shares, all_jobs, selected, multi_host, job_span, times,
+                         progress, since_s, until_s)
 
-    totals = group(shares, lambda s: "all", price=request.price, co2=request.co2).get("all")
+    totals = merge(groups.values())
     energy_j = totals.energy_j if totals else 0.0
     idle_j = totals.idle_j if totals else 0.0
     tokens: int | None = None
@@ -389,7 +388,8 @@ def _rows(
     progress: dict[int, list[Any]],
     since_s: float,
     until_s: float,
-) -> list[ReportRow]:
+) -> tuple[list[ReportRow], dict[Hashable, GroupEnergy]]:
+    """The report's rows, and the groups of shares behind them."""
     by = request.by
     work: dict[Hashable, list[int | None]] = {}  # key -> [steps, samples, tokens]
 
@@ -414,21 +414,24 @@ def _rows(
             for k in range(len(ts) - 1):
                 add_work(period_key(ts[k], by), _tokens_delta(ps[k], ps[k + 1]))
 
-    def key_of(s: Share) -> Hashable:
-        if by == "gpu":
-            return _gpu_key(gpus[s.gpu_id], multi_host)
-        if by in ("day", "hour"):
-            return period_key(s.start_s, by)
-        if s.job_id is None:
-            return IDLE_KEY
-        return str(s.job_id) if by == "job" else jobs[s.job_id].user
+    key_of: Callable[[Share], Hashable]
+    if by == "job":
+        key_of = lambda s: IDLE_KEY if s.job_id is None else str(s.job_id)  # noqa: E731
+    elif by == "user":
+        key_of = lambda s: IDLE_KEY if s.job_id is None else jobs[s.job_id].user  # noqa: E731
+    elif by == "gpu":
+        gpu_keys = {gpu_id: _gpu_key(gpu, multi_host) for gpu_id, gpu in gpus.items()}
+        key_of = lambda s: gpu_keys[s.gpu_id]  # noqa: E731
+    else:
+        key_of = lambda s: period_key(s.start_s, by)  # noqa: E731
 
     groups = group(shares, key_of, price=request.price, co2=request.co2)
     span_of: dict[Hashable, tuple[float, float]] = {}
-    for s in shares:
-        sk = key_of(s)
-        lo, hi = span_of.get(sk, (s.start_s, s.end_s))
-        span_of[sk] = (min(lo, s.start_s), max(hi, s.end_s))
+    if by in ("day", "hour"):  # only periods take their span from their shares
+        for s in shares:
+            sk = key_of(s)
+            lo, hi = span_of.get(sk, (s.start_s, s.end_s))
+            span_of[sk] = (min(lo, s.start_s), max(hi, s.end_s))
 
     rows: list[ReportRow] = []
     for gk, g in groups.items():
@@ -501,7 +504,7 @@ def _rows(
         return (0, 0, row.key)
 
     rows.sort(key=order)
-    return rows
+    return rows, groups
 
 
 def _period_start(t_s: float, by: str) -> float:

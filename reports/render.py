@@ -59,8 +59,16 @@ def rows_json(report: Report) -> list[dict[str, Any]]:
 
 
 def to_json(report: Report) -> str:
-    """The rows as a JSON list (the ``--json`` output)."""
-    return json.dumps(rows_json(report), indent=2) + "\n"
+    """The rows as a JSON list, one row object per line (the ``--json`` output).
+
+    One line per row reads well with ``grep`` and ``jq -c``, and keeps the output's cost to
+    the C encoder's (an indented dump goes through the pure-Python one, several times slower).
+    """
+    rows = rows_json(report)
+    if not rows:
+        return "[]\n"
+    encode = json.JSONEncoder(ensure_ascii=True, allow_nan=True).encode
+    return "[\n" + ",\n".join(encode(row) for row in rows) + "\n]\n"
 
 
 def to_csv(report: Report) -> str:

@@ -141,6 +141,8 @@ class Rollup1m(Base):
 
     Each interval between consecutive samples belongs to the minute in which it ends, so the
     energies of consecutive minutes add up to the counter delta over their span.
+    ``energy_cum_mj`` is the running total of ``energy_mj`` over the GPU's minutes up to and
+    including this one, so the energy of any run of minutes is one difference of two rows.
     """
 
     __tablename__ = "rollups_1m"
@@ -155,6 +157,7 @@ class Rollup1m(Base):
     min_power_mw: Mapped[int | None] = mapped_column(Integer)
     max_power_mw: Mapped[int | None] = mapped_column(Integer)
     method: Mapped[str] = mapped_column(String(16))
+    energy_cum_mj: Mapped[float] = mapped_column(Double)
 
 
 class RollupLevel(Base):
@@ -180,12 +183,45 @@ class RollupLevel(Base):
     method: Mapped[str] = mapped_column(String(16))
 
 
+class EnergyMark(Base):
+    """Where a job edge falls in one GPU's rollups: written by ``Store.rollup`` once the hour
+    holding the edge is rolled up, so that a report reads one small row per job edge.
+
+    ``energy_cum_mj`` is the GPU's running rolled-up energy (``rollups_1m.energy_cum_mj``) at the
+    instant ``at``: the total before ``at``'s minute plus the part of that minute's energy that the
+    raw samples' energy counter puts before ``at`` (in proportion to time where it cannot). The
+    ``before_*`` fields summarise the minutes of ``at``'s hour before it (its own minute included
+    when ``at`` is inside it), the ``after_*`` ones the minutes from ``at``'s own to the hour's end:
+    highest power reading, mW (``None``: no reading) and combined method. ``prev_at`` is the
+    GPU's previous mark, and ``from_prev_*`` summarise the minutes that ``[prev_at, at)`` touches
+    (``None`` until linked; relinked when a late edge lands between two marks), so that a report
+    segment between two neighbouring job edges reads nothing else. A mark depends on telemetry
+    and on which instants are marked, never on which jobs they belong to.
+    """
+
+    __tablename__ = "energy_marks"
+
+    gpu_id: Mapped[int] = mapped_column(
+        Integer, ForeignKey("gpus.id", ondelete="CASCADE"), primary_key=True
+    )
+    at: Mapped[datetime] = mapped_column(UtcTimestamp, primary_key=True)
+    energy_cum_mj: Mapped[float] = mapped_column(Double)
+    before_max_mw: Mapped[int | None] = mapped_column(Integer)
+    before_method: Mapped[str] = mapped_column(String(16))
+    after_max_mw: Mapped[int | None] = mapped_column(Integer)
+    after_method: Mapped[str] = mapped_column(String(16))
+    prev_at: Mapped[datetime | None] = mapped_column(UtcTimestamp)
+    from_prev_max_mw: Mapped[int | None] = mapped_column(Integer)
+    from_prev_method: Mapped[str | None] = mapped_column(String(16))
+
+
 # The Core tables, for the repository's bulk statements.
 gpus_table = cast(Table, Gpu.__table__)
 samples_table = cast(Table, Sample.__table__)
 gpu_processes_table = cast(Table, GpuProcessSample.__table__)
 rollups_1m_table = cast(Table, Rollup1m.__table__)
 rollups_levels_table = cast(Table, RollupLevel.__table__)
+energy_marks_table = cast(Table, EnergyMark.__table__)
 
 
 class Job(Base):

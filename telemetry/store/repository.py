@@ -7,6 +7,7 @@ from bisect import bisect_right
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from itertools import pairwise
 from typing import TYPE_CHECKING, Any, Literal
 
 from sqlalchemy import (
@@ -35,9 +36,12 @@ from energy.counters import (
 from telemetry.backends.base import GpuInfo, GpuReading
 from telemetry.store.errors import StoreWriteError
 from telemetry.store.models import (
+    energy_marks_table,
     from_epoch_us,
     gpu_processes_table,
     gpus_table,
+    job_gpus_table,
+    jobs_table,
     rollups_1m_table,
     rollups_levels_table,
     samples_table,
@@ -49,6 +53,8 @@ if TYPE_CHECKING:
     from telemetry.store.journal import JournalStore
 
 MINUTE_US = 60_000_000
+HOUR_US = 3_600_000_000
+_HOUR_S = 3600
 ROLLUP_SETTLE_S = 10.0
 """A minute is rolled up this many seconds after it ends (the sampler flushes every second)."""
 ROLLUP_WINDOW_US = 60 * MINUTE_US
@@ -158,6 +164,8 @@ class RollupRecord:
         mean_power_mw / min_power_mw / max_power_mw: Over the minute's samples (instant power,
             else the 1 s average), mW; ``None`` when no sample had power.
         method: ``counter``, ``trapezoid``, ``mixed`` or ``none`` (see ``energy.counters``).
+        energy_cum_mj: The GPU's running total of ``energy_mj`` up to and including this
+            minute, mJ.
     """
 
     gpu_id: int
@@ -168,6 +176,7 @@ class RollupRecord:
     min_power_mw: int | None
     max_power_mw: int | None
     method: str
+    energy_cum_mj: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,6 +234,21 @@ class SegmentEnergy:
 
 
 @dataclass(frozen=True, slots=True)
+class SegmentEnergyUs:
+    """``SegmentEnergy`` with its ends as integer microseconds since the Unix epoch (what
+    ``Store.segment_energy_us`` returns, for callers that do their own time arithmetic)."""
+
+    start_us: int
+    end_us: int
+    energy_mj: float
+    max_power_mw: int | None
+    method: EnergyMethod
+    source: EnergySource
+    counter_resets: int = 0
+    gaps: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class PowerPoint:
     """Power of one GPU over a bucket of a chart's time axis.
 
@@ -273,6 +297,36 @@ class _SegmentAcc:
         return "counter" if "counter" in seen else "trapezoid"
 
 
+@dataclass(frozen=True, slots=True)
+class _Mark:
+    """A GPU's rollups at one instant (see ``EnergyMark`` in ``telemetry.store.models``)."""
+
+    energy_mj: float
+    before_max_mw: int | None
+    before_method: str
+    after_max_mw: int | None
+    after_method: str
+    prev_at_us: int | None = None
+    from_prev_max_mw: int | None = None
+    from_prev_method: str | None = None
+
+
+_MARK_COLUMNS = (
+    "m.gpu_id, m.at, m.energy_cum_mj, m.before_max_mw, m.before_method, m.after_max_mw, "
+    "m.after_method, m.prev_at, m.from_prev_max_mw, m.from_prev_method"
+)
+
+
+def _mark_of(fields: Sequence[Any]) -> _Mark:
+    """A ``_Mark`` from the ``_MARK_COLUMNS`` after ``gpu_id`` and ``at``."""
+    energy, b_max, b_method, a_max, a_method, prev_at, p_max, p_method = fields
+    return _Mark(
+        float(energy), b_max, str(b_method), a_max, str(a_method),
+        None if prev_at is None else int(prev_at), p_max,
+        None if p_method is None else str(p_method),
+    )
+
+
 def _combine_method_strings(methods: Sequence[str | None]) -> str:
     seen = {m for m in methods if m is not None and m != "none"}
     if not seen:
@@ -284,11 +338,11 @@ def _combine_method_strings(methods: Sequence[str | None]) -> str:
 
 def _values_sql(rows: Sequence[tuple[int | float, ...]]) -> str:
     """Numeric tuples as a SQL ``VALUES`` list (numbers only, formatted here: nothing to inject)."""
-    parts = []
-    for row in rows:
-        parts.append("(" + ", ".join(repr(float(v)) if isinstance(v, float) else str(int(v))
-                                     for v in row) + ")")
-    return ", ".join(parts)
+    return ", ".join([
+        "(" + ", ".join([repr(float(v)) if isinstance(v, float) else str(int(v)) for v in row])
+        + ")"
+        for row in rows
+    ])
 
 
 def _floor(t_us: int, width_us: int) -> int:
@@ -682,7 +736,9 @@ class Store:
         of its GPU. Each interval between consecutive samples counts in the minute in which it
         ends. A minute counts as complete ``settle_s`` after it ends, so that rows still in the
         sampler's buffer land first; rows arriving for a minute after it was rolled up are not
-        counted in it.
+        counted in it. Then the 10-minute and hourly buckets of complete minutes are summed, and
+        every job edge (start or end) on the GPU whose hour is rolled up gets its energy mark
+        (``energy_marks``), once.
 
         Args:
             now: Current time (aware UTC).
@@ -708,6 +764,7 @@ class Store:
                 written += self._rollup_gpu(gpu_id, end_us)
                 for level_s in ROLLUP_LEVELS_S:
                     self._rollup_level(gpu_id, level_s, end_us)
+                self._mark_job_edges(gpu_id)
             except SQLAlchemyError as exc:
                 raise _write_error(f"rolling up GPU {gpu_id}", exc) from exc
         return written
@@ -771,12 +828,17 @@ class Store:
         written = 0
         while True:
             with self._write() as conn:
-                last = conn.execute(
-                    select(func.max(_us(r.minute_start))).where(r.gpu_id == gpu_id)
-                ).scalar_one()
+                last_row = conn.execute(
+                    select(_us(r.minute_start), r.energy_cum_mj)
+                    .where(r.gpu_id == gpu_id)
+                    .order_by(r.minute_start.desc())
+                    .limit(1)
+                ).first()
+                last = None if last_row is None else int(last_row[0])
+                cum_mj = 0.0 if last_row is None else float(last_row[1])
                 first_query = select(func.min(t_us)).where(s.gpu_id == gpu_id, t_us < end_us)
                 if last is not None:
-                    first_query = first_query.where(t_us >= int(last) + MINUTE_US)
+                    first_query = first_query.where(t_us >= last + MINUTE_US)
                 first = conn.execute(first_query).scalar_one()
                 if first is None:
                     return written
@@ -790,6 +852,7 @@ class Store:
                 ).first()
                 rows = self._minute_rows(
                     gpu_id,
+                    cum_mj,
                     prev_row,
                     conn.execute(
                         select(t_us, s.energy_mj, s.power_mw, s.power_avg_mw)
@@ -800,7 +863,11 @@ class Store:
                 conn.execute(rollups_1m_table.insert(), rows)
                 written += len(rows)
 
-    def _minute_rows(self, gpu_id: int, prev_row: Any, rows: Any) -> list[dict[str, Any]]:
+    def _minute_rows(
+        self, gpu_id: int, cum_mj: float, prev_row: Any, rows: Any
+    ) -> list[dict[str, Any]]:
+        """Minute rollup rows from raw ``rows`` (time order) after ``prev_row`` (the sample
+        before them, or ``None``); ``cum_mj``: the GPU's running energy before them."""
         minutes: dict[int, _MinuteAccumulator] = {}
         prev: EnergySample | None = None
         if prev_row is not None:
@@ -825,19 +892,23 @@ class Store:
                     acc.energy_mj += part.energy_mj
                     acc.methods.add(part.method)
             prev = cur
-        return [
-            {
-                "gpu_id": gpu_id,
-                "minute_start": from_epoch_us(minute),
-                "n_samples": acc.n,
-                "energy_mj": acc.energy_mj,
-                "mean_power_mw": acc.sum_mw / acc.n_power if acc.n_power else None,
-                "min_power_mw": acc.min_mw,
-                "max_power_mw": acc.max_mw,
-                "method": combine_methods(acc.methods),
-            }
-            for minute, acc in minutes.items()
-        ]
+        out = []
+        for minute, acc in minutes.items():  # in time order: rows come in time order
+            cum_mj += acc.energy_mj
+            out.append(
+                {
+                    "gpu_id": gpu_id,
+                    "minute_start": from_epoch_us(minute),
+                    "n_samples": acc.n,
+                    "energy_mj": acc.energy_mj,
+                    "mean_power_mw": acc.sum_mw / acc.n_power if acc.n_power else None,
+                    "min_power_mw": acc.min_mw,
+                    "max_power_mw": acc.max_mw,
+                    "method": combine_methods(acc.methods),
+                    "energy_cum_mj": cum_mj,
+                }
+            )
+        return out
 
     def rollups(
         self, gpu_id: int, since: datetime | None = None, until: datetime | None = None
@@ -860,6 +931,7 @@ class Store:
                     min_power_mw=row.min_power_mw,
                     max_power_mw=row.max_power_mw,
                     method=row.method,
+                    energy_cum_mj=float(row.energy_cum_mj),
                 )
                 for row in conn.execute(query)
             ]
@@ -1003,13 +1075,15 @@ class Store:
         Which data is read (``source="auto"``): a GPU whose breakpoints span at most
         ``RAW_MAX_SPAN_S`` and whose raw samples still reach back that far is read from raw
         samples; an interval between two samples that straddles a breakpoint is split in
-        proportion to time. Otherwise rollups are read: the whole minutes of a segment from
-        ``rollups_1m`` at its edges and the 10-minute and hourly buckets (``rollups_levels``)
-        that fit entirely inside it; a breakpoint inside a minute takes that minute's energy in
-        proportion to the time on each side (the only approximation: it assumes power constant
-        within the edge minute). Time after a GPU's latest minute rollup (the minute in
-        progress) comes from raw samples. Rollups are sums of counter deltas, so the middle of a
-        segment is as exact as its raw samples.
+        proportion to time. Otherwise rollups are read: a segment's energy is the difference of
+        the GPU's running rolled-up energy at its two ends (``rollups_1m.energy_cum_mj``, sums of
+        counter deltas); a breakpoint inside a minute takes the part of that minute's energy
+        that the raw samples' energy counter puts before it (in proportion to time where the
+        samples are gone or have no counter). Job edges read all of that from their energy
+        mark (``energy_marks``, written by ``rollup``); other breakpoints compute it here. The
+        highest power and the methods come from the minutes at a segment's ends and the hourly
+        (else 10-minute) buckets between. Time after a GPU's latest minute rollup (the minute in
+        progress) comes from raw samples.
 
         Args:
             points: GPU id to its breakpoints (aware UTC; sorted and deduplicated here; fewer
@@ -1019,17 +1093,47 @@ class Store:
         Returns:
             GPU id to one ``SegmentEnergy`` per pair of consecutive breakpoints.
         """
-        out: dict[int, list[SegmentEnergy]] = {}
-        minute_pieces: list[tuple[int, int, int, int, float]] = []  # id, gpu, lo, hi, weight
-        level_pieces: list[tuple[int, int, int, int, int]] = []  # id, gpu, level, lo, hi
-        piece_owner: list[tuple[int, int]] = []  # piece id -> (gpu id, segment index)
-        partial: list[tuple[int, int, int, int, int]] = []  # id, gpu, minute, cut_lo, cut_hi
+        return {
+            gpu_id: [
+                SegmentEnergy(
+                    start=from_epoch_us(seg.start_us),
+                    end=from_epoch_us(seg.end_us),
+                    energy_mj=seg.energy_mj,
+                    max_power_mw=seg.max_power_mw,
+                    method=seg.method,
+                    source=seg.source,
+                    counter_resets=seg.counter_resets,
+                    gaps=seg.gaps,
+                )
+                for seg in segs
+            ]
+            for gpu_id, segs in self.segment_energy_us(
+                {g: [to_epoch_us(p) for p in ps] for g, ps in points.items()}, source=source
+            ).items()
+        }
+
+    def segment_energy_us(
+        self,
+        points_us: Mapping[int, Sequence[int]],
+        *,
+        source: EnergySource | Literal["auto"] = "auto",
+    ) -> dict[int, list[SegmentEnergyUs]]:
+        """``segment_energy`` with breakpoints and segment ends as epoch microseconds."""
+        out: dict[int, list[SegmentEnergyUs]] = {}
         accs: dict[int, list[_SegmentAcc]] = {}
         bps_us: dict[int, list[int]] = {}
         sources: dict[int, EnergySource] = {}
+        rolled: list[tuple[int, list[int], int]] = []  # gpu, breakpoints, minute frontier
         with self._engine.connect() as conn:
-            for gpu_id, raw_points in points.items():
-                bps = sorted({to_epoch_us(p) for p in raw_points})
+            all_bps = {g: sorted(set(ps)) for g, ps in points_us.items()}
+            long_gpus = {
+                g for g, bps in all_bps.items()
+                if len(bps) >= 2 and source != "samples" and (
+                    source == "rollups" or (bps[-1] - bps[0]) > RAW_MAX_SPAN_S * 1e6
+                )
+            }
+            frontiers = self._frontiers_many(conn, sorted(long_gpus))
+            for gpu_id, bps in all_bps.items():
                 bps_us[gpu_id] = bps
                 if len(bps) < 2:
                     out[gpu_id] = []
@@ -1038,7 +1142,7 @@ class Store:
                 accs[gpu_id] = seg_accs
                 use_raw = source == "samples" or (
                     source == "auto"
-                    and (bps[-1] - bps[0]) <= RAW_MAX_SPAN_S * 1e6
+                    and gpu_id not in long_gpus
                     and self._raw_covers(conn, gpu_id, bps[0])
                 )
                 if use_raw:
@@ -1046,23 +1150,12 @@ class Store:
                     self._raw_segments(conn, gpu_id, bps, seg_accs, leading=False)
                     continue
                 sources[gpu_id] = "rollups"
-                frontiers = self._frontiers(conn, gpu_id)
-                minute_end = frontiers.get(60)
-                if minute_end is None:
-                    minute_end = bps[0]
-                for i in range(len(bps) - 1):
-                    a, b = bps[i], min(bps[i + 1], minute_end)
-                    if a >= b:
-                        continue
-                    for kind, level_s, lo, hi, cut_lo, cut_hi in _pieces(a, b, frontiers):
-                        piece_owner.append((gpu_id, i))
-                        pid = len(piece_owner) - 1
-                        if kind == "m":
-                            minute_pieces.append((pid, gpu_id, lo, hi, 1.0))
-                        elif kind == "p":
-                            partial.append((pid, gpu_id, lo, cut_lo, cut_hi))
-                        else:
-                            level_pieces.append((pid, gpu_id, level_s, lo, hi))
+                gpu_frontiers = frontiers.get(gpu_id)
+                if gpu_frontiers is None:
+                    gpu_frontiers = self._frontiers(conn, gpu_id)
+                    frontiers[gpu_id] = gpu_frontiers
+                minute_end = gpu_frontiers.get(60, bps[0])
+                rolled.append((gpu_id, bps, minute_end))
                 if bps[-1] > minute_end:
                     tail = [max(minute_end, bps[0])] + [p for p in bps if p > minute_end]
                     tail_accs = [_SegmentAcc() for _ in range(len(tail) - 1)]
@@ -1076,52 +1169,317 @@ class Store:
                         target.methods |= acc.methods
                         target.resets += acc.resets
                         target.gaps += acc.gaps
-            fractions = self._minute_fractions(
-                conn, {(g, m, x) for _, g, m, lo, hi in partial for x in (lo, hi)}
-            )
-            for pid, gpu_id, minute, cut_lo, cut_hi in partial:
-                w = fractions[(gpu_id, minute, cut_hi)] - fractions[(gpu_id, minute, cut_lo)]
-                minute_pieces.append((pid, gpu_id, minute, minute + MINUTE_US, max(0.0, w)))
-            for chunk_start in range(0, len(minute_pieces), _VALUES_CHUNK):
-                chunk = minute_pieces[chunk_start : chunk_start + _VALUES_CHUNK]
-                sql = (
-                    f"WITH p(id, gpu_id, lo, hi, w) AS (VALUES {_values_sql(chunk)}) "
-                    "SELECT p.id, SUM(r.energy_mj * CAST(p.w AS DOUBLE PRECISION)), "
-                    "MAX(r.max_power_mw), "
-                    "MIN(CASE WHEN r.method <> 'none' THEN r.method END), "
-                    "MAX(CASE WHEN r.method <> 'none' THEN r.method END) "
-                    "FROM p JOIN rollups_1m r ON r.gpu_id = p.gpu_id "
-                    "AND r.minute_start >= p.lo AND r.minute_start < p.hi GROUP BY p.id"
-                )
-                self._add_pieces(conn.exec_driver_sql(sql), piece_owner, accs)
-            for chunk_start in range(0, len(level_pieces), _VALUES_CHUNK):
-                chunk_l = level_pieces[chunk_start : chunk_start + _VALUES_CHUNK]
-                sql = (
-                    f"WITH p(id, gpu_id, level_s, lo, hi) AS (VALUES {_values_sql(chunk_l)}) "
-                    "SELECT p.id, SUM(r.energy_mj), MAX(r.max_power_mw), "
-                    "MIN(CASE WHEN r.method <> 'none' THEN r.method END), "
-                    "MAX(CASE WHEN r.method <> 'none' THEN r.method END) "
-                    "FROM p JOIN rollups_levels r ON r.gpu_id = p.gpu_id "
-                    "AND r.level_s = p.level_s "
-                    "AND r.bucket_start >= p.lo AND r.bucket_start < p.hi GROUP BY p.id"
-                )
-                self._add_pieces(conn.exec_driver_sql(sql), piece_owner, accs)
+            if rolled:
+                self._rollup_segments(conn, rolled, frontiers, accs)
         for gpu_id, seg_accs in accs.items():
             bps = bps_us[gpu_id]
+            src = sources[gpu_id]
             out[gpu_id] = [
-                SegmentEnergy(
-                    start=from_epoch_us(bps[i]),
-                    end=from_epoch_us(bps[i + 1]),
-                    energy_mj=acc.energy_mj,
-                    max_power_mw=acc.max_mw,
-                    method=acc.method(),
-                    source=sources[gpu_id],
-                    counter_resets=acc.resets,
-                    gaps=acc.gaps,
+                SegmentEnergyUs(
+                    bps[i], bps[i + 1], acc.energy_mj, acc.max_mw, acc.method(), src,
+                    acc.resets, acc.gaps,
                 )
                 for i, acc in enumerate(seg_accs)
             ]
         return out
+
+    def _rollup_segments(
+        self,
+        conn: Connection,
+        rolled: Sequence[tuple[int, list[int], int]],
+        frontiers: Mapping[int, dict[int, int]],
+        accs: dict[int, list[_SegmentAcc]],
+    ) -> None:
+        """Add the rolled-up part of each segment (before its GPU's minute frontier) into
+        ``accs``: energy from the marks at its ends; peak and methods from the later mark when
+        it is linked to the earlier one, else from the marks' hours and the buckets between
+        (see ``segment_energy``)."""
+        cuts: list[tuple[int, int, int, int]] = []  # gpu, segment index, a, b (epoch µs)
+        wanted: set[tuple[int, int]] = set()
+        for gpu_id, bps, minute_end in rolled:
+            for i in range(len(bps) - 1):
+                a, b = bps[i], min(bps[i + 1], minute_end)
+                if a < b:
+                    cuts.append((gpu_id, i, a, b))
+                    wanted.add((gpu_id, a))
+                    wanted.add((gpu_id, b))
+        marks = self._stored_marks(conn, wanted)
+        marks.update(self._compute_marks(conn, wanted - marks.keys()))
+        unlinked: list[tuple[_SegmentAcc, int, int, int]] = []
+        for gpu_id, i, a, b in cuts:
+            acc = accs[gpu_id][i]
+            ma, mb = marks[(gpu_id, a)], marks[(gpu_id, b)]
+            energy = mb.energy_mj - ma.energy_mj
+            if a - a % MINUTE_US == b - b % MINUTE_US and energy < 0.0:
+                energy = 0.0  # within one minute: as a share of it, never below nothing
+            acc.energy_mj += energy
+            if mb.prev_at_us == a and mb.from_prev_method is not None:
+                acc.peak(mb.from_prev_max_mw)
+                acc.methods.add(mb.from_prev_method)
+            else:
+                unlinked.append((acc, gpu_id, a, b))
+        self._add_range_stats(conn, unlinked, marks, frontiers)
+
+    def _add_range_stats(
+        self,
+        conn: Connection,
+        items: Sequence[tuple[_SegmentAcc, int, int, int]],
+        marks: Mapping[tuple[int, int], _Mark],
+        frontiers: Mapping[int, dict[int, int]],
+    ) -> None:
+        """Add into each ``(acc, gpu_id, a, b)``'s accumulator the highest power and the methods
+        of the minutes that ``[a, b)`` (epoch µs, both with marks) touches: the minutes
+        themselves within one hour; else the marks' parts of the end hours and the hourly (else
+        10-minute, else minute) rollups between."""
+        minute_pieces: list[tuple[int, int, int, int]] = []  # id, gpu, lo, hi
+        level_pieces: list[tuple[int, int, int, int, int]] = []  # id, gpu, level, lo, hi
+        piece_owner: list[_SegmentAcc] = []
+        for acc, gpu_id, a, b in items:
+            ha, hb = a - a % HOUR_US, b - b % HOUR_US
+            if ha == hb:  # within one hour: the minutes it touches
+                piece_owner.append(acc)
+                minute_pieces.append(
+                    (len(piece_owner) - 1, gpu_id, a - a % MINUTE_US, _ceil(b, MINUTE_US))
+                )
+                continue
+            ma, mb = marks[(gpu_id, a)], marks[(gpu_id, b)]
+            acc.peak(ma.after_max_mw)
+            acc.peak(mb.before_max_mw)
+            acc.methods.add(ma.after_method)
+            acc.methods.add(mb.before_method)
+            lo = ha + HOUR_US
+            if lo >= hb:
+                continue
+            gpu_frontiers = frontiers[gpu_id]
+            if hb <= gpu_frontiers.get(_HOUR_S, 0):  # whole hours, all rolled up
+                piece_owner.append(acc)
+                level_pieces.append((len(piece_owner) - 1, gpu_id, _HOUR_S, lo, hb))
+                continue
+            full: list[tuple[str, int, int, int, float]] = []
+            levels = sorted((x for x in ROLLUP_LEVELS_S if x in gpu_frontiers), reverse=True)
+            _decompose(lo, hb, levels, gpu_frontiers, full)
+            for kind, level_s, p_lo, p_hi, _ in full:
+                piece_owner.append(acc)
+                if kind == "m":
+                    minute_pieces.append((len(piece_owner) - 1, gpu_id, p_lo, p_hi))
+                else:
+                    level_pieces.append((len(piece_owner) - 1, gpu_id, level_s, p_lo, p_hi))
+        stats = "MAX(r.max_power_mw), " + ", ".join(
+            f"{fn}(CASE WHEN r.method <> 'none' THEN r.method END)" for fn in ("MIN", "MAX")
+        )
+        for chunk_start in range(0, len(minute_pieces), _VALUES_CHUNK):
+            chunk = minute_pieces[chunk_start : chunk_start + _VALUES_CHUNK]
+            self._add_stats(conn.exec_driver_sql(
+                f"WITH p(id, gpu_id, lo, hi) AS (VALUES {_values_sql(chunk)}) "
+                f"SELECT p.id, {stats} FROM p JOIN rollups_1m r ON r.gpu_id = p.gpu_id "
+                "AND r.minute_start >= p.lo AND r.minute_start < p.hi GROUP BY p.id"
+            ).all(), piece_owner)
+        for chunk_start in range(0, len(level_pieces), _VALUES_CHUNK):
+            chunk_l = level_pieces[chunk_start : chunk_start + _VALUES_CHUNK]
+            self._add_stats(conn.exec_driver_sql(
+                f"WITH p(id, gpu_id, level_s, lo, hi) AS (VALUES {_values_sql(chunk_l)}) "
+                f"SELECT p.id, {stats} FROM p JOIN rollups_levels r ON r.gpu_id = p.gpu_id "
+                "AND r.level_s = p.level_s "
+                "AND r.bucket_start >= p.lo AND r.bucket_start < p.hi GROUP BY p.id"
+            ).all(), piece_owner)
+
+    @staticmethod
+    def _add_stats(rows: Any, owner: Sequence[_SegmentAcc]) -> None:
+        for pid, max_mw, m_lo, m_hi in rows:
+            acc = owner[int(pid)]
+            acc.peak(None if max_mw is None else int(max_mw))
+            if m_lo is not None:
+                acc.methods.add(str(m_lo))
+                acc.methods.add(str(m_hi))
+
+    def _frontiers_many(
+        self, conn: Connection, gpu_ids: Sequence[int]
+    ) -> dict[int, dict[int, int]]:
+        """``_frontiers`` of several GPUs in one query."""
+        if not gpu_ids:
+            return {}
+        levels = ", ".join(
+            f"(SELECT MAX(b.bucket_start) FROM rollups_levels b WHERE b.gpu_id = q.g "
+            f"AND b.level_s = {int(level_s)})"
+            for level_s in ROLLUP_LEVELS_S
+        )
+        rows = conn.exec_driver_sql(
+            f"WITH q(g) AS (VALUES {_values_sql([(g,) for g in gpu_ids])}) SELECT q.g, "
+            f"(SELECT MAX(m.minute_start) FROM rollups_1m m WHERE m.gpu_id = q.g), {levels} "
+            "FROM q"
+        )
+        out: dict[int, dict[int, int]] = {}
+        for g, last_minute, *last_levels in rows:
+            found: dict[int, int] = {}
+            if last_minute is not None:
+                found[60] = int(last_minute) + MINUTE_US
+            for level_s, last in zip(ROLLUP_LEVELS_S, last_levels, strict=True):
+                if last is not None:
+                    found[level_s] = int(last) + level_s * 1_000_000
+            if found:
+                out[int(g)] = found
+        return out
+
+    def _stored_marks(
+        self, conn: Connection, keys: set[tuple[int, int]]
+    ) -> dict[tuple[int, int], _Mark]:
+        """The energy marks stored for ``(gpu_id, at µs)`` keys (those that have one).
+
+        One range read over the keys' GPUs and span (marks are few: two per job and GPU)."""
+        if not keys:
+            return {}
+        gpu_ids = sorted({g for g, _ in keys})
+        times = [t for _, t in keys]
+        rows = conn.exec_driver_sql(
+            f"SELECT {_MARK_COLUMNS} FROM energy_marks m "
+            f"WHERE m.gpu_id IN ({', '.join(str(int(g)) for g in gpu_ids)}) "
+            f"AND m.at >= {int(min(times))} AND m.at <= {int(max(times))}"
+        ).all()
+        out: dict[tuple[int, int], _Mark] = {}
+        for g, t, *fields in rows:
+            key = (int(g), int(t))
+            if key in keys:
+                out[key] = _mark_of(fields)
+        return out
+
+    def _link_marks(self, conn: Connection, gpu_id: int, from_us: int) -> None:
+        """Link each of a GPU's marks from ``from_us`` on (and the one after the last of them)
+        to its previous mark, where it is not yet: ``prev_at`` and the ``from_prev_*`` summary
+        of the minutes between."""
+        start = conn.exec_driver_sql(
+            f"SELECT MAX(at) FROM energy_marks WHERE gpu_id = {int(gpu_id)} "
+            f"AND at < {int(from_us)}"
+        ).scalar_one()
+        rows = conn.exec_driver_sql(
+            f"SELECT {_MARK_COLUMNS} FROM energy_marks m WHERE m.gpu_id = {int(gpu_id)} "
+            f"AND m.at >= {int(from_us if start is None else start)} ORDER BY m.at"
+        ).all()
+        marks = {(gpu_id, int(t)): _mark_of(fields) for _, t, *fields in rows}
+        times = sorted(t for _, t in marks)
+        todo = [
+            (_SegmentAcc(), gpu_id, a, b)
+            for a, b in pairwise(times)
+            if marks[(gpu_id, b)].prev_at_us != a
+        ]
+        if not todo:
+            return
+        self._add_range_stats(conn, todo, marks, {gpu_id: self._frontiers(conn, gpu_id)})
+        m = energy_marks_table.c
+        conn.execute(
+            update(energy_marks_table)
+            .where(m.gpu_id == gpu_id, _us(m.at) == bindparam("b_at", type_=BigInteger()))
+            .values(
+                prev_at=bindparam("b_prev_at"),
+                from_prev_max_mw=bindparam("b_max_mw"),
+                from_prev_method=bindparam("b_method"),
+            ),
+            [
+                {"b_at": b, "b_prev_at": from_epoch_us(a), "b_max_mw": acc.max_mw,
+                 "b_method": acc.method()}
+                for acc, _, a, b in todo
+            ],
+        )
+
+    def _compute_marks(
+        self, conn: Connection, keys: set[tuple[int, int]]
+    ) -> dict[tuple[int, int], _Mark]:
+        """Energy marks of ``(gpu_id, at µs)`` keys from the minute rollups and raw samples (see
+        ``EnergyMark`` in ``telemetry.store.models``)."""
+        todo = sorted(keys)
+        base: dict[tuple[int, int], tuple[float, float]] = {}  # cum before the minute, its energy
+        hours: dict[tuple[int, int], tuple[Any, ...]] = {}
+        for chunk_start in range(0, len(todo), _VALUES_CHUNK):
+            chunk = todo[chunk_start : chunk_start + _VALUES_CHUNK]
+            q = [(i, g, x - x % MINUTE_US) for i, (g, x) in enumerate(chunk)]
+            for i, cum, energy in conn.exec_driver_sql(
+                f"WITH q(id, g, m) AS (VALUES {_values_sql(q)}) SELECT q.id, "
+                "(SELECT r.energy_cum_mj FROM rollups_1m r WHERE r.gpu_id = q.g "
+                "AND r.minute_start < q.m ORDER BY r.minute_start DESC LIMIT 1), "
+                "(SELECT r.energy_mj FROM rollups_1m r WHERE r.gpu_id = q.g "
+                "AND r.minute_start = q.m) FROM q"
+            ):
+                base[chunk[int(i)]] = (
+                    0.0 if cum is None else float(cum), 0.0 if energy is None else float(energy)
+                )
+            q2 = [
+                (i, g, x - x % HOUR_US, x - x % HOUR_US + HOUR_US, _ceil(x, MINUTE_US),
+                 x - x % MINUTE_US)
+                for i, (g, x) in enumerate(chunk)
+            ]
+            before = "r.minute_start < q.cut"
+            after = "r.minute_start >= q.m"
+            method = "CASE WHEN {} AND r.method <> 'none' THEN r.method END"
+            for i, *stats in conn.exec_driver_sql(
+                f"WITH q(id, g, h, he, cut, m) AS (VALUES {_values_sql(q2)}) SELECT q.id, "
+                f"MAX(CASE WHEN {before} THEN r.max_power_mw END), "
+                f"MIN({method.format(before)}), MAX({method.format(before)}), "
+                f"MAX(CASE WHEN {after} THEN r.max_power_mw END), "
+                f"MIN({method.format(after)}), MAX({method.format(after)}) "
+                "FROM q JOIN rollups_1m r ON r.gpu_id = q.g AND r.minute_start >= q.h "
+                "AND r.minute_start < q.he GROUP BY q.id"
+            ):
+                hours[chunk[int(i)]] = tuple(stats)
+        fractions = self._minute_fractions(
+            conn,
+            {(g, x - x % MINUTE_US, x) for (g, x), (_, e) in base.items()
+             if e and x % MINUTE_US},
+        )
+        out: dict[tuple[int, int], _Mark] = {}
+        for key, (cum, energy) in base.items():
+            g, x = key
+            w = fractions.get((g, x - x % MINUTE_US, x), 0.0)
+            b_max, b_lo, b_hi, a_max, a_lo, a_hi = hours.get(key, (None,) * 6)
+            out[key] = _Mark(
+                cum + w * energy,
+                None if b_max is None else int(b_max),
+                _combine_method_strings([b_lo, b_hi]),
+                None if a_max is None else int(a_max),
+                _combine_method_strings([a_lo, a_hi]),
+            )
+        return out
+
+    def _mark_job_edges(self, gpu_id: int) -> int:
+        """Store the energy marks of the job edges on one GPU whose hour is rolled up and that
+        have none yet; return how many were written."""
+        j, jg, m, r = jobs_table.c, job_gpus_table.c, energy_marks_table.c, rollups_1m_table.c
+        with self._write() as conn:
+            last = conn.execute(
+                select(func.max(_us(r.minute_start))).where(r.gpu_id == gpu_id)
+            ).scalar_one()
+            if last is None:
+                return 0
+            ready_us = _floor(int(last) + MINUTE_US, HOUR_US)  # hours before it are rolled up
+            edges: set[int] = set()
+            for column in (j.started_at, j.ended_at):
+                t_us = _us(column)
+                query = (
+                    select(t_us)
+                    .select_from(jobs_table.join(job_gpus_table, jg.job_id == j.id))
+                    .where(jg.gpu_id == gpu_id, column.is_not(None), t_us < ready_us)
+                    .where(~select(m.gpu_id).where(m.gpu_id == gpu_id, _us(m.at) == t_us)
+                           .exists())
+                )
+                edges.update(int(t) for t in conn.execute(query).scalars())
+            if not edges:
+                return 0
+            marks = self._compute_marks(conn, {(gpu_id, t) for t in edges})
+            conn.execute(
+                energy_marks_table.insert(),
+                [
+                    {
+                        "gpu_id": gpu_id,
+                        "at": from_epoch_us(t),
+                        "energy_cum_mj": mark.energy_mj,
+                        "before_max_mw": mark.before_max_mw,
+                        "before_method": mark.before_method,
+                        "after_max_mw": mark.after_max_mw,
+                        "after_method": mark.after_method,
+                    }
+                    for (_, t), mark in sorted(marks.items())
+                ],
+            )
+            self._link_marks(conn, gpu_id, min(edges))
+        return len(marks)
 
     def _minute_fractions(
         self, conn: Connection, cuts: set[tuple[int, int, int]]
@@ -1174,19 +1532,6 @@ class Store:
                     c_x += (c_hi - c_lo) * (x - int(t_lo)) / (int(t_hi) - int(t_lo))
                 out[(g, m, x)] = min(1.0, max(0.0, (c_x - c0) / (ck - c0)))
         return out
-
-    @staticmethod
-    def _add_pieces(
-        rows: Any, owner: Sequence[tuple[int, int]], accs: dict[int, list[_SegmentAcc]]
-    ) -> None:
-        for pid, energy, max_mw, m_lo, m_hi in rows:
-            gpu_id, i = owner[int(pid)]
-            acc = accs[gpu_id][i]
-            acc.energy_mj += float(energy or 0.0)
-            acc.peak(None if max_mw is None else int(max_mw))
-            if m_lo is not None:
-                acc.methods.add(str(m_lo))
-                acc.methods.add(str(m_hi))
 
     def _raw_segments(
         self,
@@ -1328,7 +1673,7 @@ class Store:
                     "SELECT x.id FROM job_progress x WHERE x.job_id = q.job_id AND x.at <= q.t "
                     "ORDER BY x.at DESC, x.id DESC LIMIT 1)"
                 )
-                for i, steps, samples, tokens in conn.exec_driver_sql(sql):
+                for i, steps, samples, tokens in conn.exec_driver_sql(sql).all():
                     out[int(i)] = ProgressAt(steps, samples, tokens)
         return out
 
@@ -1384,35 +1729,6 @@ def _spread(
         if b > a:
             add(i, energy_mj * (b - a) / dt, b == t1 or i + 1 == n)
         i += 1
-
-
-def _pieces(
-    a: int, b: int, frontiers: dict[int, int]
-) -> list[tuple[str, int, int, int, int, int]]:
-    """Rollup rows that make up ``[a, b)`` (epoch µs): ``(kind, level_s, lo, hi, cut_lo,
-    cut_hi)``.
-
-    ``kind`` ``m``: minutes ``lo <= minute_start < hi`` of ``rollups_1m``; ``p``: the part
-    ``[cut_lo, cut_hi)`` of the one minute starting at ``lo`` (weighted later); ``l``:
-    ``level_s`` buckets ``lo <= bucket_start < hi``. Buckets are used only where they fit
-    entirely and their level is rolled up (before its frontier).
-    """
-    out: list[tuple[str, int, int, int, int, int]] = []
-    am, bm = _floor(a, MINUTE_US), _floor(b, MINUTE_US)
-    if am == bm:
-        out.append(("p", 60, am, am + MINUTE_US, a, b))
-        return out
-    lo = a
-    if a > am:
-        out.append(("p", 60, am, am + MINUTE_US, a, am + MINUTE_US))
-        lo = am + MINUTE_US
-    if b > bm:
-        out.append(("p", 60, bm, bm + MINUTE_US, bm, b))
-    levels = sorted((s for s in ROLLUP_LEVELS_S if s in frontiers), reverse=True)
-    full: list[tuple[str, int, int, int, float]] = []
-    _decompose(lo, bm, levels, frontiers, full)
-    out.extend((kind, level_s, f_lo, f_hi, f_lo, f_hi) for kind, level_s, f_lo, f_hi, _ in full)
-    return out
 
 
 def _decompose(

@@ -236,3 +236,72 @@ def test_a_store_at_0001_is_refused_then_upgraded_to_0002_with_samples_kept(
     downgrade(store_url, "0001")
     assert not (JOB_TABLES & _tables(store_url))
     assert _count(store_url, "samples") == 5
+
+
+def _cum(url: str) -> list[tuple[int, int, float]]:
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                text("SELECT gpu_id, minute_start, energy_cum_mj FROM rollups_1m "
+                     "ORDER BY gpu_id, minute_start")
+            )
+            return [(int(g), int(m), float(c)) for g, m, c in rows]
+    finally:
+        engine.dispose()
+
+
+def test_0006_fills_the_running_energy_of_the_minutes_already_stored(store_url: str) -> None:
+    upgrade(store_url, "0005")
+    engine = make_engine(store_url)
+    try:
+        with engine.begin() as conn:
+            for i in (0, 1):
+                conn.execute(
+                    text(
+                        "INSERT INTO gpus (host, backend, gpu_index, uuid, name,"
+                        " has_energy_counter, first_seen_at, last_seen_at)"
+                        " VALUES ('n', 'simulated', :i, :uuid, 'H100', true, 0, 0)"
+                    ),
+                    {"i": i, "uuid": f"GPU-{i}"},
+                )
+            gpu_ids = list(conn.execute(text("SELECT id FROM gpus ORDER BY gpu_index")).scalars())
+            # inserted out of time order: the running total follows minute_start, not rowid
+            for gpu_id, minute, energy in [(gpu_ids[0], 2, 30.5), (gpu_ids[0], 0, 10.0),
+                                           (gpu_ids[0], 1, 20.0), (gpu_ids[1], 5, 7.0),
+                                           (gpu_ids[1], 9, 1.25)]:
+                conn.execute(
+                    text(
+                        "INSERT INTO rollups_1m (gpu_id, minute_start, n_samples, energy_mj,"
+                        " method) VALUES (:g, :m, 60, :e, 'counter')"
+                    ),
+                    {"g": gpu_id, "m": minute * 60_000_000, "e": energy},
+                )
+    finally:
+        engine.dispose()
+    expected = [
+        (gpu_ids[0], 0, 10.0), (gpu_ids[0], 60_000_000, 30.0),
+        (gpu_ids[0], 120_000_000, 60.5), (gpu_ids[1], 300_000_000, 7.0),
+        (gpu_ids[1], 540_000_000, 8.25),
+    ]
+    upgrade(store_url)
+    assert _cum(store_url) == expected
+    assert "energy_marks" in _tables(store_url)
+    store = open_store(store_url)
+    try:
+        assert [r.energy_cum_mj for r in store.rollups(gpu_ids[0])] == [10.0, 30.0, 60.5]
+    finally:
+        store.close()
+
+    downgrade(store_url, "0005")
+    assert "energy_marks" not in _tables(store_url)
+    engine = make_engine(store_url)
+    try:
+        with engine.connect() as conn:
+            columns = {c["name"] for c in inspect(conn).get_columns("rollups_1m")}
+    finally:
+        engine.dispose()
+    assert "energy_cum_mj" not in columns
+    assert _count(store_url, "rollups_1m") == 5
+    upgrade(store_url)
+    assert _cum(store_url) == expected
