@@ -62,6 +62,15 @@ AFTER_S = 5.0
 
 THROUGHPUT_WINDOW_S = 5.0
 
+DAEMON_SEARCH = SearchConfig(
+    warmup_steps=10, warmup_s=2.0, min_measure_steps=40, screen_steps=80, refine_window=40,
+    budget_steps_per_candidate=120, shift_tol=0.3,
+)
+"""The optimiser's windows in the daemon: it observes once per control tick (about a second of
+steps at a time), and steps of a real loop vary with everything else on the host, so probes are
+measured over several seconds rather than a few steps, and only a large throughput shift (30 %)
+starts a new search."""
+
 
 @dataclass(slots=True)
 class Progress:
@@ -515,7 +524,7 @@ class BudgetLoop:
             objective_from_name(objective, max_power_w=facts.max_limit_mw / 1000 * len(job.gpus),
                                 power_budget_w=budget_w)
         )
-        control.optimising = _Optimising(EnergyOptimizer(space, goal, SearchConfig()), knob)
+        control.optimising = _Optimising(EnergyOptimizer(space, goal, DAEMON_SEARCH), knob)
         control.choice = choice
         log.info("job %d: the energy optimiser takes over (%s): %s over %s", job.id, why,
                  goal.name, knob)
