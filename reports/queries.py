@@ -270,6 +270,8 @@ def build_report(store: Store, request: ReportRequest) -> Report:
     spans: list[JobSpan] = []
     for j in all_jobs.values():
         assert j.started_at is not None
+        if j.started_at >= until or (j.ended_at is not None and j.ended_at <= since):
+            continue  # outside the range (the common case over a short range)
         start_s = max(to_epoch_us(j.started_at) / 1e6, since_s)
         end_s = min(to_epoch_us(job_end(j)) / 1e6, until_s)
         if end_s <= start_s:
@@ -336,9 +338,8 @@ def build_report(store: Store, request: ReportRequest) -> Report:
         if request.by in ("day", "hour"):
             ts.extend(period_boundaries(lo, hi, request.by))
         times[job_id] = sorted(set(ts))
-    queries = [(job_id, from_epoch_us(round(t * 1e6))) for job_id in reported_jobs
-               for t in times[job_id]]
-    answers = iter(store.progress_at(queries))
+    queries = [(job_id, round(t * 1e6)) for job_id in reported_jobs for t in times[job_id]]
+    answers = iter(store.progress_at_us(queries))
     progress = {job_id: [next(answers) for _ in times[job_id]] for job_id in reported_jobs}
 
     rows, groups = _rows(request, shares, all_jobs, selected, multi_host, job_span, times,

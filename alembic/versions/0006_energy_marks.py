@@ -10,6 +10,7 @@ names. The upgrade fills ``energy_cum_mj`` of the minutes already stored with a 
 GPU (a window function: SQLite 3.33 or later for ``UPDATE ... FROM``), then makes it NOT NULL.
 ``energy_marks`` starts empty: ``Store.rollup`` marks every job edge whose hour is rolled up the
 first time it runs after the upgrade, and reports compute a missing mark on the fly meanwhile.
+On SQLite the marks are a WITHOUT ROWID table (rows kept in key order, read without lookups).
 Downgrading drops the marks and the running total; the minutes themselves stay.
 """
 
@@ -55,6 +56,7 @@ def upgrade() -> None:
             ondelete="CASCADE",
         ),
         sa.PrimaryKeyConstraint("gpu_id", "at", name=op.f("pk_energy_marks")),
+        sqlite_with_rowid=False,
     )
 
 

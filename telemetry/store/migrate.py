@@ -7,12 +7,14 @@ The database URL reaches ``alembic/env.py`` as the config attribute ``url``.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, inspect
+from sqlalchemy.exc import SQLAlchemyError
 
 import telemetry
 from alembic import command
@@ -39,14 +41,21 @@ def alembic_config(url: str | None = None, *, script_location: Path | None = Non
     return config
 
 
+@functools.lru_cache(maxsize=8)
+def _script_heads(script_location: Path) -> tuple[str, ...]:
+    """The heads of a migration folder, read once per process (reading means importing every
+    migration script: a few milliseconds, on every store opened for a report otherwise)."""
+    script = ScriptDirectory.from_config(alembic_config(script_location=script_location))
+    return tuple(script.get_heads())
+
+
 def head_revision(*, script_location: Path | None = None) -> str:
     """The latest migration's revision id.
 
     Raises:
         SchemaError: The migrations have more than one head.
     """
-    script = ScriptDirectory.from_config(alembic_config(script_location=script_location))
-    heads = script.get_heads()
+    heads = _script_heads(script_location or SCRIPT_LOCATION)
     if len(heads) != 1:
         raise SchemaError(f"the migrations must have exactly one head (found {sorted(heads)})")
     return heads[0]
@@ -68,6 +77,16 @@ def _current(engine: Engine) -> tuple[tuple[str, ...], set[str]]:
         heads = MigrationContext.configure(conn).get_current_heads()
         tables = set(inspect(conn).get_table_names())
     return tuple(heads), tables & (set(Base.metadata.tables) | {"alembic_version"})
+
+
+def _at_revision(engine: Engine) -> tuple[str, ...] | None:
+    """The revisions in the database's ``alembic_version`` table (``None``: no such table)."""
+    try:
+        with engine.connect() as conn:
+            rows = conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalars()
+            return tuple(str(r) for r in rows)
+    except SQLAlchemyError:
+        return None
 
 
 def current_revision(url: str) -> str | None:
@@ -96,6 +115,8 @@ def open_store(url: str, *, script_location: Path | None = None) -> Store:
     engine = make_engine(url)
     where = engine.url.render_as_string(hide_password=True)
     try:
+        if _at_revision(engine) == (head,):  # the common case, in one query
+            return Store(engine)
         heads, tables = _current(engine)
         if not tables:
             upgrade(url, "head", script_location=script_location)

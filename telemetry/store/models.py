@@ -200,6 +200,8 @@ class EnergyMark(Base):
     """
 
     __tablename__ = "energy_marks"
+    # on SQLite, rows stored in key order: a report reads a range of them without lookups
+    __table_args__ = ({"sqlite_with_rowid": False},)
 
     gpu_id: Mapped[int] = mapped_column(
         Integer, ForeignKey("gpus.id", ondelete="CASCADE"), primary_key=True

@@ -318,13 +318,9 @@ _MARK_COLUMNS = (
 
 
 def _mark_of(fields: Sequence[Any]) -> _Mark:
-    """A ``_Mark`` from the ``_MARK_COLUMNS`` after ``gpu_id`` and ``at``."""
-    energy, b_max, b_method, a_max, a_method, prev_at, p_max, p_method = fields
-    return _Mark(
-        float(energy), b_max, str(b_method), a_max, str(a_method),
-        None if prev_at is None else int(prev_at), p_max,
-        None if p_method is None else str(p_method),
-    )
+    """A ``_Mark`` from the ``_MARK_COLUMNS`` after ``gpu_id`` and ``at`` (the drivers return
+    these columns as float, int and str already)."""
+    return _Mark(*fields)
 
 
 def _combine_method_strings(methods: Sequence[str | None]) -> str:
@@ -1335,12 +1331,8 @@ class Store:
             f"WHERE m.gpu_id IN ({', '.join(str(int(g)) for g in gpu_ids)}) "
             f"AND m.at >= {int(min(times))} AND m.at <= {int(max(times))}"
         ).all()
-        out: dict[tuple[int, int], _Mark] = {}
-        for g, t, *fields in rows:
-            key = (int(g), int(t))
-            if key in keys:
-                out[key] = _mark_of(fields)
-        return out
+        out = {(g, t): _Mark(*fields) for g, t, *fields in rows}
+        return {key: out[key] for key in keys & out.keys()}
 
     def _link_marks(self, conn: Connection, gpu_id: int, from_us: int) -> None:
         """Link each of a GPU's marks from ``from_us`` on (and the one after the last of them)
@@ -1661,8 +1653,12 @@ class Store:
         Returns:
             For each pair, the job's latest report with ``at <= t`` (``None`` fields: none yet).
         """
+        return self.progress_at_us([(job_id, to_epoch_us(t)) for job_id, t in queries])
+
+    def progress_at_us(self, queries: Sequence[tuple[int, int]]) -> list[ProgressAt]:
+        """``progress_at`` with times as epoch microseconds."""
         out: list[ProgressAt] = [ProgressAt(None, None, None)] * len(queries)
-        rows = [(i, job_id, to_epoch_us(t)) for i, (job_id, t) in enumerate(queries)]
+        rows = [(i, job_id, t_us) for i, (job_id, t_us) in enumerate(queries)]
         with self._engine.connect() as conn:
             for chunk_start in range(0, len(rows), _VALUES_CHUNK):
                 chunk = rows[chunk_start : chunk_start + _VALUES_CHUNK]
