@@ -1,8 +1,9 @@
 """Report data: energy per job, GPU, user or period from the store, with cost, CO2 and work.
 
 ``build_report`` reads each GPU's energy between breakpoints (job starts and ends, rate changes,
-period boundaries) with ``Store.segment_energy`` (raw samples for short ranges, rollups for long
-ones), hands it to ``energy.accounting`` for attribution, and adds the jobs' progress.
+period boundaries) with ``Store.segment_energy_us`` (raw samples for short ranges; for long ones,
+rollups: one energy mark per job edge, so the cost grows with the jobs reported, not with the
+samples stored), hands it to ``energy.accounting`` for attribution, and adds the jobs' progress.
 ``timeline`` and ``job_life`` read the series behind the charts.
 """
 
@@ -42,10 +43,12 @@ SOURCE_RULE = (
     f"Ranges up to {RAW_MAX_SPAN_S / 3600:g} h read raw samples (energy counter deltas; "
     "trapezoid of power across counter resets and on GPUs without a counter; a sample interval "
     "that straddles a job's start or end is split in proportion to time). Longer ranges read "
-    "rollups, which are sums of counter deltas: whole 1-minute rollups at a job's edges, "
-    "10-minute and hourly buckets inside; the minute in which a job starts or ends is split "
-    "where the raw samples' energy counter puts the boundary, or in proportion to time once "
-    "retention has deleted them."
+    "rollups, which are sums of counter deltas kept as a running total per GPU: a segment's "
+    "energy is the difference of the totals at its ends, and the minute in which a job starts "
+    "or ends is split where the raw samples' energy counter puts the boundary (worked out once "
+    "per job edge when its hour is rolled up), or in proportion to time once retention has "
+    "deleted them. Peak power comes from the 1-minute rollups at the edges and the hourly ones "
+    "inside."
 )
 
 
