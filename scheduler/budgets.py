@@ -62,6 +62,9 @@ AFTER_S = 5.0
 
 THROUGHPUT_WINDOW_S = 5.0
 
+IDLE_SETTLE_S = 5.0
+"""A GPU counts as idle for the idle-power estimate after this long without a job."""
+
 DAEMON_SEARCH = SearchConfig(
     warmup_steps=10, warmup_s=2.0, min_measure_steps=40, screen_steps=80, refine_window=40,
     budget_steps_per_candidate=120, shift_tol=0.3,
@@ -174,6 +177,7 @@ class BudgetLoop:
         self._cap_w = node_cap()
         self._hw_permitted: tuple[bool, str] | None = None
         self._idle_mw: dict[int, int] = {}
+        self._free_since: dict[int, float] = {}
         self._facts = {i: self._probe_facts(info) for i, info in self._infos.items()}
 
     # -- what the service calls ------------------------------------------------------------------
@@ -213,8 +217,13 @@ class BudgetLoop:
         readings = self._read_all()
         busy = {i for job in active for i in job.gpus}
         for index, reading in readings.items():
-            if index not in busy and reading.power_avg_mw is not None:
-                self._idle_mw[index] = reading.power_avg_mw  # what a free GPU draws
+            if index in busy:
+                self._free_since.pop(index, None)
+                continue
+            since = self._free_since.setdefault(index, now_s)
+            # What a free GPU draws, once its 1 s average no longer remembers its last job.
+            if now_s - since >= IDLE_SETTLE_S and reading.power_avg_mw is not None:
+                self._idle_mw[index] = reading.power_avg_mw
 
         observations: dict[int, Observation] = {}
         for job in active:
