@@ -62,6 +62,11 @@ AFTER_S = 5.0
 
 THROUGHPUT_WINDOW_S = 5.0
 
+STOP_LEAD_S = 0.5
+"""For ``--on-exceed stop``: the job is stopped when its energy plus this many seconds at its
+current power reaches the budget. Checks come once a control tick (1 s), so half a tick is the
+lead that centres where the job ends on its budget."""
+
 IDLE_SETTLE_S = 5.0
 """A GPU counts as idle for the idle-power estimate after this long without a job."""
 
@@ -193,7 +198,12 @@ class BudgetLoop:
             return
         if job.energy_budget_wh is not None:
             if control.guard is None:
-                control.guard = EnergyGuard(job.energy_budget_wh * 3600, job.on_exceed.value)
+                control.guard = EnergyGuard(
+                    job.energy_budget_wh * 3600, job.on_exceed.value, stop_lead_s=STOP_LEAD_S
+                )
+                control.forecast = EnergyForecast(
+                    total_steps=job.total_steps, total_tokens=job.total_tokens
+                )
             else:
                 control.guard.set_budget(job.energy_budget_wh * 3600)
 
@@ -257,7 +267,9 @@ class BudgetLoop:
         if job.energy_budget_wh is not None:
             control.forecast = EnergyForecast(total_steps=job.total_steps,
                                               total_tokens=job.total_tokens)
-            control.guard = EnergyGuard(job.energy_budget_wh * 3600, job.on_exceed.value)
+            control.guard = EnergyGuard(
+                job.energy_budget_wh * 3600, job.on_exceed.value, stop_lead_s=STOP_LEAD_S
+            )
         if job.objective is not None:
             self._start_optimiser(job, control, job.objective, why=f"--objective {job.objective}")
         return control

@@ -102,22 +102,21 @@ class JobService:
         self._lock = threading.RLock()
         self._live: dict[int, _Live] = {}
         self._infos: dict[int, GpuInfo] = {d.index: d for d in backend.devices()}
-        # Simulated GPUs: what the node runs now (it outlives the daemon), so a restart does not
-        # flip busy GPUs to idle and back.
+        # Simulated GPUs whose load this daemon drives (its jobs' GPUs), and the load it set;
+        # others are left as they are. After a restart, the adopted jobs' GPUs start from what
+        # the node runs now (it outlives the daemon), so they do not flip to idle and back.
+        self._sim_busy: dict[int, tuple[tuple[int, ...], float]] = {}
         workload = getattr(backend, "workload", None)
         duty = getattr(backend, "duty", None)
-        self._sim_busy: dict[int, tuple[tuple[int, ...], float] | None] = (
-            {
-                i: (tuple(p.pid for p in backend.read(i).processes), duty(i) if duty else 1.0)
-                if workload(i) is not None else None
-                for i in self._infos
-            }
-            if workload is not None
-            else {}
-        )
-        # Jobs adopted after a restart count as stepping until their clients report again.
         for job in self._active():
+            # Adopted jobs count as stepping until their clients report again.
             self._live_of(job.id).last_step_at = self._clock.now()
+            if workload is None:
+                continue
+            for i in job.gpus:
+                if workload(i) is not None:
+                    pids = tuple(p.pid for p in backend.read(i).processes)
+                    self._sim_busy[i] = (pids, duty(i) if duty else 1.0)
         default_cap_w = sum((d.max_limit_mw or 0) / 1000 for d in self._infos.values())
         self.node_cap_w = settings.node_cap_w or default_cap_w
         self.budgets = BudgetLoop(
@@ -483,7 +482,11 @@ class JobService:
         for job in self._active():
             live = self._live.get(job.id)
             stepping = live is not None and now - live.last_step_at < ACTIVITY_TIMEOUT_S
-            if job.state == JobState.RUNNING and stepping and live is not None:
+            # A job being stopped or cancelled got SIGTERM: its GPU work ends with its loop.
+            ending = live is not None and (
+                live.cancel_reason is not None or self.budgets.stop_reason(job.id) is not None
+            )
+            if job.state == JobState.RUNNING and stepping and live is not None and not ending:
                 # A paced job keeps its GPU busy only while it steps, idle while it sleeps: the
                 # client sleeps d * (1/duty - 1) after each step of duration d.
                 duty = self.budgets.duty(job.id)
@@ -491,11 +494,11 @@ class JobService:
                     busy[index] = ((job.pid,) if job.pid else (), round(duty, 3))
         for index in self._infos:
             want = busy.get(index)
-            if self._sim_busy.get(index) != want:
-                if want is None:
-                    set_workload(index, None)
-                else:
-                    set_workload(index, "training", pids=want[0], duty=want[1])
+            if want is None:
+                if self._sim_busy.pop(index, None) is not None:
+                    set_workload(index, None)  # its job stopped stepping or ended
+            elif self._sim_busy.get(index) != want:
+                set_workload(index, "training", pids=want[0], duty=want[1])
                 self._sim_busy[index] = want
 
     # -- helpers ---------------------------------------------------------------------------------

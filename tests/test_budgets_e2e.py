@@ -173,7 +173,7 @@ def test_energy_budgets_warn_slow_pause_and_stop(tmp_path: Path, sock_dir: Path)
         slow = run_example(socket, "--energy-wh", "1", "--on-exceed", "slow", "--mode", "hw",
                            "--watts", "650", seconds=40)
         pause = run_example(socket, "--energy-wh", "1", "--on-exceed", "pause", seconds=60)
-        stop = run_example(socket, "--energy-wh", "6", "--on-exceed", "stop", seconds=300)
+        stop = run_example(socket, "--energy-wh", "8", "--on-exceed", "stop", seconds=300)
 
         wait_until(daemon, lambda: jobs(socket)[pause]["state"] == "paused", timeout_s=120)
         time.sleep(3)
@@ -197,7 +197,7 @@ def test_energy_budgets_warn_slow_pause_and_stop(tmp_path: Path, sock_dir: Path)
         assert states[:4] == ["queued", "running", "paused", "running"]
         assert actions(stop)[-1] == "stop" and listed[stop]["state"] == "stopped"
         energy_wh = store.jobs.energy(stop).energy_mj / 1000 / 3600
-        assert energy_wh == pytest.approx(6.0, rel=0.02), energy_wh
+        assert energy_wh == pytest.approx(8.0, rel=0.02), energy_wh
     finally:
         store.close()
 
