@@ -202,7 +202,8 @@ class BudgetLoop:
                     job.energy_budget_wh * 3600, job.on_exceed.value, stop_lead_s=STOP_LEAD_S
                 )
                 control.forecast = EnergyForecast(
-                    total_steps=job.total_steps, total_tokens=job.total_tokens
+                    total_steps=job.total_steps, total_tokens=job.total_tokens,
+                    deadline_s=job.deadline_at.timestamp() if job.deadline_at else None,
                 )
             else:
                 control.guard.set_budget(job.energy_budget_wh * 3600)
@@ -265,8 +266,10 @@ class BudgetLoop:
         control = _JobControl()
         control.energy_j = self._jobs.energy(job.id).energy_mj / 1000 if job.started_at else 0.0
         if job.energy_budget_wh is not None:
-            control.forecast = EnergyForecast(total_steps=job.total_steps,
-                                              total_tokens=job.total_tokens)
+            control.forecast = EnergyForecast(
+                total_steps=job.total_steps, total_tokens=job.total_tokens,
+                deadline_s=job.deadline_at.timestamp() if job.deadline_at else None,
+            )
             control.guard = EnergyGuard(
                 job.energy_budget_wh * 3600, job.on_exceed.value, stop_lead_s=STOP_LEAD_S
             )

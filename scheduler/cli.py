@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
@@ -359,6 +361,23 @@ def _parse_gpu_ids(text: str) -> list[int]:
     return ids
 
 
+_DURATION = re.compile(r"^\+?(\d+(?:\.\d+)?)\s*([smhdw])$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
+
+
+def _parse_deadline(text: str) -> str:
+    """A deadline as an aware ISO 8601 string: ISO 8601 itself, or a duration from now."""
+    match = _DURATION.match(text.strip())
+    if match:
+        seconds = float(match.group(1)) * _UNIT_S[match.group(2)]
+        return (datetime.now(UTC) + timedelta(seconds=seconds)).isoformat()
+    try:
+        value = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        fail(f"--deadline: {text!r} is neither ISO 8601 nor a duration like 6h", EXIT_USAGE)
+    return (value if value.tzinfo else value.replace(tzinfo=UTC)).isoformat()
+
+
 @app.command(context_settings={"allow_interspersed_args": False})
 def submit(
     command: Annotated[
@@ -383,6 +402,12 @@ def submit(
         ),
     ] = "warn",
     priority: Annotated[int, typer.Option(help="Higher runs first.")] = 0,
+    deadline: Annotated[
+        str | None,
+        typer.Option(help="When the job must end: ISO 8601 (naive = UTC) or from now, like 6h, "
+                     "90m, 2d. The energy forecast runs against it when the script declares no "
+                     "total steps or tokens."),
+    ] = None,
     objective: Annotated[
         str | None,
         typer.Option(help="Let the energy optimiser pick the power limit or clock: energy, "
@@ -412,6 +437,7 @@ def submit(
                 "on_exceed": on_exceed,
                 "priority": priority,
                 "objective": objective,
+                "deadline": _parse_deadline(deadline) if deadline is not None else None,
             }
         )
     except ValidationError as exc:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
 ModeName = Literal["auto", "hw", "clock", "soft"]
 OnExceedName = Literal["warn", "slow", "pause", "stop"]
@@ -35,6 +35,7 @@ class SubmitRequest(_Request):
     on_exceed: OnExceedName = "warn"
     priority: Annotated[int, Field(ge=-1000, le=1000)] = 0
     objective: Literal["energy", "cost", "throughput", "slowdown"] | None = None
+    deadline: AwareDatetime | None = None
 
     @model_validator(mode="after")
     def _one_way_to_ask_for_gpus(self) -> Self:
@@ -124,6 +125,7 @@ class JobView(BaseModel):
     ended_at: datetime | None
     exit_code: int | None
     end_reason: str | None
+    deadline: datetime | None
     steps: int
     samples: int
     tokens: int

@@ -153,8 +153,10 @@ class JobService:
             mode=Mode(req.mode),
             on_exceed=OnExceed(req.on_exceed),
             priority=req.priority,
-            objective=req.objective,
+            objective=req.objective, deadline_at=req.deadline,
         )
+        if req.deadline is not None and req.deadline <= self._now():
+            raise ValueError(f"deadline: {req.deadline.isoformat()} has already passed")
         with self._lock:
             job = self._jobs.create(new, at=self._now())
         log.info("job %d (%s) submitted by %s", job.id, job.name, job.user)
@@ -621,6 +623,7 @@ class JobService:
             ended_at=job.ended_at,
             exit_code=job.exit_code,
             end_reason=job.end_reason,
+            deadline=job.deadline_at,
             steps=(latest.steps or 0) if latest else 0,
             samples=(latest.samples or 0) if latest else 0,
             tokens=tokens,

@@ -243,3 +243,27 @@ def test_node_cap_holds_with_two_jobs(tmp_path: Path, sock_dir: Path) -> None:
     finally:
         store.close()
     assert "node cap:" in daemon.log()
+
+
+def test_a_deadline_forecasts_energy_without_declared_totals(
+    tmp_path: Path, sock_dir: Path
+) -> None:
+    """A command that reports no progress: the forecast is its power until the deadline."""
+    socket = sock_dir / "api.sock"
+    daemon = start_daemon(tmp_path, socket)
+    try:
+        job_id = submit(socket, "--energy-wh", "1", "--deadline", "1h", "--on-exceed", "warn",
+                        "--", "sleep", "6")
+        wait_until(daemon, lambda: finished(socket, [job_id]), timeout_s=60)
+        view = jobs(socket)[job_id]
+    finally:
+        assert daemon.terminate() == 0, daemon.log()
+    assert view["deadline"] is not None and view["state"] == "completed"
+    store = store_of(tmp_path)
+    try:
+        warnings = [d for d in store.jobs.decisions(job_id) if d.source == "energy"]
+        # An idle H100 (~75 W) until the deadline in an hour is ~75 Wh: over the 1 Wh budget.
+        assert [d.what for d in warnings] == ["warn"]
+        assert "(deadline)" in warnings[0].why
+    finally:
+        store.close()

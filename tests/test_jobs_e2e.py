@@ -117,6 +117,8 @@ def test_bad_input_is_refused_and_nothing_is_stored(tmp_path: Path, sock_dir: Pa
             ["submit", "--gpu-ids", "0,9", "--", "true"],
             ["submit", "--gpu-ids", "x", "--", "true"],
             ["submit", "--mode", "turbo", "--", "true"],
+            ["submit", "--deadline", "yesterday", "--", "true"],
+            ["submit", "--deadline", "2020-01-01T00:00:00Z", "--", "true"],
             ["submit", "--"],
             ["cancel", "999"],
             ["logs", "999"],

@@ -67,6 +67,7 @@ class NewJob:
         attached: Started elsewhere and registered itself.
         pid / pid_create_time: An attached job's process and its psutil ``create_time`` (s since
             the epoch).
+        deadline_at: When the job must end (aware UTC), or ``None``.
     """
 
     name: str
@@ -90,6 +91,7 @@ class NewJob:
     attached: bool = False
     pid: int | None = None
     pid_create_time: float | None = None
+    deadline_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +115,7 @@ class JobRecord:
         end_reason: Why the job ended (the reason of its final transition unless given).
         gpus: Assigned GPU indices, ascending (empty until placed).
         gpu_ids: The same GPUs' store ids (``gpus.id``), in the same order.
+        deadline_at: When the job must end (aware UTC), or ``None``.
     """
 
     id: int
@@ -147,6 +150,7 @@ class JobRecord:
     end_reason: str | None
     gpus: tuple[int, ...] = ()
     gpu_ids: tuple[int, ...] = ()
+    deadline_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -350,6 +354,7 @@ class JobStore:
             end_reason=m["end_reason"],
             gpus=tuple(index for index, _ in gpus),
             gpu_ids=tuple(gpu_id for _, gpu_id in gpus),
+            deadline_at=m["deadline_at"],
         )
 
     def _get(self, conn: Connection, job_id: int) -> JobRecord | None:

@@ -267,6 +267,7 @@ class Job(Base):
     ended_at: Mapped[datetime | None] = mapped_column(UtcTimestamp)
     exit_code: Mapped[int | None] = mapped_column(Integer)
     end_reason: Mapped[str | None] = mapped_column(Text)
+    deadline_at: Mapped[datetime | None] = mapped_column(UtcTimestamp)
 
 
 class JobGpu(Base):
