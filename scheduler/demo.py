@@ -186,15 +186,8 @@ def _summarise(
     store = open_store(f"sqlite:///{home / 'powertrain.db'}")
     try:
         table = Table(
-            "Job",
-            "State",
-            "GPUs",
-            "Budget",
-            "Energy",
-            "Mean power",
-            "Tokens/s",
-            "J/token",
-            title="Per-job summary, from the store",
+            "ID", "Job", "State", "GPUs", "W/GPU", "Energy", "Power", "Tokens/s", "J/token",
+            title="Per-job summary, from the store (power: mean of all its GPUs together)",
             box=box.SIMPLE_HEAD,
         )
         for job in jobs:
@@ -207,10 +200,11 @@ def _summarise(
             rate = store.jobs.throughput(job_id, window_s=1e9)
             tokens = view["tokens"]
             table.add_row(
-                f"{job_id} {job.name}",
+                str(job_id),
+                job.name,
                 view["state"],
                 ",".join(map(str, record.gpus)) if record else "-",
-                f"{job.watts:.0f} W/GPU",
+                f"{job.watts:.0f}",
                 f"{joules / 3600:.2f} Wh",
                 f"{mean_w:.0f} W",
                 "-" if rate is None or rate.tokens_per_s is None else f"{rate.tokens_per_s:,.0f}",
