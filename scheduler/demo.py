@@ -187,8 +187,8 @@ def _summarise(
     try:
         table = Table(
             "ID", "Job", "State", "GPUs", "W/GPU", "Energy", "Power", "Tokens/s", "J/token",
-            title="Per-job summary, from the store (power: mean of all its GPUs together)",
-            box=box.SIMPLE_HEAD,
+            title="Per-job summary, from the store (power: all the job's GPUs together)",
+            box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1),
         )
         for job in jobs:
             job_id = ids[job.name]
