@@ -14,7 +14,7 @@ import logging
 import statistics
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import pairwise
 from typing import Literal
 
@@ -150,7 +150,7 @@ class BudgetLoop:
         jobs: The job store (decisions, mode, energy at adoption).
         actuators: The only way settings change.
         infos: The GPUs' probed facts, by index.
-        node_cap_w: The node power cap, W (read each tick through ``node_cap``).
+        node_cap: The node power cap, W (called each tick: an admin may change it).
         clock: Time source.
         on_pause / on_resume / on_stop: How the service pauses, resumes or stops a job.
     """
@@ -196,17 +196,12 @@ class BudgetLoop:
         control = self._controls.get(job.id)
         if control is None:
             return
-        if job.energy_budget_wh is not None:
-            if control.guard is None:
-                control.guard = EnergyGuard(
-                    job.energy_budget_wh * 3600, job.on_exceed.value, stop_lead_s=STOP_LEAD_S
-                )
-                control.forecast = EnergyForecast(
-                    total_steps=job.total_steps, total_tokens=job.total_tokens,
-                    deadline_s=job.deadline_at.timestamp() if job.deadline_at else None,
-                )
-            else:
-                control.guard.set_budget(job.energy_budget_wh * 3600)
+        if job.energy_budget_wh is None:
+            return
+        if control.guard is None:
+            _arm_energy(control, job)
+        else:
+            control.guard.set_budget(job.energy_budget_wh * 3600)
 
     def resumed_by_hand(self, job_id: int) -> None:
         control = self._controls.get(job_id)
@@ -248,12 +243,8 @@ class BudgetLoop:
         budgets = self._node_cap_tick(active, observations, readings, now_s)
         for job in active:
             control = self._controls[job.id]
-            obs = observations[job.id]
-            obs = Observation(
-                now_s=obs.now_s, gpus=obs.gpus, budget_w=budgets.get(job.id, job.watts_per_gpu),
-                steps_per_s=obs.steps_per_s, tokens_per_s=obs.tokens_per_s,
-                step_time_s=obs.step_time_s, pace_s=obs.pace_s, micro_batch=obs.micro_batch,
-            )
+            obs = replace(observations[job.id],
+                          budget_w=budgets.get(job.id, job.watts_per_gpu))
             control.last_obs = obs
             if job.state == JobState.RUNNING:
                 self._hold_power(job, control, obs, progress.get(job.id, Progress()).steps)
@@ -266,13 +257,7 @@ class BudgetLoop:
         control = _JobControl()
         control.energy_j = self._jobs.energy(job.id).energy_mj / 1000 if job.started_at else 0.0
         if job.energy_budget_wh is not None:
-            control.forecast = EnergyForecast(
-                total_steps=job.total_steps, total_tokens=job.total_tokens,
-                deadline_s=job.deadline_at.timestamp() if job.deadline_at else None,
-            )
-            control.guard = EnergyGuard(
-                job.energy_budget_wh * 3600, job.on_exceed.value, stop_lead_s=STOP_LEAD_S
-            )
+            _arm_energy(control, job)
         if job.objective is not None:
             self._start_optimiser(job, control, job.objective, why=f"--objective {job.objective}")
         return control
@@ -357,7 +342,7 @@ class BudgetLoop:
             r = readings.get(index)
             facts = self._facts[index]
             if index in self._idle_mw:
-                facts = GpuFacts(**{**_asdict(facts), "idle_power_mw": self._idle_mw[index]})
+                facts = replace(facts, idle_power_mw=self._idle_mw[index])
             locked = self._actuators_locked(index)
             gpus.append(GpuObservation(
                 facts=facts,
@@ -595,6 +580,13 @@ class BudgetLoop:
 
 
 
-def _asdict(facts: GpuFacts) -> dict[str, int]:
-    return {name: getattr(facts, name) for name in GpuFacts.__dataclass_fields__}
-
+def _arm_energy(control: _JobControl, job: JobRecord) -> None:
+    """Give a job with an energy budget its forecast and guard."""
+    assert job.energy_budget_wh is not None
+    control.forecast = EnergyForecast(
+        total_steps=job.total_steps, total_tokens=job.total_tokens,
+        deadline_s=job.deadline_at.timestamp() if job.deadline_at else None,
+    )
+    control.guard = EnergyGuard(
+        job.energy_budget_wh * 3600, job.on_exceed.value, stop_lead_s=STOP_LEAD_S
+    )
