@@ -307,8 +307,13 @@ class ReplayBackend:
         self._clock: Clock = clock if clock is not None else WallClock()
         self._noise = noise if noise is not None else ReplayNoise()
         self._lock = threading.RLock()
-        self._seed = seed
         self.curve = _pick_curve(self._curves, workload, batch_size, optimizer)
+        # One noise stream per (seed, curve): jobs of different workloads are different runs,
+        # and do not share one draw of noise.
+        c = self.curve
+        self._seed = int.from_bytes(hashlib.sha256(
+            f"{seed}|{self._path.name}|{c.gpu}|{c.workload}|{c.batch_size}|{c.optimizer}".encode()
+        ).digest()[:8], "big")
         self.steps_per_epoch = steps_per_epoch(
             self.curve.dataset, self.curve.batch_size, samples_per_epoch
         )
@@ -335,7 +340,7 @@ class ReplayBackend:
             )
             dev = _Device(
                 info=info,
-                rng=random.Random(f"{seed}|{i}"),
+                rng=random.Random(f"{self._seed}|{i}"),
                 limit_mw=round(max_w * 1000),
                 integrated_to_s=now,
             )

@@ -109,6 +109,16 @@ def test_noise_is_seeded_per_step_range_and_the_counter_never_goes_back() -> Non
     assert all(0.5 < r < 1.5 for r in same)
 
 
+def test_each_curve_has_its_own_noise() -> None:
+    # Jobs of different workloads are different runs: one seed does not give them one draw.
+    def jitters(batch_size: int) -> list[float]:
+        b = ReplayBackend(A40, "squad", batch_size, clock=VirtualClock(), seed=1)
+        return [b.run_steps(1) / b.step_time_s() for _ in range(20)]
+
+    assert jitters(32) != pytest.approx(jitters(16), rel=1e-3)
+    assert jitters(32) == jitters(32)
+
+
 def test_readings_are_noisy_around_the_trace() -> None:
     b = ReplayBackend(A40, "squad", 32, clock=VirtualClock(), seed=3)
     powers = [b.read(0).power_mw or 0 for _ in range(200)]
