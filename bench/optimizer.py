@@ -14,7 +14,11 @@ runs on a ``ReplayBackend`` (same seed, same noise model for every policy) under
 Cost is Zeus's ``eta * E + (1 - eta) * P_max * T`` over the whole job (profiling included),
 ``P_max`` the top power limit; regret is a policy's cost over the oracle's, minus one. Profiling
 energy and time are what a policy spent from its first probe to its decision (warm-ups included;
-Zeus's interrupted windows and the steps at the maximum limit between them included).
+Zeus's interrupted windows and the steps at the maximum limit between them included), and for
+ours also the challengers it measures after the search against the held setting, with the
+warm-ups there and back. The steps ours runs at the setting it holds are not profiling, although
+they measure that setting further and may revise the choice (``rv``: revisions): the job would
+run them at that setting anyway, as Zeus's job runs at its choice.
 
 Usage: ``python bench/optimizer.py [--trace FILE ...] [--eta 0.5] [--epochs 100] [--json PATH]``.
 Writes ``bench/results/optimizer.txt`` (the table) and ``bench/results/optimizer.json``.
@@ -74,6 +78,7 @@ class Run:
     probes: int
     steps: int
     note: str = ""
+    revisions: int = 0
 
 
 @dataclass(slots=True)
@@ -136,7 +141,7 @@ def _run_fixed(job: _Job, limit_mw: int) -> None:
 
 def _run_ours(
     job: _Job, eta: float, max_power_w: float, config: SearchConfig | None
-) -> tuple[float, float, int, int, str]:
+) -> tuple[float, float, int, int, str, int]:
     info = job.backend.devices()[0]
     assert info.min_limit_mw is not None and info.max_limit_mw is not None
     opt = EnergyOptimizer(
@@ -146,14 +151,21 @@ def _run_ours(
     )
     while job.remaining > 0:
         job.set_limit(opt.setting)
-        # Like Zeus's callbacks: every step while searching, then whole epochs (the optimiser
-        # takes any chunk; epoch-aligned chunks replay the same noise as the other policies).
-        steps = job.to_epoch_end() if opt.done else 1
+        # Like Zeus's callbacks: every step while searching; once done, the optimiser's
+        # monitoring windows (cut at epoch ends), whole epochs when it can no longer revise.
+        if not opt.done:
+            steps = 1
+        elif opt.settled:
+            steps = job.to_epoch_end()
+        else:
+            steps = min(opt.steps_wanted, job.to_epoch_end())
         dt, de = job.run(steps)
         opt.observe(steps, dt, de)
     res = opt.result
     note = res.reason if res is not None else "the job ended before the search finished"
-    return opt.profiling_energy_j, opt.profiling_time_s, opt.setting, len(opt.probes), note
+    revisions = res.revisions if res is not None else 0
+    return (opt.profiling_energy_j, opt.profiling_time_s, opt.setting, len(opt.probes), note,
+            revisions)
 
 
 def _run_zeus(job: _Job, eta: float, use_package: bool) -> tuple[float, float, int, int, str]:
@@ -198,13 +210,13 @@ def run_curve(
     assert info.max_limit_mw is not None
     max_power_w = info.max_limit_mw / 1000.0
     oracle = oracle_limit_mw(curve, eta, max_power_w)
-    out: dict[str, tuple[float, float, float, float, int | None, int, str]] = {}
+    out: dict[str, tuple[float, float, float, float, int | None, int, str, int]] = {}
     for policy in POLICIES:
         job = _new_job(path, curve, epochs, seed)
         e0, t0 = job.backend.energy_mj(0), job.clock.now()
         prof_e = prof_t = 0.0
         limit: int | None
-        probes, note = 0, ""
+        probes, note, revisions = 0, "", 0
         if policy == "max":
             limit = info.max_limit_mw
             _run_fixed(job, limit)
@@ -212,22 +224,23 @@ def run_curve(
             limit = oracle
             _run_fixed(job, limit)
         elif policy == "ours":
-            prof_e, prof_t, limit, probes, note = _run_ours(job, eta, max_power_w, config)
+            prof_e, prof_t, limit, probes, note, revisions = _run_ours(
+                job, eta, max_power_w, config)
         else:
             prof_e, prof_t, limit, probes, note = _run_zeus(job, eta, use_package)
         energy = (job.backend.energy_mj(0) - e0) / 1000.0
         elapsed = job.clock.now() - t0
-        out[policy] = (energy, elapsed, prof_e, prof_t, limit, probes, note)
+        out[policy] = (energy, elapsed, prof_e, prof_t, limit, probes, note, revisions)
     oracle_cost = _cost(out["oracle"][0], out["oracle"][1], eta, max_power_w)
     runs = []
-    for policy, (energy, elapsed, prof_e, prof_t, limit, probes, note) in out.items():
+    for policy, (energy, elapsed, prof_e, prof_t, limit, probes, note, revisions) in out.items():
         cost = _cost(energy, elapsed, eta, max_power_w)
         runs.append(Run(
             trace=path.name, gpu=curve.gpu, workload=curve.workload,
             batch_size=curve.batch_size, policy=policy, energy_j=energy, time_s=elapsed,
             cost=cost, regret=cost / oracle_cost - 1.0, profiling_energy_j=prof_e,
             profiling_time_s=prof_t, zeus_is_reimplementation=not use_package, limit_mw=limit,
-            probes=probes, steps=info_job.total_steps, note=note,
+            probes=probes, steps=info_job.total_steps, note=note, revisions=revisions,
         ))
     return runs
 
@@ -253,10 +266,11 @@ def summarise(runs: Sequence[Run], eta: float, epochs: int, zeus_label: str) -> 
         f"zeus: {zeus_label}",
         "",
         "Per job (saved/slowdown against the maximum limit; regret against the oracle's cost;",
-        "prof = energy spent profiling, kJ; limits in W):",
+        "prof = energy spent profiling, kJ; #pr = settings probed; rv = revisions once done;",
+        "limits in W):",
         f"{'gpu':5} {'workload':32} {'bs':>6} | {'max W':>5} | "
         f"{'zeus W':>6} {'saved':>7} {'slow':>7} {'regret':>7} {'prof':>8} | "
-        f"{'ours W':>6} {'saved':>7} {'slow':>7} {'regret':>7} {'prof':>8} {'#pr':>3} | "
+        f"{'ours W':>6} {'saved':>7} {'slow':>7} {'regret':>7} {'prof':>8} {'#pr':>3} {'rv':>2} | "
         f"{'orcl W':>6} {'saved':>7}",
     ]
     for (_, gpu, wl, bs), pol in sorted(by_job.items()):
@@ -269,7 +283,7 @@ def summarise(runs: Sequence[Run], eta: float, epochs: int, zeus_label: str) -> 
 
         lines.append(
             f"{gpu:5} {wl:32} {bs:6d} | {(m.limit_mw or 0) / 1000:5.0f} | {cols(z)} | {cols(o)} "
-            f"{o.probes:3d} | {(orc.limit_mw or 0) / 1000:6.0f} "
+            f"{o.probes:3d} {o.revisions:2d} | {(orc.limit_mw or 0) / 1000:6.0f} "
             f"{_pct(1 - orc.energy_j / m.energy_j):>7}"
             + ("  [zeus never finished profiling]" if z.note.startswith("never") else "")
         )
@@ -335,7 +349,8 @@ def summarise(runs: Sequence[Run], eta: float, epochs: int, zeus_label: str) -> 
         f"  profiling time: zeus {sum(r.profiling_time_s for r in zeus) / 3600:.1f} h, ours "
         f"{sum(r.profiling_time_s for r in ours) / 3600:.1f} h; probes per job: zeus "
         f"{statistics.fmean(r.probes for r in zeus):.1f}, ours "
-        f"{statistics.fmean(r.probes for r in ours):.1f}",
+        f"{statistics.fmean(r.probes for r in ours):.1f}; ours revised its choice on "
+        f"{sum(r.revisions > 0 for r in ours)} jobs ({sum(r.revisions for r in ours)} revisions)",
         "",
         "Acceptance (eta = 0.5 on the given traces):",
         f"  [{'PASS' if all_cost_ok else 'FAIL'}] ours' total cost <= zeus's on every workload",

@@ -32,6 +32,11 @@ Done), but it probes less and more carefully:
 * ``MostThroughput`` under a wattage budget bisects the candidates for the highest setting whose
   measured power fits (throughput rises and power rises with the setting), starting at the
   budget itself for power limits.
+* The steps the job runs at the chosen setting keep measuring it, at no profiling cost: every
+  monitoring window is added to its probe. When that longer measurement shows it worse than
+  another probe's estimate, the job moves to that setting (a revision; at most
+  ``SearchConfig.revisions`` per search), which is then measured as it runs. A probe's short window
+  errs both ways; Zeus's choice keeps its luck, this one loses it where it was lucky.
 * When the job's throughput at the chosen setting shifts (a new phase: another batch size,
   sequence length, model stage), it searches again.
 
@@ -62,6 +67,7 @@ __all__ = [
     "SearchConfig",
     "SearchResult",
     "SettingSpace",
+    "Verifying",
     "Warmup",
     "ZeusCost",
     "objective_from_name",
@@ -390,6 +396,10 @@ class SearchConfig:
         monitor_s / monitor_min_steps: Length of the windows that watch throughput once done.
         shift_tol / shift_windows: A throughput shift of more than ``shift_tol`` (relative) in
             this many windows in a row starts a new search.
+        revisions / revise_ratio: The most times a search's choice is revised once done: the
+            monitoring windows add to the held setting's probe, and once it is measured over
+            ``revise_ratio`` times as many steps as another probe that scores better, the job
+            moves there (after a warm-up). 0 revisions keeps the first choice.
     """
 
     wait_steps: int = 1
@@ -408,6 +418,8 @@ class SearchConfig:
     monitor_min_steps: int = 20
     shift_tol: float = 0.15
     shift_windows: int = 2
+    revisions: int = 3
+    revise_ratio: float = 4.0
 
     def __post_init__(self) -> None:
         if self.wait_steps < 0 or self.warmup_steps < 0 or self.warmup_s < 0:
@@ -420,6 +432,8 @@ class SearchConfig:
             raise ValueError(f"loss_tol must be >= 0, got {self.loss_tol}")
         if self.monitor_min_steps < 1 or self.shift_windows < 1 or self.shift_tol <= 0:
             raise ValueError("monitor windows, shift windows and shift tolerance must be positive")
+        if self.revisions < 0 or self.revise_ratio < 1:
+            raise ValueError("need revisions >= 0 and revise_ratio >= 1")
 
 
 @dataclass(slots=True)
@@ -487,6 +501,21 @@ class _Window:
         )
 
 
+def _pool(probes: Sequence[Probe]) -> dict[str, tuple[float, float]]:
+    """Per attribute (``step_time_rse``, ``energy_rse``, ``power_rse``): the sum of
+    ``(n - 1) * per-step relative variance`` over the probes, and their degrees of freedom."""
+    sums = {}
+    for attr in ("step_time_rse", "energy_rse", "power_rse"):
+        num = dof = 0.0
+        for p in probes:
+            rse = getattr(p, attr)
+            if p.steps > 1 and math.isfinite(rse):
+                num += (p.steps - 1) * rse * rse * p.steps
+                dof += p.steps - 1
+        sums[attr] = (num, dof)
+    return sums
+
+
 # -- states ---------------------------------------------------------------------------------------
 
 
@@ -529,12 +558,18 @@ class Done:
     """Holding the chosen setting and watching the job's throughput.
 
     Done -> Warmup (a new search from the top) when the throughput shifts for
-    ``shift_windows`` windows in a row, or on ``retune``.
+    ``shift_windows`` windows in a row, or on ``retune``. Done -> Done at another setting on a
+    revision.
 
     Attributes:
         setting: The setting in force.
         feasible: False when no setting met the constraints (the lowest one is held).
         reference_step_time_s: Seconds per step the chosen setting is expected to take.
+        warmup: After a change of setting, the steps still discarded while it takes hold (None
+            once it has).
+        charge_warmup: Whether that warm-up is profiling (the way back from a verification).
+        revisions: Revisions made since the search.
+        checked_steps: The held setting's measured steps when the choice was last looked at.
     """
 
     setting: int
@@ -542,9 +577,27 @@ class Done:
     reference_step_time_s: float
     window: _Window = field(default_factory=_Window)
     shifted_windows: int = 0
+    warmup: _Window | None = None
+    charge_warmup: bool = False
+    revisions: int = 0
+    checked_steps: int = 0
 
 
-State = Ready | Warmup | Measuring | Done
+@dataclass(slots=True)
+class Verifying:
+    """Done, but a challenger of the held setting is measured for a window (after a warm-up).
+
+    Verifying -> Done once the window is measured: back at the held setting, or at the
+    challenger when it now scores better.
+    """
+
+    setting: int
+    held: Done
+    warmup: _Window = field(default_factory=_Window)
+    window: _Window = field(default_factory=_Window)
+
+
+State = Ready | Warmup | Measuring | Done | Verifying
 
 
 @dataclass(frozen=True, slots=True)
@@ -557,8 +610,10 @@ class SearchResult:
         score: Its score (per step), None when not feasible.
         probes: Every probe, in the order taken.
         profiling_steps / profiling_time_s / profiling_energy_j: What the probes cost the job
-            (warm-ups included): steps, seconds, joules.
-        reason: Why the search stopped, in words.
+            (warm-ups included): steps, seconds, joules. Revisions add nothing: the windows that
+            lead to one run the setting held at the time, as the job would anyway.
+        reason: Why the search stopped, in words, and any revision since.
+        revisions: How many times the choice was revised after the search.
     """
 
     setting: int
@@ -569,6 +624,7 @@ class SearchResult:
     profiling_time_s: float
     profiling_energy_j: float
     reason: str
+    revisions: int = 0
 
 
 def select(
@@ -612,9 +668,14 @@ class EnergyOptimizer:
         self._probes: list[Probe] = []
         #: Every window measured per setting in this search: (measured, warm-up).
         self._windows: dict[int, tuple[_Window, _Window]] = {}
+        #: ``_pooled`` of each probe in ``_probes`` (by id), and the sums behind it, until they
+        #: change.
+        self._pooled_cache: dict[int, Probe] = {}
+        self._pool_sums: dict[str, tuple[float, float]] | None = None
         self._refining = False
         self._race_window = self.config.refine_window
-        self._visits = 0
+        #: Budget spent by this search: measured steps, and ``warmup_steps`` per warm-up.
+        self._spent = 0
         #: The most steps one search may spend: measured, and ``warmup_steps`` per warm-up.
         self._budget_steps = self.config.budget_steps_per_candidate * len(self._candidates)
         self._stop_reason = ""
@@ -628,6 +689,13 @@ class EnergyOptimizer:
     def done(self) -> bool:
         """Whether a search has finished and its setting is held."""
         return isinstance(self.state, Done)
+
+    @property
+    def settled(self) -> bool:
+        """Whether the search is done and its choice can no longer be revised (a throughput
+        shift or ``retune`` still starts a new search)."""
+        st = self.state
+        return isinstance(st, Done) and st.revisions >= self.config.revisions
 
     @property
     def result(self) -> SearchResult | None:
@@ -663,14 +731,15 @@ class EnergyOptimizer:
         if isinstance(st, Ready):
             return max(1, st.steps_left)
         if isinstance(st, Warmup):
-            w = st.window
-            need = cfg.warmup_steps - w.steps
-            if w.steps and w.time_s < cfg.warmup_s:
-                need = max(need, math.ceil((cfg.warmup_s - w.time_s) * w.steps / w.time_s))
-            return max(1, need)
+            return self._warmup_left(st.window)
         if isinstance(st, Measuring):
             # Every step of the window on its own, so its spread can be estimated.
             return 1
+        if isinstance(st, Verifying):
+            return 1 if st.window.steps or self._warmed_up(st.warmup) else (
+                self._warmup_left(st.warmup))
+        if st.warmup is not None:
+            return self._warmup_left(st.warmup)
         wanted = max(cfg.monitor_min_steps, math.ceil(cfg.monitor_s / st.reference_step_time_s))
         return max(1, wanted - st.window.steps)
 
@@ -698,15 +767,15 @@ class EnergyOptimizer:
                 self._start_search()
         elif isinstance(st, Warmup):
             st.window.add(steps, time_s, energy_j)
-            if st.window.steps >= self.config.warmup_steps and (
-                st.window.time_s >= self.config.warmup_s
-            ):
+            if self._warmed_up(st.window):
                 self.state = Measuring(st.setting, st.window)
         elif isinstance(st, Measuring):
             st.window.add(steps, time_s, energy_j)
             if self._window_decided(st):
                 self._record(st)
                 self._advance()
+        elif isinstance(st, Verifying):
+            self._verify(st, steps, time_s, energy_j)
         else:
             self._watch(st, steps, time_s, energy_j)
         return self.setting
@@ -720,15 +789,32 @@ class EnergyOptimizer:
         st = self.state
         if isinstance(st, Measuring):
             self.state = Measuring(st.setting, st.warmup)
-        elif isinstance(st, Done):
+        elif isinstance(st, Done | Verifying):
             st.window = _Window()
 
     # -- internals ---------------------------------------------------------------------------------
+
+    def _warmed_up(self, window: _Window) -> bool:
+        return window.steps >= self.config.warmup_steps and (
+            window.time_s >= self.config.warmup_s
+        )
+
+    def _warmup_left(self, window: _Window) -> int:
+        """Steps a warm-up still needs (to reach both ``warmup_steps`` and ``warmup_s``)."""
+        cfg = self.config
+        need = cfg.warmup_steps - window.steps
+        if window.steps and window.time_s < cfg.warmup_s:
+            need = max(need, math.ceil((cfg.warmup_s - window.time_s) * window.steps
+                                       / window.time_s))
+        return max(1, need)
 
     def _open_cost(self) -> tuple[int, float, float]:
         """Steps, seconds and joules of the search in progress."""
         if isinstance(self.state, Done | Ready):
             return 0, 0.0, 0.0
+        if isinstance(self.state, Verifying):
+            w, u = self.state.window, self.state.warmup
+            return w.steps + u.steps, w.time_s + u.time_s, w.energy_j + u.energy_j
         steps = sum(p.cost_steps for p in self._probes)
         time_s = sum(p.time_s + p.warmup_time_s for p in self._probes)
         energy_j = sum(p.energy_j + p.warmup_energy_j for p in self._probes)
@@ -741,10 +827,11 @@ class EnergyOptimizer:
 
     def _start_search(self) -> None:
         self._probes = []
+        self._forget_pool()
         self._windows = {}
         self._refining = False
         self._race_window = self.config.refine_window
-        self._visits = 0
+        self._spent = 0
         self._stop_reason = ""
         self._bisect_first = True
         self.setting = self._candidates[0]
@@ -761,17 +848,22 @@ class EnergyOptimizer:
 
     def _record(self, st: Measuring) -> None:
         """Keep a finished window: a new probe, or more of an earlier one (refinement)."""
-        if st.warmup.steps:
-            self._visits += 1
+        # A warm-up is charged ``warmup_steps`` however long fast steps stretch it to
+        # ``warmup_s``, so that fast steps do not starve the race.
+        self._spent += st.window.steps + (self.config.warmup_steps if st.warmup.steps else 0)
         if st.setting in self._windows:
             window, warmup = self._windows[st.setting]
             window.merge(st.window)
             warmup.merge(st.warmup)
-            i = next(i for i, p in enumerate(self._probes) if p.setting == st.setting)
-            self._probes[i] = window.probe(st.setting, warmup)
+            self._refresh(st.setting)
         else:
             self._windows[st.setting] = (st.window, st.warmup)
             self._probes.append(st.window.probe(st.setting, st.warmup))
+            self._forget_pool()
+
+    def _forget_pool(self) -> None:
+        self._pooled_cache.clear()
+        self._pool_sums = None
 
     def _pooled(self, probe: Probe) -> Probe:
         """The probe with standard errors from the per-step spread pooled over this search.
@@ -779,24 +871,27 @@ class EnergyOptimizer:
         One job's step-to-step spread hardly depends on the setting, and the few steps of one
         window estimate it poorly; pooling every window's (by degrees of freedom) does better.
         """
-        windows = [p for p in self._probes if p is not probe]
-        windows.append(probe)
+        known = any(p is probe for p in self._probes)
+        if known and id(probe) in self._pooled_cache:
+            return self._pooled_cache[id(probe)]
+        if known and self._pool_sums is None:
+            self._pool_sums = _pool(self._probes)
+        sums = self._pool_sums if known and self._pool_sums is not None else _pool(
+            [*self._probes, probe])
 
         def pooled_rse(attr: str) -> float:
-            num = dof = 0.0
-            for p in windows:
-                rse = getattr(p, attr)
-                if p.steps > 1 and math.isfinite(rse):
-                    num += (p.steps - 1) * rse * rse * p.steps  # (n - 1) * per-step variance
-                    dof += p.steps - 1
+            num, dof = sums[attr]
             return math.sqrt(num / dof / probe.steps) if dof else math.inf
 
-        return replace(
+        pooled = replace(
             probe,
             step_time_rse=pooled_rse("step_time_rse"),
             energy_rse=pooled_rse("energy_rse"),
             power_rse=pooled_rse("power_rse"),
         )
+        if known:
+            self._pooled_cache[id(probe)] = pooled
+        return pooled
 
     def _rse(self, probe: Probe) -> float:
         """Relative standard error of a probe's score, from the pooled spread."""
@@ -848,25 +943,17 @@ class EnergyOptimizer:
             self.setting = nxt
             self.state = Warmup(nxt)
 
-    def _spent_steps(self) -> int:
-        """Budget spent so far: the steps measured in finished windows, and ``warmup_steps`` for
-        each warm-up (its share of the budget; a warm-up stretched to ``warmup_s`` by fast steps
-        is not charged more, so that fast steps do not starve the race)."""
-        return sum(p.steps for p in self._probes) + self._visits * self.config.warmup_steps
-
-    def _next_refine(self) -> int | None:
-        """The next setting of the race, or None once the choice is settled or the budget spent.
+    def _race(self) -> tuple[Probe | None, str]:
+        """The race's next measurement: the probe to measure, or None and why the race is over.
 
         The best races the challenger with the largest expected loss: of the two, the one whose
-        score is less precise is measured next (a window of ``refine_window`` steps, less when
-        the budget runs short). The race ends when the expected losses summed over challengers
-        fall below ``loss_tol`` of the best score: what is left to learn is worth less than it
-        costs to measure.
+        score is less precise is measured next. The race is over when the expected losses summed
+        over challengers fall below ``loss_tol`` of the best score: what is left to learn is
+        worth less than it costs to measure.
         """
-        cfg = self.config
         best = self._best()
         if best is None:
-            return None
+            return None, "; nothing is feasible"
         best_probe, best_score = best
         top = self._top()
         best_sd = best_score * self._rse(best_probe)
@@ -878,28 +965,49 @@ class EnergyOptimizer:
             sd = math.hypot(best_score * self._rse(best_probe), score * self._rse(p))
             losses.append((_expected_loss(score - best_score, sd), p))
         if not losses:
-            self._stop_reason += "; nothing left to race"
-            return None
-        if sum(el for el, _ in losses) <= cfg.loss_tol * best_score:
-            self._stop_reason += "; the choice is settled"
-            return None
+            return None, "; nothing left to race"
+        if sum(el for el, _ in losses) <= self.config.loss_tol * best_score:
+            return None, "; the choice is settled"
         _, challenger = max(losses, key=lambda lp: lp[0])
         challenger_score = self.objective.score(challenger, top) or best_score
-        pick = (
-            best_probe
-            if best_sd >= challenger_score * self._rse(challenger)
-            else challenger
-        )
-        left = self._budget_steps - self._spent_steps()
-        if pick.setting != self.setting:
-            left -= cfg.warmup_steps
+        if best_sd >= challenger_score * self._rse(challenger):
+            return best_probe, ""
+        return challenger, ""
+
+    def _race_window_for(self, pick: Probe, warmups: int) -> int | None:
+        """Steps to measure ``pick`` for, within what is left of the budget once ``warmups``
+        warm-ups are paid (None: too few).
+
+        A window is at least as long as the warm-up it costs (fast steps need many to fill
+        ``warmup_s``), so that switching settings does not eat the budget.
+        """
+        cfg = self.config
+        left = self._budget_steps - self._spent - warmups * cfg.warmup_steps
         if left < cfg.min_measure_steps:
+            return None
+        warmup = max(cfg.warmup_steps, math.ceil(cfg.warmup_s / max(pick.step_time_s, 1e-9)))
+        return min(max(cfg.refine_window, warmup), left)
+
+    def _next_refine(self) -> int | None:
+        """The search's next race window, or None when the search ends.
+
+        It ends when the race is over, when the budget is spent, or when the best is the one
+        to measure: the job will run at it, which measures it at no profiling cost, and the
+        race goes on from there (``_verify``).
+        """
+        pick, why = self._race()
+        if pick is None:
+            self._stop_reason += why
+            return None
+        best = self._best()
+        if best is not None and pick is best[0]:
+            self._stop_reason += "; the best is measured further as the job runs at it"
+            return None
+        window = self._race_window_for(pick, int(pick.setting != self.setting))
+        if window is None:
             self._stop_reason += "; the profiling budget is spent"
             return None
-        # A window at least as long as the warm-up it costs (fast steps need many to fill
-        # ``warmup_s``), so that switching settings does not eat the budget.
-        warmup = max(cfg.warmup_steps, math.ceil(cfg.warmup_s / max(pick.step_time_s, 1e-9)))
-        self._race_window = min(max(cfg.refine_window, warmup), left)
+        self._race_window = window
         return pick.setting
 
     def _binds(self, probe: Probe) -> bool:
@@ -937,12 +1045,17 @@ class EnergyOptimizer:
         best_probe, best_score = best
         best_rse = self._rse(best_probe)
 
-        def margin(p: Probe) -> float:
-            rse = math.hypot(self._rse(p), best_rse)
+        def margin(sd: float) -> float:
+            """The score that is clearly worse than the best, for one of standard error sd."""
+            rse = math.hypot(sd / best_score, best_rse)
             return best_score * (1.0 + max(cfg.rise_tol, cfg.z * rse))
 
         last_score = self._score(last)
-        if last_score is not None and self._binds(last) and last_score > margin(last):
+        if (
+            last_score is not None
+            and self._binds(last)
+            and last_score > margin(last_score * self._rse(last))
+        ):
             return None, (
                 f"past the optimum: {last.setting} binds and scores "
                 f"{last_score / best_score - 1:+.1%} against the best"
@@ -957,9 +1070,12 @@ class EnergyOptimizer:
                 and self._binds(last)
                 and prev.setting > last.setting
             ):
-                slope = (last_score - prev_score) / (prev.setting - last.setting)
-                predicted = last_score + slope * (last.setting - nxt)
-                if predicted > margin(last):
+                # predicted = last + r (last - prev): its error grows with the lever arm r.
+                r = (last.setting - nxt) / (prev.setting - last.setting)
+                predicted = last_score + r * (last_score - prev_score)
+                sd = math.hypot((1.0 + r) * last_score * self._rse(last),
+                                r * prev_score * self._rse(prev))
+                if predicted > margin(sd):
                     return None, (
                         f"the curve has turned: {nxt} extrapolates to "
                         f"{predicted / best_score - 1:+.1%} against the best"
@@ -1011,20 +1127,137 @@ class EnergyOptimizer:
         self.state = Done(chosen.setting, result.feasible, chosen.step_time_s)
 
     def _watch(self, st: Done, steps: int, time_s: float, energy_j: float) -> None:
-        """Done: compare each monitoring window's step time with the reference."""
+        """Done: compare each monitoring window's step time with the reference. A window in
+        phase also measures the held setting further, which may revise the choice or send a
+        challenger to be measured (``Verifying``)."""
         cfg = self.config
+        if st.warmup is not None:
+            st.warmup.add(steps, time_s, energy_j)
+            if self._warmed_up(st.warmup):
+                if st.charge_warmup:
+                    self._charge(st.warmup)
+                st.warmup = None
+            return
         st.window.add(steps, time_s, energy_j)
         wanted = max(cfg.monitor_min_steps, math.ceil(cfg.monitor_s / st.reference_step_time_s))
         if st.window.steps < wanted:
             return
-        step_time = st.window.time_s / st.window.steps
-        st.window = _Window()
+        window, st.window = st.window, _Window()
+        step_time = window.time_s / window.steps
         ratio = step_time / st.reference_step_time_s
         if abs(ratio - 1.0) > cfg.shift_tol:
             st.shifted_windows += 1
             if st.shifted_windows >= cfg.shift_windows:
                 self._start_search()
-        else:
-            st.shifted_windows = 0
-            # Follow slow drift so that only a real shift triggers a new search.
-            st.reference_step_time_s = 0.9 * st.reference_step_time_s + 0.1 * step_time
+            return
+        st.shifted_windows = 0
+        # Follow slow drift so that only a real shift triggers a new search.
+        st.reference_step_time_s = 0.9 * st.reference_step_time_s + 0.1 * step_time
+        if st.setting in self._windows:
+            measured = self._windows[st.setting][0]
+            measured.merge(window)
+            # What the held setting's measurement can change grows with the log of its steps:
+            # look again each time it has grown by a quarter.
+            if measured.steps >= 1.25 * st.checked_steps:
+                st.checked_steps = measured.steps
+                self._refresh(st.setting)
+                if not self._revise(st):
+                    self._start_verifying(st)
+                self._sync_result()
+
+    def _verify(self, st: Verifying, steps: int, time_s: float, energy_j: float) -> None:
+        """Verifying: warm up, measure the challenger's window, then go back to Done."""
+        if st.window.steps == 0 and not self._warmed_up(st.warmup):
+            st.warmup.add(steps, time_s, energy_j)
+            return
+        st.window.add(steps, time_s, energy_j)
+        if st.window.steps < self._race_window:
+            return
+        self._spent += st.window.steps + 2 * self.config.warmup_steps
+        measured, warmup = self._windows[st.setting]
+        measured.merge(st.window)
+        warmup.merge(st.warmup)
+        self._refresh(st.setting)
+        self._charge(st.warmup, st.window)
+        held = st.held
+        held.checked_steps = 0
+        self.state = held
+        if self._revise(held) and held.setting == st.setting:
+            held.warmup = None  # the challenger won, and the GPU is at it, warm, already
+        elif held.setting != st.setting:
+            self.setting = held.setting
+            if held.warmup is None:  # back to the held setting, which takes a warm-up again
+                held.warmup, held.charge_warmup = _Window(), True
+        self._sync_result()
+
+    def _refresh(self, setting: int) -> None:
+        """Rebuild a setting's probe from its windows."""
+        measured, warmup = self._windows[setting]
+        i = next(i for i, p in enumerate(self._probes) if p.setting == setting)
+        self._probes[i] = measured.probe(setting, warmup)
+        self._forget_pool()
+
+    def _charge(self, *windows: _Window) -> None:
+        """Add windows measured after the search (verifications) to its profiling cost."""
+        r = self.results[-1]
+        self.results[-1] = replace(
+            r,
+            profiling_steps=r.profiling_steps + sum(w.steps for w in windows),
+            profiling_time_s=r.profiling_time_s + sum(w.time_s for w in windows),
+            profiling_energy_j=r.profiling_energy_j + sum(w.energy_j for w in windows),
+        )
+
+    def _sync_result(self) -> None:
+        """Keep the latest result's probes and score up to date with the measurements since."""
+        best = self._best()
+        r = self.results[-1]
+        score = best[1] if best is not None and best[0].setting == r.setting else r.score
+        self.results[-1] = replace(r, probes=tuple(self._probes), score=score)
+
+    def _revise(self, st: Done) -> bool:
+        """Move to the best probe when it is no longer the one held (at most ``revisions``
+        times), once the held one is measured over ``revise_ratio`` times its steps."""
+        cfg = self.config
+        best = self._best()
+        if best is None or st.revisions >= cfg.revisions:
+            return False
+        chosen, score = best
+        held = next(p for p in self._probes if p.setting == st.setting)
+        if chosen is held or held.steps < cfg.revise_ratio * chosen.steps:
+            return False
+        held_score = self._score(held)
+        shown = "breaks the constraints" if held_score is None else (
+            f"scores {held_score / score - 1:+.1%} against it")
+        st.revisions += 1
+        r = self.results[-1]
+        self.results[-1] = replace(
+            r, setting=chosen.setting, feasible=True, score=score, revisions=st.revisions,
+            reason=f"{r.reason}; revised to {chosen.setting}: {st.setting}, measured over "
+                   f"{held.steps} steps, {shown}",
+        )
+        self.setting = st.setting = chosen.setting
+        st.feasible = True
+        st.reference_step_time_s = chosen.step_time_s
+        st.window, st.shifted_windows, st.checked_steps = _Window(), 0, 0
+        st.warmup, st.charge_warmup = _Window(), False
+        return True
+
+    def _start_verifying(self, st: Done) -> None:
+        """Measure the race's challenger for a window, when the race goes on and budget is left.
+
+        The held setting is measured as the job runs at it, so the race's next measurement,
+        whenever it is the held one, costs nothing; only the challengers' windows (and the
+        warm-ups around them) are profiling, and charged to the search's budget.
+        """
+        if st.revisions >= self.config.revisions:
+            return  # a verification could change nothing
+        best = self._best()
+        pick, _ = self._race()
+        if pick is None or best is None or pick is best[0] or best[0].setting != st.setting:
+            return
+        window = self._race_window_for(pick, 2)  # there, and back to the held setting
+        if window is None:
+            return
+        self._race_window = window
+        self.setting = pick.setting
+        self.state = Verifying(pick.setting, st)
