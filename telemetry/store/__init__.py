@@ -15,7 +15,9 @@ from telemetry.store.jobs import (
     JobRecord,
     JobStore,
     NewJob,
+    ProbeRecord,
     ProgressRecord,
+    SearchRecord,
     Throughput,
 )
 from telemetry.store.journal import (
@@ -67,6 +69,7 @@ __all__ = [
     "JournalStore",
     "NewJob",
     "PowerPoint",
+    "ProbeRecord",
     "ProcessRecord",
     "ProgressAt",
     "ProgressRecord",
@@ -74,6 +77,7 @@ __all__ = [
     "SampleRecord",
     "SchemaError",
     "SchemaOutdatedError",
+    "SearchRecord",
     "SegmentEnergy",
     "Setting",
     "Store",

@@ -28,6 +28,8 @@ from telemetry.store.models import (
     job_gpus_table,
     job_progress_table,
     jobs_table,
+    optimizer_probes_table,
+    optimizer_searches_table,
     to_epoch_us,
 )
 
@@ -190,6 +192,69 @@ class DecisionRecord:
     steps_per_s_before: float | None
     power_after_w: float | None
     steps_per_s_after: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeRecord:
+    """What one setting measured in an optimiser search (``energy.optimizer.Probe``'s totals).
+
+    Attributes:
+        setting: mW for a power limit, MHz for a locked clock.
+        steps / time_s / energy_j: Steps measured, their wall time (s) and energy (J).
+    """
+
+    setting: int
+    steps: int
+    time_s: float
+    energy_j: float
+
+    @property
+    def step_time_s(self) -> float:
+        return self.time_s / self.steps
+
+    @property
+    def energy_per_step_j(self) -> float:
+        return self.energy_j / self.steps
+
+    @property
+    def power_w(self) -> float:
+        return self.energy_j / self.time_s if self.time_s > 0 else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class SearchRecord:
+    """A stored search of the energy optimiser for a job.
+
+    Attributes:
+        number: 1 for the job's first search, 2 after a re-tune, ...
+        at: When it was last updated.
+        objective: ``energy``, ``cost``, ``throughput`` or ``slowdown``.
+        knob: ``power_limit`` (settings in mW) or ``sm_clock`` (MHz).
+        setting / top_setting: The choice, and the highest setting of the search (the job's
+            default, or its wattage budget when that is lower).
+        feasible / reason / revisions: As ``energy.optimizer.SearchResult``.
+        profiling_steps / profiling_time_s / profiling_energy_j: What profiling cost the job.
+        probes: What each setting measured, highest setting first.
+    """
+
+    job_id: int
+    number: int
+    at: datetime
+    objective: str
+    knob: str
+    setting: int
+    top_setting: int
+    feasible: bool
+    reason: str
+    revisions: int
+    profiling_steps: int
+    profiling_time_s: float
+    profiling_energy_j: float
+    probes: tuple[ProbeRecord, ...]
+
+    def probe(self, setting: int) -> ProbeRecord | None:
+        """What ``setting`` measured, if it was probed."""
+        return next((p for p in self.probes if p.setting == setting), None)
 
 
 class Throughput(NamedTuple):
@@ -720,6 +785,80 @@ class JobStore:
                 )
         except SQLAlchemyError as exc:
             raise self._wrap(f"completing decision {decision_id}", exc) from exc
+
+    def save_search(self, search: SearchRecord) -> None:
+        """Store an optimiser search, replacing what was stored for the same job and number.
+
+        Raises:
+            StoreWriteError: Nothing was written (the previous version stays).
+        """
+        s = optimizer_searches_table.c
+        values = {
+            "at": search.at, "objective": search.objective, "knob": search.knob,
+            "setting": search.setting, "top_setting": search.top_setting,
+            "feasible": search.feasible, "reason": search.reason, "revisions": search.revisions,
+            "profiling_steps": search.profiling_steps,
+            "profiling_time_s": search.profiling_time_s,
+            "profiling_energy_j": search.profiling_energy_j,
+        }
+        try:
+            with self._engine.begin() as conn:
+                search_id = conn.execute(
+                    select(s.id).where(s.job_id == search.job_id, s.number == search.number)
+                ).scalar()
+                if search_id is None:
+                    result = conn.execute(optimizer_searches_table.insert().values(
+                        job_id=search.job_id, number=search.number, **values))
+                    key = result.inserted_primary_key
+                    assert key is not None
+                    search_id = int(key[0])
+                else:
+                    conn.execute(update(optimizer_searches_table)
+                                 .where(s.id == search_id).values(**values))
+                    conn.execute(delete(optimizer_probes_table)
+                                 .where(optimizer_probes_table.c.search_id == search_id))
+                if search.probes:
+                    conn.execute(optimizer_probes_table.insert(), [
+                        {"search_id": search_id, "setting": p.setting, "steps": p.steps,
+                         "time_s": p.time_s, "energy_j": p.energy_j}
+                        for p in search.probes
+                    ])
+        except SQLAlchemyError as exc:
+            raise self._wrap(f"storing optimiser search {search.number} of job "
+                             f"{search.job_id}", exc) from exc
+
+    def searches(self, job_ids: Iterable[int]) -> dict[int, builtins.list[SearchRecord]]:
+        """The optimiser searches of these jobs, by job id, oldest first."""
+        ids = sorted(set(job_ids))
+        if not ids:
+            return {}
+        s, p = optimizer_searches_table.c, optimizer_probes_table.c
+        with self._engine.connect() as conn:
+            rows = conn.execute(
+                select(optimizer_searches_table).where(s.job_id.in_(ids))
+                .order_by(s.job_id, s.number)
+            ).mappings().all()
+            probes: dict[int, builtins.list[ProbeRecord]] = {}
+            if rows:
+                for r in conn.execute(
+                    select(p.search_id, p.setting, p.steps, p.time_s, p.energy_j)
+                    .where(p.search_id.in_([row["id"] for row in rows]))
+                    .order_by(p.search_id, p.setting.desc())
+                ):
+                    probes.setdefault(r.search_id, []).append(
+                        ProbeRecord(r.setting, r.steps, r.time_s, r.energy_j))
+        out: dict[int, builtins.list[SearchRecord]] = {}
+        for row in rows:
+            out.setdefault(row["job_id"], []).append(SearchRecord(
+                job_id=row["job_id"], number=row["number"], at=row["at"],
+                objective=row["objective"], knob=row["knob"], setting=row["setting"],
+                top_setting=row["top_setting"], feasible=row["feasible"], reason=row["reason"],
+                revisions=row["revisions"], profiling_steps=row["profiling_steps"],
+                profiling_time_s=row["profiling_time_s"],
+                profiling_energy_j=row["profiling_energy_j"],
+                probes=tuple(probes.get(row["id"], ())),
+            ))
+        return out
 
     def decisions(self, job_id: int) -> builtins.list[DecisionRecord]:
         """A job's control decisions, oldest first."""

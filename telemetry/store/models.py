@@ -371,3 +371,49 @@ class ControlDecisionRow(Base):
 
 
 control_decisions_table = cast(Table, ControlDecisionRow.__table__)
+
+
+class OptimizerSearchRow(Base):
+    """One finished search of the energy optimiser for a job (``--objective``, the ``slow``
+    energy action), kept up to date while the job runs at its choice (revisions, and the
+    longer measurement of the held setting)."""
+
+    __tablename__ = "optimizer_searches"
+    __table_args__ = (UniqueConstraint("job_id", "number"),)
+
+    id: Mapped[int] = mapped_column(BigIntKey, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(Integer, ForeignKey("jobs.id", ondelete="CASCADE"))
+    number: Mapped[int] = mapped_column(Integer)
+    at: Mapped[datetime] = mapped_column(UtcTimestamp)
+    objective: Mapped[str] = mapped_column(String(16))
+    knob: Mapped[str] = mapped_column(String(16))
+    setting: Mapped[int] = mapped_column(Integer)
+    top_setting: Mapped[int] = mapped_column(Integer)
+    feasible: Mapped[bool] = mapped_column(Boolean)
+    reason: Mapped[str] = mapped_column(Text)
+    revisions: Mapped[int] = mapped_column(Integer)
+    profiling_steps: Mapped[int] = mapped_column(BigInteger)
+    profiling_time_s: Mapped[float] = mapped_column(Double)
+    profiling_energy_j: Mapped[float] = mapped_column(Double)
+
+
+optimizer_searches_table = cast(Table, OptimizerSearchRow.__table__)
+
+
+class OptimizerProbeRow(Base):
+    """What one setting measured in a search: its steps, their wall time and energy."""
+
+    __tablename__ = "optimizer_probes"
+    __table_args__ = (UniqueConstraint("search_id", "setting"),)
+
+    id: Mapped[int] = mapped_column(BigIntKey, primary_key=True, autoincrement=True)
+    search_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("optimizer_searches.id", ondelete="CASCADE")
+    )
+    setting: Mapped[int] = mapped_column(Integer)
+    steps: Mapped[int] = mapped_column(BigInteger)
+    time_s: Mapped[float] = mapped_column(Double)
+    energy_j: Mapped[float] = mapped_column(Double)
+
+
+optimizer_probes_table = cast(Table, OptimizerProbeRow.__table__)

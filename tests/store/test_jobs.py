@@ -13,6 +13,8 @@ from telemetry.store import (
     JobNotFoundError,
     JobStore,
     NewJob,
+    ProbeRecord,
+    SearchRecord,
     Store,
     StoreWriteError,
 )
@@ -316,3 +318,35 @@ def test_jobstore_made_directly_on_an_engine(store: Store) -> None:
     direct.transition(job.id, JobState.RUNNING, "placed", at=at(0), gpus=[(ids[0], 0)])
     assert direct.energy(job.id).energy_mj == 4000
     assert store.jobs.get(job.id) == direct.get(job.id)
+
+
+def test_optimiser_searches_are_saved_replaced_and_read_back(jobs: JobStore) -> None:
+    job = jobs.create(NEW, at=at(0))
+    other = jobs.create(NEW, at=at(0))
+    probes = (
+        ProbeRecord(700_000, 40, 4.0, 2_400.0),
+        ProbeRecord(450_000, 40, 4.6, 1_700.0),
+    )
+    first = SearchRecord(
+        job_id=job.id, number=1, at=at(10), objective="energy", knob="power_limit",
+        setting=450_000, top_setting=700_000, feasible=True, reason="walked down",
+        revisions=0, profiling_steps=96, profiling_time_s=9.9, profiling_energy_j=4_400.0,
+        probes=probes,
+    )
+    jobs.save_search(first)
+    assert jobs.searches([job.id, other.id]) == {job.id: [first]}
+    # Kept up to date while the job runs: the held setting measured longer, a revision.
+    later = replace(
+        first, at=at(70), setting=400_000, revisions=1, reason="walked down; revised",
+        probes=(probes[0], ProbeRecord(450_000, 640, 73.6, 27_200.0),
+                ProbeRecord(400_000, 40, 5.0, 1_650.0)),
+    )
+    jobs.save_search(later)
+    second = replace(first, number=2, at=at(90), probes=())
+    jobs.save_search(second)
+    (stored_later, stored_second), = jobs.searches([job.id]).values()
+    assert stored_later == later and stored_second == second
+    assert stored_later.probe(450_000) == ProbeRecord(450_000, 640, 73.6, 27_200.0)
+    assert stored_later.probe(300_000) is None
+    assert stored_later.probes[0].power_w == pytest.approx(600.0)
+    assert jobs.searches([]) == {}
