@@ -11,6 +11,7 @@ optimiser (``energy.optimizer``), driven with the same per-second measurements.
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -21,7 +22,9 @@ from typing import Literal
 from energy.optimizer import (
     EnergyOptimizer,
     LeastEnergy,
+    Objective,
     SearchConfig,
+    SearchResult,
     SettingSpace,
     objective_from_name,
 )
@@ -52,7 +55,8 @@ from scheduler.control import (
 from scheduler.jobs import JobState
 from telemetry.backends.base import GpuBackend, GpuError, GpuInfo, GpuReading
 from telemetry.clock import Clock, to_datetime
-from telemetry.store.jobs import JobRecord, JobStore
+from telemetry.store.errors import StoreError
+from telemetry.store.jobs import JobRecord, JobStore, ProbeRecord, SearchRecord
 from telemetry.store.journal import Setting
 
 log = logging.getLogger(__name__)
@@ -70,14 +74,32 @@ lead that centres where the job ends on its budget."""
 IDLE_SETTLE_S = 5.0
 """A GPU counts as idle for the idle-power estimate after this long without a job."""
 
-DAEMON_SEARCH = SearchConfig(
-    warmup_steps=10, warmup_s=2.0, min_measure_steps=40, screen_steps=80, refine_window=40,
-    budget_steps_per_candidate=120, shift_tol=0.3,
-)
-"""The optimiser's windows in the daemon: it observes once per control tick (about a second of
-steps at a time), and steps of a real loop vary with everything else on the host, so probes are
-measured over several seconds rather than a few steps, and only a large throughput shift (30 %)
-starts a new search."""
+def daemon_search(step_time_s: float) -> SearchConfig:
+    """The optimiser's windows in the daemon, for a job whose steps take ``step_time_s``.
+
+    It observes once per progress report (about a second of steps at a time), and the steps of
+    a real loop vary with everything else on the host, so windows are set in seconds and turned
+    into steps at the job's pace: the search starts after 5 s (a loop's first steps are slow:
+    compilation, caches, data loaders); a probe warms up for 1.5 s and measures 2-4 s, the race
+    4 s at a time; a search spends at most 10 s per candidate; and only a large throughput shift
+    (30 %) starts a new search.
+    """
+
+    def steps(seconds: float, least: int) -> int:
+        return max(least, math.ceil(seconds / step_time_s))
+
+    return SearchConfig(
+        wait_steps=steps(5.0, 1), warmup_steps=steps(0.5, 2), warmup_s=1.5,
+        min_measure_steps=steps(2.0, 8), screen_steps=steps(4.0, 16),
+        refine_window=steps(4.0, 16), budget_steps_per_candidate=steps(10.0, 40),
+        shift_tol=0.3,
+    )
+
+
+DAEMON_GRID_INTERVALS = 10
+"""The daemon's search spans a setting range in about this many steps (at least 25 W or 90 MHz
+each): a 200-700 W H100 gets 50 W steps, 11 candidates, where Zeus's 25 W would make 21 and a
+search of several seconds per probe would take minutes."""
 
 
 @dataclass(slots=True)
@@ -113,14 +135,25 @@ class Progress:
 
 @dataclass(slots=True)
 class _Optimising:
-    """The energy optimiser driving a job (``slow``, ``--objective``)."""
+    """The energy optimiser driving a job (``slow``, ``--objective``).
 
-    optimizer: EnergyOptimizer
+    Attributes:
+        space / goal / knob: What it searches, for what, and which actuator that is.
+        optimizer: The optimiser, made once the job's step time is known (its windows are set
+            in seconds, see ``daemon_search``).
+        applied / applied_at: The setting last applied, and when (s).
+        mark: Where the window being measured starts: a progress report's time (s), the
+            job's steps then, and its energy then (J, interpolated between ticks).
+    """
+
+    space: SettingSpace
+    goal: Objective
     knob: Literal["power_limit", "sm_clocks"]
+    optimizer: EnergyOptimizer | None = None
     applied: int | None = None
-    steps0: int = 0
-    time0: float = 0.0
-    energy0_j: float = 0.0
+    applied_at: float = 0.0
+    mark: tuple[float, int, float] | None = None
+    saved: SearchResult | None = None
 
 
 @dataclass(slots=True)
@@ -135,6 +168,8 @@ class _JobControl:
     energy_j: float = 0.0
     counters: dict[int, int] = field(default_factory=dict)
     last_s: float | None = None
+    #: (tick time, ``energy_j`` then) of the last ticks, to read the energy at a report's time.
+    energy_at: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=32))
     duty: float = 1.0
     micro_batch: int | None = None
     pending: list[tuple[float, int]] = field(default_factory=list)
@@ -247,7 +282,7 @@ class BudgetLoop:
                           budget_w=budgets.get(job.id, job.watts_per_gpu))
             control.last_obs = obs
             if job.state == JobState.RUNNING:
-                self._hold_power(job, control, obs, progress.get(job.id, Progress()).steps)
+                self._hold_power(job, control, obs, progress.get(job.id, Progress()))
             self._energy(job, control, obs, progress.get(job.id, Progress()))
             self._complete_decisions(control, obs, now_s)
 
@@ -332,6 +367,7 @@ class BudgetLoop:
                     control.energy_j += r.power_avg_mw / 1000 * dt
             control.counters[index] = r.energy_mj
         control.last_s = now_s
+        control.energy_at.append((now_s, control.energy_j))
 
     def _observe(
         self, job: JobRecord, control: _JobControl, readings: Mapping[int, GpuReading],
@@ -369,10 +405,10 @@ class BudgetLoop:
     # -- wattage -----------------------------------------------------------------------------------
 
     def _hold_power(
-        self, job: JobRecord, control: _JobControl, obs: Observation, steps: int
+        self, job: JobRecord, control: _JobControl, obs: Observation, progress: Progress
     ) -> None:
         if control.optimising is not None:
-            self._drive_optimiser(job, control, obs, steps)
+            self._drive_optimiser(job, control, obs, progress)
             return
         if obs.budget_w is None:
             if control.controller is not None:
@@ -521,44 +557,87 @@ class BudgetLoop:
                         "adds idle time); only warning", job.id, why)
             return
         if choice.mode == "hw":
-            top_mw = facts.max_limit_mw if budget_w is None else min(
-                facts.max_limit_mw, round(budget_w * 1000))
-            space = SettingSpace.power_limits(facts.min_limit_mw, max(top_mw, facts.min_limit_mw))
+            top_mw = max(facts.min_limit_mw, facts.max_limit_mw if budget_w is None else min(
+                facts.max_limit_mw, round(budget_w * 1000)))
+            space = SettingSpace.power_limits(
+                facts.min_limit_mw, top_mw, _grid_step(top_mw - facts.min_limit_mw, 25_000))
             knob: Literal["power_limit", "sm_clocks"] = "power_limit"
         else:
             top = self._actuators_locked(job.gpus[0]) or facts.max_sm_clock_mhz
-            space = SettingSpace.sm_clocks(facts.min_sm_clock_mhz, top)
+            space = SettingSpace.sm_clocks(
+                facts.min_sm_clock_mhz, top, _grid_step(top - facts.min_sm_clock_mhz, 90))
             knob = "sm_clocks"
         goal = LeastEnergy(power_budget_w=budget_w) if objective == "energy" else (
             objective_from_name(objective, max_power_w=facts.max_limit_mw / 1000 * len(job.gpus),
                                 power_budget_w=budget_w)
         )
-        control.optimising = _Optimising(EnergyOptimizer(space, goal, DAEMON_SEARCH), knob)
+        control.optimising = _Optimising(space, goal, knob)
         control.choice = choice
         log.info("job %d: the energy optimiser takes over (%s): %s over %s", job.id, why,
                  goal.name, knob)
 
     def _drive_optimiser(
-        self, job: JobRecord, control: _JobControl, obs: Observation, steps: int
+        self, job: JobRecord, control: _JobControl, obs: Observation, progress: Progress
     ) -> None:
+        """Feed the optimiser windows that start and end at progress reports.
+
+        A report says how many steps the job had done when it was received; the job's energy
+        then is interpolated between the ticks around it. Steps counted at tick time instead
+        would be off by up to a report interval's worth at each end of a window.
+        """
         opt = control.optimising
         assert opt is not None
+        if opt.optimizer is None:
+            if not obs.step_time_s:
+                return  # no step reported yet
+            opt.optimizer = EnergyOptimizer(opt.space, opt.goal, daemon_search(obs.step_time_s))
         if opt.applied is None or opt.applied != opt.optimizer.setting:
             self._apply_setting(job, control, opt, obs)
-            opt.steps0, opt.time0, opt.energy0_j = steps, obs.now_s, control.energy_j
             return
-        done = steps - opt.steps0
-        dt = obs.now_s - opt.time0
-        if done >= opt.optimizer.steps_wanted and dt > 0:
+        point = _report_point(progress, control.energy_at, opt.applied_at)
+        if point is None:
+            return
+        if opt.mark is None:
+            opt.mark = point
+            return
+        (t0, steps0, e0), (t1, steps1, e1) = opt.mark, point
+        done = steps1 - steps0
+        if done >= opt.optimizer.steps_wanted and t1 > t0:
             before = opt.optimizer.setting
-            opt.optimizer.observe(done, dt, max(control.energy_j - opt.energy0_j, 0.0))
-            opt.steps0, opt.time0, opt.energy0_j = steps, obs.now_s, control.energy_j
+            opt.optimizer.observe(done, t1 - t0, max(e1 - e0, 0.0))
+            opt.mark = point
             if opt.optimizer.setting != before:
                 self._apply_setting(job, control, opt, obs)
+            self._save_search(job, opt, obs.now_s)
+
+    def _save_search(self, job: JobRecord, opt: _Optimising, now_s: float) -> None:
+        """Store the optimiser's latest search whenever it changed (done, revised, measured
+        further), for ``powertrain report``."""
+        assert opt.optimizer is not None
+        result = opt.optimizer.result
+        if result is None or result is opt.saved:
+            return
+        record = SearchRecord(
+            job_id=job.id, number=len(opt.optimizer.results), at=to_datetime(now_s),
+            objective=opt.optimizer.objective.name, knob=opt.optimizer.space.knob.value,
+            setting=result.setting, top_setting=opt.optimizer.space.max_value,
+            feasible=result.feasible, reason=result.reason, revisions=result.revisions,
+            profiling_steps=result.profiling_steps, profiling_time_s=result.profiling_time_s,
+            profiling_energy_j=result.profiling_energy_j,
+            probes=tuple(ProbeRecord(p.setting, p.steps, p.time_s, p.energy_j)
+                         for p in sorted(result.probes, key=lambda p: -p.setting)),
+        )
+        try:
+            self._jobs.save_search(record)
+        except StoreError as exc:
+            log.warning("job %d: could not store the optimiser's search: %s", job.id, exc)
+            return
+        opt.saved = result
 
     def _apply_setting(
         self, job: JobRecord, control: _JobControl, opt: _Optimising, obs: Observation
     ) -> None:
+        assert opt.optimizer is not None
         value = opt.optimizer.setting
         commands: list[Command] = []
         for index in job.gpus:
@@ -576,8 +655,36 @@ class BudgetLoop:
             commands=tuple(commands), power_before_w=obs.mean_power_w(),
             steps_per_s_before=obs.steps_per_s,
         ))
-        opt.applied = value
+        opt.applied, opt.applied_at, opt.mark = value, obs.now_s, None
 
+
+
+def _grid_step(span: int, least: int) -> int:
+    """A candidate step that splits ``span`` into about ``DAEMON_GRID_INTERVALS`` steps: a
+    multiple of ``least``."""
+    return least * max(1, -(-span // (least * DAEMON_GRID_INTERVALS)))
+
+
+def _report_point(
+    progress: Progress, energy_at: Sequence[tuple[float, float]], since_s: float
+) -> tuple[float, int, float] | None:
+    """The latest progress report received at or after ``since_s`` that the energy readings
+    reach: its time (s), the steps it reported, and the job's energy then (J), interpolated
+    between the ticks around it. None when there is no such report."""
+    if len(energy_at) < 2:
+        return None
+    first_s, last_s = energy_at[0][0], energy_at[-1][0]
+    for t, steps, _tokens in reversed(progress.reports):
+        if t > last_s:
+            continue
+        if t < since_s or t < first_s:
+            return None
+        for (ta, ea), (tb, eb) in pairwise(energy_at):
+            if ta <= t <= tb:
+                energy = ea if tb == ta else ea + (eb - ea) * (t - ta) / (tb - ta)
+                return t, steps, energy
+        return None
+    return None
 
 
 def _arm_energy(control: _JobControl, job: JobRecord) -> None:
