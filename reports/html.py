@@ -12,8 +12,16 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from html import escape
 
+from reports.optimizer import summary_lines
 from reports.queries import IDLE_KEY, Report, ReportRow
-from reports.render import fmt_energy, fmt_num, fmt_share, fmt_small, headline
+from reports.render import (
+    fmt_energy,
+    fmt_num,
+    fmt_share,
+    fmt_small,
+    headline,
+    optimizer_summaries,
+)
 
 CHART_TITLES = {
     "power": "Power per GPU",
@@ -160,6 +168,10 @@ def render_html(report: Report, charts: Mapping[str, bytes], *, title: str = "")
     jobs_section = ""
     if report.jobs:
         jobs_section = f"<h2>Jobs</h2>{_jobs_table(report)}"
+    optimised = summary_lines(optimizer_summaries(report))
+    if optimised:
+        jobs_section += "<h2>Energy optimiser</h2>" + "".join(
+            f"<p>{_e(line.strip())}</p>" for line in optimised)
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; "

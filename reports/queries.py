@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
@@ -31,6 +31,7 @@ from energy.accounting import (
     units_per_wh,
 )
 from energy.cost import Rate
+from reports.optimizer import OptimizerSummary, summarise_search
 from telemetry.store import GpuRecord, JobRecord, Store
 from telemetry.store.models import from_epoch_us, to_epoch_us
 from telemetry.store.repository import RAW_MAX_SPAN_S
@@ -195,7 +196,8 @@ class Summary:
 
 @dataclass(frozen=True, slots=True)
 class Report:
-    """A computed report: the request, summary, rows, and what the charts need."""
+    """A computed report: the request, summary, rows, what the charts need, and the energy
+    optimiser's searches of the reported jobs (by job id)."""
 
     request: ReportRequest
     summary: Summary
@@ -203,6 +205,7 @@ class Report:
     jobs: dict[int, JobRecord]
     gpus: dict[int, GpuRecord]
     spans: list[JobSpan]
+    optimizer: dict[int, list[OptimizerSummary]] = field(default_factory=dict)
 
 
 def _gpu_key(gpu: GpuRecord, multi_host: bool) -> str:
@@ -377,8 +380,26 @@ def build_report(store: Store, request: ReportRequest) -> Report:
         n_jobs=len(reported_jobs),
         n_gpus=len(selected),
     )
+    optimizer = _optimizer_summaries(store, progress)
+    if request.by == "job":
+        rows = [replace(row, extra={**row.extra, "optimizer": [
+            o.to_json() for o in optimizer.get(int(row.key), [])]})
+            if row.key != IDLE_KEY else row for row in rows]
     return Report(request, summary, rows, {i: all_jobs[i] for i in reported_jobs}, selected,
-                  spans)
+                  spans, optimizer)
+
+
+def _optimizer_summaries(
+    store: Store, progress: dict[int, list[Any]]
+) -> dict[int, list[OptimizerSummary]]:
+    """The energy optimiser's searches of the reported jobs, with tokens per step from their
+    progress over the range."""
+    out: dict[int, list[OptimizerSummary]] = {}
+    for job_id, searches in store.jobs.searches(progress).items():
+        steps, _, tokens = _tokens_delta(progress[job_id][0], progress[job_id][-1])
+        per_step = tokens / steps if steps and tokens else None
+        out[job_id] = [summarise_search(s, per_step) for s in searches]
+    return out
 
 
 def _rows(

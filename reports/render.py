@@ -13,6 +13,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
+from reports.optimizer import OptimizerSummary, summary_lines
 from reports.queries import Report, ReportRow
 
 CSV_FIELDS = (
@@ -72,11 +73,12 @@ def to_json(report: Report) -> str:
 
 
 def to_csv(report: Report) -> str:
-    """The rows as CSV with a header (the ``--csv`` output); extra per-kind fields appended."""
+    """The rows as CSV with a header (the ``--csv`` output); extra per-kind fields appended
+    (not the energy optimiser's searches, which are nested: see ``--json``)."""
     extras: list[str] = []
     for row in report.rows:
         for name in row.extra:
-            if name not in extras and name not in CSV_FIELDS:
+            if name not in extras and name not in CSV_FIELDS and name != "optimizer":
                 extras.append(name)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=[*CSV_FIELDS, *extras], lineterminator="\n")
@@ -156,13 +158,19 @@ def table(report: Report) -> Group:
     for row in report.rows:
         t.add_row(*_cells(row, by, has_cost, has_co2))
     lines = [Text(f"{label}: {value}") for label, value in headline(report)]
+    optimised = [Text(line) for line in summary_lines(optimizer_summaries(report))]
     rules = [
         Text(f"Attribution: {report.summary.attribution_rule}", style="dim"),
         Text(f"Source: {report.summary.source_rule}", style="dim"),
         Text("Peak: highest single-GPU reading. Mean: energy over the job's span (the range for "
              "users, GPUs and idle; the period for days and hours).", style="dim"),
     ]
-    return Group(*lines, t, *rules)
+    return Group(*lines, t, *optimised, *rules)
+
+
+def optimizer_summaries(report: Report) -> list[OptimizerSummary]:
+    """The energy optimiser's searches of the report's jobs, by job id."""
+    return [s for job_id in sorted(report.optimizer) for s in report.optimizer[job_id]]
 
 
 def _cells(row: ReportRow, by: str, has_cost: bool, has_co2: bool) -> list[str | Text]:
