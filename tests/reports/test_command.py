@@ -13,7 +13,7 @@ import typer
 from typer.testing import CliRunner
 
 from reports.command import parse_when, report, write_demo_report
-from telemetry.store import open_store
+from telemetry.store import ProbeRecord, SearchRecord, open_store
 from tests.reports.conftest import Rig
 
 SCRIPT_NAME = "<script>alert(1)</script>"
@@ -49,6 +49,14 @@ def store_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
         rig.run(30)
         rig.end_job(b)
         rig.run(20)
+        # The energy optimiser's search of job b: 250 W chosen, against the 700 W default.
+        store.jobs.save_search(SearchRecord(
+            job_id=b.id, number=1, at=rig.now(), objective="energy", knob="power_limit",
+            setting=250_000, top_setting=700_000, feasible=True, reason="walked down",
+            revisions=1, profiling_steps=300, profiling_time_s=48.0, profiling_energy_j=9_000.0,
+            probes=(ProbeRecord(700_000, 40, 6.0, 3_930.0),
+                    ProbeRecord(250_000, 200, 55.0, 13_000.0)),
+        ))
     finally:
         store.close()
     return path
@@ -76,6 +84,30 @@ def test_json_rows_have_the_documented_fields(store_file: Path) -> None:
         assert row["co2_g"] == pytest.approx(row["energy_j"] / 3.6e6 * 400)
     assert rows[0]["name"] == SCRIPT_NAME and rows[0]["user"] == EVIL_USER
     assert rows[1]["tokens"] > 0 and rows[1]["j_per_token"] > 0
+
+
+def test_the_optimisers_choice_against_the_default(store_file: Path) -> None:
+    result = invoke(*db(store_file), "--json")
+    assert result.exit_code == 0, result.output  # type: ignore[attr-defined]
+    rows = json.loads(result.stdout)  # type: ignore[attr-defined]
+    assert rows[0]["optimizer"] == []
+    (search,) = rows[1]["optimizer"]
+    tokens_per_step = rows[1]["tokens"] / rows[1]["steps"]
+    chosen, default = search["chosen"], search["default"]
+    assert chosen["setting"] == 250_000 and default["setting"] == 700_000
+    assert chosen["j_per_step"] == pytest.approx(13_000 / 200)
+    assert chosen["steps_per_s"] == pytest.approx(200 / 55)
+    assert chosen["j_per_token"] == pytest.approx(13_000 / 200 / tokens_per_step)
+    assert default["tokens_per_s"] == pytest.approx(40 / 6 * tokens_per_step)
+    assert search["energy_change"] == pytest.approx((13_000 / 200) / (3_930 / 40) - 1)
+    assert search["throughput_change"] == pytest.approx((200 / 55) / (40 / 6) - 1)
+
+    text = invoke(*db(store_file)).stdout  # type: ignore[attr-defined]
+    assert ("Job 2, energy optimiser (energy): power limit 250 W, from 2 settings probed in "
+            "48 s, revised 1x as it ran.") in text
+    assert (f"250 W: {13_000 / 200 / tokens_per_step:.3g} J/token at "
+            f"{200 / 55 * tokens_per_step:,.0f} tokens/s; default 700 W:") in text
+    assert "energy per token -34 %, throughput -45 %." in text
 
 
 def test_csv_to_a_file_and_by_gpu(store_file: Path, tmp_path: Path) -> None:
@@ -110,6 +142,7 @@ def test_html_is_self_contained_and_escapes_user_text(store_file: Path, tmp_path
     assert "<img src=x" not in page
     assert "http://" not in page and "https://" not in page and "src=\"//" not in page
     assert page.count('src="data:image/png;base64,') == 4
+    assert "<h2>Energy optimiser</h2><p>Job 2, energy optimiser (energy): power limit 250 W" in page
     assert sorted(p.name for p in (tmp_path / "png").iterdir()) == [
         "energy.png", "j_per_token.png", "power.png", "throughput.png"]
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in (tmp_path / "png").iterdir())

@@ -1,0 +1,44 @@
+"""The budget loop's helpers for the energy optimiser: windows at progress reports, the candidate
+grid, and windows set in seconds."""
+
+from __future__ import annotations
+
+import pytest
+
+from energy.optimizer import SettingSpace
+from scheduler.budgets import Progress, _grid_step, _report_point, daemon_search
+
+
+def test_a_window_edge_is_a_report_with_the_energy_at_its_time() -> None:
+    progress = Progress()
+    energy_at = [(10.0, 100.0), (11.0, 400.0), (12.0, 700.0)]
+    progress.add(10.4, 50, 5_000, 0.1)
+    progress.add(11.5, 60, 6_000, 0.1)
+    progress.add(12.3, 70, 7_000, 0.1)  # after the last tick: its energy is not known yet
+    t, steps, energy = _report_point(progress, energy_at, since_s=10.0) or (0, 0, 0)
+    assert (t, steps) == (11.5, 60)
+    assert energy == pytest.approx(400.0 + 300.0 * 0.5)
+    # Nothing since the setting changed at 11.8, or no report the ticks reach: no edge yet.
+    assert _report_point(progress, energy_at, since_s=11.8) is None
+    assert _report_point(Progress(), energy_at, since_s=0.0) is None
+    assert _report_point(progress, [(12.0, 700.0)], since_s=0.0) is None
+
+
+def test_the_grid_spans_a_range_in_about_ten_steps() -> None:
+    # H100: 200-700 W in 50 W steps (11 candidates); a 250 W range keeps Zeus's 25 W, a 300 W
+    # one (12 steps of 25 W) takes 50 W; H100 clocks, 345-1980 MHz, 180 MHz steps.
+    assert _grid_step(500_000, 25_000) == 50_000
+    assert len(SettingSpace.power_limits(200_000, 700_000, 50_000).candidates()) == 11
+    assert _grid_step(250_000, 25_000) == 25_000
+    assert _grid_step(300_000, 25_000) == 50_000
+    assert _grid_step(1980 - 345, 90) == 180
+    assert _grid_step(0, 25_000) == 25_000
+
+
+def test_daemon_windows_are_seconds_at_the_jobs_pace() -> None:
+    slow, fast = daemon_search(0.25), daemon_search(0.005)
+    # Slow steps: the step floors bind; fast steps: the seconds do.
+    assert (slow.min_measure_steps, slow.screen_steps, slow.wait_steps) == (8, 16, 20)
+    assert (fast.min_measure_steps, fast.screen_steps, fast.wait_steps) == (400, 800, 1000)
+    assert fast.budget_steps_per_candidate == 2000 and slow.budget_steps_per_candidate == 40
+    assert slow.warmup_s == fast.warmup_s == 1.5
