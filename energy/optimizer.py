@@ -418,7 +418,7 @@ class SearchConfig:
     monitor_min_steps: int = 20
     shift_tol: float = 0.15
     shift_windows: int = 2
-    revisions: int = 3
+    revisions: int = 5
     revise_ratio: float = 4.0
 
     def __post_init__(self) -> None:
