@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from collections.abc import Callable
 from unittest import mock
 
@@ -21,7 +22,7 @@ from telemetry.backends.base import (
     NotSupportedError,
     ThrottleReason,
 )
-from telemetry.backends.nvml import NvmlBackend, nvml_available
+from telemetry.backends.nvml import COUNTER_SHARE, NvmlBackend, nvml_available
 from telemetry.clock import VirtualClock, to_datetime
 from tests.fake_pynvml import (
     DEFAULT_LIMIT_MW,
@@ -100,12 +101,14 @@ def test_no_driver_is_backend_unavailable_with_a_hint(code: int) -> None:
 
 def test_capabilities_are_probed_once_and_handles_taken_once() -> None:
     fake = FakePynvml(gpus=3)
-    backend = _open(fake)
+    clock = VirtualClock()
+    backend = NvmlBackend(nvml=fake, clock=clock, counter_period_s=0)
     after_open = fake.calls.copy()
     for _ in range(10):
         for i in range(3):
             backend.read(i)
         backend.devices()
+        clock.advance(1.0)  # the held fields (processes, memory used) are due again
     for call in ("nvmlDeviceGetHandleByIndex", "nvmlDeviceGetUUID", "nvmlDeviceGetName",
                  "nvmlDeviceGetPowerManagementLimitConstraints",
                  "nvmlDeviceGetPowerManagementDefaultLimit",
@@ -175,6 +178,106 @@ def test_transient_read_failure_degrades_that_field_only(caplog: pytest.LogCaptu
     assert len(warnings) == 1 and "Timeout" in warnings[0].getMessage()
     fake.heal("nvmlDeviceGetPowerUsage", gpu=0)
     assert backend.read(0).power_avg_mw == fake.gpus[0].power_mw  # kept: it was transient
+
+
+# -- the energy counter between reads -----------------------------------------------------------
+
+def _counter_reads(fake: FakePynvml) -> int:
+    return fake.calls["nvmlDeviceGetTotalEnergyConsumption"]
+
+
+def test_counter_is_read_every_period_and_extrapolated_with_instant_power_between() -> None:
+    fake = FakePynvml(energy_step_mj=0)  # the counter stands still: only extrapolation moves
+    clock = VirtualClock()
+    backend = NvmlBackend(nvml=fake, clock=clock, counter_period_s=1.0)
+    before = _counter_reads(fake)
+    instant_mw = fake.gpus[0].power_mw + 3_000
+    first = backend.read(0).energy_mj
+    assert first is not None
+    values = []
+    for _ in range(7):
+        clock.advance(0.125)
+        values.append(backend.read(0).energy_mj)
+    assert _counter_reads(fake) == before + 1  # 0.875 s: no second counter read yet
+    # Between reads: the counter plus the trapezoid integral of instant power (mW·s = mJ).
+    assert values == [first + round(instant_mw * 0.125 * k) for k in range(1, 8)]
+    clock.advance(0.125)
+    # Read again at 1 s: the counter is behind, so the reported value holds (never goes down).
+    assert backend.read(0).energy_mj == values[-1]
+    assert _counter_reads(fake) == before + 2
+    assert backend.counter_period(0) == 1.0
+
+
+def test_counter_reading_resyncs_the_extrapolation() -> None:
+    fake = FakePynvml(energy_step_mj=2_000_000)  # the counter runs ahead of the power integral
+    clock = VirtualClock()
+    backend = NvmlBackend(nvml=fake, clock=clock, counter_period_s=1.0)
+    backend.read(0)
+    clock.advance(1.0)
+    assert backend.read(0).energy_mj == fake.gpus[0].energy_mj  # a counter read: its value
+    clock.advance(0.5)
+    assert backend.read(0).energy_mj == fake.gpus[0].energy_mj + round(
+        (fake.gpus[0].power_mw + 3_000) * 0.5)
+
+
+def test_counter_that_goes_back_is_reported_as_it_is() -> None:
+    fake = FakePynvml()
+    clock = VirtualClock()
+    backend = NvmlBackend(nvml=fake, clock=clock, counter_period_s=1.0)
+    high = backend.read(0).energy_mj
+    fake.gpus[0].energy_mj = 1_000  # the driver reloaded: the counter restarts
+    clock.advance(1.0)
+    reading = backend.read(0).energy_mj
+    assert high is not None and reading == 1_000 + fake.energy_step_mj
+
+
+def test_counter_is_read_on_every_read_without_power_to_extrapolate_with() -> None:
+    fake = FakePynvml(unsupported={"nvmlDeviceGetPowerUsage"}, unsupported_fields={INSTANT})
+    backend = NvmlBackend(nvml=fake, clock=VirtualClock(), counter_period_s=10.0)
+    before = _counter_reads(fake)
+    energies = [e for e in (backend.read(0).energy_mj for _ in range(4)) if e is not None]
+    assert _counter_reads(fake) == before + 4
+    assert len(energies) == 4 and energies == sorted(set(energies))
+
+
+def test_costly_counter_is_read_less_often() -> None:
+    fake = FakePynvml()
+    real = fake.nvmlDeviceGetTotalEnergyConsumption
+
+    def slow(handle: FakeHandle) -> int:
+        time.sleep(0.002)  # 2 ms a call, like the H100 in docs/gpu-validation.md
+        return real(handle)
+
+    fake.nvmlDeviceGetTotalEnergyConsumption = slow  # type: ignore[method-assign]
+    clock = VirtualClock()
+    backend = NvmlBackend(nvml=fake, clock=clock)
+    before = _counter_reads(fake)
+    for _ in range(30):  # 3 s at 10 Hz
+        assert backend.read(0).energy_mj is not None
+        clock.advance(0.1)
+    period = backend.counter_period(0)
+    # At most COUNTER_SHARE of the time in the call: 2 ms or more → every 2 s or less often.
+    assert period is not None and period >= 0.002 / COUNTER_SHARE
+    assert _counter_reads(fake) - before <= 2
+
+
+def test_processes_and_memory_used_are_read_once_a_second_and_repeated_between() -> None:
+    fake = FakePynvml()
+    clock = VirtualClock()
+    backend = NvmlBackend(nvml=fake, clock=clock)
+    before = fake.calls.copy()
+    fake.gpus[0].processes = [(4242, 1 << 30)]
+    first = backend.read(0)
+    fake.gpus[0].processes = [(4242, 1 << 30), (4343, None)]
+    for _ in range(7):
+        clock.advance(0.125)
+        assert backend.read(0).processes == first.processes  # held: read under 1 s ago
+    clock.advance(0.125)
+    assert [p.pid for p in backend.read(0).processes] == [4242, 4343]
+    calls = fake.calls - before
+    assert calls["nvmlDeviceGetComputeRunningProcesses"] == 2
+    assert calls["nvmlDeviceGetMemoryInfo"] == 2
+    assert calls["nvmlDeviceGetPowerUsage"] == 9
 
 
 def test_old_pynvml_falls_back_to_throttle_reasons_and_legacy_temperature() -> None:
