@@ -93,6 +93,7 @@ def main() -> int:
     parser.add_argument("--share", type=float, default=0.6,
                         help="budget as a share of the unconstrained power")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--daemon-log", type=Path, help="keep a copy of the daemon's log here")
     args = parser.parse_args()
 
     if args.backend == "nvml":
@@ -132,7 +133,9 @@ def main() -> int:
             daemon.send_signal(signal.SIGTERM)
             daemon.wait(30)
             log.close()
-        daemon_log = (Path(home) / "daemon.log").read_text()
+            daemon_log = (Path(home) / "daemon.log").read_text()
+            if args.daemon_log:
+                args.daemon_log.write_text(daemon_log)
 
     within = [w <= budget_w * 1.02 for w in soft["windows_w"]]
     result = {
