@@ -185,7 +185,9 @@ class BudgetLoop:
         jobs: The job store (decisions, mode, energy at adoption).
         actuators: The only way settings change.
         infos: The GPUs' probed facts, by index.
-        node_cap: The node power cap, W (called each tick: an admin may change it).
+        node_cap: The node power cap, W, or ``None`` when no cap is set (called each tick: an
+            admin may set or change it). Without one, nothing is held: the cards' own power
+            limits already keep the node under the sum of their maximum limits.
         clock: Time source.
         on_pause / on_resume / on_stop: How the service pauses, resumes or stops a job.
     """
@@ -197,7 +199,7 @@ class BudgetLoop:
         actuators: Actuators,
         infos: Mapping[int, GpuInfo],
         *,
-        node_cap: Callable[[], float],
+        node_cap: Callable[[], float | None],
         clock: Clock,
         on_pause: Callable[[JobRecord, str], None],
         on_resume: Callable[[JobRecord, str], None],
@@ -213,8 +215,8 @@ class BudgetLoop:
         self._on_resume = on_resume
         self._on_stop = on_stop
         self._controls: dict[int, _JobControl] = {}
-        self._cap_guard = NodeCapGuard(node_cap())
         self._cap_w = node_cap()
+        self._cap_guard = None if self._cap_w is None else NodeCapGuard(self._cap_w)
         self._hw_permitted: tuple[bool, str] | None = None
         self._idle_mw: dict[int, int] = {}
         self._free_since: dict[int, float] = {}
@@ -478,13 +480,21 @@ class BudgetLoop:
 
     # -- the node cap ------------------------------------------------------------------------------
 
+    @property
+    def node_cap_w(self) -> float | None:
+        """The node cap this loop holds at run time, W; ``None`` when none is set."""
+        return self._node_cap()
+
     def _node_cap_tick(
         self, active: Sequence[JobRecord], observations: Mapping[int, Observation],
         readings: Mapping[int, GpuReading], now_s: float,
     ) -> dict[int, float | None]:
         cap_w = self._node_cap()
         if cap_w != self._cap_w:
-            self._cap_guard, self._cap_w = NodeCapGuard(cap_w), cap_w
+            self._cap_guard = None if cap_w is None else NodeCapGuard(cap_w)
+            self._cap_w = cap_w
+        if self._cap_guard is None:
+            return {job.id: job.watts_per_gpu for job in active}
         node_w = sum((r.power_avg_mw or 0) for r in readings.values()) / 1000
         powers = [
             JobPower(

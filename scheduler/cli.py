@@ -150,7 +150,8 @@ def daemon(
     ] = False,
     node_cap_w: Annotated[
         float | None,
-        typer.Option("--node-cap-w", help="Node power cap, W (default: sum of max limits)."),
+        typer.Option("--node-cap-w", help="Node power cap, W, held at run time (default: "
+                     "none; placement then checks against the sum of max limits)."),
     ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ) -> None:

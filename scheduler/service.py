@@ -118,9 +118,13 @@ class JobService:
                     pids = tuple(p.pid for p in backend.read(i).processes)
                     self._sim_busy[i] = (pids, duty(i) if duty else 1.0)
         default_cap_w = sum((d.max_limit_mw or 0) / 1000 for d in self._infos.values())
+        # Placement always checks against a cap (by default the sum of the maximum limits); the
+        # run-time guard only holds one that is set: the default is the cards' own limits.
         self.node_cap_w = settings.node_cap_w or default_cap_w
+        self._cap_set = settings.node_cap_w is not None
         self.budgets = BudgetLoop(
-            backend, self._jobs, self.actuators, self._infos, node_cap=lambda: self.node_cap_w,
+            backend, self._jobs, self.actuators, self._infos,
+            node_cap=lambda: self.node_cap_w if self._cap_set else None,
             clock=self._clock, on_pause=self._pause, on_resume=self._resume_for_budget,
             on_stop=self._stop_for_budget,
         )
@@ -369,6 +373,7 @@ class JobService:
             raise ForbiddenError("only root or the admin group may change node settings")
         with self._lock:
             self.node_cap_w = req.node_cap_w
+            self._cap_set = True
         log.info("node power cap set to %.0f W by %s", req.node_cap_w, caller.user)
         return {"node_cap_w": self.node_cap_w}
 

@@ -35,7 +35,8 @@ class Settings(BaseSettings):
         socket_group: Group given the socket (mode 0660): the users allowed to talk to the
             daemon. Default: the daemon's own group.
         admin_group: Members may act on any job and set node settings, like root.
-        node_cap_w: Node power cap, W; default the sum of the GPUs' maximum power limits.
+        node_cap_w: Node power cap, W, held at run time. Unset, nothing is held at run time and
+            placement checks against the sum of the GPUs' maximum power limits.
         cancel_grace_s: Time between SIGTERM and SIGKILL when a job is cancelled, s.
         control_interval_s: Period of the control loop (placement, launches, budgets), s.
         dry_run: Log every GPU setting the daemon would change (power limits, locked clocks)

@@ -1,12 +1,21 @@
 """The budget loop's helpers for the energy optimiser: windows at progress reports, the candidate
-grid, and windows set in seconds."""
+grid, windows set in seconds; and which node cap the loop holds."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
 from energy.optimizer import SettingSpace
+from scheduler.api import Caller
 from scheduler.budgets import Progress, _grid_step, _report_point, daemon_search
+from scheduler.schemas import NodeUpdate
+from scheduler.service import JobService
+from scheduler.settings import Settings
+from telemetry.backends.simulated import SimulatedBackend
+from telemetry.clock import VirtualClock
+from telemetry.store import open_store
 
 
 def test_a_window_edge_is_a_report_with_the_energy_at_its_time() -> None:
@@ -42,3 +51,23 @@ def test_daemon_windows_are_seconds_at_the_jobs_pace() -> None:
     assert (fast.min_measure_steps, fast.screen_steps, fast.wait_steps) == (400, 800, 1000)
     assert fast.budget_steps_per_candidate == 2000 and slow.budget_steps_per_candidate == 40
     assert slow.warmup_s == fast.warmup_s == 1.5
+
+
+@pytest.mark.parametrize("set_at_start", [None, 500.0])
+def test_node_cap_is_held_at_run_time_only_once_set(tmp_path: Path,
+                                                    set_at_start: float | None) -> None:
+    """A real H200 at its 700 W default drew 688-697 W; with the default cap (the sum of the
+    cards' maximum limits) the guard held such a job 3 % under it. Unset, nothing is held."""
+    backend = SimulatedBackend(gpus=2, sku="A40", clock=VirtualClock())
+    store = open_store(f"sqlite:///{tmp_path / 'powertrain.db'}")
+    try:
+        gpu_ids = store.register_gpus(backend.devices(), host="node", backend=backend.name)
+        settings = Settings(home=tmp_path, node_cap_w=set_at_start)
+        service = JobService(settings, store, backend, gpu_ids, host="node")
+        assert service.node_cap_w == (set_at_start or 600.0)  # placement checks against this
+        assert service.budgets.node_cap_w == set_at_start
+        admin = Caller(pid=1, uid=0, gid=0, user="root", admin=True)
+        service.set_node(admin, NodeUpdate(node_cap_w=450.0))
+        assert service.budgets.node_cap_w == 450.0
+    finally:
+        store.close()
