@@ -33,8 +33,8 @@ from telemetry.store.models import (
     to_epoch_us,
 )
 
-GpuEnergy = Callable[[int, datetime | None, datetime | None], EnergyResult]
-"""``(gpu_id, since, until) -> EnergyResult``: ``Store.gpu_energy``."""
+GpuEnergy = Callable[[int, datetime, datetime | None], EnergyResult]
+"""``(gpu_id, since, until) -> EnergyResult``: ``Store.span_energy``."""
 
 
 class JobNotFoundError(StoreError, LookupError):
@@ -343,7 +343,7 @@ class JobStore:
 
         Args:
             engine: The store's engine.
-            gpu_energy: ``Store.gpu_energy`` of the same store, for ``energy``; if omitted, a
+            gpu_energy: ``Store.span_energy`` of the same store, for ``energy``; if omitted, a
                 ``Store`` over ``engine`` is made when first needed.
         """
         self._engine = engine
@@ -717,10 +717,12 @@ class JobStore:
     def energy(self, job_id: int, *, until: datetime | None = None) -> EnergyResult:
         """Energy of the job's GPUs from ``started_at`` to ``ended_at`` (or ``until``, if earlier).
 
-        The sum over the job's GPUs of ``Store.gpu_energy`` over the samples in
-        ``[started_at, end)``: counter deltas where the counter is continuous. A job still running
-        with no ``until`` counts up to its GPUs' latest samples. The whole GPU's energy counts (a
-        GPU runs one job at a time). ``duration_s`` is the longest GPU's span.
+        The sum over the job's GPUs of ``Store.span_energy`` over ``[started_at, end)``: counter
+        deltas where the counter is continuous, from raw samples while they are kept and the job
+        spans at most six hours, else from the rollups (so a job's energy outlives its raw
+        samples' retention). A job still running with no ``until`` counts up to its GPUs' latest
+        samples. The whole GPU's energy counts (a GPU runs one job at a time). ``duration_s`` is
+        the longest GPU's span.
 
         Raises:
             JobNotFoundError: No such job.
@@ -737,7 +739,7 @@ class JobStore:
         if gpu_energy is None:
             from telemetry.store.repository import Store
 
-            gpu_energy = self._gpu_energy = Store(self._engine).gpu_energy
+            gpu_energy = self._gpu_energy = Store(self._engine).span_energy
         return _combine_energy([gpu_energy(g, job.started_at, end) for g in job.gpu_ids])
 
     # -- control decisions -----------------------------------------------------------------------

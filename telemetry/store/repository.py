@@ -476,7 +476,7 @@ class Store:
         if self._jobs is None:
             from telemetry.store.jobs import JobStore  # jobs.py uses this module's helpers
 
-            self._jobs = JobStore(self._engine, gpu_energy=self.gpu_energy)
+            self._jobs = JobStore(self._engine, gpu_energy=self.span_energy)
         return self._jobs
 
     @property
@@ -722,6 +722,39 @@ class Store:
         with self._engine.connect() as conn:
             series = list(self._energy_rows(conn, gpu_id, since_us, until_us))
         return integrate(series, max_gap_s=self._max_gap_s)
+
+    def span_energy(
+        self, gpu_id: int, since: datetime, until: datetime | None = None
+    ) -> EnergyResult:
+        """Energy of one GPU over ``[since, until)`` (``until`` None: up to its latest sample),
+        wherever the data still is: ``gpu_energy`` over raw samples while they reach back to
+        ``since`` and the span is at most ``RAW_MAX_SPAN_S``; else the rollups' running energy
+        (``segment_energy``), so that a job's energy stays the same after retention deletes its
+        raw samples, and a long job is not read sample by sample. From rollups, ``n_samples`` is
+        0 and counter resets and gaps are not counted (rollups do not keep them).
+        """
+        start_us = to_epoch_us(since)
+        with self._engine.connect() as conn:
+            if until is None:
+                last = conn.execute(
+                    select(func.max(_us(samples_table.c.sampled_at)))
+                    .where(samples_table.c.gpu_id == gpu_id)
+                ).scalar_one()
+                end_us = start_us if last is None else max(start_us, int(last) + 1)
+            else:
+                end_us = max(start_us, to_epoch_us(until))
+            raw = (end_us - start_us <= RAW_MAX_SPAN_S * 1e6
+                   and self._raw_covers(conn, gpu_id, start_us))
+        if raw:
+            return self.gpu_energy(gpu_id, since, until)
+        seg = self.segment_energy_us({gpu_id: [start_us, end_us]}, source="rollups")[gpu_id]
+        if not seg:
+            return EnergyResult(energy_mj=0.0, method="none", duration_s=0.0, n_samples=0)
+        return EnergyResult(
+            energy_mj=seg[0].energy_mj, method=seg[0].method,
+            duration_s=(end_us - start_us) / 1e6, n_samples=0,
+            counter_resets=seg[0].counter_resets, gaps=seg[0].gaps,
+        )
 
     # -- rollups and retention -----------------------------------------------------------------
 

@@ -310,6 +310,37 @@ def test_energy_sums_the_jobs_gpus_between_start_and_end(store: Store, jobs: Job
         jobs.energy(job.id + 1)
 
 
+def test_energy_outlives_the_raw_samples_and_long_jobs_read_rollups(store: Store) -> None:
+    ids = _gpus(store, 1)
+    # 450 W, then 150 W after 2 h: one sample every 5 s for 8 h
+    rows, energy = [], 0
+    for t in range(0, 8 * 3600 + 1, 5):
+        rows.append((ids[0], reading(at(t), power_mw=450_000 if t < 7200 else 150_000,
+                                     energy_mj=energy)))
+        energy += 5 * (450_000 if t < 7200 else 150_000)
+    store.insert_samples(rows)
+    short = store.jobs.create(NEW, at=at(0))
+    store.jobs.transition(short.id, JobState.RUNNING, "placed", at=at(600), gpus=[(ids[0], 0)])
+    store.jobs.transition(short.id, JobState.COMPLETED, "exited 0", at=at(4200), exit_code=0)
+    long = store.jobs.create(NEW, at=at(0))  # 7 h: more than raw samples are read for
+    store.jobs.transition(long.id, JobState.RUNNING, "placed", at=at(3600), gpus=[(ids[0], 0)])
+    store.jobs.transition(long.id, JobState.COMPLETED, "exited 0", at=at(28800), exit_code=0)
+
+    edges = 2 * 5 * 450_000  # either path may put a sample interval at each edge on either side
+    before = store.jobs.energy(short.id)
+    assert before.energy_mj == pytest.approx(3600 * 450_000, abs=edges) and before.n_samples > 0
+    store.rollup(at(8 * 3600 + 120))
+    long_energy = store.jobs.energy(long.id)
+    assert long_energy.n_samples == 0  # from the rollups
+    assert long_energy.energy_mj == pytest.approx(3600 * 450_000 + 6 * 3600 * 150_000, abs=edges)
+    assert long_energy.method == "counter"
+
+    assert store.apply_retention(at(8 * 3600 + 120), days=1 / 24) > 0  # samples before 7 h go
+    after = store.jobs.energy(short.id)
+    assert after.n_samples == 0 and after.energy_mj == pytest.approx(before.energy_mj, abs=edges)
+    assert store.jobs.energy(long.id).energy_mj == pytest.approx(long_energy.energy_mj)
+
+
 def test_jobstore_made_directly_on_an_engine(store: Store) -> None:
     ids = _gpus(store, 1)
     store.insert_samples([(ids[0], reading(at(t), energy_mj=1000 * t)) for t in range(5)])
