@@ -1432,6 +1432,9 @@ class NodeCapGuard:
                 if cut <= 0.5:
                     continue
                 new_w = (expected[j.job_id] - cut) / j.gpus
+                if hold is None and j.budget_w is not None and new_w >= j.budget_w:
+                    excess -= cut  # its own budget takes it lower (it is still settling)
+                    continue
                 before = self.effective_budget_w(j)
                 uncapped = hold.uncapped_w if hold else j.power_w / j.gpus
                 self._holds[j.job_id] = _CapHold(new_w, now_s, uncapped)

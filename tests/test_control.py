@@ -21,7 +21,9 @@ from scheduler.control import (
     GpuFacts,
     GpuObservation,
     HwController,
+    JobPower,
     LockClocks,
+    NodeCapGuard,
     Observation,
     SetPace,
     SetPowerLimit,
@@ -275,6 +277,23 @@ def test_node_cap_tightens_the_next_job_when_one_does_not_obey_and_relaxes_later
     assert node.cap_guard is not None
     assert any("back to" in d.sentence for d in node.cap_decisions)
     assert deaf.running
+
+
+def test_node_cap_holds_no_job_above_its_own_budget() -> None:
+    """Seen on an H200: a job starting with a 412 W budget still drew 688 W (its controller had
+    not acted yet), the node was 9 W over the cap's set-point, and the guard "held" the job to
+    679 W, above its own budget: a hold that changes nothing, logged and recorded as one."""
+    guard = NodeCapGuard(700.0)
+    job = JobPower(job_id=2, priority=0, gpus=1, power_w=688.0, budget_w=412.0, floor_w=200.0)
+    assert guard.tick(0.0, 688.0, [job]) is None
+    assert guard.effective_budget_w(job) == 412.0
+    # Beside an attached job without a budget, the attached one is tightened (it comes first by
+    # id); the rest of the excess is what the settling job's own budget will take off anyway.
+    attached = JobPower(job_id=3, priority=0, gpus=1, power_w=500.0, budget_w=None, floor_w=200.0)
+    decision = guard.tick(1.0, 1188.0, [job, attached])
+    assert decision is not None and decision.changed == (3,)
+    assert "job 3 (priority 0) held to 200 W per GPU" in decision.sentence
+    assert "job 2" not in decision.sentence and guard.effective_budget_w(job) == 412.0
 
 
 # --- energy budgets --------------------------------------------------------------------------
