@@ -786,6 +786,10 @@ class SoftState(enum.StrEnum):
     TRACKING = "tracking"
 
 
+BUSY_DROP = 0.2
+"""A fall in the soft controller's busy-power estimate larger than this share is confirmed first."""
+
+
 class SoftController:
     """``soft`` mode: no privileges; the client sleeps ``pace_s`` after each step.
 
@@ -836,6 +840,7 @@ class SoftController:
         self._budget_w: float | None = None
         self._since_change = 0
         self._adjustments = 0
+        self._drops = 0
 
     @property
     def state(self) -> str:
@@ -915,7 +920,15 @@ class SoftController:
         # The duty in force is what the client obeys (its pace), not what was asked.
         duty_now = _duty_of(obs.step_time_s, obs.pace_s)
         if duty_now > 0.05 and power > idle_w * 1.2:  # not while the job idles (paused)
-            self._busy_w = idle_w + (power - idle_w) / duty_now
+            estimate = idle_w + (power - idle_w) / duty_now
+            # A large drop is believed only once it has lasted ``hold_ticks`` ticks: a job
+            # that stalls for a moment (a data-loader hiccup, a starved CPU) draws little at
+            # the same duty, and unpacing it then would overshoot the budget when it resumes.
+            big_drop = self._busy_w is not None and estimate < self._busy_w * (1 - BUSY_DROP)
+            self._drops = self._drops + 1 if big_drop else 0
+            if big_drop and self._drops < self._hold_ticks:
+                return ()
+            self._busy_w = estimate
         busy = self._busy_w or facts.max_limit_mw / 1000.0
         want = self._duty_for(setpoint, idle_w, busy)
         if self._state is SoftState.ADJUSTING:

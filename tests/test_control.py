@@ -14,6 +14,7 @@ import pytest
 from bench.simjob import JobSpec, SimJob, SimMode, SimNode
 from scheduler.control import (
     ClockController,
+    Decision,
     EnergyAction,
     EnergyForecast,
     EnergyGuard,
@@ -198,6 +199,33 @@ def test_soft_controller_unit_first_duty_is_safe_and_pace_matches_the_duty() -> 
     duty = (300.0 * (1 - 0.015) - 75.0) / (700.0 - 75.0)
     assert ctl.duty == pytest.approx(duty)
     assert d.commands == (SetPace(round(0.5 * (1 / duty - 1), 4)),)
+
+
+def test_soft_controller_rides_out_a_stall_but_follows_a_lasting_drop() -> None:
+    """Seen in CI with three jobs on two cores: a paced job stalled for a moment, drew 93 W at
+    its duty, the controller took that for its busy power and unpaced it, and the job overshot
+    its budget when it resumed. A large drop in busy power is believed once it lasts."""
+    facts = GpuFacts(0, 200_000, 700_000, 700_000, 345, 1980, 15, 75_000)
+    ctl = SoftController()
+
+    def tick(t: float, power_w: float) -> tuple[Decision, ...]:
+        gpu = GpuObservation(facts, round(power_w * 1000), 700_000, None)
+        pace = 0.5 * (1.0 / ctl.duty - 1.0) if ctl.duty < 1.0 else 0.0
+        return ctl.tick(Observation(now_s=t, gpus=(gpu,), budget_w=300.0, step_time_s=0.5,
+                                    pace_s=pace))
+
+    tick(0.0, 655.0)  # the first duty, for a busy power of 700 W
+    for k in range(1, 8):  # settled: busy power about 655 W
+        tick(float(k), 75.0 + ctl.duty * 580.0)
+    duty = ctl.duty
+    assert ctl.busy_power_w == pytest.approx(655.0, rel=0.01)
+    assert tick(8.0, 93.0) == () and tick(9.0, 93.0) == ()  # a stall of two ticks: ridden out
+    assert ctl.duty == duty
+    assert tick(10.0, 75.0 + duty * 580.0) == ()  # it resumed
+    for at_s in (11.0, 12.0):
+        assert tick(at_s, 120.0) == ()
+    (relaxed,) = tick(13.0, 120.0)  # a third tick in a row: the load really fell
+    assert ctl.duty == 1.0 and "measured 120 W" in relaxed.why
 
 
 def test_auto_picks_soft_where_the_gpu_denies_permission() -> None:
