@@ -51,9 +51,10 @@ import enum
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import ClassVar, Literal, Protocol
+from typing import ClassVar, Final, Literal, Protocol
 
 __all__ = [
+    "UNFINISHED",
     "Done",
     "EnergyOptimizer",
     "Knob",
@@ -600,6 +601,10 @@ class Verifying:
 State = Ready | Warmup | Measuring | Done | Verifying
 
 
+UNFINISHED: Final = "unfinished"
+"""How ``EnergyOptimizer.so_far`` starts the reason of a search still in progress."""
+
+
 @dataclass(frozen=True, slots=True)
 class SearchResult:
     """One finished search.
@@ -701,6 +706,24 @@ class EnergyOptimizer:
     def result(self) -> SearchResult | None:
         """The latest finished search, if any."""
         return self.results[-1] if self.results else None
+
+    def so_far(self) -> SearchResult | None:
+        """The search as it stands: the finished one once done; else the one in progress as if
+        it stopped now, at its best probe so far, with a ``reason`` that starts with
+        ``UNFINISHED`` (for a job that ends mid-search). None before any probe is complete."""
+        if isinstance(self.state, Done | Verifying):
+            return self.result
+        if not self._probes:
+            return None
+        steps, time_s, energy_j = self._open_cost()
+        best = self._best()
+        probes = tuple(self._probes)
+        if best is None:
+            chosen = min(probes, key=lambda p: p.power_w)
+            return SearchResult(chosen.setting, False, None, probes, steps, time_s, energy_j,
+                                f"{UNFINISHED}; no setting so far met the constraints")
+        return SearchResult(best[0].setting, True, best[1], probes, steps, time_s, energy_j,
+                            f"{UNFINISHED}; the best of {len(probes)} settings probed so far")
 
     @property
     def probes(self) -> tuple[Probe, ...]:

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from energy.optimizer import UNFINISHED
 from telemetry.store import ProbeRecord, SearchRecord
 
 __all__ = ["OptimizerSummary", "SettingFigures", "summarise_search", "summary_lines"]
@@ -75,6 +76,11 @@ class OptimizerSummary:
     profiling_j: float
 
     @property
+    def finished(self) -> bool:
+        """False when the job ended before the search did (its best setting so far is shown)."""
+        return not self.reason.startswith(UNFINISHED)
+
+    @property
     def energy_change(self) -> float | None:
         """Energy per step (and per token) at the chosen setting against the default, -0.3 =
         30 % less."""
@@ -101,7 +107,8 @@ class OptimizerSummary:
             "default_setting": self.default_setting,
             "energy_change": self.energy_change, "throughput_change": self.throughput_change,
             "probes": self.probes, "revisions": self.revisions, "reason": self.reason,
-            "feasible": self.feasible, "profiling_s": self.profiling_s,
+            "feasible": self.feasible, "finished": self.finished,
+            "profiling_s": self.profiling_s,
             "profiling_j": self.profiling_j,
         }
 
@@ -154,6 +161,7 @@ def summary_lines(summaries: Sequence[OptimizerSummary]) -> list[str]:
                 + (f", search {s.number}" if s.number > 1 else "") + "): "
                 f"{knob} {s.show(s.chosen.setting if s.chosen else s.default_setting)}"
                 + ("" if s.feasible else " (no setting met the constraints)")
+                + ("" if s.finished else " (best so far: the job ended before the search did)")
                 + f", from {s.probes} settings probed in {s.profiling_s:,.0f} s"
                 + (f", revised {s.revisions}x as it ran" if s.revisions else "") + ".")
         lines.append(head)

@@ -225,8 +225,12 @@ class BudgetLoop:
     # -- what the service calls ------------------------------------------------------------------
 
     def forget(self, job_id: int) -> None:
-        """The job ended: drop its state (the service undoes its settings)."""
-        self._controls.pop(job_id, None)
+        """The job ended: drop its state (the service undoes its settings). A search it ended
+        in the middle of is stored as it stood (``EnergyOptimizer.so_far``)."""
+        control = self._controls.pop(job_id, None)
+        opt = control.optimising if control is not None else None
+        if opt is not None and opt.optimizer is not None and not opt.optimizer.done:
+            self._save_search(job_id, opt, self._clock.now(), opt.optimizer.so_far())
 
     def budget_changed(self, job: JobRecord) -> None:
         """``powertrain budget``: the energy guard takes the new budget at the next tick."""
@@ -618,17 +622,20 @@ class BudgetLoop:
             opt.mark = point
             if opt.optimizer.setting != before:
                 self._apply_setting(job, control, opt, obs)
-            self._save_search(job, opt, obs.now_s)
+            self._save_search(job.id, opt, obs.now_s, opt.optimizer.result)
 
-    def _save_search(self, job: JobRecord, opt: _Optimising, now_s: float) -> None:
-        """Store the optimiser's latest search whenever it changed (done, revised, measured
-        further), for ``powertrain report``."""
+    def _save_search(
+        self, job_id: int, opt: _Optimising, now_s: float, result: SearchResult | None
+    ) -> None:
+        """Store a search whenever it changed (done, revised, measured further; or as it stood
+        when the job ended), for ``powertrain report``."""
         assert opt.optimizer is not None
-        result = opt.optimizer.result
         if result is None or result is opt.saved:
             return
+        finished = opt.optimizer.results
+        number = len(finished) if finished and result is finished[-1] else len(finished) + 1
         record = SearchRecord(
-            job_id=job.id, number=len(opt.optimizer.results), at=to_datetime(now_s),
+            job_id=job_id, number=number, at=to_datetime(now_s),
             objective=opt.optimizer.objective.name, knob=opt.optimizer.space.knob.value,
             setting=result.setting, top_setting=opt.optimizer.space.max_value,
             feasible=result.feasible, reason=result.reason, revisions=result.revisions,
@@ -640,7 +647,7 @@ class BudgetLoop:
         try:
             self._jobs.save_search(record)
         except StoreError as exc:
-            log.warning("job %d: could not store the optimiser's search: %s", job.id, exc)
+            log.warning("job %d: could not store the optimiser's search: %s", job_id, exc)
             return
         opt.saved = result
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from energy.optimizer import (
+    UNFINISHED,
     Done,
     EnergyOptimizer,
     Knob,
@@ -384,3 +385,21 @@ def test_measuring_the_same_setting_again_needs_no_warmup() -> None:
         if len(windows) > visits:
             return
     raise AssertionError("no race measured a setting twice in a row")
+
+
+def test_so_far_is_the_best_probe_of_a_search_cut_short_then_the_finished_one() -> None:
+    opt = EnergyOptimizer(SPACE, LeastEnergy())
+    assert opt.so_far() is None  # nothing measured yet
+    curve = physical()
+    drive(opt, curve, steps=120)  # a job that ends mid-search
+    assert not opt.done
+    cut = opt.so_far()
+    assert cut is not None and cut.reason.startswith(UNFINISHED)
+    assert cut.feasible and cut.score is not None
+    best = select(cut.probes, LeastEnergy())
+    assert best is not None and cut.setting == best[0].setting
+    assert cut.profiling_steps == opt.profiling_steps and cut.probes == opt.probes
+    drive(opt, curve, until_done=True)
+    done = opt.so_far()
+    assert done is not None and done is opt.result and not done.reason.startswith(UNFINISHED)
+
