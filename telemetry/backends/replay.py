@@ -244,10 +244,74 @@ class ReplayNoise:
         return cls(0.0, 0.0, 0.0)
 
 
+_MASK64: Final = (1 << 64) - 1
+
+
+def _mix64(x: int) -> int:
+    """SplitMix64's finaliser: a well-spread 64-bit hash of a 64-bit integer."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+class _StepNoise:
+    """Two independent random walks over a job's step indices (step time, power): the sums of
+    independent standard normal per-step noises, ``W(0) = 0``.
+
+    Built lazily by midpoint refinement (a Brownian bridge on a dyadic grid over ``SPAN``
+    steps), with every midpoint's draw a hash of its interval, so ``W(b) - W(a)``, the noise of
+    steps ``a..b-1``, is the same however the steps were cut into runs: it is Normal(0, b - a),
+    and runs that split a range add up to the range's noise. A query descends from the deepest
+    interval of the previous one that still holds the step, so queries in step order cost a few
+    hashes each.
+    """
+
+    SPAN: Final = 1 << 40
+
+    def __init__(self, seed: int) -> None:
+        self._seed = seed & _MASK64
+        top = self._normals(0, self.SPAN)
+        scale = math.sqrt(self.SPAN)
+        #: The last descent: each level's interval and the walks at its ends.
+        self._path: list[tuple[int, int, tuple[float, float], tuple[float, float]]] = [
+            (0, self.SPAN, (0.0, 0.0), (top[0] * scale, top[1] * scale))
+        ]
+
+    def _normals(self, lo: int, hi: int) -> tuple[float, float]:
+        """Two standard normals that belong to the interval ``lo..hi`` (Box-Muller)."""
+        h = _mix64(self._seed ^ _mix64(lo * 0x100000001B3 ^ hi))
+        u1 = ((h >> 11) + 0.5) / (1 << 53)
+        u2 = ((_mix64(h) >> 11) + 0.5) / (1 << 53)
+        r = math.sqrt(-2.0 * math.log(u1))
+        return r * math.cos(2.0 * math.pi * u2), r * math.sin(2.0 * math.pi * u2)
+
+    def at(self, step: int) -> tuple[float, float]:
+        """``W(step)`` of both walks."""
+        if not 0 <= step <= self.SPAN:
+            raise ValueError(f"step {step} is outside 0..{self.SPAN}")
+        path = self._path
+        while not path[-1][0] <= step <= path[-1][1]:
+            path.pop()
+        lo, hi, w_lo, w_hi = path[-1]
+        while step not in (lo, hi):
+            mid = (lo + hi) // 2
+            z = self._normals(lo, hi)
+            sd = math.sqrt((hi - lo) / 4.0)
+            w_mid = ((w_lo[0] + w_hi[0]) / 2.0 + sd * z[0], (w_lo[1] + w_hi[1]) / 2.0 + sd * z[1])
+            if step < mid:
+                hi, w_hi = mid, w_mid
+            else:
+                lo, w_lo = mid, w_mid
+            path.append((lo, hi, w_lo, w_hi))
+        return w_lo if step == lo else w_hi
+
+
 @dataclass(slots=True)
 class _Device:
     info: GpuInfo
     rng: random.Random
+    noise: _StepNoise
     limit_mw: int
     clock_lock_mhz: tuple[int, int] | None = None
     energy_mj: float = 0.0
@@ -341,6 +405,7 @@ class ReplayBackend:
             dev = _Device(
                 info=info,
                 rng=random.Random(f"{self._seed}|{i}"),
+                noise=_StepNoise(_mix64(self._seed ^ _mix64(i))),
                 limit_mw=round(max_w * 1000),
                 integrated_to_s=now,
             )
@@ -456,11 +521,12 @@ class ReplayBackend:
         the slowest) and the power drawn meanwhile, then sleeps the clock for that long (a
         ``VirtualClock`` moves at once), so the energy counters accrue that power.
 
-        The noise of a run is a function of the seed, the GPU and the run's step indices (its
-        first step and its length), not of what ran before: two jobs replayed with the same seed
-        see the same noise wherever they run the same steps in the same chunks, whatever
-        settings they chose (common random numbers, so comparisons of policies are not drowned in
-        noise). Each chunk's noise has the spread of a sum of independent per-step noises.
+        Every step has its own noise, a function of the seed, the GPU and the step's index alone
+        (``_StepNoise``), and a run's noise is the mean of its steps': two jobs replayed with the
+        same seed see the same noise on the same steps, whatever settings they chose and however
+        they cut the steps into runs (common random numbers, so comparisons of policies are not
+        drowned in noise). A step's time and power are multiplied by their noise, so a step run
+        at the same setting in two jobs takes the same time and energy.
 
         Args:
             steps: Number of steps, at least 1.
@@ -471,16 +537,16 @@ class ReplayBackend:
         if steps < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")
         with self._lock:
-            root_n = math.sqrt(steps)
             duration_s = 0.0
             for dev in self._devices:
                 self._integrate(dev)
                 step_s, power_w = self._operating_point(dev)
                 step_s /= self.steps_per_epoch
-                # The mean of n steps with per-step spread cv has spread cv / sqrt(n).
-                rng = random.Random(hash((self._seed, dev.info.index, dev.steps_run, steps)))
-                t_jitter = self._noise.step_time_cv / root_n * rng.gauss(0.0, 1.0)
-                p_jitter = self._noise.power_cv / root_n * rng.gauss(0.0, 1.0)
+                # The mean of n steps' noises, each of spread cv: spread cv / sqrt(n).
+                t0, p0 = dev.noise.at(dev.steps_run)
+                t1, p1 = dev.noise.at(dev.steps_run + steps)
+                t_jitter = self._noise.step_time_cv * (t1 - t0) / steps
+                p_jitter = self._noise.power_cv * (p1 - p0) / steps
                 dev.fluctuation = max(0.05, 1.0 + p_jitter)
                 dev.drawn_w = power_w * dev.fluctuation
                 dev.steps_run += steps

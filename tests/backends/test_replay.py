@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 
 import pytest
@@ -107,6 +108,27 @@ def test_noise_is_seeded_per_step_range_and_the_counter_never_goes_back() -> Non
     assert durations(1, 150_000) == pytest.approx(same)  # other settings earlier, same noise
     assert durations(2, 300_000) != pytest.approx(same)
     assert all(0.5 < r < 1.5 for r in same)
+
+
+def test_noise_belongs_to_steps_not_to_how_they_are_cut_into_runs() -> None:
+    def run(chunks: list[int]) -> tuple[float, int]:
+        b = ReplayBackend(A40, "squad", 32, clock=VirtualClock(), seed=4)
+        took = sum(b.run_steps(n) for n in chunks)
+        return took, b.energy_mj()
+
+    whole_t, whole_e = run([1000])
+    cut_t, cut_e = run([1, 7, 200, 92, 700])
+    assert cut_t == pytest.approx(whole_t, rel=1e-9)
+    # A run draws its mean power for its whole time; the product of the two means differs from
+    # the mean of the steps' products by their noises' covariance: a few parts per million here.
+    assert cut_e == pytest.approx(whole_e, rel=1e-4)
+    assert run([1000, 1])[1] != pytest.approx(whole_e, rel=1e-4)  # one step more does show
+    b = ReplayBackend(A40, "squad", 32, clock=VirtualClock(), seed=4)
+    step_s = b.step_time_s()
+    one = [b.run_steps(1) / step_s - 1.0 for _ in range(4000)]
+    assert statistics.pstdev(one) == pytest.approx(0.04, rel=0.05)  # step_time_cv per step
+    assert abs(statistics.fmean(one)) < 0.003
+    assert abs(statistics.correlation(one[:-1], one[1:])) < 0.05  # independent steps
 
 
 def test_each_curve_has_its_own_noise() -> None:
