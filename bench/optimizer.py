@@ -26,7 +26,8 @@ Writes ``bench/results/optimizer.txt`` (the table) and ``bench/results/optimizer
 
 Steps per epoch come from the public training-set sizes (``telemetry.backends.replay``); an
 unknown dataset counts 100,000 samples per epoch. The replay's noise is a function of the seed
-and the step indices, so every policy meets the same noise on the same steps.
+and the step indices alone, so every policy meets the same noise on the same steps however it
+cuts them into runs: two policies at the same setting on the same steps pay the same.
 """
 
 from __future__ import annotations
