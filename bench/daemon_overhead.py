@@ -1,8 +1,10 @@
 """Daemon CPU overhead: CPU seconds per wall second of a real `powertrain daemon` process.
 
-Starts the daemon on simulated GPUs with a SQLite store, lets it settle (imports, schema creation
-and the first flushes are start-up, not steady state), then measures the process's user + system
-CPU time over the window with psutil. Target: under 0.01 CPU s per wall s for 8 GPUs at 10 Hz.
+Starts the daemon on simulated GPUs (or, with ``--backend nvml``, on the machine's real GPUs,
+with ``--dry-run`` so that it changes no setting) with a SQLite store, lets it settle (imports,
+schema creation and the first flushes are start-up, not steady state), then measures the
+process's user + system CPU time over the window with psutil. Target: under 0.01 CPU s per wall s
+for 8 GPUs at 10 Hz.
 
     .venv/bin/python bench/daemon_overhead.py --seconds 60 --json bench/results/daemon_overhead.json
 """
@@ -27,19 +29,50 @@ TARGET = 0.01
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--gpus", type=int, default=8)
+    parser.add_argument("--backend", choices=("simulated", "nvml"), default="simulated",
+                        help="simulated GPUs, or the real ones through NVML (read only)")
+    parser.add_argument("--gpus", type=int, default=8, help="simulated GPUs")
     parser.add_argument("--hz", type=float, default=10.0)
     parser.add_argument("--seconds", type=float, default=60.0, help="measured window")
     parser.add_argument("--settle", type=float, default=5.0, help="start-up excluded, seconds")
+    parser.add_argument("--load", action="store_true",
+                        help="with --backend nvml: a bf16 matmul load on GPU 0 meanwhile "
+                             "(bench/gpu_check.py's; needs torch with CUDA)")
     parser.add_argument("--json", type=Path, help="write the result here")
     args = parser.parse_args()
+    if args.load and args.backend != "nvml":
+        parser.error("--load needs --backend nvml")
+    load = None
+    if args.load:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from bench.gpu_check import MATMUL_SIZE, Load
+
+        load = Load(0, "bfloat16", MATMUL_SIZE)
+        if not load.start():
+            raise SystemExit(f"the load did not start: {load.stop()}")
+    try:
+        result = _measure(args)
+    finally:
+        report = load.stop() if load is not None else None
+    if report is not None:
+        result["load"] = report
+        print(f"load: {report}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def _measure(args: argparse.Namespace) -> dict[str, object]:
+    """Run the daemon, measure its CPU over the window; the result as JSON-ready values."""
 
     with tempfile.TemporaryDirectory(prefix="powertrain-bench-") as home:
         env = dict(os.environ, POWERTRAIN_HOME=home)
         cmd = [
-            sys.executable, "-m", "scheduler", "daemon", "--backend", "simulated",
-            "--sim-gpus", str(args.gpus), "--interval-ms", str(round(1000 / args.hz)),
+            sys.executable, "-m", "scheduler", "daemon", "--backend", args.backend,
+            "--interval-ms", str(round(1000 / args.hz)),
         ]
+        cmd += ["--sim-gpus", str(args.gpus)] if args.backend == "simulated" else ["--dry-run"]
         daemon = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
         proc = psutil.Process(daemon.pid)
         try:
@@ -63,13 +96,15 @@ def main() -> int:
         engine = create_engine(f"sqlite:///{home}/powertrain.db")
         with engine.connect() as conn:
             rows = conn.execute(text("SELECT count(*) FROM samples")).scalar_one()
+            gpus = conn.execute(text("SELECT count(DISTINCT gpu_id) FROM samples")).scalar_one()
         engine.dispose()
 
     cpu_s = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
     wall_s = wall1 - wall0
     ratio = cpu_s / wall_s
-    result = {
-        "gpus": args.gpus,
+    result: dict[str, object] = {
+        "backend": args.backend,
+        "gpus": gpus,
         "hz": args.hz,
         "seconds": round(wall_s, 2),
         "cpu_s_per_wall_s": round(ratio, 5),
@@ -78,14 +113,11 @@ def main() -> int:
     }
     verdict = "meets" if ratio < TARGET else "MISSES"
     print(
-        f"daemon, {args.gpus} simulated GPUs at {args.hz:g} Hz for {wall_s:.1f} s: "
+        f"daemon, {gpus} {args.backend} GPUs at {args.hz:g} Hz for {wall_s:.1f} s: "
         f"{cpu_s:.3f} CPU s -> {ratio:.4f} CPU s per wall s ({verdict} the < {TARGET} target); "
         f"{rows} samples stored"
     )
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-    return 0
+    return result
 
 
 if __name__ == "__main__":
