@@ -8,6 +8,7 @@ someone else.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import grp
 import logging
 import os
@@ -283,6 +284,33 @@ def bind_socket(path: Path, *, group: str | None = None) -> socket.socket:
     return sock
 
 
+class _Server(uvicorn.Server):
+    """uvicorn's server, waking once a second rather than ten times to see whether to stop.
+
+    uvicorn polls ``should_exit`` every 100 ms, which an idle daemon paid for in CPU. Each wake
+    here runs uvicorn's once-a-second chores (the Date header); ``wake`` stops it at once.
+    """
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
+
+    async def main_loop(self) -> None:
+        self._wake, self._loop = asyncio.Event(), asyncio.get_running_loop()
+        counter = 0
+        while not await self.on_tick(counter):
+            counter += 10  # on_tick does its once-a-second work when counter % 10 == 0
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=1.0)
+
+    def wake(self) -> None:
+        """From any thread: have the main loop look at ``should_exit`` now."""
+        loop, event = self._loop, self._wake
+        if loop is not None and event is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(event.set)
+
+
 class ApiServer:
     """Serves the app on a bound Unix socket from a background thread."""
 
@@ -295,7 +323,7 @@ class ApiServer:
             access_log=False,
             timeout_graceful_shutdown=2,
         )
-        self._server = uvicorn.Server(config)
+        self._server = _Server(config)
         self._sock = sock
         self._path = Path(sock.getsockname())
         self._thread = threading.Thread(target=self._run, name="api", daemon=True)
@@ -308,6 +336,7 @@ class ApiServer:
 
     def stop(self) -> None:
         self._server.should_exit = True
+        self._server.wake()
         self._thread.join(timeout=10)
         self._sock.close()
         self._path.unlink(missing_ok=True)

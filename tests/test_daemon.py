@@ -5,11 +5,13 @@ from __future__ import annotations
 import itertools
 import signal
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from scheduler.daemon import Ticker
 from telemetry.backends.simulated import SimulatedBackend
 from telemetry.store import Store, open_store
 from tests.daemon_proc import DaemonProcess
@@ -106,3 +108,24 @@ def test_a_second_daemon_on_the_same_home_is_refused(tmp_path: Path) -> None:
     assert second.proc.wait(30) == 1
     assert "another powertrain daemon" in second.log()
     assert first.terminate() == 0
+
+
+def test_the_ticker_outlives_a_failing_call_and_stops_when_told() -> None:
+    calls: list[float] = []
+    done = threading.Event()
+
+    def tick() -> None:
+        calls.append(time.monotonic())
+        if len(calls) >= 3:
+            done.set()
+        raise RuntimeError("a failing tick")
+
+    ticker = Ticker(tick, 0.01, "test-ticker")
+    ticker.start()
+    assert done.wait(10), "the ticker stopped after a failing call"
+    ticker.stop()
+    stopped_at = len(calls)
+    time.sleep(0.05)
+    assert len(calls) == stopped_at
+    with pytest.raises(ValueError, match="positive"):
+        Ticker(tick, 0.0, "bad")
