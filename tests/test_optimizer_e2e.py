@@ -61,7 +61,8 @@ def test_objective_energy_lowers_energy_per_token_and_the_report_says_by_how_muc
     rows = {row["key"]: row for row in json.loads(done.stdout)}
     default, energy = rows[str(ids["default"])], rows[str(ids["energy"])]
     # Over the whole job, search included, against the same job at the default setting.
-    assert energy["j_per_token"] < 0.9 * default["j_per_token"], (energy, default)
+    assert energy["j_per_token"] < 0.9 * default["j_per_token"], (
+        json.dumps([energy, default]), daemon.log())
     assert default["optimizer"] == []
     (search,) = energy["optimizer"]
     assert (search["objective"], search["knob"]) == ("energy", "power_limit")
