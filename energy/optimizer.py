@@ -1249,8 +1249,12 @@ class EnergyOptimizer:
         if chosen is held or held.steps < cfg.revise_ratio * chosen.steps:
             return False
         held_score = self._score(held)
-        shown = "breaks the constraints" if held_score is None else (
-            f"scores {held_score / score - 1:+.1%} against it")
+        if held_score is None:
+            shown = "breaks the constraints"
+        elif score > 0:
+            shown = f"scores {held_score / score - 1:+.1%} against it"
+        else:  # a window that drew no energy: a counter that stood still
+            shown = f"scores {held_score:.4g} against its {score:.4g}"
         st.revisions += 1
         r = self.results[-1]
         self.results[-1] = replace(

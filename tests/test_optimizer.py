@@ -308,6 +308,26 @@ def test_a_lucky_choice_is_revised_as_the_job_runs_at_it() -> None:
     assert opt.profiling_energy_j == profiling  # running at the held setting is not profiling
 
 
+def test_a_revision_towards_a_window_that_drew_no_energy_is_said_without_dividing_by_it() -> None:
+    # Two settings' windows read no energy during the search (a counter that stood still), so
+    # both score 0; the job holds one, which then measures its true cost, and moves to the other.
+    opt = EnergyOptimizer(SPACE, LeastEnergy())
+    true = flat(150.0)
+
+    def at(limit_mw: int) -> tuple[float, float]:
+        t, p = true(limit_mw)
+        return (t, 0.0) if limit_mw in (200_000, 150_000) and not opt.done else (t, p)
+
+    drive(opt, at, noise=0.01, until_done=True)
+    held = opt.setting
+    assert held in (200_000, 150_000)
+    drive(opt, at, noise=0.01, steps=5_000)
+    res = opt.result
+    assert res is not None and res.revisions == 1 and opt.setting != held
+    assert f"revised to {opt.setting}: {held}" in res.reason
+    assert res.reason.endswith(" against its 0")
+
+
 def test_no_revision_when_revisions_are_off() -> None:
     opt = EnergyOptimizer(SPACE, ZeusCost(0.5, 300.0), SearchConfig(revisions=0))
     drive(opt, _lucky(opt), noise=0.01, steps=5_000)
