@@ -10,11 +10,12 @@ optimiser (``energy.optimizer``), driven with the same per-second measurements.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import statistics
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from itertools import pairwise
 from typing import Literal
@@ -215,6 +216,7 @@ class BudgetLoop:
         self._on_resume = on_resume
         self._on_stop = on_stop
         self._controls: dict[int, _JobControl] = {}
+        self._failing: dict[int, str] = {}  # job id -> the error its control last failed with
         self._cap_w = node_cap()
         self._cap_guard = None if self._cap_w is None else NodeCapGuard(self._cap_w)
         self._hw_permitted: tuple[bool, str] | None = None
@@ -228,6 +230,7 @@ class BudgetLoop:
         """The job ended: drop its state (the service undoes its settings). A search it ended
         in the middle of is stored as it stood (``EnergyOptimizer.so_far``)."""
         control = self._controls.pop(job_id, None)
+        self._failing.pop(job_id, None)
         opt = control.optimising if control is not None else None
         if opt is not None and opt.optimizer is not None and not opt.optimizer.done:
             self._save_search(job_id, opt, self._clock.now(), opt.optimizer.so_far())
@@ -272,25 +275,46 @@ class BudgetLoop:
             if now_s - since >= IDLE_SETTLE_S and reading.power_avg_mw is not None:
                 self._idle_mw[index] = reading.power_avg_mw
 
+        # A job whose control fails (a bug, a store error) is skipped this tick, not every job.
+        failed: set[int] = set()
         observations: dict[int, Observation] = {}
         for job in active:
-            control = self._controls.get(job.id)
-            if control is None:
-                control = self._controls[job.id] = self._start(job)
-            self._account(control, job, readings, now_s)
-            observations[job.id] = self._observe(job, control, readings,
-                                                 progress.get(job.id, Progress()), now_s)
+            with self._contained(job, failed):
+                control = self._controls.get(job.id)
+                if control is None:
+                    control = self._controls[job.id] = self._start(job)
+                self._account(control, job, readings, now_s)
+                observations[job.id] = self._observe(job, control, readings,
+                                                     progress.get(job.id, Progress()), now_s)
 
-        budgets = self._node_cap_tick(active, observations, readings, now_s)
-        for job in active:
-            control = self._controls[job.id]
-            obs = replace(observations[job.id],
-                          budget_w=budgets.get(job.id, job.watts_per_gpu))
-            control.last_obs = obs
-            if job.state == JobState.RUNNING:
-                self._hold_power(job, control, obs, progress.get(job.id, Progress()))
-            self._energy(job, control, obs, progress.get(job.id, Progress()))
-            self._complete_decisions(control, obs, now_s)
+        working = [job for job in active if job.id in observations]
+        budgets = self._node_cap_tick(working, observations, readings, now_s)
+        for job in working:
+            with self._contained(job, failed):
+                control = self._controls[job.id]
+                obs = replace(observations[job.id],
+                              budget_w=budgets.get(job.id, job.watts_per_gpu))
+                control.last_obs = obs
+                if job.state == JobState.RUNNING:
+                    self._hold_power(job, control, obs, progress.get(job.id, Progress()))
+                self._energy(job, control, obs, progress.get(job.id, Progress()))
+                self._complete_decisions(control, obs, now_s)
+        for job_id in self._failing.keys() - failed:
+            del self._failing[job_id]
+            log.info("job %d: its control works again", job_id)
+
+    @contextlib.contextmanager
+    def _contained(self, job: JobRecord, failed: set[int]) -> Iterator[None]:
+        """Log a job's control failure (each new error once, with its traceback) and go on."""
+        try:
+            yield
+        except Exception as exc:
+            failed.add(job.id)
+            said = f"{type(exc).__name__}: {exc}"
+            if self._failing.get(job.id) != said:
+                self._failing[job.id] = said
+                log.exception("job %d: control failed this tick (%s); other jobs go on",
+                              job.id, said)
 
     # -- setup -----------------------------------------------------------------------------------
 

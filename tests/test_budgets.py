@@ -1,21 +1,23 @@
 """The budget loop's helpers for the energy optimiser: windows at progress reports, the candidate
-grid, windows set in seconds; and which node cap the loop holds."""
+grid, windows set in seconds; which node cap the loop holds; and one job's failing control."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from energy.optimizer import SettingSpace
 from scheduler.api import Caller
-from scheduler.budgets import Progress, _grid_step, _report_point, daemon_search
-from scheduler.schemas import NodeUpdate
+from scheduler.budgets import BudgetLoop, Progress, _grid_step, _report_point, daemon_search
+from scheduler.schemas import AttachRequest, NodeUpdate, ProgressReport
 from scheduler.service import JobService
 from scheduler.settings import Settings
 from telemetry.backends.simulated import SimulatedBackend
 from telemetry.clock import VirtualClock
 from telemetry.store import open_store
+from telemetry.store.jobs import JobRecord
 
 
 def test_a_window_edge_is_a_report_with_the_energy_at_its_time() -> None:
@@ -69,5 +71,45 @@ def test_node_cap_is_held_at_run_time_only_once_set(tmp_path: Path,
         admin = Caller(pid=1, uid=0, gid=0, user="root", admin=True)
         service.set_node(admin, NodeUpdate(node_cap_w=450.0))
         assert service.budgets.node_cap_w == 450.0
+    finally:
+        store.close()
+
+
+def test_a_job_whose_control_fails_does_not_stop_the_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two jobs under 150 W budgets on A40s (300 W); the first one's control raises every tick.
+    The second is still held to its budget, and the failure is logged once, not every tick."""
+    clock = VirtualClock()
+    backend = SimulatedBackend(gpus=2, sku="A40", clock=clock)
+    store = open_store(f"sqlite:///{tmp_path / 'powertrain.db'}")
+    try:
+        gpu_ids = store.register_gpus(backend.devices(), host="node", backend=backend.name)
+        service = JobService(Settings(home=tmp_path), store, backend, gpu_ids, host="node",
+                             clock=clock)
+        me = Caller(pid=os.getpid(), uid=os.getuid(), gid=os.getgid(), user="me", admin=False)
+        broken, fine = (
+            service.attach(me, AttachRequest(name=f"job{i}", gpu_ids=[i], watts=150.0)).id
+            for i in (0, 1)
+        )
+        hold = BudgetLoop._hold_power
+
+        def hold_or_fail(self: BudgetLoop, job: JobRecord, *args: object) -> None:
+            if job.id == broken:
+                raise RuntimeError("a bug in this job's control")
+            hold(self, job, *args)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(BudgetLoop, "_hold_power", hold_or_fail)
+        for second in range(1, 21):
+            for job_id in (broken, fine):
+                service.progress(me, job_id, ProgressReport(steps=10 * second, step_time_s=0.1))
+            service.tick()
+            clock.advance(1.0)
+        untouched, held = backend.read(0), backend.read(1)
+        assert untouched.power_limit_mw == 300_000 and (untouched.power_avg_mw or 0) > 250_000
+        assert held.power_limit_mw is not None and held.power_limit_mw < 200_000
+        assert 140_000 < (held.power_avg_mw or 0) <= 151_500, held
+        failures = [r for r in caplog.records if "control failed" in r.getMessage()]
+        assert len(failures) == 1 and f"job {broken}:" in failures[0].getMessage()
     finally:
         store.close()
