@@ -287,6 +287,8 @@ class BudgetLoop:
                 observations[job.id] = self._observe(job, control, readings,
                                                      progress.get(job.id, Progress()), now_s)
 
+        # The node cap shares itself among the jobs observed; the node's power it holds still
+        # counts every GPU, a failing job's too.
         working = [job for job in active if job.id in observations]
         budgets = self._node_cap_tick(working, observations, readings, now_s)
         for job in working:
