@@ -10,8 +10,8 @@ model), the median absolute error and the worst case, and overall medians at the
 The GPU name comes from the file name and maps to a SKU profile (``telemetry/backends/profiles``)
 when one is known; otherwise the fit is generic (power-limit range from the file, nominal clocks).
 
-    python bench/calibrate_sim.py                  # every summary_power_*.csv in shared traces
-    python bench/calibrate_sim.py --trace x.csv --json out.json
+    python bench/calibrate_sim.py                  # every bundled trace (a40, p100)
+    python bench/calibrate_sim.py --trace x.csv --json out.json  # or --trace a40
     python bench/calibrate_sim.py --write-profiles # update profiles/skus.json, workloads.json
 """
 
@@ -48,8 +48,8 @@ from telemetry.backends.profiles import (  # noqa: E402
     sku_to_json,
     workload_to_json,
 )
+from telemetry.backends.traces import bundled_trace_paths, resolve_trace  # noqa: E402
 
-DEFAULT_TRACE_DIR = REPO.parent / "shared" / "traces" / "zeus" / "nsdi23_trace"
 TARGET_MEDIAN_ERROR = 0.05
 _REQUIRED = ("dataset", "network", "batch_size", "power_limit", "time_per_epoch", "average_power")
 #: Nominal SM clocks for a GPU without a SKU profile: only their ratio matters to the fit.
@@ -265,13 +265,23 @@ def write_profiles(fitted: list[tuple[Path, SkuProfile, GpuModel, list[GroupResu
     print(f"\nwrote {SKUS_PATH.relative_to(REPO)} and {WORKLOADS_PATH.relative_to(REPO)}")
 
 
+def _trace_arg(text: str) -> Path:
+    """A ``--trace`` value: a bundled trace name or a file (argparse reports a bad one)."""
+    try:
+        return resolve_trace(text)
+    except LookupError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--trace",
         nargs="+",
-        type=Path,
-        help=f"trace files (default: summary_power_*.csv in {DEFAULT_TRACE_DIR})",
+        type=_trace_arg,
+        help="trace files, or names of bundled traces (default: every bundled trace: "
+        + ", ".join(bundled_trace_paths())
+        + ")",
     )
     parser.add_argument("--json", type=Path, help="write per-workload errors as JSON here")
     parser.add_argument(
@@ -280,9 +290,9 @@ def main(argv: list[str] | None = None) -> int:
         help="update telemetry/backends/profiles/{skus,workloads}.json with the fit",
     )
     args = parser.parse_args(argv)
-    traces: list[Path] = args.trace or sorted(DEFAULT_TRACE_DIR.glob("summary_power_*.csv"))
+    traces: list[Path] = args.trace or list(bundled_trace_paths().values())
     if not traces:
-        print(f"no traces found in {DEFAULT_TRACE_DIR}", file=sys.stderr)
+        print("no bundled traces found (telemetry/backends/traces)", file=sys.stderr)
         return 2
     fitted = []
     all_results: list[GroupResult] = []

@@ -20,7 +20,8 @@ warm-ups there and back. The steps ours runs at the setting it holds are not pro
 they measure that setting further and may revise the choice (``rv``: revisions): the job would
 run them at that setting anyway, as Zeus's job runs at its choice.
 
-Usage: ``python bench/optimizer.py [--trace FILE ...] [--eta 0.5] [--epochs 100] [--json PATH]``.
+Usage: ``python bench/optimizer.py [--trace FILE|NAME ...] [--eta 0.5] [--epochs 100]
+[--json PATH]`` (``--trace`` takes files or bundled trace names; default: ``a40 p100``).
 Writes ``bench/results/optimizer.txt`` (the table) and ``bench/results/optimizer.json``.
 ``--write-synthetic PATH`` writes a held-out trace of another curve shape to check generalisation.
 
@@ -51,10 +52,11 @@ if str(REPO) not in sys.path:
 from bench._zeus import make_zeus, real_zeus_problem, zeus_version  # noqa: E402
 from energy.optimizer import EnergyOptimizer, SearchConfig, SettingSpace, ZeusCost  # noqa: E402
 from telemetry.backends.replay import ReplayBackend, TraceCurve, load_trace  # noqa: E402
+from telemetry.backends.traces import resolve_trace  # noqa: E402
 from telemetry.clock import VirtualClock  # noqa: E402
 
-TRACES = REPO.parent / "shared" / "traces" / "zeus" / "nsdi23_trace"
-DEFAULT_TRACES = (TRACES / "summary_power_a40.csv", TRACES / "summary_power_p100.csv")
+#: The bundled measured traces the benchmark runs on unless ``--trace`` names others.
+DEFAULT_TRACES = ("a40", "p100")
 RESULTS = REPO / "bench" / "results"
 POLICIES = ("max", "zeus", "ours", "oracle")
 
@@ -417,11 +419,21 @@ def write_synthetic_trace(path: Path, seed: int = 12345) -> None:
     path.write_text("\n".join(rows) + "\n", encoding="utf-8")
 
 
+def _trace_arg(text: str) -> Path:
+    """A ``--trace`` value: a bundled trace name or a file (argparse reports a bad one)."""
+    try:
+        return resolve_trace(text)
+    except LookupError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--trace", type=Path, nargs="+", default=list(DEFAULT_TRACES),
+    parser.add_argument("--trace", type=_trace_arg, nargs="+",
+                        default=[resolve_trace(name) for name in DEFAULT_TRACES],
                         help="trace files (dataset,network,batch_size,optimizer,power_limit,"
-                             "time_per_epoch,average_power)")
+                             "time_per_epoch,average_power) or bundled trace names "
+                             f"(default: {' '.join(DEFAULT_TRACES)})")
     parser.add_argument("--eta", type=float, default=0.5, help="Zeus's eta (energy weight)")
     parser.add_argument("--epochs", type=int, default=100, help="epochs per simulated job")
     parser.add_argument("--seed", type=int, default=0, help="seed of the replayed noise")

@@ -324,8 +324,8 @@ class Actuators:
         """
         if self._dry_run:
             note = "dry run: not tested by a write"
-            if self._backend.name == "simulated":
-                return True, f"simulated GPUs need no privileges ({note})"
+            if self._backend.name in ("simulated", "replay"):
+                return True, f"{self._backend.name} GPUs need no privileges ({note})"
             if os.geteuid() == 0:
                 return True, f"running as root ({note})"
             if _has_cap_sys_admin():

@@ -10,7 +10,7 @@ import platformdirs
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-BackendName = Literal["auto", "nvml", "simulated"]
+BackendName = Literal["auto", "nvml", "simulated", "replay"]
 
 
 def _default_home() -> Path:
@@ -23,9 +23,16 @@ class Settings(BaseSettings):
     Attributes:
         home: Where the SQLite store, the simulated GPUs' state and logs live.
         db: SQLAlchemy URL of the store; empty means ``sqlite:///<home>/powertrain.db``.
-        backend: ``auto`` uses NVML when a driver is present, else the simulator (and says so).
+        backend: ``auto`` uses NVML when a driver is present, else the simulator (and says so);
+            ``replay`` plays a measured trace (``trace``).
         sim_gpus / sim_sku: How many simulated GPUs and which SKU profile; unset means the
-            simulated node's own (from its state file), else 4 × H100-SXM.
+            simulated node's own (from its state file), else 4 × H100-SXM. ``sim_gpus`` is also
+            the number of replayed GPUs (default 4); ``sim_sku`` does not apply to them.
+        trace: The trace the ``replay`` backend plays: a bundled name (``a40``, ``p100``) or the
+            path of a file in the same format. Required for ``replay``, unused otherwise.
+        trace_workload: The trace's workload to play (``dataset/network``, or a unique
+            ``dataset`` or ``network``); unset means the file's first.
+        trace_batch_size: The batch size to play; unset means the workload's largest.
         interval_ms: Sampling period in milliseconds (100 = 10 Hz).
         flush_interval_s: How often buffered samples are written to the store.
         buffer_max_rows: Rows kept in memory while the store is failing; beyond it the oldest
@@ -52,6 +59,9 @@ class Settings(BaseSettings):
     backend: BackendName = "auto"
     sim_gpus: int | None = Field(default=None, ge=1, le=64)
     sim_sku: str | None = None
+    trace: str | None = None
+    trace_workload: str | None = None
+    trace_batch_size: int | None = Field(default=None, ge=1)
     interval_ms: int = Field(default=100, ge=10, le=60_000)
     flush_interval_s: float = Field(default=1.0, gt=0, le=60)
     buffer_max_rows: int = Field(default=100_000, ge=100)

@@ -26,8 +26,8 @@ from energy.gpu_model import (
     supported_clocks_mhz,
 )
 from telemetry.backends.profiles import find_sku, get_sku, get_workload, load_workloads
+from telemetry.backends.traces import bundled_trace_paths
 
-TRACES = Path(__file__).resolve().parents[1].parent / "shared/traces"
 GPU = GpuModel(
     static_power_w=80.0,
     dyn_power_max_w=220.0,
@@ -163,13 +163,10 @@ def _trace_groups(path: Path) -> dict[tuple[str, str, int], list[MeasuredPoint]]
 
 
 def test_committed_profiles_reproduce_the_measured_traces() -> None:
-    trace_dir = TRACES / "zeus" / "nsdi23_trace"
-    if not TRACES.is_dir():
-        pytest.skip(f"shared traces not found at {TRACES}")
     workloads = load_workloads()
     checked = 0
-    for path in sorted(trace_dir.glob("summary_power_*.csv")):
-        sku = find_sku(path.stem.removeprefix("summary_power_"))
+    for name, path in bundled_trace_paths().items():
+        sku = find_sku(name)
         if sku is None or sku.calibrated_from != path.name:
             continue  # a trace the committed profiles were not fitted to
         time_errs: list[float] = []
@@ -183,4 +180,4 @@ def test_committed_profiles_reproduce_the_measured_traces() -> None:
         assert statistics.median(time_errs) <= 0.05, path.name
         assert statistics.median(power_errs) <= 0.05, path.name
         checked += 1
-    assert checked >= 1, "no committed calibration matches a trace in shared/traces"
+    assert checked >= 1, "no committed calibration matches a bundled trace"

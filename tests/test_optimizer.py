@@ -6,7 +6,6 @@ import itertools
 import math
 import random
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 
@@ -27,10 +26,10 @@ from energy.optimizer import (
     select,
 )
 from telemetry.backends.replay import ReplayBackend, load_trace
+from telemetry.backends.traces import resolve_trace
 from telemetry.clock import VirtualClock
 
-TRACES = Path(__file__).resolve().parents[1].parent / "shared/traces/zeus/nsdi23_trace"
-A40 = TRACES / "summary_power_a40.csv"
+A40 = resolve_trace("a40")
 
 # A GPU after DESIGN.md's model: P(f) = P_static + P_dyn (f/f_max)^k, t(f) = t_max (c/f + 1 - c).
 Curve = Callable[[int], tuple[float, float]]  # setting (mW) -> (seconds per step, watts)

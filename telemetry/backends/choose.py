@@ -11,7 +11,7 @@ from telemetry.clock import Clock
 
 log = logging.getLogger(__name__)
 
-BackendKind = Literal["auto", "nvml", "simulated"]
+BackendKind = Literal["auto", "nvml", "simulated", "replay"]
 
 DEFAULT_SIM_GPUS = 4
 DEFAULT_SIM_SKU = "H100-SXM"
@@ -24,6 +24,9 @@ def open_backend(
     sim_sku: str | None = None,
     sim_state_path: Path | None = None,
     clock: Clock | None = None,
+    trace: str | None = None,
+    trace_workload: str | None = None,
+    trace_batch_size: int | None = None,
 ) -> tuple[GpuBackend, str]:
     """Open a backend and say why it was chosen.
 
@@ -32,10 +35,20 @@ def open_backend(
     (GPU count, SKU) in its state file, like real hardware: unset ``sim_gpus``/``sim_sku`` take
     the saved node's, and values that contradict it are refused.
 
+    ``replay`` plays one curve of a measured trace (``trace``: a bundled name such as ``a40``, or
+    a file) on ``sim_gpus`` GPUs (default ``DEFAULT_SIM_GPUS``); the workload defaults to the
+    file's first and the batch size to that workload's largest (``replay.default_curve``).
+    Nothing of a replayed node is saved, and ``sim_sku`` does not apply to it.
+
     Raises:
         BackendUnavailableError: ``nvml`` was asked for and no driver answers.
-        ValueError: Unknown simulated SKU, or a shape that contradicts the saved node.
+        ValueError: Unknown simulated SKU, a shape that contradicts the saved node, ``replay``
+            without a trace, or a trace file that is not in the trace format.
+        LookupError: ``replay`` with an unknown trace, workload or batch size (the message
+            lists the choices).
     """
+    if kind == "replay":
+        return _open_replay(trace, trace_workload, trace_batch_size, sim_gpus, clock)
     if kind == "nvml":
         from telemetry.backends.nvml import NvmlBackend
 
@@ -61,3 +74,29 @@ def open_backend(
         )
     backend = SimulatedBackend(gpus=gpus, sku=sku, clock=clock, state_path=sim_state_path)
     return backend, f"{reason}: {gpus} × {sku}"
+
+
+def _open_replay(
+    trace: str | None,
+    workload: str | None,
+    batch_size: int | None,
+    gpus: int | None,
+    clock: Clock | None,
+) -> tuple[GpuBackend, str]:
+    """The replay backend for ``open_backend``, and the sentence that says what it plays."""
+    from telemetry.backends.replay import ReplayBackend, default_curve
+    from telemetry.backends.traces import bundled_traces
+
+    if not trace:
+        raise ValueError(
+            "the replay backend needs a trace: a bundled one ("
+            + ", ".join(bundled_traces())
+            + ") or a trace file"
+        )
+    workload, batch_size = default_curve(trace, workload, batch_size)
+    count = gpus or DEFAULT_SIM_GPUS
+    backend = ReplayBackend(trace, workload, batch_size, gpus=count, clock=clock)
+    curve = backend.curve
+    return backend, (
+        f"replaying {trace} ({curve.workload} bs={curve.batch_size}): {count} × {curve.gpu}"
+    )

@@ -1,7 +1,8 @@
 """The replay backend: GPUs that play measured power-limit traces, for benchmarks and demos.
 
 A trace file (Zeus NSDI'23 format: ``dataset,network,batch_size,optimizer,power_limit,
-time_per_epoch,average_power``) says, for each workload and batch size, how long an epoch took and
+time_per_epoch,average_power``; the measured A40 and P100 traces are bundled, see
+``telemetry.backends.traces``) says, for each workload and batch size, how long an epoch took and
 how much power the board drew under each power limit. ``ReplayBackend`` plays one (workload,
 batch size) curve: the power limit set through ``set_power_limit`` selects the operating point,
 linearly interpolated between the measured limits, and a driver advances the job with
@@ -19,6 +20,7 @@ import bisect
 import csv
 import hashlib
 import math
+import os
 import random
 import threading
 import uuid
@@ -34,6 +36,7 @@ from telemetry.backends.base import (
     InvalidSettingError,
     ThrottleReason,
 )
+from telemetry.backends.traces import resolve_trace
 from telemetry.clock import Clock, WallClock, to_datetime
 
 __all__ = [
@@ -42,6 +45,7 @@ __all__ = [
     "ReplayBackend",
     "ReplayNoise",
     "TraceCurve",
+    "default_curve",
     "gpu_name_from_path",
     "load_trace",
     "steps_per_epoch",
@@ -223,6 +227,47 @@ def _pick_curve(
     )
 
 
+def default_curve(
+    trace: str | os.PathLike[str], workload: str | None = None, batch_size: int | None = None
+) -> tuple[str, int]:
+    """The workload and batch size to play when they are not (both) given.
+
+    The workload defaults to the first one in the file (its first row); the batch size to the
+    largest the trace has for that workload.
+
+    Args:
+        trace: A bundled trace name or a trace file (see ``resolve_trace``).
+        workload: ``dataset/network``, ``dataset`` or ``network``; None for the file's first.
+        batch_size: Kept when given.
+
+    Returns:
+        ``(workload, batch_size)``, as ``ReplayBackend`` takes them.
+
+    Raises:
+        LookupError: Unknown trace, or no single workload of that name (the message lists
+            the choices).
+        ValueError: The file is not a power trace.
+    """
+    path = resolve_trace(trace)
+    curves = load_trace(path)
+    if workload is None:
+        # load_trace sorts its curves: read the first row again for the file's own order
+        with path.open(newline="", encoding="utf-8") as f:
+            first = next(csv.DictReader(f))
+        workload = f"{first['dataset']}/{first['network']}"
+    if batch_size is None:
+        named = [c for c in curves if workload in (c.workload, c.dataset, c.network)]
+        # the largest batch size of two workloads that share a name would pick one silently
+        if len({c.workload for c in named}) != 1:
+            what = "is ambiguous" if named else "is not in the trace"
+            raise LookupError(
+                f"workload {workload!r} {what}; choose one of: "
+                + ", ".join(sorted({c.workload for c in named or curves}))
+            )
+        batch_size = max(c.batch_size for c in named)
+    return workload, batch_size
+
+
 @dataclass(frozen=True, slots=True)
 class ReplayNoise:
     """How noisy a replayed GPU is. Coefficients of variation (standard deviation / mean).
@@ -334,7 +379,8 @@ class ReplayBackend:
     replayed traces (the optimiser can search clocks on them); it is not a calibrated clock model.
 
     Args:
-        trace: A trace file (see ``load_trace``).
+        trace: A bundled trace name (``a40``, any case) or a trace file (see ``load_trace`` and
+            ``telemetry.backends.traces.resolve_trace``).
         workload: ``dataset/network`` (or a ``dataset`` or ``network`` name that is unique).
         batch_size: Batch size of the curve to play.
         gpus: Number of GPUs.
@@ -345,13 +391,18 @@ class ReplayBackend:
         samples_per_epoch: Samples per epoch (default: ``TRAINING_SET_SAMPLES`` or 100,000).
         noise: Noise levels (``ReplayNoise.off()`` for exact traces).
         gpu_name: GPU name (default: from the file name).
+
+    Raises:
+        LookupError: Unknown trace name or missing file, or no single curve of that workload
+            and batch size (the message lists the choices).
+        ValueError: The file is not a power trace, or ``gpus`` is below 1.
     """
 
     name = "replay"
 
     def __init__(
         self,
-        trace: Path | str,
+        trace: str | os.PathLike[str],
         workload: str,
         batch_size: int,
         *,
@@ -365,7 +416,7 @@ class ReplayBackend:
     ) -> None:
         if gpus < 1:
             raise ValueError(f"a replay backend needs at least one GPU, got {gpus}")
-        self._path = Path(trace)
+        self._path = resolve_trace(trace)
         self._curves = load_trace(self._path, gpu_name)
         self._samples_per_epoch = samples_per_epoch
         self._clock: Clock = clock if clock is not None else WallClock()

@@ -15,11 +15,11 @@ from telemetry.backends.replay import (
     load_trace,
     steps_per_epoch,
 )
+from telemetry.backends.traces import resolve_trace
 from telemetry.clock import VirtualClock
 
-TRACES = Path(__file__).resolve().parents[2].parent / "shared/traces/zeus/nsdi23_trace"
-A40 = TRACES / "summary_power_a40.csv"
-P100 = TRACES / "summary_power_p100.csv"
+A40 = resolve_trace("a40")
+P100 = resolve_trace("p100")
 
 
 @pytest.fixture
@@ -33,7 +33,7 @@ def synthetic(tmp_path: Path) -> Path:
     return path
 
 
-def test_loads_every_curve_of_the_shared_traces() -> None:
+def test_loads_every_curve_of_the_bundled_traces() -> None:
     a40, p100 = load_trace(A40), load_trace(P100)
     assert len(a40) == 53 and len(p100) == 45
     assert {c.gpu for c in a40} == {"A40"} and {c.gpu for c in p100} == {"P100"}
