@@ -21,6 +21,7 @@ import typer
 from pydantic import ValidationError
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from scheduler.settings import BackendName, Settings
@@ -29,7 +30,55 @@ from telemetry.backends.base import GpuBackend, GpuError, GpuReading, ThrottleRe
 if TYPE_CHECKING:
     from scheduler.apiclient import DaemonClient
 
+try:  # Typer 0.2x carries its own copy of Click, whose exceptions are these
+    from typer._click import exceptions as click_errors
+except ImportError:  # pragma: no cover - older Typer on the public Click
+    from click import exceptions as click_errors  # type: ignore[no-redef]
+
+
+
+class _OneLineErrors(typer.core.TyperGroup):
+    """The command group, with every usage mistake said in one ``error:`` line (exit 2).
+
+    Click and Typer would draw a boxed, multi-line message with the usage above it; a script
+    reading stderr, and a person, need one line that names the mistake and where help is.
+    """
+
+    def main(  # type: ignore[override]
+        self,
+        args: list[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        try:
+            rv = super().main(args, prog_name or "powertrain", complete_var,
+                              standalone_mode=False, **extra)
+        except click_errors.NoArgsIsHelpError as exc:  # a bare group: show its help
+            err.print(escape(exc.ctx.get_help() if exc.ctx else exc.format_message()),
+                      highlight=False)
+            rv = EXIT_USAGE
+        except click_errors.UsageError as exc:
+            where = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
+            message = " ".join(exc.format_message().split())
+            err.print(f"[bold red]error:[/] {escape(message + where)}", highlight=False,
+                      soft_wrap=True)
+            rv = EXIT_USAGE
+        except click_errors.ClickException as exc:
+            message = " ".join(exc.format_message().split())
+            err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+            rv = exc.exit_code
+        except typer.Abort:
+            err.print("[bold red]error:[/] aborted", highlight=False)
+            rv = EXIT_ERROR
+        if not standalone_mode:
+            return rv
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
 app = typer.Typer(
+    cls=_OneLineErrors,
     help="powertrain: energy-aware GPU training scheduler and monitor.",
     no_args_is_help=True,
     add_completion=False,
@@ -60,10 +109,40 @@ DbOpt = Annotated[
 ]
 BackendOpt = Annotated[
     BackendName | None,
-    typer.Option("--backend", help="auto: NVML when an NVIDIA driver is present, else simulated."),
+    typer.Option(
+        "--backend",
+        help="auto: NVML when an NVIDIA driver is present, else simulated. replay: GPUs that "
+        "play a measured power trace (--trace). Env: POWERTRAIN_BACKEND.",
+    ),
 ]
 SimGpusOpt = Annotated[
-    int | None, typer.Option("--sim-gpus", help="Number of simulated GPUs (default 4).")
+    int | None,
+    typer.Option("--sim-gpus", help="Number of simulated or replayed GPUs (default 4)."),
+]
+TraceOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--trace",
+        metavar="NAME|PATH",
+        help="Trace for --backend replay (required there): a bundled one (a40, p100) or a "
+        "trace file's path. Env: POWERTRAIN_TRACE.",
+    ),
+]
+TraceWorkloadOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--trace-workload",
+        help="Workload of the trace to replay: dataset/network, or a dataset or network that is "
+        "unique (default: the file's first). Env: POWERTRAIN_TRACE_WORKLOAD.",
+    ),
+]
+TraceBatchSizeOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--trace-batch-size",
+        help="Batch size of that workload to replay (default: the largest the trace has for "
+        "it). Env: POWERTRAIN_TRACE_BATCH_SIZE.",
+    ),
 ]
 SimSkuOpt = Annotated[
     str | None,
@@ -73,8 +152,19 @@ SimSkuOpt = Annotated[
 
 def fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
     """Print one error line and exit."""
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    # Rich would read brackets in the message ("[0, 1]") as markup
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+def invalid(exc: ValidationError, prefix: str = "") -> NoReturn:
+    """Say the first thing a request or settings model refused, as the option it came from."""
+    first = exc.errors()[0]
+    message = str(first["msg"]).removeprefix("Value error, ")
+    field = str(first["loc"][0]) if first["loc"] else ""
+    # the command itself is the argument after --, not an option
+    where = "command" if field == "argv" else f"--{field.replace('_', '-')}" if field else ""
+    fail(f"{prefix}{where}: {message}" if where else f"{prefix}{message}", EXIT_USAGE)
 
 
 def build_settings(**overrides: Any) -> Settings:
@@ -82,9 +172,7 @@ def build_settings(**overrides: Any) -> Settings:
     try:
         return Settings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
-        first = exc.errors()[0]
-        name = "--" + "-".join(str(p) for p in first["loc"]).replace("_", "-")
-        fail(f"invalid {name}: {first['msg']}", EXIT_USAGE)
+        invalid(exc, "invalid ")
 
 
 def guarded(action: Callable[[], T]) -> T:
@@ -109,16 +197,49 @@ def setup_logging(verbose: bool) -> None:
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
+def check_backend_options(settings: Settings) -> None:
+    """End with a usage error (exit 2) for ``replay`` without a trace or with an unknown one."""
+    if settings.backend != "replay":
+        return
+    from telemetry.backends.traces import bundled_traces, resolve_trace
+
+    if not settings.trace:
+        fail(
+            "--backend replay needs --trace NAME|PATH (bundled traces: "
+            + ", ".join(bundled_traces())
+            + ")",
+            EXIT_USAGE,
+        )
+    try:
+        resolve_trace(settings.trace)
+    except LookupError as exc:
+        fail(f"--trace: {exc}", EXIT_USAGE)
+
+
 def open_gpus(settings: Settings) -> tuple[GpuBackend, str]:
+    """Open the settings' GPU backend, and say which and why.
+
+    A replay trace, workload or batch size that does not exist is a usage error (exit 2).
+    """
     from telemetry.backends.choose import open_backend
 
+    check_backend_options(settings)
     settings.home.mkdir(parents=True, exist_ok=True)
-    return open_backend(
-        settings.backend,
-        sim_gpus=settings.sim_gpus,
-        sim_sku=settings.sim_sku,
-        sim_state_path=settings.sim_state_path,
-    )
+    try:
+        return open_backend(
+            settings.backend,
+            sim_gpus=settings.sim_gpus,
+            sim_sku=settings.sim_sku,
+            sim_state_path=settings.sim_state_path,
+            trace=settings.trace,
+            trace_workload=settings.trace_workload,
+            trace_batch_size=settings.trace_batch_size,
+        )
+    except LookupError as exc:
+        # only replay's choices fail this way; a missing GPU is not the user's typing
+        if settings.backend != "replay" or isinstance(exc, GpuError):
+            raise
+        fail(str(exc), EXIT_USAGE)
 
 
 @app.command()
@@ -126,6 +247,9 @@ def daemon(
     backend: BackendOpt = None,
     sim_gpus: SimGpusOpt = None,
     sim_sku: SimSkuOpt = None,
+    trace: TraceOpt = None,
+    trace_workload: TraceWorkloadOpt = None,
+    trace_batch_size: TraceBatchSizeOpt = None,
     db: DbOpt = None,
     home: HomeOpt = None,
     interval_ms: Annotated[
@@ -164,6 +288,9 @@ def daemon(
         backend=backend,
         sim_gpus=sim_gpus,
         sim_sku=sim_sku,
+        trace=trace,
+        trace_workload=trace_workload,
+        trace_batch_size=trace_batch_size,
         db=db,
         home=home,
         interval_ms=interval_ms,
@@ -173,6 +300,7 @@ def daemon(
         node_cap_w=node_cap_w,
         dry_run=dry_run or None,
     )
+    check_backend_options(settings)  # before the store is opened or created
     setup_logging(verbose)
     log = logging.getLogger("powertrain")
 
@@ -237,13 +365,23 @@ def gpus(
     backend: BackendOpt = None,
     sim_gpus: SimGpusOpt = None,
     sim_sku: SimSkuOpt = None,
+    trace: TraceOpt = None,
+    trace_workload: TraceWorkloadOpt = None,
+    trace_batch_size: TraceBatchSizeOpt = None,
     home: HomeOpt = None,
     db: DbOpt = None,
 ) -> None:
     """Show every GPU's live state, read from the backend directly, and the settings powertrain
     applied to it (from the store's settings journal), with the job they are for."""
     settings = build_settings(
-        backend=backend, sim_gpus=sim_gpus, sim_sku=sim_sku, home=home, db=db
+        backend=backend,
+        sim_gpus=sim_gpus,
+        sim_sku=sim_sku,
+        trace=trace,
+        trace_workload=trace_workload,
+        trace_batch_size=trace_batch_size,
+        home=home,
+        db=db,
     )
 
     def read_all() -> tuple[list[dict[str, Any]], str]:
@@ -442,9 +580,7 @@ def submit(
             }
         )
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = "--" + "-".join(str(p) for p in first["loc"]).replace("_", "-")
-        fail(f"{where}: {first['msg']}".replace("--argv", "command"), EXIT_USAGE)
+        invalid(exc)
     job = talk(socket, lambda c: c.submit(req.model_dump(mode="json")))
     typer.echo(job["id"])
 
@@ -534,8 +670,7 @@ def budget(
     try:
         req = UpdateRequest(watts=watts, energy_wh=energy_wh)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        fail(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}", EXIT_USAGE)
+        invalid(exc)
     job = talk(socket, lambda c: c.update(job_id, req.model_dump(exclude_none=True)))
     out.print(
         f"job {job_id}: {_fmt(job['watts'], '{:.0f} W/GPU')}, {_fmt(job['energy_wh'], '{:.1f} Wh')}"

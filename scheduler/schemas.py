@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Literal, Self
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
 ModeName = Literal["auto", "hw", "clock", "soft"]
 OnExceedName = Literal["warn", "slow", "pause", "stop"]
@@ -16,6 +16,33 @@ WattHours = Annotated[float, Field(gt=0, le=1e9, allow_inf_nan=False)]
 GpuIndex = Annotated[int, Field(ge=0, le=1023)]
 
 
+def _one_line(text: str) -> str:
+    # A name is shown on one line in tables, logs and reports; a control character (a newline,
+    # an escape that rewrites the terminal) would break or forge that line.
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
+        raise ValueError("must not contain control characters (newlines, tabs, escapes)")
+    return text
+
+
+def _no_nul(text: str) -> str:
+    # The kernel passes arguments and environment as C strings: a NUL would cut them short.
+    if "\x00" in text:
+        raise ValueError("must not contain a NUL character")
+    return text
+
+
+def _env_name(text: str) -> str:
+    if "=" in _no_nul(text):
+        raise ValueError(f"environment variable name {text!r} must not contain '='")
+    return text
+
+
+JobName = Annotated[str, Field(min_length=1, max_length=128), AfterValidator(_one_line)]
+NoNul = Annotated[str, AfterValidator(_no_nul)]
+Argument = Annotated[str, Field(min_length=1), AfterValidator(_no_nul)]
+EnvName = Annotated[str, Field(min_length=1, max_length=1024), AfterValidator(_env_name)]
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -23,10 +50,10 @@ class _Request(BaseModel):
 class SubmitRequest(_Request):
     """``powertrain submit``: a command to run under budgets on this node's GPUs."""
 
-    name: Annotated[str, Field(min_length=1, max_length=128)] | None = None
-    argv: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
-    cwd: Annotated[str, Field(min_length=1, pattern=r"^/")]
-    env: dict[str, str] = Field(default_factory=dict)
+    name: JobName | None = None
+    argv: Annotated[list[Argument], Field(min_length=1)]
+    cwd: Annotated[str, Field(min_length=1, pattern=r"^/"), AfterValidator(_no_nul)]
+    env: dict[EnvName, NoNul] = Field(default_factory=dict)
     gpus: Annotated[int, Field(ge=1, le=1024)] | None = None
     gpu_ids: Annotated[list[GpuIndex], Field(min_length=1)] | None = None
     watts: Watts | None = None
@@ -49,7 +76,7 @@ class SubmitRequest(_Request):
 class AttachRequest(_Request):
     """A job started elsewhere (torchrun, Slurm, a notebook) registering itself."""
 
-    name: Annotated[str, Field(min_length=1, max_length=128)]
+    name: JobName
     pid: Annotated[int, Field(ge=1)] | None = None
     gpu_ids: list[GpuIndex] | None = None
     total_steps: Annotated[int, Field(ge=1)] | None = None

@@ -82,6 +82,15 @@ class Settings(BaseSettings):
             raise ValueError("must be a finite number")
         return value
 
+    @field_validator("sim_sku")
+    @classmethod
+    def _known_sku(cls, value: str | None) -> str | None:
+        if value is not None:
+            from telemetry.backends.profiles import get_sku
+
+            get_sku(value)  # its ValueError names the known SKUs
+        return value
+
     @property
     def db_url(self) -> str:
         """The store's URL: ``db`` if set, else a SQLite file under ``home``."""

@@ -61,15 +61,28 @@ def test_simulated_node_keeps_its_shape(run: CliRunner) -> None:
         (["gpus", "--backend", "simulated", "--sim-sku", "B9000"], "B9000"),
         (["daemon", "--interval-ms", "-5"], "--interval-ms"),
         (["daemon", "--interval-ms", "0"], "--interval-ms"),
+        # what the parser itself refuses: once a box of six lines with the usage above it
+        (["jobs", "--limit", "3"], "No such option: --limit"),
+        (["submit", "--gpus", "two", "--", "true"], "'--gpus'"),
+        (["submit", "--gpus", "1"], "Missing argument"),
+        (["no-such-command"], "No such command"),
+        (["report", "--by", "week"], "--by"),
+        # names are shown on one line: no newline or terminal escape gets into one
+        (["submit", "--socket", "/nonexistent", "--name", "a\nb", "--", "true"], "--name"),
+        (["submit", "--socket", "/nonexistent", "--name", "\x1b[2Jx", "--", "true"], "--name"),
+        (["submit", "--socket", "/nonexistent", "--", "a\x00b"], "command"),
+        (["submit", "--socket", "/nonexistent", "--gpu-ids", "0,1,1", "--", "true"], "repeats"),
+        (["submit", "--socket", "/nonexistent", "--gpu-ids", "0,,x", "--", "true"], "--gpu-ids"),
     ],
 )
 def test_bad_input_is_one_line_and_a_non_zero_exit(
     run: CliRunner, args: list[str], needle: str
 ) -> None:
     result = run.invoke(app, args)
-    assert result.exit_code != 0
+    assert result.exit_code == 2, result.output
     assert needle in one_error_line(result.stderr)
     assert "Traceback" not in result.output
+    assert result.stdout == ""
 
 
 def test_nvml_without_a_driver_is_one_line(run: CliRunner) -> None:
