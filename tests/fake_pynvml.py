@@ -3,7 +3,8 @@
 It raises the real ``pynvml.NVMLError`` (``NVMLError(code)`` builds the per-code subclass, e.g.
 ``NVMLError_GpuIsLost``) with real NVML return codes, exposes the real constants, returns the real
 ctypes structs where pynvml does, and has hooks for faults. It is a fake, not a simulator: power is
-a constant load clamped to the power limit, and the energy counter grows by a fixed step per call.
+a constant load clamped to the power limit, and the energy counter grows by a fixed step per call,
+or, given a clock, by that power over the clock's time (so tests can let time pass).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pynvml
+
+from telemetry.clock import Clock
 
 H100_NAME = "NVIDIA H100 80GB HBM3"
 MIN_LIMIT_MW = 200_000
@@ -45,6 +48,8 @@ class FakeGpu:
     temperature_c: int = 41
     processes: list[tuple[int, int | None]] = field(default_factory=list)
     lost: bool = False
+    #: With a clock: when the energy counter was last brought up to date (clock seconds).
+    energy_at_s: float = 0.0
 
     @property
     def power_mw(self) -> int:
@@ -79,7 +84,8 @@ class FakePynvml:
         no_permission: Setters fail with ``NVML_ERROR_NO_PERMISSION`` (not root).
         init_error: ``nvmlInit`` fails with this code, e.g. ``NVML_ERROR_LIBRARY_NOT_FOUND``.
         processes: Compute processes per GPU index, as ``(pid, used_memory_bytes)``.
-        energy_step_mj: How much the energy counter grows per read.
+        energy_step_mj: How much the energy counter grows per read (without a ``clock``).
+        clock: If given, the energy counter integrates power over this clock's time instead.
 
     Attributes:
         calls: How many times each call was made.
@@ -100,8 +106,12 @@ class FakePynvml:
         init_error: int | None = None,
         processes: Mapping[int, list[tuple[int, int | None]]] | None = None,
         energy_step_mj: int = 45_200,
+        clock: Clock | None = None,
     ) -> None:
         self.gpus = [FakeGpu(index=i, load_power_mw=452_000 + 1_000 * i) for i in range(gpus)]
+        self._clock = clock
+        for gpu in self.gpus:
+            gpu.energy_at_s = clock.now() if clock is not None else 0.0
         for i, procs in (processes or {}).items():
             self.gpus[i].processes = list(procs)
         self.calls: Counter[str] = Counter()
@@ -260,8 +270,19 @@ class FakePynvml:
 
     def nvmlDeviceGetTotalEnergyConsumption(self, handle: FakeHandle) -> int:
         gpu = self._gpu("nvmlDeviceGetTotalEnergyConsumption", handle)
-        gpu.energy_mj += self.energy_step_mj
+        if self._clock is None:
+            gpu.energy_mj += self.energy_step_mj
+        else:
+            self._accrue(gpu)
         return gpu.energy_mj
+
+    def _accrue(self, gpu: FakeGpu) -> None:
+        """Add the power drawn since the last update to the counter (only with a clock)."""
+        if self._clock is None:
+            return
+        now = self._clock.now()
+        gpu.energy_mj += round(gpu.power_mw * max(0.0, now - gpu.energy_at_s))  # mW·s = mJ
+        gpu.energy_at_s = max(now, gpu.energy_at_s)
 
     def nvmlDeviceGetClockInfo(self, handle: FakeHandle, clock_type: int) -> int:
         gpu = self._gpu("nvmlDeviceGetClockInfo", handle)
@@ -327,6 +348,7 @@ class FakePynvml:
         gpu = self._gpu("nvmlDeviceSetPowerManagementLimit", handle)
         if not MIN_LIMIT_MW <= limit_mw <= MAX_LIMIT_MW:
             raise pynvml.NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        self._accrue(gpu)  # the energy so far was drawn under the old limit
         gpu.power_limit_mw = limit_mw
 
     def nvmlDeviceSetGpuLockedClocks(self, handle: FakeHandle, min_mhz: int, max_mhz: int) -> None:

@@ -1,92 +1,307 @@
-"""One suite, every backend: what the sampler and actuators rely on, proved alike for each."""
+"""One suite, every backend: what the sampler and actuators rely on, proved alike for each.
+
+Every test lets its effect show in a reading: time passes on the backend's (virtual) clock, a
+setting is read back in force and undone, a fault is injected and seen to degrade. Each test first
+checks that the GPU is in a state where the effect can show at all (a power limit below what the
+GPU draws, a clock lock below the clock it runs at), so a backend that ignores the call fails.
+"""
 
 from __future__ import annotations
 
-from datetime import UTC
+import functools
+import operator
+from datetime import timedelta
+from typing import Final
 
 import pytest
 
 from telemetry.backends.base import (
     GpuBackend,
+    GpuInfo,
+    GpuLostError,
     GpuNotFoundError,
     GpuReading,
     InvalidSettingError,
     ThrottleReason,
 )
+from telemetry.clock import to_datetime
+from tests.backends.nodes import FIELD_FAULTS, FIELDS, KINDS, NO_FAULTS, Node
+
+_KNOWN_REASONS: Final = int(functools.reduce(operator.or_, ThrottleReason))
+_CLOCKS_SET: Final = int(ThrottleReason.APPLICATIONS_CLOCKS_SETTING)
+_POWER_CAP: Final = int(ThrottleReason.SW_POWER_CAP)
+#: How long the energy counter is watched, s.
+_ENERGY_S: Final = 10.0
+#: How closely the counter must follow power × time: loose (sensor noise, the counter's 100 ms
+#: updates), yet a counter that stands still or ticks per call is far outside it.
+_ENERGY_REL: Final = 0.1
 
 
-def test_is_a_backend(backend: GpuBackend) -> None:
-    assert isinstance(backend, GpuBackend)
-    assert backend.name in {"nvml", "simulated", "replay"}
+def _read(node: Node, index: int) -> GpuReading:
+    """Read one GPU and check what holds of every reading, in whatever state the test made."""
+    r = node.backend.read(index)
+    assert r.index == index
+    # Stamped by the backend's clock, timezone-aware UTC.
+    assert r.sampled_at == to_datetime(node.clock.now())
+    assert r.sampled_at.utcoffset() == timedelta(0)
+    if r.throttle_reasons is not None:
+        assert r.throttle_reasons & ~_KNOWN_REASONS == 0, f"unknown bits {r.throttle_reasons:#x}"
+    for pct in (r.gpu_util_pct, r.mem_util_pct):
+        assert pct is None or 0 <= pct <= 100
+    if r.energy_mj is not None:
+        last = node.energy_seen.get(index)
+        assert last is None or r.energy_mj >= last, f"energy went back: {last} -> {r.energy_mj}"
+        node.energy_seen[index] = r.energy_mj
+    return r
 
 
-def test_devices_are_indexed_and_unique(backend: GpuBackend) -> None:
-    devices = backend.devices()
-    assert devices, "a backend under test has at least one GPU"
+def _value(r: GpuReading, name: str) -> int:
+    """A field that must have a value here."""
+    value = getattr(r, name)
+    assert isinstance(value, int), f"GPU {r.index}: {name} = {value!r}"
+    return value
+
+
+def _limits(info: GpuInfo) -> tuple[int, int, int]:
+    """Power limit range and default (mW); a GPU under contract has all three."""
+    lo, hi = info.min_limit_mw, info.max_limit_mw
+    assert lo is not None and hi is not None
+    return lo, hi, info.default_limit_mw or hi
+
+
+def _binding_limit(info: GpuInfo) -> int:
+    """A power limit a quarter up the range: below what every busy GPU under test draws."""
+    lo, hi, _ = _limits(info)
+    return lo + (hi - lo) // 4
+
+
+def _clock_range(info: GpuInfo) -> tuple[int, int]:
+    """The supported SM clock range (MHz)."""
+    lo, hi = info.min_sm_clock_mhz, info.max_sm_clock_mhz
+    assert lo is not None and hi is not None
+    return lo, hi
+
+
+def _binding_lock(info: GpuInfo) -> tuple[int, int]:
+    """A clock lock over the lower half of the range: below the clock a busy GPU runs at."""
+    lo, hi = _clock_range(info)
+    return lo, lo + (hi - lo) // 2
+
+
+# -- shape ---------------------------------------------------------------------------------------
+
+def test_is_a_backend(node: Node) -> None:
+    assert isinstance(node.backend, GpuBackend)
+    assert node.backend.name in {"nvml", "simulated", "replay"}
+
+
+def test_fault_rules_cover_every_backend_or_say_why_not(node: Node) -> None:
+    assert set(FIELD_FAULTS) | set(NO_FAULTS) == set(KINDS)
+    assert not set(FIELD_FAULTS) & set(NO_FAULTS)
+    assert all(reason.strip() for reason in NO_FAULTS.values())
+    # A backend gets its fault hooks exactly when the fault rules are run on it.
+    assert (node.faults is None) == (node.kind in NO_FAULTS)
+
+
+def test_devices_are_indexed_and_unique(node: Node) -> None:
+    devices = node.backend.devices()
+    assert len(devices) == 2
     assert [d.index for d in devices] == list(range(len(devices)))
     assert len({d.uuid for d in devices}) == len(devices)
     for d in devices:
         assert d.name
-        assert d.min_limit_mw is not None and d.max_limit_mw is not None
-        assert 0 < d.min_limit_mw <= (d.default_limit_mw or d.max_limit_mw) <= d.max_limit_mw
+        lo, hi, default = _limits(d)
+        assert 0 < lo <= default <= hi
+        clock_lo, clock_hi = _clock_range(d)
+        assert 0 < clock_lo < clock_hi
 
 
-def test_read_gives_a_full_reading(backend: GpuBackend) -> None:
-    r = backend.read(0)
-    assert isinstance(r, GpuReading)
-    assert r.index == 0
-    assert r.sampled_at.tzinfo is not None and r.sampled_at.utcoffset() == UTC.utcoffset(None)
-    for field in ("power_mw", "power_avg_mw", "energy_mj", "sm_clock_mhz", "mem_clock_mhz",
-                  "gpu_util_pct", "mem_util_pct", "temperature_c", "memory_used_bytes",
-                  "power_limit_mw", "throttle_reasons"):
-        value = getattr(r, field)
-        assert isinstance(value, int) and value >= 0, f"{field} = {value!r}"
-    assert r.power_mw is not None and 10_000 < r.power_mw < 1_500_000  # 10 W .. 1.5 kW
-    assert r.gpu_util_pct is not None and r.gpu_util_pct <= 100
+def test_read_gives_a_full_reading(node: Node) -> None:
+    for index in range(2):
+        r = _read(node, index)
+        for name in FIELDS:
+            assert _value(r, name) >= 0, f"{name} = {getattr(r, name)!r}"
+        assert 10_000 < _value(r, "power_mw") < 1_500_000  # 10 W .. 1.5 kW
+        assert _value(r, "power_limit_mw") == _limits(node.backend.devices()[index])[2]
+    # Readings follow the backend's clock (``_read`` checks each stamp against it).
+    stamp = _read(node, 0).sampled_at
+    node.advance(1.0)
+    assert _read(node, 0).sampled_at - stamp == timedelta(seconds=1)
 
 
-def test_unknown_gpu_raises_lookup_error(backend: GpuBackend) -> None:
+def test_unknown_gpu_raises_lookup_error(node: Node) -> None:
+    info = node.backend.devices()[0]
+    _, _, default = _limits(info)
+    lo, hi = _clock_range(info)
+    missing = len(node.backend.devices()) + 5
     with pytest.raises(GpuNotFoundError):
-        backend.read(len(backend.devices()) + 5)
+        node.backend.read(missing)
     with pytest.raises(LookupError):
-        backend.read(-1)
+        node.backend.read(-1)
+    with pytest.raises(GpuNotFoundError):
+        node.backend.set_power_limit(missing, default)
+    with pytest.raises(GpuNotFoundError):
+        node.backend.lock_sm_clocks(missing, lo, hi)
 
 
-def test_power_limit_set_and_reset(backend: GpuBackend) -> None:
-    info = backend.devices()[0]
-    assert info.min_limit_mw is not None and info.max_limit_mw is not None
-    target = (info.min_limit_mw + info.max_limit_mw) // 2
-    backend.set_power_limit(0, target)
-    assert backend.read(0).power_limit_mw == target
-    backend.reset_power_limit(0)
-    assert backend.read(0).power_limit_mw == (info.default_limit_mw or info.max_limit_mw)
+# -- energy --------------------------------------------------------------------------------------
+
+def test_energy_counter_rises_by_power_times_time(node: Node) -> None:
+    """The counter integrates the power drawn: about power × time, at full power and capped."""
+    rises = []
+    for limit_mw in (None, _binding_limit(node.backend.devices()[0])):
+        if limit_mw is not None:
+            node.backend.set_power_limit(0, limit_mw)
+            node.advance()
+        start = _read(node, 0)
+        node.advance(_ENERGY_S)
+        end = _read(node, 0)
+        mean_mw = (_value(start, "power_avg_mw") + _value(end, "power_avg_mw")) / 2
+        rise = _value(end, "energy_mj") - _value(start, "energy_mj")
+        assert rise == pytest.approx(mean_mw * _ENERGY_S, rel=_ENERGY_REL)  # mW·s = mJ
+        rises.append(rise)
+    assert rises[1] < (1 - 2 * _ENERGY_REL) * rises[0], "the cap shows in the counter too"
 
 
-def test_power_limit_outside_range_names_the_range(backend: GpuBackend) -> None:
-    info = backend.devices()[0]
-    assert info.max_limit_mw is not None
-    with pytest.raises(InvalidSettingError, match="range"):
-        backend.set_power_limit(0, info.max_limit_mw + 1000)
-    with pytest.raises(InvalidSettingError):
-        backend.set_power_limit(0, 0)
+# -- power limits --------------------------------------------------------------------------------
+
+def test_power_limit_caps_power_and_reset_lifts_it(node: Node) -> None:
+    info = node.backend.devices()[0]
+    _, _, default = _limits(info)
+    target = _binding_limit(info)
+    ceiling = target * (1 + node.power_tolerance)
+    free = _read(node, 0)
+    assert _value(free, "power_avg_mw") > ceiling, "precondition: the GPU draws above the limit"
+    assert not _value(free, "throttle_reasons") & _POWER_CAP
+
+    node.backend.set_power_limit(0, target)
+    node.advance()
+    capped = _read(node, 0)
+    assert capped.power_limit_mw == target
+    assert _value(capped, "power_mw") <= ceiling
+    assert _value(capped, "power_avg_mw") <= ceiling
+    assert _value(capped, "throttle_reasons") & _POWER_CAP
+    other = _read(node, 1)
+    assert other.power_limit_mw == default and _value(other, "power_avg_mw") > ceiling
+
+    node.backend.reset_power_limit(0)
+    node.advance()
+    back = _read(node, 0)
+    assert back.power_limit_mw == default
+    assert _value(back, "power_avg_mw") > ceiling
+    assert not _value(back, "throttle_reasons") & _POWER_CAP
 
 
-def test_clock_lock_and_reset(backend: GpuBackend) -> None:
-    info = backend.devices()[0]
-    assert info.min_sm_clock_mhz is not None and info.max_sm_clock_mhz is not None
-    backend.lock_sm_clocks(0, info.min_sm_clock_mhz, info.max_sm_clock_mhz)
-    backend.reset_sm_clocks(0)
-    with pytest.raises(InvalidSettingError):
-        backend.lock_sm_clocks(0, info.max_sm_clock_mhz, info.min_sm_clock_mhz)
+def test_invalid_power_limit_is_refused_and_changes_nothing(node: Node) -> None:
+    info = node.backend.devices()[0]
+    lo, hi, _ = _limits(info)
+    target = _binding_limit(info)
+    node.backend.set_power_limit(0, target)
+    node.advance()
+    before = _read(node, 0)
+    for bad in (hi + 1_000, lo - 1_000, 0, -target):
+        with pytest.raises(InvalidSettingError, match="range") as err:
+            node.backend.set_power_limit(0, bad)
+        assert str(lo) in str(err.value) and str(hi) in str(err.value), "names the range"
+    node.advance()
+    after = _read(node, 0)
+    assert after.power_limit_mw == target
+    assert _value(after, "power_avg_mw") <= target * (1 + node.power_tolerance)
+    assert after.throttle_reasons == before.throttle_reasons
 
 
-def test_energy_counter_is_monotonic(backend: GpuBackend) -> None:
-    first = backend.read(0).energy_mj
-    second = backend.read(0).energy_mj
-    assert first is not None and second is not None and second >= first
+# -- clock locks ---------------------------------------------------------------------------------
+
+def test_clock_lock_holds_the_clock_in_range_and_reset_frees_it(node: Node) -> None:
+    lo, hi = _binding_lock(node.backend.devices()[0])
+    free = _read(node, 0)
+    assert _value(free, "sm_clock_mhz") > hi, "precondition: the GPU runs above the lock"
+    assert not _value(free, "throttle_reasons") & _CLOCKS_SET
+
+    node.backend.lock_sm_clocks(0, lo, hi)
+    node.advance()
+    locked = _read(node, 0)
+    assert lo <= _value(locked, "sm_clock_mhz") <= hi
+    if node.lock_reads_top:
+        assert locked.sm_clock_mhz == hi
+    assert _value(locked, "throttle_reasons") & _CLOCKS_SET
+    other = _read(node, 1)
+    assert _value(other, "sm_clock_mhz") > hi
+    assert not _value(other, "throttle_reasons") & _CLOCKS_SET
+
+    node.backend.reset_sm_clocks(0)
+    node.advance()
+    back = _read(node, 0)
+    assert _value(back, "sm_clock_mhz") > hi
+    assert not _value(back, "throttle_reasons") & _CLOCKS_SET
 
 
-def test_throttle_reasons_are_known_bits(backend: GpuBackend) -> None:
-    reasons = backend.read(0).throttle_reasons
-    assert reasons is not None
-    assert reasons & ~int(sum(ThrottleReason)) == 0
+def test_invalid_clock_lock_is_refused_and_changes_nothing(node: Node) -> None:
+    info = node.backend.devices()[0]
+    clock_lo, clock_hi = _clock_range(info)
+    lo, hi = _binding_lock(info)
+    node.backend.lock_sm_clocks(0, lo, hi)
+    node.advance()
+    before = _read(node, 0)
+    assert _value(before, "throttle_reasons") & _CLOCKS_SET, "precondition: the lock binds"
+    for bad in ((hi, lo), (clock_lo // 2, hi), (lo, clock_hi + 100)):
+        with pytest.raises(InvalidSettingError, match="range") as err:
+            node.backend.lock_sm_clocks(0, *bad)
+        assert str(clock_lo) in str(err.value) and str(clock_hi) in str(err.value)
+    node.advance()
+    after = _read(node, 0)
+    assert after.sm_clock_mhz == before.sm_clock_mhz
+    assert after.throttle_reasons == before.throttle_reasons
+
+
+# -- degradation ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", FIELDS)
+def test_broken_field_reads_none_and_the_rest_still_read(
+    field_fault: tuple[Node, str], name: str
+) -> None:
+    node, how = field_fault
+    assert node.faults is not None
+    healthy = _read(node, 0)
+    _value(healthy, name)  # precondition: the field reads before the fault
+    down = node.faults.break_field(0, name, how)
+    assert name in down
+    last = healthy
+    for _ in range(2):  # the read that meets the fault, and one after it
+        node.advance()
+        r = _read(node, 0)  # does not raise
+        value = getattr(r, name)
+        if value is not None and name in node.faults.bridged_fields:
+            # A documented estimate (energy from power), which must still track power × time.
+            rise = value - _value(last, name)
+            elapsed_s = (r.sampled_at - last.sampled_at).total_seconds()
+            assert rise == pytest.approx(_value(r, "power_avg_mw") * elapsed_s, rel=_ENERGY_REL)
+        else:
+            assert value is None, f"{name} = {value!r} with its source {how}"
+        for other in FIELDS:
+            if other not in down:
+                _value(r, other)
+        last = r
+    _value(_read(node, 1), name)  # the other GPU still has it
+
+
+def test_lost_gpu_raises_on_read_and_the_others_keep_reading(faulty_node: Node) -> None:
+    node = faulty_node
+    assert node.faults is not None
+    _, _, default = _limits(node.backend.devices()[0])
+    _read(node, 0)
+    node.faults.lose(0)
+    for _ in range(2):
+        node.advance()
+        with pytest.raises(GpuLostError):
+            node.backend.read(0)
+        other = _read(node, 1)
+        for name in FIELDS:
+            _value(other, name)
+    with pytest.raises(GpuLostError):
+        node.backend.set_power_limit(0, default)
+    node.faults.recover(0)
+    node.advance()
+    back = _read(node, 0)
+    for name in FIELDS:
+        _value(back, name)
