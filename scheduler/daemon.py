@@ -27,6 +27,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import make_url
 
 from scheduler.api import ApiServer, bind_socket, create_app
+from scheduler.launcher import choose_runner_python
 from scheduler.service import JobService
 from scheduler.settings import Settings
 from telemetry.backends.base import GpuBackend
@@ -119,7 +120,10 @@ class Daemon:
     def __init__(
         self, settings: Settings, backend: GpuBackend, store: Store, *, host: str | None = None
     ) -> None:
-        self.settings = settings
+        python, problem = choose_runner_python(settings.runner_python, settings.socket_group)
+        if problem:
+            log.warning("%s", problem)
+        self.settings = settings = settings.model_copy(update={"runner_python": python})
         self.backend = backend
         self.store = store
         self.host = host or socket.gethostname()

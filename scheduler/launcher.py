@@ -2,6 +2,9 @@
 
 A launched job runs under ``scheduler.runner`` in a session of its own (``start_new_session``), so
 it outlives the daemon; the runner records the command's exit status in ``<log_dir>/exit_code``.
+The runner's source reaches the interpreter through a pipe (``RUNNER_BOOTSTRAP``): the job's user
+need not be able to read the folder powertrain is installed in, only to execute the interpreter
+(see ``choose_runner_python``, which the daemon calls at start).
 A pid is trusted only together with its psutil ``create_time``: after a daemon restart a new
 ``Launcher`` re-adopts running jobs from their stored pid and create time, and learns how a job
 that ended meanwhile exited from its exit file. Attached jobs (started elsewhere) are followed by
@@ -11,9 +14,11 @@ pid and create time only.
 from __future__ import annotations
 
 import contextlib
+import grp
 import logging
 import os
 import pwd
+import shutil
 import signal
 import subprocess
 import sys
@@ -40,6 +45,91 @@ RUNNER_KILL_DELAY_S = 2.0
 """After SIGKILLing a job's command, how long its runner gets to record the exit, s."""
 RUNNER_READY_TIMEOUT_S = 2.0
 """How long ``terminate`` waits for a just-started runner to catch SIGTERM, s."""
+RUNNER_MIN_PYTHON = (3, 11)
+"""The oldest Python the runner runs on (it starts the command with ``process_group``)."""
+RUNNER_BOOTSTRAP = (
+    "import sys; exec(compile(open(int(sys.argv.pop(1)), 'rb').read(), 'powertrain-runner', "
+    "'exec'))"
+)
+"""``python -I -c`` code that runs the runner's source read from the pipe named by its first
+argument (a short line in ``ps``, where the whole source would be a hundred)."""
+NOBODY_UID = 65534
+"""A uid that owns nothing: checking an interpreter as it, in a group, checks what that group's
+members may run, not what one user owns."""
+
+
+def choose_runner_python(configured: str | None, group: str | None) -> tuple[str, str | None]:
+    """The interpreter that runs jobs' runners, and a warning line when jobs cannot use it.
+
+    Jobs run as their users, so the interpreter must be one that the users allowed on the API
+    socket can execute: a virtual environment under root's private home is not. As root, each
+    candidate is tried for real, as a uid owning nothing in the socket's group, with
+    ``python -I -c`` checking its version: ``configured`` alone when given, else this process's
+    interpreter, the one it links to, and ``python3`` in the system folders, in that order. Not
+    as root, the daemon launches only its own user's jobs, and its own interpreter serves.
+
+    Args:
+        configured: ``--runner-python`` (``POWERTRAIN_RUNNER_PYTHON``), or ``None``.
+        group: The socket's group (``--socket-group``); ``None``: the daemon's own group.
+
+    Returns:
+        The interpreter, and ``None`` or one line that says why jobs of other users will not
+        start with it and what to change.
+
+    Raises:
+        ValueError: ``group`` does not exist.
+    """
+    try:
+        gid = grp.getgrnam(group).gr_gid if group else os.getegid()
+    except KeyError:
+        raise ValueError(f"--socket-group {group}: no such group") from None
+    if os.geteuid() != 0:
+        return configured or sys.executable, None
+    who = f"group {group}" if group else f"the socket's group (gid {gid})"
+    if configured:
+        candidates = [configured]
+    else:
+        system = shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin")
+        candidates = list(dict.fromkeys(
+            c for c in (sys.executable, os.path.realpath(sys.executable), system) if c
+        ))
+    problems = []
+    for python in candidates:
+        problem = _runner_python_problem(python, gid)
+        if problem is None:
+            return python, None
+        problems.append(f"{python}: {problem}")
+    need = ".".join(map(str, RUNNER_MIN_PYTHON))
+    fix = (f"set --runner-python (POWERTRAIN_RUNNER_PYTHON) to a Python {need}+ they can "
+           "execute, or open its folders to them")
+    return candidates[0], (
+        f"jobs of users other than root will not start: {who} cannot run the job runner's "
+        f"interpreter ({'; '.join(problems)}): {fix}"
+    )
+
+
+def _runner_python_problem(python: str, gid: int) -> str | None:
+    """Why members of group ``gid`` cannot run the runner with ``python``, or ``None``."""
+    need = ".".join(map(str, RUNNER_MIN_PYTHON))
+    try:
+        done = subprocess.run(
+            [python, "-I", "-c",
+             f"import sys; sys.exit(0 if sys.version_info >= {RUNNER_MIN_PYTHON!r} else 3)"],
+            user=NOBODY_UID, group=gid, extra_groups=[], cwd="/", env={},
+            stdin=subprocess.DEVNULL, capture_output=True, timeout=30,
+        )  # fmt: skip
+    except PermissionError:
+        return "permission denied (a folder on its path or the file is closed to them)"
+    except FileNotFoundError:
+        return "not found"
+    except (OSError, subprocess.SubprocessError) as exc:
+        return str(exc)
+    if done.returncode == 3:
+        return f"older than Python {need}"
+    if done.returncode != 0:
+        last = (done.stderr.decode(errors="replace").strip().splitlines() or ["no output"])[-1]
+        return f"exits {done.returncode} ({last})"
+    return None
 
 
 class ProcessState(StrEnum):
@@ -184,6 +274,8 @@ class Launcher:
         self._clock = clock or WallClock()
         self._log_dir_of = log_dir_of
         self._python = python or sys.executable
+        # Read once, as the daemon: the job's user may not be able to read this checkout.
+        self._runner_source = Path(runner.__file__).read_bytes()
         self._children: dict[int, tuple[subprocess.Popen[bytes], float]] = {}
         self._log_dirs: dict[int, Path] = {}
         self._terminating: dict[int, _Termination] = {}
@@ -251,6 +343,12 @@ class Launcher:
         try:
             dir_fd = os.open(log_dir, os.O_RDONLY | os.O_DIRECTORY)
             fds.append(dir_fd)
+            source_fd, source_w = os.pipe()
+            fds.append(source_fd)
+            try:  # a few kB: the pipe holds it all before the runner reads
+                os.write(source_w, self._runner_source)
+            finally:
+                os.close(source_w)
             for path in (stdout_path, stderr_path):
                 # O_NOFOLLOW: the folder is the user's; never follow their link as root
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o640)
@@ -260,7 +358,9 @@ class Launcher:
             command = [
                 self._python,
                 "-I",
-                runner.__file__,
+                "-c",
+                RUNNER_BOOTSTRAP,
+                str(source_fd),
                 "--exit-file",
                 str(exit_path),
                 "--dir-fd",
@@ -273,9 +373,9 @@ class Launcher:
                 cwd=job.cwd,
                 env=env,
                 stdin=subprocess.DEVNULL,
-                stdout=fds[1],
-                stderr=fds[2],
-                pass_fds=(dir_fd,),
+                stdout=fds[-2],
+                stderr=fds[-1],
+                pass_fds=(dir_fd, source_fd),
                 start_new_session=True,
                 user=job.uid if as_root else None,
                 group=job.gid if as_root else None,

@@ -1,7 +1,8 @@
 """The job runner: runs a job's command as a child and records how it ended in an exit file.
 
-``python -m scheduler.runner --exit-file PATH [--dir-fd N] -- ARGV...`` (the launcher runs this
-file as a script with ``python -I``, so it imports nothing but the standard library). It starts
+``python -m scheduler.runner --exit-file PATH [--dir-fd N] -- ARGV...`` (the launcher hands this
+file's source to ``python -I`` through a pipe, as the job's user may not be able to read it: it
+imports nothing but the standard library). It starts
 ARGV in a process group of its own, forwards SIGTERM, SIGINT, SIGHUP, SIGUSR1 and SIGUSR2 to that
 group, and when the child exits writes its status (``128 + n`` when killed by signal ``n``) to the
 exit file atomically (a temporary file renamed over it), then exits with the same status. With

@@ -20,11 +20,12 @@ class DaemonProcess:
 
     def __init__(
         self, home: Path, *args: str, gpus: int = 4, db: str | None = None,
-        env: dict[str, str] | None = None,
+        env: dict[str, str] | None = None, python: str | None = None, cwd: Path | None = None,
     ) -> None:
+        """Start it; ``python`` and ``cwd`` run it from another view of the checkout."""
         self.home = home
         self.log_path = home / f"daemon-{time.monotonic_ns()}.log"
-        cmd = [sys.executable, "-m", "scheduler", "daemon", "--backend", "simulated",
+        cmd = [python or sys.executable, "-m", "scheduler", "daemon", "--backend", "simulated",
                "--sim-gpus", str(gpus), "--home", str(home), *args]
         if db:
             cmd += ["--db", db]
@@ -32,7 +33,7 @@ class DaemonProcess:
         self._log = self.log_path.open("w")
         clean = {k: v for k, v in os.environ.items() if not k.startswith("POWERTRAIN_")}
         self.proc = subprocess.Popen(
-            cmd, stdout=self._log, stderr=subprocess.STDOUT, env=clean | (env or {})
+            cmd, stdout=self._log, stderr=subprocess.STDOUT, env=clean | (env or {}), cwd=cwd
         )
 
     def wait_for(self, condition: Callable[[], bool], timeout_s: float = 30.0) -> None:
@@ -96,8 +97,12 @@ def wait_until(daemon: DaemonProcess, condition: Callable[[], bool], timeout_s: 
     daemon.wait_for(condition, timeout_s=timeout_s)
 
 
-def start_daemon(home: Path, socket: Path, *args: str, gpus: int = 4, **env: str) -> DaemonProcess:
-    daemon = DaemonProcess(home, "--socket", str(socket), *args, gpus=gpus, env=env)
+def start_daemon(
+    home: Path, socket: Path, *args: str, gpus: int = 4, python: str | None = None,
+    cwd: Path | None = None, **env: str,
+) -> DaemonProcess:
+    daemon = DaemonProcess(home, "--socket", str(socket), *args, gpus=gpus, env=env,
+                           python=python, cwd=cwd)
 
     def answers() -> bool:
         with httpx.Client(transport=httpx.HTTPTransport(uds=str(socket)),

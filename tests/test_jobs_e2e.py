@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-import grp
 import itertools
 import json
 import os
 import pwd
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +23,16 @@ from tests.daemon_proc import (
     EXAMPLE,
     REPO,
     TINY,
+    DaemonProcess,
     cli,
     jobs,
     start_daemon,
     submit,
     wait_until,
 )
+from tests.users import machine_users
+
+GATED = REPO / "tests" / "jobs" / "gated.py"
 
 pytestmark = pytest.mark.slow
 
@@ -169,18 +175,18 @@ print(json.dumps({"status": answer.status, "body": json.loads(answer.read() or b
 """
 
 
-def ensure_user(name: str) -> None:
+@pytest.fixture
+def closed_checkout() -> Iterator[tuple[str, Path]]:
+    """This checkout and its interpreter seen through a mode-0700 folder, as a checkout in
+    root's private home is: other users can neither read it nor run its virtual environment."""
+    top = Path(tempfile.mkdtemp(prefix="pt-closed-"))  # mkdtemp: mode 0700
     try:
-        grp.getgrnam(USERS_GROUP)
-    except KeyError:
-        subprocess.run(["groupadd", "--system", USERS_GROUP], check=True)
-    try:
-        pwd.getpwnam(name)
-    except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/bin/sh",
-                        "-G", USERS_GROUP, name], check=True)
-    else:
-        subprocess.run(["usermod", "-a", "-G", USERS_GROUP, name], check=True)
+        (top / "repo").symlink_to(REPO)
+        (top / "venv").symlink_to(sys.prefix)  # the venv's own path, so it finds pyvenv.cfg
+        python = top / "venv" / Path(sys.executable).relative_to(sys.prefix)
+        yield str(python), top / "repo"
+    finally:
+        shutil.rmtree(top)
 
 
 def as_user(user: str, socket: Path, method: str, url: str, body: str = "") -> dict[str, Any]:
@@ -196,59 +202,71 @@ def as_user(user: str, socket: Path, method: str, url: str, body: str = "") -> d
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="creating users and running jobs as them needs root")
 def test_a_user_cannot_touch_another_users_job_but_root_can(
-    tmp_path: Path, sock_dir: Path
+    tmp_path: Path, sock_dir: Path, closed_checkout: tuple[str, Path]
 ) -> None:
-    for user in (ALICE, BOB):
-        ensure_user(user)
+    """The daemon runs from a checkout its users cannot enter, with no interpreter named for
+    the jobs: it finds one they can run, and their jobs start."""
+    python, checkout = closed_checkout
     socket = sock_dir / "api.sock"
-    daemon = start_daemon(tmp_path, socket, "--socket-group", USERS_GROUP,
-                          POWERTRAIN_RUNNER_PYTHON="/usr/bin/python3")
-    try:
-        assert socket.stat().st_mode & 0o777 == 0o660
-        body = json.dumps({"argv": ["sleep", "60"], "cwd": "/tmp", "watts": 300})
-        made = as_user(ALICE, socket, "POST", "/v1/jobs", body)
-        assert made["status"] == 201 and made["body"]["user"] == ALICE
-        job_id = made["body"]["id"]
-        wait_until(daemon, lambda: jobs(socket)[job_id]["state"] == "running", timeout_s=30)
-        pid = jobs(socket)[job_id]["pid"]
-        assert pwd.getpwuid(os.stat(f"/proc/{pid}").st_uid).pw_name == ALICE
+    with machine_users(ALICE, BOB, group=USERS_GROUP):
+        daemon = start_daemon(tmp_path, socket, "--socket-group", USERS_GROUP, python=python,
+                              cwd=checkout)
+        try:
+            _users_and_root(daemon, socket)
+        finally:
+            assert daemon.terminate() == 0, daemon.log()
+    assert "will not start" not in daemon.log()
 
-        seen = as_user(BOB, socket, "GET", "/v1/jobs")
-        assert [j["id"] for j in seen["body"]] == [job_id]  # everyone sees every job
-        for method, url, change in (("POST", f"/v1/jobs/{job_id}/cancel", ""),
-                                    ("PATCH", f"/v1/jobs/{job_id}", '{"watts": 250}')):
-            refused = as_user(BOB, socket, method, url, change)
-            assert refused["status"] == 403 and ALICE in refused["body"]["detail"]
-        assert jobs(socket)[job_id]["watts"] == 300
 
-        changed = as_user(ALICE, socket, "PATCH", f"/v1/jobs/{job_id}", '{"watts": 250}')
-        assert changed["status"] == 200 and changed["body"]["watts"] == 250
-        by_root = cli(socket, "cancel", str(job_id))
-        assert by_root.returncode == 0, by_root.stderr
-        wait_until(daemon, lambda: jobs(socket)[job_id]["state"] == "cancelled", timeout_s=30)
-    finally:
-        assert daemon.terminate() == 0, daemon.log()
+def _users_and_root(daemon: DaemonProcess, socket: Path) -> None:
+    assert socket.stat().st_mode & 0o777 == 0o660
+    body = json.dumps({"argv": ["sleep", "60"], "cwd": "/tmp", "watts": 300})
+    made = as_user(ALICE, socket, "POST", "/v1/jobs", body)
+    assert made["status"] == 201 and made["body"]["user"] == ALICE
+    job_id = made["body"]["id"]
+    wait_until(daemon, lambda: jobs(socket)[job_id]["state"] == "running", timeout_s=30)
+    pid = jobs(socket)[job_id]["pid"]
+    assert pwd.getpwuid(os.stat(f"/proc/{pid}").st_uid).pw_name == ALICE
+
+    seen = as_user(BOB, socket, "GET", "/v1/jobs")
+    assert [j["id"] for j in seen["body"]] == [job_id]  # everyone sees every job
+    for method, url, change in (("POST", f"/v1/jobs/{job_id}/cancel", ""),
+                                ("PATCH", f"/v1/jobs/{job_id}", '{"watts": 250}')):
+        refused = as_user(BOB, socket, method, url, change)
+        assert refused["status"] == 403 and ALICE in refused["body"]["detail"]
+    assert jobs(socket)[job_id]["watts"] == 300
+
+    changed = as_user(ALICE, socket, "PATCH", f"/v1/jobs/{job_id}", '{"watts": 250}')
+    assert changed["status"] == 200 and changed["body"]["watts"] == 250
+    by_root = cli(socket, "cancel", str(job_id))
+    assert by_root.returncode == 0, by_root.stderr
+    wait_until(daemon, lambda: jobs(socket)[job_id]["state"] == "cancelled", timeout_s=30)
 
 
 def test_a_daemon_restart_readopts_a_running_job(tmp_path: Path, sock_dir: Path) -> None:
-    socket = sock_dir / "api.sock"
+    """kill -9 of the daemon while a job runs: the job goes on, the next daemon re-adopts it,
+    and its client's cumulative reports lose nothing. The job waits at a gate the test opens
+    once the new daemon is up, so it is certainly running across the restart."""
+    socket, gate = sock_dir / "api.sock", tmp_path / "gate"
     daemon = start_daemon(tmp_path, socket)
-    job_id = submit(socket, "--", sys.executable, str(EXAMPLE), *TINY, "--steps", "2000")
-    wait_until(daemon, lambda: jobs(socket)[job_id]["steps"] >= 10, timeout_s=120)
+    job_id = submit(socket, "--", sys.executable, str(GATED), "--steps", "200",
+                    "--gate", str(gate), "--gate-at", "10")
+    wait_until(daemon, lambda: jobs(socket)[job_id]["steps"] >= 10, timeout_s=60)
     pid = jobs(socket)[job_id]["pid"]
     daemon.kill()
     killed_at = time.time()
-    time.sleep(1.0)
+    time.sleep(1.0)  # a real gap for the samples to show
     os.kill(pid, 0)  # the job outlived its daemon
 
     restarted = start_daemon(tmp_path, socket)
     restarted_at = time.time()
-    os.kill(pid, 0)  # still training when the new daemon took over
+    os.kill(pid, 0)  # still there when the new daemon took over
     try:
-        wait_until(restarted, lambda: jobs(socket)[job_id]["state"] != "running", timeout_s=240)
+        gate.touch()
+        wait_until(restarted, lambda: jobs(socket)[job_id]["state"] != "running", timeout_s=120)
         view = jobs(socket)[job_id]
         assert view["state"] == "completed" and view["exit_code"] == 0
-        assert view["tokens"] == 2000 * 8 * 64  # the client reconnected and lost nothing
+        assert view["tokens"] == 200 * 512  # the client reconnected and lost nothing
     finally:
         assert restarted.terminate() == 0, restarted.log()
 

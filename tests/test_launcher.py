@@ -28,10 +28,12 @@ from scheduler.launcher import (
     Launcher,
     ProcessState,
     ProcessStatus,
+    choose_runner_python,
     read_exit_file,
 )
 from telemetry.clock import VirtualClock
 from telemetry.store.jobs import JobRecord
+from tests.users import machine_users
 
 TEST_USER = "powertrain-test"
 SOCKET = Path("/run/powertrain/api.sock")
@@ -398,22 +400,47 @@ def test_an_attached_job_that_ignores_sigterm_is_killed(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def test_user() -> pwd.struct_passwd:
+def test_user() -> Iterator[pwd.struct_passwd]:
     if os.geteuid() != 0:
         pytest.skip("running a job as another user needs root (the daemon's usual identity)")
+    with machine_users(TEST_USER) as (user,):
+        yield user
+
+
+@pytest.fixture
+def closed_python() -> Iterator[str]:
+    """This interpreter reached through a mode-0700 folder, as a virtual environment in root's
+    private home is: only root can run it by that path."""
+    top = Path(tempfile.mkdtemp(prefix="pt-closed-"))  # mkdtemp: mode 0700
     try:
-        return pwd.getpwnam(TEST_USER)
-    except KeyError:
-        subprocess.run(
-            ["useradd", "--system", "--no-create-home", TEST_USER], check=True, timeout=30
-        )
-        return pwd.getpwnam(TEST_USER)
+        (top / "python").symlink_to(sys.executable)
+        yield str(top / "python")
+    finally:
+        shutil.rmtree(top)
+
+
+def test_the_runner_python_is_one_the_socket_group_can_run(
+    test_user: pwd.struct_passwd, closed_python: str
+) -> None:
+    python, problem = choose_runner_python(None, None)
+    assert problem is None, problem
+    # what was checked as a uid owning nothing holds for a real user of the group
+    done = subprocess.run(["runuser", "-u", test_user.pw_name, "--", python, "-I", "-c", "0"],
+                          cwd="/", capture_output=True, timeout=30)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    # one that cannot be run is said in one line that says what to change
+    kept, problem = choose_runner_python(closed_python, None)
+    assert kept == closed_python
+    assert problem is not None and "\n" not in problem
+    assert closed_python in problem and "permission denied" in problem
+    assert "--runner-python" in problem
+    with pytest.raises(ValueError, match="no such group"):
+        choose_runner_python(None, "pt-no-such-group")
 
 
 def test_a_job_runs_as_its_user(test_user: pwd.struct_passwd, tmp_path: Path) -> None:
-    # root's interpreter may sit under /root (closed to other users): run the runner with one
-    # the job's user can execute
-    python = shutil.which("python3", path="/usr/bin:/bin") or sys.executable
+    # root's interpreter may sit under /root (closed to other users): the daemon's choice
+    python, _ = choose_runner_python(None, None)
     launcher = Launcher(python=python)
     work = Path(tempfile.mkdtemp(prefix="powertrain-test-"))
     try:
