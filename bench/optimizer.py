@@ -394,7 +394,7 @@ def write_synthetic_trace(path: Path, seed: int = 12345) -> None:
     """A held-out trace in the same format, from a curve shape the real traces do not have.
 
     An imaginary 700 W GPU ("SYN700", limits 200-700 W in 50 W steps, not Zeus's 25 W grid),
-    after DESIGN.md's model: ``P(f) = P_static + a P_dyn (f/f_max)^k`` and
+    after the simulator's model: ``P(f) = P_static + a P_dyn (f/f_max)^k`` and
     ``t(f) = t_max (c f_max/f + 1 - c)``, the clock set by the limit, with eight workloads of
     random activity, exponent and compute share, and 1.5 % multiplicative run-to-run noise on
     every time and power (the real traces have such noise). Nothing here is fitted to the

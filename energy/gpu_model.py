@@ -1,4 +1,4 @@
-"""The simulated GPU's physics (DESIGN.md, "The simulated GPU"): power, clock and step time.
+"""The simulated GPU's physics: power, clock and step time (docs/architecture.md, section 7).
 
 Pure maths, no I/O. Power at SM clock ``f`` for a workload of activity ``a``::
 
@@ -382,7 +382,7 @@ def fit_gpu(
         groups: Measured points per workload key (e.g. ``"imagenet/resnet50/bs256"``).
         gpu: Starting GPU parameters (the SKU profile's, or generic ones).
         fit_static: Fit ``static_power_w``; else keep the given value.
-        fit_k: Fit ``k`` within ``k_bounds``; else keep the given value. DESIGN.md puts ``k``
+        fit_k: Fit ``k`` within ``k_bounds``; else keep the given value. the simulator takes ``k``
             at about 2.5-3; the bounds keep the fit physical where traces barely constrain it.
         k_bounds: Bounds of ``k``.
 

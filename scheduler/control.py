@@ -12,15 +12,15 @@ each decision with the power and throughput before it and, a few ticks later, af
             actuators.apply(decision.commands)
             journal.record(decision)
 
-Modes (DESIGN.md, "Budgets and how they are held"):
+Modes (docs/architecture.md, "Budgets and how they are held"):
 
 * ``hw`` — ``HwController``: the power limit at the budget, then trimmed on the measured average;
 * ``clock`` — ``ClockController``: the highest locked SM clock whose measured power fits;
 * ``soft`` — ``SoftController``: pacing from a model-based feedback controller on duty;
 * ``auto`` — ``choose_mode``: ``hw`` where the daemon may set limits, else ``soft``.
 
-Each controller is a small state machine with documented transitions (STYLE.md, "State machines,
-not flag soup"). All of them aim at a setpoint a little under the budget
+Each controller is a small state machine with explicit states and documented transitions
+(not flag soup). All of them aim at a setpoint a little under the budget
 (``budget * (1 - margin)``) so that 10 s averages stay at or under ``budget * 1.02``.
 
 ``EnergyForecast`` forecasts a job's total energy from its progress; ``EnergyGuard`` turns
@@ -513,7 +513,7 @@ class ClockController:
     """``clock`` mode: SM clocks locked at the highest supported clock whose power fits.
 
     The search is model-guided. Busy power is ``P(f) = b + m * u`` with ``u = (f / f_max)^k``
-    (DESIGN.md's model: ``b`` the static power, ``m`` the workload's dynamic power): linear in
+    (the simulator's model: ``b`` the static power, ``m`` the workload's dynamic power): linear in
     ``u``. The first clock is predicted safe: before anything is measured, the power at the top
     clock is bounded by the card's maximum limit and ``b`` by its idle power, and a line through
     those overestimates power at every lower clock. Each held clock adds a measured point; with
@@ -526,7 +526,7 @@ class ClockController:
 
     Args:
         margin: A clock fits when its power is at or under ``budget * (1 - margin)``.
-        k: Clock exponent of dynamic power used by the model (DESIGN.md: about 2.5-3).
+        k: Clock exponent of dynamic power used by the model (the simulator: about 2.5-3).
         confirm: The next clock up is not measured when the fitted line puts it this share over
             the setpoint.
         hold_ticks: Ticks a new clock is held before its 1 s average is trusted (a 1 s average

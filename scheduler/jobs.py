@@ -34,7 +34,7 @@ class JobState(StrEnum):
 
 
 class Mode(StrEnum):
-    """How a wattage budget is enforced (see DESIGN.md, "Budgets and how they are held").
+    """How a wattage budget is enforced (see docs/architecture.md, "Budgets and how they are held").
 
     ``hw``: NVML power limit; ``clock``: locked SM clocks; ``soft``: the client paces steps and
     shrinks the micro-batch; ``auto``: ``hw`` where permitted, else ``soft``.

@@ -31,7 +31,7 @@ from telemetry.clock import VirtualClock
 
 A40 = resolve_trace("a40")
 
-# A GPU after DESIGN.md's model: P(f) = P_static + P_dyn (f/f_max)^k, t(f) = t_max (c/f + 1 - c).
+# A GPU after the simulator's model: P(f) = P_static + P_dyn (f/f_max)^k, t(f) = t_max (c/f + 1 - c)
 Curve = Callable[[int], tuple[float, float]]  # setting (mW) -> (seconds per step, watts)
 
 

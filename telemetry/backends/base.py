@@ -135,7 +135,7 @@ class InvalidSettingError(GpuError, ValueError):
 class GpuBackend(Protocol):
     """What the sampler and the actuators need from a source of GPUs.
 
-    Implementations: ``NvmlBackend`` (real GPUs), ``SimulatedBackend`` (the model in DESIGN.md),
+    Implementations: ``NvmlBackend`` (real GPUs), ``SimulatedBackend`` (docs/architecture.md),
     and trace replay. ``read`` raises ``GpuLostError`` for a GPU that is gone; every other failing
     or unsupported field degrades to ``None``. Setters raise ``GpuPermissionError``,
     ``NotSupportedError`` or ``InvalidSettingError``; each has a reset partner.

@@ -1,4 +1,4 @@
-"""The simulated GPU backend: DESIGN.md's power/clock model behind the ``GpuBackend`` protocol.
+"""The simulated GPU backend: the power/clock model behind the ``GpuBackend`` protocol.
 
 Each GPU runs a settable workload (or sits idle) under a power limit and optional clock locks;
 ``energy.gpu_model`` gives its clock and power. True power is piecewise constant between events
