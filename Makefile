@@ -23,8 +23,10 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# Tests run on every core (pytest-xdist); the ten slowest are listed at the end. A PostgreSQL
+# server is started for the run when its binaries are installed (tests/conftest.py).
 unit: $(STAMP)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n auto --durations=10
 
 test: lint typecheck unit
 

@@ -17,7 +17,9 @@ from typing import Any
 
 import httpx
 import pytest
+from typer.testing import CliRunner
 
+from scheduler.cli import app
 from telemetry.store import open_store
 from tests.daemon_proc import (
     EXAMPLE,
@@ -84,14 +86,21 @@ def test_two_example_jobs_train_and_are_accounted(tmp_path: Path, sock_dir: Path
 def test_node_cap_holds_the_second_job_until_the_first_ends(
     tmp_path: Path, sock_dir: Path
 ) -> None:
-    socket = sock_dir / "api.sock"
+    socket, gate = sock_dir / "api.sock", tmp_path / "gate"
     # Idle H100s draw ~75 W: 400 W + 3 idle GPUs fits under 750 W, two 400 W jobs do not.
     daemon = start_daemon(tmp_path, socket, "--node-cap-w", "750")
     try:
-        first = submit(socket, "--watts", "400", "--", "sleep", "3")
-        second = submit(socket, "--watts", "400", "--", "sleep", "1")
+        # the first job runs until the test opens its gate, however slow this machine is
+        first = submit(socket, "--watts", "400", "--", "sh", "-c",
+                       f"while [ ! -e {gate} ]; do sleep 0.1; done")
+        second = submit(socket, "--watts", "400", "--", "true")
         wait_until(daemon, lambda: jobs(socket)[first]["state"] == "running", timeout_s=30)
-        assert jobs(socket)[second]["state"] == "queued"
+        # several control ticks (1 s each) pass with the second job held; however slow the
+        # machine, the first job cannot end before the gate opens
+        held_since = time.monotonic()
+        while time.monotonic() - held_since < 3.0:
+            assert jobs(socket)[second]["state"] == "queued"
+        gate.touch()
         wait_until(daemon, lambda: jobs(socket)[second]["state"] == "completed", timeout_s=60)
         listed = jobs(socket)
         assert listed[second]["started_at"] >= listed[first]["ended_at"]
@@ -129,13 +138,15 @@ def test_bad_input_is_refused_and_nothing_is_stored(tmp_path: Path, sock_dir: Pa
             ["cancel", "999"],
             ["logs", "999"],
             ["budget", "999", "--watts", "300"],
+            ["submit", "--name", "two\nlines", "--", "true"],
         ):
-            done = cli(socket, *args)
-            assert done.returncode != 0, args
+            # the real CLI code in this process (an interpreter start per case was most of
+            # this test's time), talking to the real daemon over its socket
+            done = CliRunner().invoke(app, [args[0], "--socket", str(socket), *args[1:]])
+            assert done.exit_code != 0, args
             lines = [line for line in done.stderr.splitlines() if line.strip()]
-            assert "Traceback" not in done.stderr, args
-            if args != ["submit", "--"]:  # the usage error is Typer's own box
-                assert len(lines) == 1 and lines[0].startswith("error:"), (args, done.stderr)
+            assert "Traceback" not in done.output, args
+            assert len(lines) == 1 and lines[0].startswith("error:"), (args, done.output)
 
         with httpx.Client(transport=httpx.HTTPTransport(uds=str(socket)),
                           base_url="http://powertrain") as http:
