@@ -321,3 +321,38 @@ def test_a_job_started_elsewhere_attaches_and_is_tracked(tmp_path: Path, sock_di
         assert jobs(socket)[view["id"]]["energy_j"] > 0
     finally:
         assert daemon.terminate() == 0, daemon.log()
+
+
+def test_an_energy_budget_pauses_a_job_and_resume_lets_it_finish(
+    tmp_path: Path, sock_dir: Path
+) -> None:
+    """36 J of budget is spent within a second: the daemon pauses the job, whose client stops
+    stepping; `powertrain resume` lets it run to its end with nothing lost."""
+    socket, open_gate = sock_dir / "api.sock", tmp_path / "open"
+    open_gate.touch()
+    daemon = start_daemon(tmp_path, socket)
+    try:
+        job_id = submit(socket, "--energy-wh", "0.01", "--on-exceed", "pause", "--",
+                        sys.executable, str(GATED), "--steps", "300", "--gate", str(open_gate))
+        wait_until(daemon, lambda: jobs(socket)[job_id]["state"] == "paused", timeout_s=60)
+        # a paused client steps no more: its count holds across several reports (each 1 s)
+        held = jobs(socket)[job_id]["steps"]
+        held_since = time.monotonic()
+        while time.monotonic() - held_since < 3.0:
+            assert jobs(socket)[job_id]["steps"] == held
+        assert held < 300
+        resumed = cli(socket, "resume", str(job_id))
+        assert resumed.returncode == 0, resumed.stderr
+        wait_until(daemon, lambda: jobs(socket)[job_id]["state"] == "completed", timeout_s=120)
+        view = jobs(socket)[job_id]
+        assert view["steps"] == 300 and view["tokens"] == 300 * 512
+    finally:
+        assert daemon.terminate() == 0, daemon.log()
+    store = open_store(f"sqlite:///{tmp_path / 'powertrain.db'}")
+    try:
+        states = [e.to_state for e in store.jobs.events(job_id)]
+        assert states == ["queued", "running", "paused", "running", "completed"]
+        energy = [d.what for d in store.jobs.decisions(job_id) if d.source == "energy"]
+        assert energy == ["pause", "resume"]
+    finally:
+        store.close()
