@@ -277,6 +277,13 @@ def daemon(
         typer.Option("--node-cap-w", help="Node power cap, W, held at run time (default: "
                      "none; placement then checks against the sum of max limits)."),
     ] = None,
+    runner_python: Annotated[
+        str | None,
+        typer.Option("--runner-python", help="Python 3.11+ that starts each job's runner; the "
+                     "socket's users must be able to execute it (default: the first of this "
+                     "interpreter, its target and the system python3 that they can). Env: "
+                     "POWERTRAIN_RUNNER_PYTHON."),
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ) -> None:
     """Run the daemon in the foreground (systemd style): sample GPUs, run jobs, serve the API.
@@ -298,6 +305,7 @@ def daemon(
         socket_group=socket_group,
         admin_group=admin_group,
         node_cap_w=node_cap_w,
+        runner_python=runner_python,
         dry_run=dry_run or None,
     )
     check_backend_options(settings)  # before the store is opened or created

@@ -49,7 +49,8 @@ class Settings(BaseSettings):
         dry_run: Log every GPU setting the daemon would change (power limits, locked clocks)
             and change none; soft directives to training loops still apply.
         runner_python: Interpreter that runs each job's small runner process; every job's user
-            must be able to execute it. Default: the daemon's own interpreter.
+            must be able to execute it. Default: chosen at daemon start
+            (``scheduler.launcher.choose_runner_python``).
     """
 
     model_config = SettingsConfigDict(env_prefix="POWERTRAIN_", extra="ignore")
