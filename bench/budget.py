@@ -1,10 +1,12 @@
 """Benchmark: one training job held to 400, 300 and 200 W per GPU in each of hw, clock and soft.
 
-What it runs: the controllers of ``scheduler.control`` against the simulated H100 SXM of
-``telemetry.backends.simulated`` in VIRTUAL time (``scheduler.simjob``: a simulated job whose
-step time follows the simulator's clock and which obeys pacing a report interval late). It does
-not start the daemon or a real training process; end-to-end runs with example jobs are tested
-separately. Every number comes from the simulator's exact energy:
+What it runs: the daemon's job service and budget loop (``scheduler.service.JobService``, whose
+controllers from ``scheduler.control`` act through the actuators) against the simulated H100 SXM
+of ``telemetry.backends.simulated`` in VIRTUAL time (``bench/simjob.py``: a simulated job attaches,
+reports progress every second and obeys the service's directives as ``scheduler.client`` does,
+its steps stretched by the slowdown the service reads from the simulator's clock). No daemon
+process, no real training process, no real timer. Every number comes from the simulator's exact
+energy:
 
 * share of 10 s windows (1 s stride, after settling) whose average power per GPU is at or under
   the budget + 2 %;
@@ -81,16 +83,16 @@ def run_one(
     mode: SimMode, budget_w: float | None, seconds: float, measure_from_s: float, seed: int
 ) -> JobStats:
     """One job on one simulated H100 for ``seconds`` of virtual time."""
-    node = SimNode(gpus=1, seed=seed)
-    job = node.add_job(JobSpec("bench", gpus=(0,), mode=mode, budget_w=budget_w))
-    node.run(seconds)
-    return node.stats(job, limit_w=budget_w, measure_from_s=measure_from_s)
+    with SimNode(gpus=1, seed=seed) as node:
+        job = node.add_job(JobSpec("bench", gpus=(0,), mode=mode, budget_w=budget_w))
+        node.run(seconds)
+        return node.stats(job, limit_w=budget_w, measure_from_s=measure_from_s)
 
 
 def run_all(seconds: float, measure_from_s: float, seed: int) -> tuple[list[Row], float]:
     """The unconstrained run, then every (mode, budget); returns rows and idle power in W."""
-    node = SimNode(gpus=1, seed=seed)
-    idle_w = node.backend.sku.idle_power_w
+    with SimNode(gpus=1, seed=seed) as node:
+        idle_w = node.backend.sku.idle_power_w
     base = run_one("none", None, seconds, measure_from_s, seed)
     rows = [Row("none", None, base, 1.0, 1.0, None)]
     for budget in BUDGETS_W:
@@ -115,8 +117,8 @@ def summarise(rows: Sequence[Row], idle_w: float, seconds: float) -> tuple[str, 
     base = rows[0].stats
     lines = [
         "Budgets held: one simulated training job on a simulated H100 SXM, in VIRTUAL time",
-        "(the controllers of scheduler.control against the simulator via scheduler.simjob; no",
-        "daemon, no real training process: end-to-end runs with example jobs are tested apart).",
+        "(the daemon's job service and budget loop against the simulator via bench/simjob.py;",
+        "no daemon process, no real training process, no real timer).",
         f"Unconstrained: {base.mean_power_w:.1f} W, {base.steps_per_s:.3f} steps/s, "
         f"{base.energy_per_token_j * 1000:.2f} mJ/token; idle {idle_w:.0f} W; "
         f"{seconds:.0f} s per run.",

@@ -179,13 +179,19 @@ class Actuators:
 
     # -- hard actuators --------------------------------------------------------------------------
 
-    def set_power_limit(self, job_id: int | None, index: int, limit_mw: int) -> JournalEntry:
+    def set_power_limit(
+        self, job_id: int | None, index: int, limit_mw: int, *, reapply: bool = False
+    ) -> JournalEntry:
         """Set a GPU's power limit for a job (``nvidia-smi -pl``), journaled first.
+
+        The same request again sets nothing (a controller may ask every tick), unless
+        ``reapply`` says the GPU lost the limit: then it is set again under the same entry.
 
         Args:
             job_id: The job asking (``None``: the node).
             index: GPU index.
             limit_mw: Power limit, mW.
+            reapply: The GPU lost this job's limit (someone reset it): set it again.
 
         Returns:
             The applied entry (the one already in force, when nothing changed).
@@ -197,10 +203,11 @@ class Actuators:
                 as failed); the caller falls back, e.g. from ``hw`` to ``soft``.
             StoreError: The journal could not be written; the GPU was not touched.
         """
-        return self._change(job_id, index, Setting.POWER_LIMIT, int(limit_mw), None)
+        return self._change(job_id, index, Setting.POWER_LIMIT, int(limit_mw), None, reapply)
 
     def lock_sm_clocks(
-        self, job_id: int | None, index: int, max_mhz: int, min_mhz: int | None = None
+        self, job_id: int | None, index: int, max_mhz: int, min_mhz: int | None = None, *,
+        reapply: bool = False,
     ) -> JournalEntry:
         """Lock a GPU's SM clocks to ``[min_mhz, max_mhz]`` for a job (``nvidia-smi -lgc``).
 
@@ -209,6 +216,7 @@ class Actuators:
             index: GPU index.
             max_mhz: Highest SM clock, MHz.
             min_mhz: Lowest SM clock, MHz; the GPU's minimum by default.
+            reapply: The GPU lost this job's lock (someone reset it): lock it again.
 
         Returns:
             The applied entry (the one already in force, when nothing changed).
@@ -228,7 +236,9 @@ class Actuators:
                     f"GPU {index} does not report its SM clock range: give the minimum clock"
                 )
             min_mhz = info.min_sm_clock_mhz
-        return self._change(job_id, index, Setting.SM_CLOCKS, int(max_mhz), int(min_mhz))
+        return self._change(
+            job_id, index, Setting.SM_CLOCKS, int(max_mhz), int(min_mhz), reapply
+        )
 
     def reset_gpu(self, index: int, reason: str) -> list[JournalEntry]:
         """Undo every outstanding setting on one GPU: back to the GPU's defaults.
@@ -450,7 +460,8 @@ class Actuators:
             return None
 
     def _change(
-        self, job_id: int | None, index: int, setting: Setting, value: int, min_mhz: int | None
+        self, job_id: int | None, index: int, setting: Setting, value: int, min_mhz: int | None,
+        reapply: bool = False,
     ) -> JournalEntry:
         with self._lock:
             info = self._info(index)
@@ -462,6 +473,13 @@ class Actuators:
                 and current.value == value
                 and current.min_clock_mhz == min_mhz
             ):
+                # In force by the journal. Asked for again because the GPU lost it (someone
+                # else reset it, a GPU fault), its entry is still the right record: the GPU
+                # gets the setting back under it.
+                if reapply and not self._dry_run:
+                    self._set(index, setting, value, min_mhz)
+                    _log.info("re-applied GPU %d %s for %s", index,
+                              _what(setting, value, min_mhz), _who(job_id))
                 return current
             entry = self._journal.record(
                 host=self._host,
@@ -479,11 +497,7 @@ class Actuators:
             try:
                 self._check(info, setting, value, min_mhz)
                 if not self._dry_run:
-                    if setting is Setting.POWER_LIMIT:
-                        self._backend.set_power_limit(index, value)
-                    else:
-                        assert min_mhz is not None
-                        self._backend.lock_sm_clocks(index, min_mhz, value)
+                    self._set(index, setting, value, min_mhz)
             except _REFUSED as exc:
                 _log.warning("could not set %s: %s", what, exc)
                 try:
@@ -505,6 +519,14 @@ class Actuators:
                 _log.info("set %s (journal entry %d)", what, entry.id)
             self._supersede(applied, now)
             return applied
+
+    def _set(self, index: int, setting: Setting, value: int, min_mhz: int | None) -> None:
+        """Write one setting to the GPU."""
+        if setting is Setting.POWER_LIMIT:
+            self._backend.set_power_limit(index, value)
+        else:
+            assert min_mhz is not None
+            self._backend.lock_sm_clocks(index, min_mhz, value)
 
     def _supersede(self, new: JournalEntry, at: datetime) -> None:
         """Close the entries ``new`` replaced (same GPU and setting; a dry run only its own)."""

@@ -470,13 +470,15 @@ class BudgetLoop:
     def _apply(self, job: JobRecord, control: _JobControl, commands: Sequence[Command]) -> None:
         for command in commands:
             if isinstance(command, SetPowerLimit):
-                self._actuators.set_power_limit(job.id, command.index, command.limit_mw)
+                self._actuators.set_power_limit(job.id, command.index, command.limit_mw,
+                                                reapply=command.reapply)
             elif isinstance(command, ResetPowerLimit):
                 self._actuators.reset_setting(
                     command.index, Setting.POWER_LIMIT, f"job {job.id} released it"
                 )
             elif isinstance(command, LockClocks):
-                self._actuators.lock_sm_clocks(job.id, command.index, command.max_mhz)
+                self._actuators.lock_sm_clocks(job.id, command.index, command.max_mhz,
+                                               reapply=command.reapply)
             elif isinstance(command, ResetClocks):
                 self._actuators.reset_setting(
                     command.index, Setting.SM_CLOCKS, f"job {job.id} released it"
@@ -557,6 +559,7 @@ class BudgetLoop:
     ) -> None:
         if control.guard is None or control.forecast is None:
             return
+        control.forecast.declare(job.total_steps, job.total_tokens)
         forecast = control.forecast.update(obs.now_s, control.energy_j, progress.steps,
                                            progress.tokens)
         event = control.guard.tick(forecast)

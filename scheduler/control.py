@@ -1,7 +1,7 @@
 """Per-job power controllers, the energy forecast and guard, and the node-cap guard.
 
-Pure: nothing here reads a GPU, the store or a clock. The daemon (or the virtual-time harness
-``scheduler.simjob``) builds an ``Observation`` once per control tick (1 Hz), calls a controller's
+Pure: nothing here reads a GPU, the store or a clock. The daemon's budget loop
+(``scheduler.budgets``) builds an ``Observation`` once per control tick (1 Hz), calls a controller's
 ``tick``, applies the ``Command``s of the returned ``Decision``s through its actuators, and stores
 each decision with the power and throughput before it and, a few ticks later, after it
 (``Decision.after``)::
@@ -79,10 +79,12 @@ WINDOW_TOLERANCE = 0.02
 
 @dataclass(frozen=True, slots=True)
 class SetPowerLimit:
-    """Set a GPU's power limit (``nvidia-smi -pl``), mW."""
+    """Set a GPU's power limit (``nvidia-smi -pl``), mW; ``reapply``: the GPU lost the limit
+    this job already holds (someone reset it), so set it again."""
 
     index: int
     limit_mw: int
+    reapply: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,10 +96,12 @@ class ResetPowerLimit:
 
 @dataclass(frozen=True, slots=True)
 class LockClocks:
-    """Lock a GPU's SM clocks to ``[GPU minimum, max_mhz]`` (``nvidia-smi -lgc``), MHz."""
+    """Lock a GPU's SM clocks to ``[GPU minimum, max_mhz]`` (``nvidia-smi -lgc``), MHz;
+    ``reapply``: the GPU lost the lock this job already holds, so lock it again."""
 
     index: int
     max_mhz: int
+    reapply: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -399,7 +403,8 @@ class HwController:
             if g.limit_mw is not None and g.limit_mw != self._target_mw.get(g.facts.index)
         ]
         if drifted and self._since_change >= 1:
-            cmds = [SetPowerLimit(g.facts.index, self._target_mw[g.facts.index]) for g in drifted]
+            cmds = [SetPowerLimit(g.facts.index, self._target_mw[g.facts.index], reapply=True)
+                    for g in drifted]
             self._since_change = 0
             return (
                 _decision(
@@ -590,10 +595,12 @@ class ClockController:
     def _clock_for(self, facts: GpuFacts, u: float) -> float:
         return float(facts.max_sm_clock_mhz * max(u, 0.0) ** (1.0 / self._k))
 
-    def _lock(self, obs: Observation, clock_mhz: int, what: str, why: str) -> Decision:
+    def _lock(
+        self, obs: Observation, clock_mhz: int, what: str, why: str, *, reapply: bool = False
+    ) -> Decision:
         self._clock_mhz = clock_mhz
         self._since_change = 0
-        cmds = [LockClocks(g.facts.index, clock_mhz) for g in obs.gpus]
+        cmds = [LockClocks(g.facts.index, clock_mhz, reapply=reapply) for g in obs.gpus]
         return _decision(obs, "clock", what, why, cmds)
 
     def _line(self, facts: GpuFacts) -> tuple[float, float] | None:
@@ -702,7 +709,8 @@ class ClockController:
         if any(g.locked_max_mhz != self._clock_mhz for g in obs.gpus) and self._since_change >= 1:
             assert self._clock_mhz is not None
             return (
-                self._lock(obs, self._clock_mhz, "SM clock lock re-applied", "the lock drifted"),
+                self._lock(obs, self._clock_mhz, "SM clock lock re-applied", "the lock drifted",
+                           reapply=True),
             )
         if self._since_change < self._hold_ticks:
             return ()
@@ -1079,6 +1087,14 @@ class EnergyForecast:
         self._stalled_j = 0.0
         self._j_per_unit: float | None = None
         self._units_per_s: float | None = None
+
+    def declare(self, total_steps: int | None, total_tokens: int | None) -> None:
+        """Take totals the job declared after the forecast began (a submitted job's client
+        declares them in its progress reports, after the daemon started following it)."""
+        if total_steps is not None:
+            self._total_steps = total_steps
+        if total_tokens is not None:
+            self._total_tokens = total_tokens
 
     def update(self, now_s: float, energy_j: float, steps: float, tokens: float) -> Forecast:
         """Add one reading (energy so far in J, steps and tokens done) and forecast.

@@ -493,7 +493,10 @@ class JobService:
             ending = live is not None and (
                 live.cancel_reason is not None or self.budgets.stop_reason(job.id) is not None
             )
-            if job.state == JobState.RUNNING and stepping and live is not None and not ending:
+            # A paused job's client learns of the pause at its next report and steps until
+            # then: its GPU idles once its steps stop coming, not when the state changes, or
+            # those steps would look free to the energy forecast (which then resumes the job).
+            if stepping and live is not None and not ending:
                 # A paced job keeps its GPU busy only while it steps, idle while it sleeps: the
                 # client sleeps d * (1/duty - 1) after each step of duration d.
                 duty = self.budgets.duty(job.id)

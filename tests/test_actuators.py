@@ -249,6 +249,19 @@ def test_the_same_request_again_writes_nothing_and_sets_nothing(node: Node) -> N
     assert [e.id for e in act.applied(0) if e.setting is Setting.POWER_LIMIT] == [second.id]
 
 
+def test_a_setting_the_gpu_lost_is_set_again_under_the_same_entry(node: Node) -> None:
+    sim = node.sim()
+    act = node.actuators(sim)
+    job = node.job()
+    first = act.set_power_limit(job, 0, 300_000)
+    sim.reset_power_limit(0)  # someone else resets it behind the daemon's back
+    assert act.set_power_limit(job, 0, 300_000) == first  # a plain repeat sets nothing ...
+    assert sim.read(0).power_limit_mw != 300_000
+    assert act.set_power_limit(job, 0, 300_000, reapply=True) == first  # ... a re-apply does
+    assert sim.read(0).power_limit_mw == 300_000
+    assert len(node.store.journal.entries(HOST)) == 1
+
+
 # -- undoing -------------------------------------------------------------------------------------
 
 
