@@ -66,8 +66,9 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
                 skipped[server] = skipped.get(server, 0) + 1
     for server, count in skipped.items():
         why, install = OPTIONAL_SERVERS[server]
+        tests = "1 test" if count == 1 else f"{count} tests"
         terminalreporter.write_line(
-            f"{count} tests skipped: no {server} on this machine ({why}); as root, "
+            f"{tests} skipped: no {server} on this machine ({why}); as root, "
             f"`{install}` installs it and the next `make test` runs them", yellow=True
         )
 
