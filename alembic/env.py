@@ -1,8 +1,8 @@
 """Alembic's migration environment for powertrain's store.
 
 The URL comes from the config attribute ``url`` (set by ``telemetry.store.migrate``), else from
-the daemon's settings object (``POWERTRAIN_DB`` / ``POWERTRAIN_HOME``); never from a file.
-A caller may also hand over an open ``connection`` attribute.
+``POWERTRAIN_DB`` / ``POWERTRAIN_HOME`` as the daemon reads them (``default_url``); never from a
+file. A caller may also hand over an open ``connection`` attribute.
 """
 
 from __future__ import annotations
@@ -10,8 +10,7 @@ from __future__ import annotations
 from sqlalchemy import Connection
 
 from alembic import context
-from scheduler.settings import Settings
-from telemetry.store.engine import make_engine, normalise_url
+from telemetry.store.engine import default_url, make_engine, normalise_url
 from telemetry.store.models import Base
 
 config = context.config
@@ -20,7 +19,7 @@ target_metadata = Base.metadata
 
 def _url() -> str:
     url = config.attributes.get("url")
-    return str(url) if url else Settings().db_url
+    return str(url) if url else default_url()
 
 
 def _configure(connection: Connection) -> None:

@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from scheduler.apiclient import DaemonClient, DaemonError  # noqa: E402
+from scheduler.store import JobStore  # noqa: E402
 from telemetry.store import Store, open_store  # noqa: E402
 
 # A model big enough to load an H100 (~85 M parameters); --small for the simulator's CPU run.
@@ -72,14 +73,15 @@ def run_job(client: DaemonClient, store_url: str, args: list[str], body: dict[st
     view = client.job(job["id"])
     store = open_store(store_url)
     try:
-        record = store.jobs.get(job["id"])
+        jobs = JobStore(store)
+        record = jobs.get(job["id"])
         assert record is not None and record.started_at and record.ended_at
         win = windows_w(store, record.gpu_ids[0], record.started_at.timestamp() + SETTLE_S,
                         record.ended_at.timestamp())
         # Throughput after settling (start-up, imports and the first controller ticks excluded).
-        rate = store.jobs.throughput(job["id"], window_s=max(seconds - SETTLE_S - 5.0, 5.0))
+        rate = jobs.throughput(job["id"], window_s=max(seconds - SETTLE_S - 5.0, 5.0))
         decisions = [f"{d.at:%H:%M:%S} {d.source}: {d.what} ({d.why})"
-                     for d in store.jobs.decisions(job["id"])]
+                     for d in jobs.decisions(job["id"])]
     finally:
         store.close()
     return {"job": view, "windows_w": win, "decisions": decisions,

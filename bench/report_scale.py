@@ -38,8 +38,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from scheduler.jobs import JobState  # noqa: E402
+from scheduler.store import JobStore, NewJob  # noqa: E402
 from telemetry.backends.base import GpuInfo  # noqa: E402
-from telemetry.store import NewJob, open_store  # noqa: E402
+from telemetry.store import open_store  # noqa: E402
 from telemetry.store.models import to_epoch_us  # noqa: E402
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -82,20 +83,21 @@ def fill(path: Path, days: int, gpus: int, n_jobs: int) -> dict[str, float]:
     ids = store.register_gpus(infos, host="bench", backend="simulated", seen_at=T0)
     plan = _plan_jobs(days, gpus, n_jobs, rng)
     started = time.perf_counter()
+    job_store = JobStore(store)
     for n, (start, end, chosen) in enumerate(plan):
-        job = store.jobs.create(
+        job = job_store.create(
             NewJob(name=f"pretrain-{n}", user=f"user{n % 7}", uid=1000 + n % 7, gid=1000,
                    argv=("python", "train.py", f"--run={n}"), cwd="/work", host="bench",
                    gpu_count=len(chosen), watts_per_gpu=600.0),
             at=T0 + timedelta(seconds=start - 1),
         )
-        store.jobs.transition(job.id, JobState.RUNNING, "placed",
-                              at=T0 + timedelta(seconds=start),
-                              gpus=[(ids[g], g) for g in chosen])
-        store.jobs.transition(job.id, JobState.COMPLETED, "exited 0",
-                              at=T0 + timedelta(seconds=end), exit_code=0)
+        job_store.transition(job.id, JobState.RUNNING, "placed",
+                             at=T0 + timedelta(seconds=start),
+                             gpus=[(ids[g], g) for g in chosen])
+        job_store.transition(job.id, JobState.COMPLETED, "exited 0",
+                             at=T0 + timedelta(seconds=end), exit_code=0)
     jobs_s = time.perf_counter() - started
-    jobs = store.jobs.list()
+    jobs = job_store.list()
     store.close()
 
     span_s = days * 86_400

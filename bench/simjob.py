@@ -6,21 +6,22 @@ sampling into a SQLite store, and a ``SimulatedBackend``, all on one ``VirtualCl
 this harness moves. Every 0.1 s of virtual time the sampler reads every GPU (the daemon's default
 ``interval_ms``, and the simulator's sensor period: the store's per-job energy is a counter delta
 between samples, so a coarser rate would misplace a job's ends by up to a sampling period); every
-second buffered samples are written and ``JobService.tick`` runs (reap, place, the budget loop,
-and the simulated GPUs' load), as the daemon's control job does.
+second buffered samples are written and ``JobService.tick`` runs (reap, place, the budget loop
+on the sampler's latest readings, and the simulated GPUs' load through the service's
+``scheduler.sim_adapter.SimulatedGpus``), as the daemon's control job does.
 
-A simulated job is the training process and its ``scheduler.client`` together. It attaches
-through ``JobService.attach`` (as ``track()`` does) or, with ``JobSpec.submit``, is submitted,
-placed by the service and started through the launcher (as ``powertrain submit`` is); it reports
-its cumulative steps, samples, tokens and step time through ``JobService.progress`` every report
-interval and obeys the answer as ``scheduler.client.Job`` does: each step computes for the
-workload's ``step_time_s`` and is stretched by the directive's ``slowdown`` (which the service
-reads from the simulated GPU's clock), paced by its ``duty`` and ``pace_s``, and a ``pause`` or
-``stop`` action is obeyed after the step. A ``micro_batch`` directive is kept and changes
-nothing (no controller asks for one, and the simulator has no model of it). GPU settings change
-only through the service's actuators; which GPUs are busy, and at what duty, is what the service
-sets from the jobs' progress. A job's energy budget, wattage budget, mode, objective, deadline
-and on-exceed policy reach the service in the request, as the client or the CLI would send them.
+A simulated job is the training process and its ``scheduler.client`` together. It attaches through
+``JobService.attach`` (as ``track()`` does) or, with ``JobSpec.submit``, is submitted, placed by the
+service and started through the launcher (as ``powertrain submit`` is); it reports its cumulative
+steps, samples, tokens and step time through ``JobService.progress`` every report interval and obeys
+the answer as ``scheduler.client.Job`` does: each step computes for the workload's ``step_time_s``
+and is stretched by the directive's ``slowdown`` (which the service's simulator adapter reads from
+the simulated GPU's clock), paced by its ``duty`` and ``pace_s``, and a ``pause`` or ``stop`` action
+is obeyed after the step. A ``micro_batch`` directive is kept and changes nothing (no controller
+asks for one, and the simulator has no model of it). GPU settings change only through the service's
+actuators; which GPUs are busy, and at what duty, is what the service sets from the jobs' progress.
+A job's energy budget, wattage budget, mode, objective, deadline and on-exceed policy reach the
+service in the request, as the client or the CLI would send them.
 
 What the harness models itself is only what a real node would: processes (a launcher that starts
 and signals simulated processes: SIGTERM ends one at once, as ``examples/pretrain_gpt.py`` installs
@@ -55,19 +56,20 @@ from typing import Literal, cast
 
 import psutil
 
-from scheduler.api import Caller
 from scheduler.client import Directive, _parse_directive
 from scheduler.control import WINDOW_TOLERANCE, EnergyAction, GpuFacts, ModeChoice, PowerController
+from scheduler.errors import Caller
 from scheduler.launcher import Launched, Launcher, ProcessState, ProcessStatus
 from scheduler.schemas import AttachRequest, ProgressReport, SubmitRequest, UpdateRequest
 from scheduler.service import JobService
 from scheduler.settings import Settings
+from scheduler.sim_adapter import SimulatedGpus
+from scheduler.store import DecisionRecord, JobRecord, JobStore, JournalEntry, JournalStore
 from telemetry.backends.profiles import Workload, get_workload
 from telemetry.backends.simulated import SimulatedBackend
 from telemetry.clock import VirtualClock, to_datetime
 from telemetry.sampler import BatchWriter, Sampler
-from telemetry.store import JournalEntry, Store, open_store
-from telemetry.store.jobs import DecisionRecord, JobRecord
+from telemetry.store import Store, open_store
 
 __all__ = [
     "HOST",
@@ -257,7 +259,7 @@ class SimJob:
     @property
     def record(self) -> JobRecord | None:
         """The job as the store has it (None before it attached or was submitted)."""
-        return None if self.id is None else self._node.store.jobs.get(self.id)
+        return None if self.id is None else JobStore(self._node.store).get(self.id)
 
     @property
     def choice(self) -> ModeChoice | None:
@@ -279,7 +281,7 @@ class SimJob:
         """The decisions stored for this job, oldest first."""
         if self.id is None:
             return []
-        return [self._node._decision(d) for d in self._node.store.jobs.decisions(self.id)]
+        return [self._node._decision(d) for d in JobStore(self._node.store).decisions(self.id)]
 
     @property
     def energy_actions(self) -> list[EnergyAction]:
@@ -291,7 +293,7 @@ class SimJob:
         """The settings journal's entries of this job, oldest first."""
         if self.id is None:
             return []
-        return self._node.store.journal.entries(HOST, job_id=self.id)
+        return JournalStore(self._node.store).entries(HOST, job_id=self.id)
 
     # -- the process and its client --------------------------------------------------------
 
@@ -557,7 +559,8 @@ class SimNode:
         self.writer = BatchWriter(self.store, max_rows=self.settings.buffer_max_rows)
         self.sampler = Sampler(self.backend, self.gpu_ids, self.writer, clock=self.clock)
         self.service = JobService(self.settings, self.store, self.backend, self.gpu_ids,
-                                  host=HOST, launcher=_SimLauncher(self), clock=self.clock)
+                                  host=HOST, readings=self.sampler, launcher=_SimLauncher(self),
+                                  sim=SimulatedGpus(self.backend), clock=self.clock)
         self.recovered = self.service.actuators.recover()
 
     def crash(self) -> None:

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
@@ -33,7 +33,13 @@ from reports.queries import (
     timeline,
 )
 from reports.render import table, to_csv, to_json
-from telemetry.store import Store
+from telemetry.store import (
+    SchemaOutdatedError,
+    Store,
+    StoreError,
+    default_url,
+    open_store,
+)
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -144,14 +150,8 @@ def render_charts(store: Store, report: Report) -> dict[str, bytes]:
 
 
 def _store_url(db: str | None, home: Path | None) -> str:
-    from scheduler.settings import Settings
-
-    values: dict[str, Any] = {}
-    if db is not None:
-        values["db"] = db
-    if home is not None:
-        values["home"] = home
-    url = Settings(**values).db_url
+    # the same resolution as the daemon's settings (options, then POWERTRAIN_DB/_HOME)
+    url = default_url(db, home)
     if url.startswith("sqlite:///"):
         path = Path(url.removeprefix("sqlite:///"))
         if not path.is_file():
@@ -259,8 +259,6 @@ def report(
     by_value: By = by  # narrowed by the BY_CHOICES check above
     request = ReportRequest(since=since_t, until=until_t, by=by_value, job_id=job, user=user,
                             gpu_index=gpu, price=price, co2=co2, now=now)
-    from telemetry.store import SchemaOutdatedError, StoreError, open_store
-
     try:
         store = open_store(url)
     except SchemaOutdatedError as exc:
@@ -323,8 +321,6 @@ def write_demo_report(store_url: str, path: Path, *, by: By = "job") -> Path:
         StoreError / OSError: The store could not be read or the file written (no partial
             file is left).
     """
-    from telemetry.store import open_store
-
     store = open_store(store_url)
     try:
         result = build_report(store, ReportRequest(by=by))

@@ -1,11 +1,12 @@
 """What the energy optimiser did for a job, as the report shows it.
 
 A job run with ``--objective`` (or slowed by its energy budget) has one stored search per tuning
-(``JobStore.searches``): every setting it probed with the steps, time and energy measured there,
-and the setting it chose. The report compares the chosen setting with the search's top setting
-(the GPU's default limit or clock, or the job's wattage budget when that is lower), both measured
-in the same job: energy per token and throughput, and by how much they changed. Tokens per step
-come from the job's progress reports; without tokens the figures are per step.
+(read by ``reports.jobrows.searches``): every setting it probed with the steps, time and energy
+measured there, and the setting it chose. The report compares the chosen setting with the
+search's top setting (the GPU's default limit or clock, or the job's wattage budget when that is
+lower), both measured in the same job: energy per token and throughput, and by how much they
+changed. Tokens per step come from the job's progress reports; without tokens the figures are
+per step.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from energy.optimizer import UNFINISHED
-from telemetry.store import ProbeRecord, SearchRecord
+from reports.jobrows import ProbeRow, SearchRow
 
 __all__ = ["OptimizerSummary", "SettingFigures", "summarise_search", "summary_lines"]
 
@@ -113,7 +114,7 @@ class OptimizerSummary:
         }
 
 
-def _figures(probe: ProbeRecord | None, tokens_per_step: float | None) -> SettingFigures | None:
+def _figures(probe: ProbeRow | None, tokens_per_step: float | None) -> SettingFigures | None:
     if probe is None or probe.steps <= 0 or probe.time_s <= 0:
         return None
     steps_per_s = probe.steps / probe.time_s
@@ -128,7 +129,7 @@ def _figures(probe: ProbeRecord | None, tokens_per_step: float | None) -> Settin
     )
 
 
-def summarise_search(search: SearchRecord, tokens_per_step: float | None) -> OptimizerSummary:
+def summarise_search(search: SearchRow, tokens_per_step: float | None) -> OptimizerSummary:
     """A stored search as reported; ``tokens_per_step`` from the job's progress (or None)."""
     return OptimizerSummary(
         job_id=search.job_id,

@@ -31,10 +31,11 @@ from energy.accounting import (
     units_per_wh,
 )
 from energy.cost import Rate
+from reports import jobrows
+from reports.jobrows import JobRow
 from reports.optimizer import OptimizerSummary, summarise_search
-from telemetry.store import GpuRecord, JobRecord, Store
+from telemetry.store import RAW_MAX_SPAN_S, GpuRecord, Store
 from telemetry.store.models import from_epoch_us, to_epoch_us
-from telemetry.store.repository import RAW_MAX_SPAN_S
 
 By = Literal["job", "gpu", "user", "day", "hour"]
 BY_CHOICES: tuple[By, ...] = ("job", "gpu", "user", "day", "hour")
@@ -202,7 +203,7 @@ class Report:
     request: ReportRequest
     summary: Summary
     rows: list[ReportRow]
-    jobs: dict[int, JobRecord]
+    jobs: dict[int, JobRow]
     gpus: dict[int, GpuRecord]
     spans: list[JobSpan]
     optimizer: dict[int, list[OptimizerSummary]] = field(default_factory=dict)
@@ -217,7 +218,7 @@ def _us_points(times_s: Sequence[float]) -> list[int]:
 
 
 def _tokens_delta(a: Any, b: Any) -> tuple[int | None, int | None, int | None]:
-    """Progress between two ``ProgressAt`` (a missing start counts as 0)."""
+    """Progress between two ``jobrows.ProgressAt`` (a missing start counts as 0)."""
 
     def d(x: int | None, y: int | None) -> int | None:
         if y is None:
@@ -243,10 +244,10 @@ def build_report(store: Store, request: ReportRequest) -> Report:
     now = request.now or datetime.now(UTC)
     gpus = {g.id: g for g in store.gpus()}
     multi_host = len({g.host for g in gpus.values()}) > 1
-    all_jobs = {j.id: j for j in store.jobs.list() if j.started_at is not None}
-    job: JobRecord | None = None
+    all_jobs = {j.id: j for j in jobrows.jobs(store, started=True)}
+    job: JobRow | None = None
     if request.job_id is not None:
-        job = store.jobs.get(request.job_id)
+        job = jobrows.job(store, request.job_id)
         if job is None:
             raise UnknownJobError(f"no job {request.job_id}")
     latest = max((g.last_seen_at for g in gpus.values()), default=now)
@@ -270,7 +271,7 @@ def build_report(store: Store, request: ReportRequest) -> Report:
     if job is not None:
         selected = {i: g for i, g in selected.items() if i in job.gpu_ids}
 
-    def job_end(j: JobRecord) -> datetime:
+    def job_end(j: JobRow) -> datetime:
         return j.ended_at or max(now, j.started_at or now)
 
     spans: list[JobSpan] = []
@@ -345,7 +346,7 @@ def build_report(store: Store, request: ReportRequest) -> Report:
             ts.extend(period_boundaries(lo, hi, request.by))
         times[job_id] = sorted(set(ts))
     queries = [(job_id, round(t * 1e6)) for job_id in reported_jobs for t in times[job_id]]
-    answers = iter(store.progress_at_us(queries))
+    answers = iter(jobrows.progress_at_us(store, queries))
     progress = {job_id: [next(answers) for _ in times[job_id]] for job_id in reported_jobs}
 
     rows, groups = _rows(request, shares, all_jobs, selected, multi_host, job_span, times,
@@ -395,7 +396,7 @@ def _optimizer_summaries(
     """The energy optimiser's searches of the reported jobs, with tokens per step from their
     progress over the range."""
     out: dict[int, list[OptimizerSummary]] = {}
-    for job_id, searches in store.jobs.searches(progress).items():
+    for job_id, searches in jobrows.searches(store, progress).items():
         steps, _, tokens = _tokens_delta(progress[job_id][0], progress[job_id][-1])
         per_step = tokens / steps if steps and tokens else None
         out[job_id] = [summarise_search(s, per_step) for s in searches]
@@ -405,7 +406,7 @@ def _optimizer_summaries(
 def _rows(
     request: ReportRequest,
     shares: list[Share],
-    jobs: dict[int, JobRecord],
+    jobs: dict[int, JobRow],
     gpus: dict[int, GpuRecord],
     multi_host: bool,
     job_span: dict[int, tuple[float, float]],
@@ -471,7 +472,7 @@ def _rows(
                 "job_id": j.id,
                 "name": j.name,
                 "user": j.user,
-                "state": str(j.state),
+                "state": j.state,
                 "gpus": list(j.gpus),
                 "watts_per_gpu": j.watts_per_gpu,
                 "energy_budget_wh": j.energy_budget_wh,
@@ -632,7 +633,7 @@ def job_life(
         lo = min(s.start_s for s in spans)
         hi = max(s.end_s for s in spans)
         reports = [
-            p for p in store.jobs.progress(job_id)
+            p for p in jobrows.progress(store, job_id)
             if lo <= to_epoch_us(p.at) / 1e6 <= hi and p.tokens is not None
         ]
         latest_at = {p.at: p for p in reports}  # one report per instant: the last one

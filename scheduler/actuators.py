@@ -1,7 +1,7 @@
 """Actuators: the one module that changes GPU settings, each change journaled before it is made.
 
 Hard actuators (power limit, locked SM clocks) go through the ``GpuBackend`` and the settings
-journal (``telemetry.store.journal``): an entry is committed ``pending`` before the GPU is touched,
+journal (``scheduler.store.journal``): an entry is committed ``pending`` before the GPU is touched,
 then marked ``applied`` or ``failed``. Undoing puts a setting back to the GPU's *default*
 (``reset_power_limit`` / ``reset_sm_clocks``), never to a remembered value, so overlapping changes
 cannot leave a stale one behind. Soft actuators (pace per step, micro-batch size) are instructions
@@ -30,6 +30,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Final, NamedTuple
 
+from scheduler.store import JournalEntry, JournalStore, Setting, group_by_gpu
 from telemetry.backends.base import (
     GpuBackend,
     GpuError,
@@ -41,8 +42,7 @@ from telemetry.backends.base import (
     NotSupportedError,
 )
 from telemetry.clock import Clock, WallClock, to_datetime
-from telemetry.store import JournalEntry, Setting, Store, StoreError
-from telemetry.store.journal import group_by_gpu
+from telemetry.store import Store, StoreError
 
 __all__ = [
     "RECOVERY_REASON",
@@ -127,7 +127,7 @@ def applied_settings(store: Store, host: str) -> dict[int, list[JournalEntry]]:
         first; GPUs with none are absent. Each entry says the setting (``describe()``), the job
         (``job_id``), whether it was a dry run, and since when (``applied_at``).
     """
-    return group_by_gpu(store.journal.outstanding(host))
+    return group_by_gpu(JournalStore(store).outstanding(host))
 
 
 class Actuators:
@@ -156,7 +156,7 @@ class Actuators:
         clock: Clock | None = None,
     ) -> None:
         self._backend = backend
-        self._journal = store.journal
+        self._journal = JournalStore(store)
         self._host = host
         self._gpu_ids = dict(gpu_ids)
         self._dry_run = dry_run
@@ -323,8 +323,8 @@ class Actuators:
 
         Outside a dry run the current enforced limit is set again (a write that changes nothing,
         so it is not journaled); ``GpuPermissionError`` or ``NotSupportedError`` mean no. A dry
-        run writes nothing and decides from the process's privileges (root or
-        ``CAP_SYS_ADMIN``); simulated GPUs need none.
+        run writes nothing and decides from the GPU's capabilities and the process's privileges
+        (root or ``CAP_SYS_ADMIN``); modelled GPUs need none.
 
         Args:
             index: GPU index.
@@ -334,7 +334,10 @@ class Actuators:
         """
         if self._dry_run:
             note = "dry run: not tested by a write"
-            if self._backend.name in ("simulated", "replay"):
+            caps = self._backend.capabilities()
+            if not caps.gpu(index).can_set_power_limit:
+                return False, f"GPU {index} does not support setting power limits ({note})"
+            if not caps.settings_need_privilege:
                 return True, f"{self._backend.name} GPUs need no privileges ({note})"
             if os.geteuid() == 0:
                 return True, f"running as root ({note})"

@@ -2,7 +2,7 @@
 
 Each connection's peer credentials (``SO_PEERCRED``: pid, uid, gid) are read once when it is
 accepted and handed to the handlers through the ASGI scope, so no request field can claim to be
-someone else.
+someone else. The service's refusals (``scheduler.errors``) become HTTP status codes here.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import stat
 import struct
 import threading
 from collections.abc import Awaitable, Callable, MutableMapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Protocol, TypeVar
 
@@ -28,6 +27,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from scheduler.errors import Caller, ConflictError, ForbiddenError, NotFoundError
 from scheduler.schemas import (
     AttachRequest,
     Directives,
@@ -44,35 +44,6 @@ log = logging.getLogger(__name__)
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _SCOPE_KEY = "powertrain.peer"
 _T = TypeVar("_T")
-
-
-@dataclass(frozen=True, slots=True)
-class Caller:
-    """Who is on the other end of the socket, as the kernel says.
-
-    Attributes:
-        pid / uid / gid: From ``SO_PEERCRED`` when the connection was made.
-        user: Login name of ``uid`` (the uid as text if it has none).
-        admin: root, or a member of the configured admin group.
-    """
-
-    pid: int
-    uid: int
-    gid: int
-    user: str
-    admin: bool
-
-
-class NotFoundError(LookupError):
-    """No such job (HTTP 404)."""
-
-
-class ForbiddenError(PermissionError):
-    """The caller may not do this (HTTP 403)."""
-
-
-class ConflictError(RuntimeError):
-    """The job is not in a state that allows this (HTTP 409)."""
 
 
 class JobsApi(Protocol):

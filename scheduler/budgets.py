@@ -1,34 +1,23 @@
 """Budgets at run time: each second, hold every running job to its wattage and energy budgets.
 
-The control tick (``BudgetLoop.tick``) builds one ``scheduler.control.Observation`` per job from
-the GPUs' 1 s average power and the client's reports, runs the job's controller (hw, clock or
-soft), its energy guard, and the node-cap guard, applies their commands through the actuators
-(journaled), and stores every decision with the power and throughput before it and, five seconds
-later, after it. The ``slow`` energy action and ``--objective`` hand the job to the energy
-optimiser (``energy.optimizer``), driven with the same per-second measurements.
+The control tick (``BudgetLoop.tick``) builds one ``scheduler.control.Observation`` per job from the
+GPUs' 1 s average power (the sampler's latest readings) and the client's reports, runs the job's
+controller (hw, clock or soft), its energy guard, and the node-cap guard, applies their commands
+through the actuators (journaled), and stores every decision with the power and throughput before it
+and, five seconds later, after it. The ``slow`` energy action and ``--objective`` hand the job to
+the energy optimiser, driven with the same per-second measurements (``scheduler.optimising``). A
+job's energy is added up from its GPUs' energy counters each tick (``energy.counters``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
-import statistics
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from itertools import pairwise
-from typing import Literal
 
-from energy.optimizer import (
-    EnergyOptimizer,
-    LeastEnergy,
-    Objective,
-    SearchConfig,
-    SearchResult,
-    SettingSpace,
-    objective_from_name,
-)
+from energy.counters import interval_energy
 from scheduler.actuators import Actuators
 from scheduler.control import (
     Command,
@@ -54,11 +43,11 @@ from scheduler.control import (
     make_controller,
 )
 from scheduler.jobs import JobState
-from telemetry.backends.base import GpuBackend, GpuError, GpuInfo, GpuReading
+from scheduler.optimising import Optimising, start_optimising
+from scheduler.store import JobRecord, JobStore, Setting
+from telemetry.backends.base import BackendCapabilities, GpuInfo, GpuReading
 from telemetry.clock import Clock, to_datetime
-from telemetry.store.errors import StoreError
-from telemetry.store.jobs import JobRecord, JobStore, ProbeRecord, SearchRecord
-from telemetry.store.journal import Setting
+from telemetry.sampler import LatestReadings
 
 log = logging.getLogger(__name__)
 
@@ -74,33 +63,6 @@ lead that centres where the job ends on its budget."""
 
 IDLE_SETTLE_S = 5.0
 """A GPU counts as idle for the idle-power estimate after this long without a job."""
-
-def daemon_search(step_time_s: float) -> SearchConfig:
-    """The optimiser's windows in the daemon, for a job whose steps take ``step_time_s``.
-
-    It observes once per progress report (about a second of steps at a time), and the steps of
-    a real loop vary with everything else on the host, so windows are set in seconds and turned
-    into steps at the job's pace: the search starts after 5 s (a loop's first steps are slow:
-    compilation, caches, data loaders); a probe warms up for 1.5 s and measures 2-4 s, the race
-    4 s at a time; a search spends at most 10 s per candidate; and only a large throughput shift
-    (30 %) starts a new search.
-    """
-
-    def steps(seconds: float, least: int) -> int:
-        return max(least, math.ceil(seconds / step_time_s))
-
-    return SearchConfig(
-        wait_steps=steps(5.0, 1), warmup_steps=steps(0.5, 2), warmup_s=1.5,
-        min_measure_steps=steps(2.0, 8), screen_steps=steps(4.0, 16),
-        refine_window=steps(4.0, 16), budget_steps_per_candidate=steps(10.0, 40),
-        shift_tol=0.3,
-    )
-
-
-DAEMON_GRID_INTERVALS = 10
-"""The daemon's search spans a setting range in about this many steps (at least 25 W or 90 MHz
-each): a 200-700 W H100 gets 50 W steps, 11 candidates, where Zeus's 25 W would make 21 and a
-search of several seconds per probe would take minutes."""
 
 
 @dataclass(slots=True)
@@ -135,29 +97,6 @@ class Progress:
 
 
 @dataclass(slots=True)
-class _Optimising:
-    """The energy optimiser driving a job (``slow``, ``--objective``).
-
-    Attributes:
-        space / goal / knob: What it searches, for what, and which actuator that is.
-        optimizer: The optimiser, made once the job's step time is known (its windows are set
-            in seconds, see ``daemon_search``).
-        applied / applied_at: The setting last applied, and when (s).
-        mark: Where the window being measured starts: a progress report's time (s), the
-            job's steps then, and its energy then (J, interpolated between ticks).
-    """
-
-    space: SettingSpace
-    goal: Objective
-    knob: Literal["power_limit", "sm_clocks"]
-    optimizer: EnergyOptimizer | None = None
-    applied: int | None = None
-    applied_at: float = 0.0
-    mark: tuple[float, int, float] | None = None
-    saved: SearchResult | None = None
-
-
-@dataclass(slots=True)
 class _JobControl:
     """Per-job control state kept between ticks."""
 
@@ -165,7 +104,7 @@ class _JobControl:
     controller: PowerController | None = None
     forecast: EnergyForecast | None = None
     guard: EnergyGuard | None = None
-    optimising: _Optimising | None = None
+    optimising: Optimising | None = None
     energy_j: float = 0.0
     counters: dict[int, int] = field(default_factory=dict)
     last_s: float | None = None
@@ -182,10 +121,12 @@ class BudgetLoop:
     """Holds the running jobs of one node to their budgets, one ``tick`` a second.
 
     Args:
-        backend: The node's GPUs.
+        capabilities: What the node's GPUs can do (their backend's, probed at open).
         jobs: The job store (decisions, mode, energy at adoption).
         actuators: The only way settings change.
         infos: The GPUs' probed facts, by index.
+        readings: The GPUs' latest readings (the sampler's: the loop reads no GPU itself). A GPU
+            without a fresh one (lost, failing) is observed with no power, as is its job.
         node_cap: The node power cap, W, or ``None`` when no cap is set (called each tick: an
             admin may set or change it). Without one, nothing is held: the cards' own power
             limits already keep the node under the sum of their maximum limits.
@@ -195,18 +136,20 @@ class BudgetLoop:
 
     def __init__(
         self,
-        backend: GpuBackend,
+        capabilities: BackendCapabilities,
         jobs: JobStore,
         actuators: Actuators,
         infos: Mapping[int, GpuInfo],
         *,
+        readings: LatestReadings,
         node_cap: Callable[[], float | None],
         clock: Clock,
         on_pause: Callable[[JobRecord, str], None],
         on_resume: Callable[[JobRecord, str], None],
         on_stop: Callable[[JobRecord, str], None],
     ) -> None:
-        self._backend = backend
+        self._capabilities = capabilities
+        self._readings = readings
         self._jobs = jobs
         self._actuators = actuators
         self._infos = dict(infos)
@@ -231,9 +174,8 @@ class BudgetLoop:
         in the middle of is stored as it stood (``EnergyOptimizer.so_far``)."""
         control = self._controls.pop(job_id, None)
         self._failing.pop(job_id, None)
-        opt = control.optimising if control is not None else None
-        if opt is not None and opt.optimizer is not None and not opt.optimizer.done:
-            self._save_search(job_id, opt, self._clock.now(), opt.optimizer.so_far())
+        if control is not None and control.optimising is not None:
+            control.optimising.stop(self._clock.now())
 
     def budget_changed(self, job: JobRecord) -> None:
         """``powertrain budget``: the energy guard takes the new budget at the next tick."""
@@ -330,16 +272,9 @@ class BudgetLoop:
         return control
 
     def _probe_facts(self, info: GpuInfo) -> GpuFacts:
-        step = 15
-        clocks: tuple[int, ...] = getattr(self._backend, "supported_sm_clocks", lambda i: ())(
-            info.index
-        )
-        if len(clocks) > 1:
-            ordered = sorted(set(clocks))
-            step = max(1, round(statistics.median(b - a for a, b in pairwise(ordered))))
-        sku = getattr(self._backend, "sku", None)
-        if sku is not None:
-            step = round(sku.sm_clock_step_mhz)
+        caps = self._capabilities.gpu(info.index)
+        # Without a known clock grid, 15 MHz (an H100's and A100's step).
+        step = 15 if caps.sm_clock_step_mhz is None else max(1, round(caps.sm_clock_step_mhz))
         max_mw = info.max_limit_mw or 0
         return GpuFacts(
             index=info.index,
@@ -349,7 +284,7 @@ class BudgetLoop:
             min_sm_clock_mhz=info.min_sm_clock_mhz or 0,
             max_sm_clock_mhz=info.max_sm_clock_mhz or 0,
             sm_clock_step_mhz=step,
-            idle_power_mw=round(sku.idle_power_w * 1000) if sku is not None else max_mw // 10,
+            idle_power_mw=caps.idle_power_mw if caps.idle_power_mw is not None else max_mw // 10,
         )
 
     def _choose(self, job: JobRecord) -> ModeChoice:
@@ -370,34 +305,31 @@ class BudgetLoop:
     # -- energy accounting -------------------------------------------------------------------------
 
     def _read_all(self) -> dict[int, GpuReading]:
-        readings = {}
-        for index in self._infos:
-            try:
-                readings[index] = self._backend.read(index)
-            except GpuError:
-                continue
-        return readings
+        """This node's GPUs' latest readings (about a sampling period old in the daemon; the
+        sampler leaves out a GPU whose last read failed or whose reading went stale)."""
+        latest = self._readings.latest()
+        return {index: latest[index] for index in self._infos if index in latest}
 
     def _account(
         self, control: _JobControl, job: JobRecord, readings: Mapping[int, GpuReading],
         now_s: float,
     ) -> None:
-        """Add the job's GPUs' energy since the last tick (counter deltas; power if reset)."""
-        dt = now_s - control.last_s if control.last_s is not None else 0.0
+        """Add the job's GPUs' energy since the last tick (``energy.counters``: the counter's
+        delta since its last reading; power over the tick across a reset or without a counter)."""
         for index in job.gpus:
             r = readings.get(index)
-            if r is None or r.energy_mj is None:
-                if r is not None and r.power_avg_mw is not None:
-                    control.energy_j += r.power_avg_mw / 1000 * dt
+            if r is None:
                 continue
-            last = control.counters.get(index)
-            if last is not None and control.last_s is not None:
-                delta_mj = r.energy_mj - last
-                if delta_mj >= 0:
-                    control.energy_j += delta_mj / 1000
-                elif r.power_avg_mw is not None:  # the counter reset (driver reload)
-                    control.energy_j += r.power_avg_mw / 1000 * dt
-            control.counters[index] = r.energy_mj
+            if control.last_s is not None:
+                # Only the tick's end carries a power: the 1 s average read now is the tick's
+                # power, held over it. A wall clock that stepped back gives the tick no length.
+                part = interval_energy(
+                    (min(control.last_s, now_s), control.counters.get(index), None),
+                    (now_s, r.energy_mj, r.power_avg_mw),
+                )
+                control.energy_j += (part.energy_mj or 0.0) / 1000
+            if r.energy_mj is not None:
+                control.counters[index] = r.energy_mj
         control.last_s = now_s
         control.energy_at.append((now_s, control.energy_j))
 
@@ -589,148 +521,26 @@ class BudgetLoop:
     def _start_optimiser(
         self, job: JobRecord, control: _JobControl, objective: str, *, why: str
     ) -> None:
-        """Hand the job's setting to the energy optimiser (hw: power limits; clock: clocks)."""
+        """Hand the job's setting to the energy optimiser (``scheduler.optimising``)."""
         if not job.gpus:
             return
         choice = control.choice or self._choose(job)
-        facts = self._facts[job.gpus[0]]
-        budget_w = job.watts_per_gpu
-        if choice.mode == "soft":
-            log.warning("job %d: %s, but soft mode has no setting that saves energy (pacing "
-                        "adds idle time); only warning", job.id, why)
+        gpu = job.gpus[0]
+        locked = self._actuators_locked(gpu) if choice.mode == "clock" else None
+        opt = start_optimising(job, choice.mode, self._facts[gpu], locked, objective, why=why,
+                               jobs=self._jobs)
+        if opt is None:
             return
-        if choice.mode == "hw":
-            top_mw = max(facts.min_limit_mw, facts.max_limit_mw if budget_w is None else min(
-                facts.max_limit_mw, round(budget_w * 1000)))
-            space = SettingSpace.power_limits(
-                facts.min_limit_mw, top_mw, _grid_step(top_mw - facts.min_limit_mw, 25_000))
-            knob: Literal["power_limit", "sm_clocks"] = "power_limit"
-        else:
-            top = self._actuators_locked(job.gpus[0]) or facts.max_sm_clock_mhz
-            space = SettingSpace.sm_clocks(
-                facts.min_sm_clock_mhz, top, _grid_step(top - facts.min_sm_clock_mhz, 90))
-            knob = "sm_clocks"
-        goal = LeastEnergy(power_budget_w=budget_w) if objective == "energy" else (
-            objective_from_name(objective, max_power_w=facts.max_limit_mw / 1000 * len(job.gpus),
-                                power_budget_w=budget_w)
-        )
-        control.optimising = _Optimising(space, goal, knob)
+        control.optimising = opt
         control.choice = choice
-        log.info("job %d: the energy optimiser takes over (%s): %s over %s", job.id, why,
-                 goal.name, knob)
 
     def _drive_optimiser(
         self, job: JobRecord, control: _JobControl, obs: Observation, progress: Progress
     ) -> None:
-        """Feed the optimiser windows that start and end at progress reports.
-
-        A report says how many steps the job had done when it was received; the job's energy
-        then is interpolated between the ticks around it. Steps counted at tick time instead
-        would be off by up to a report interval's worth at each end of a window.
-        """
-        opt = control.optimising
-        assert opt is not None
-        if opt.optimizer is None:
-            if not obs.step_time_s:
-                return  # no step reported yet
-            opt.optimizer = EnergyOptimizer(opt.space, opt.goal, daemon_search(obs.step_time_s))
-        if opt.applied is None or opt.applied != opt.optimizer.setting:
-            self._apply_setting(job, control, opt, obs)
-            return
-        point = _report_point(progress, control.energy_at, opt.applied_at)
-        if point is None:
-            return
-        if opt.mark is None:
-            opt.mark = point
-            return
-        (t0, steps0, e0), (t1, steps1, e1) = opt.mark, point
-        done = steps1 - steps0
-        if done >= opt.optimizer.steps_wanted and t1 > t0:
-            before = opt.optimizer.setting
-            opt.optimizer.observe(done, t1 - t0, max(e1 - e0, 0.0))
-            opt.mark = point
-            if opt.optimizer.setting != before:
-                self._apply_setting(job, control, opt, obs)
-            self._save_search(job.id, opt, obs.now_s, opt.optimizer.result)
-
-    def _save_search(
-        self, job_id: int, opt: _Optimising, now_s: float, result: SearchResult | None
-    ) -> None:
-        """Store a search whenever it changed (done, revised, measured further; or as it stood
-        when the job ended), for ``powertrain report``."""
-        assert opt.optimizer is not None
-        if result is None or result is opt.saved:
-            return
-        finished = opt.optimizer.results
-        number = len(finished) if finished and result is finished[-1] else len(finished) + 1
-        record = SearchRecord(
-            job_id=job_id, number=number, at=to_datetime(now_s),
-            objective=opt.optimizer.objective.name, knob=opt.optimizer.space.knob.value,
-            setting=result.setting, top_setting=opt.optimizer.space.max_value,
-            feasible=result.feasible, reason=result.reason, revisions=result.revisions,
-            profiling_steps=result.profiling_steps, profiling_time_s=result.profiling_time_s,
-            profiling_energy_j=result.profiling_energy_j,
-            probes=tuple(ProbeRecord(p.setting, p.steps, p.time_s, p.energy_j)
-                         for p in sorted(result.probes, key=lambda p: -p.setting)),
-        )
-        try:
-            self._jobs.save_search(record)
-        except StoreError as exc:
-            log.warning("job %d: could not store the optimiser's search: %s", job_id, exc)
-            return
-        opt.saved = result
-
-    def _apply_setting(
-        self, job: JobRecord, control: _JobControl, opt: _Optimising, obs: Observation
-    ) -> None:
-        assert opt.optimizer is not None
-        value = opt.optimizer.setting
-        commands: list[Command] = []
-        for index in job.gpus:
-            if opt.knob == "power_limit":
-                commands.append(SetPowerLimit(index, value))
-            else:
-                commands.append(LockClocks(index, value))
-        unit = "W" if opt.knob == "power_limit" else "MHz"
-        shown = value / 1000 if opt.knob == "power_limit" else value
-        state = type(opt.optimizer.state).__name__.lower()
-        self._decide(job, control, Decision(
-            at_s=obs.now_s, source="optimizer",
-            what=f"{opt.knob.replace('_', ' ')} {shown:g} {unit}",
-            why=f"energy optimiser ({opt.optimizer.objective.name}, {state})",
-            commands=tuple(commands), power_before_w=obs.mean_power_w(),
-            steps_per_s_before=obs.steps_per_s,
-        ))
-        opt.applied, opt.applied_at, opt.mark = value, obs.now_s, None
-
-
-
-def _grid_step(span: int, least: int) -> int:
-    """A candidate step that splits ``span`` into about ``DAEMON_GRID_INTERVALS`` steps: a
-    multiple of ``least``."""
-    return least * max(1, -(-span // (least * DAEMON_GRID_INTERVALS)))
-
-
-def _report_point(
-    progress: Progress, energy_at: Sequence[tuple[float, float]], since_s: float
-) -> tuple[float, int, float] | None:
-    """The latest progress report received at or after ``since_s`` that the energy readings
-    reach: its time (s), the steps it reported, and the job's energy then (J), interpolated
-    between the ticks around it. None when there is no such report."""
-    if len(energy_at) < 2:
-        return None
-    first_s, last_s = energy_at[0][0], energy_at[-1][0]
-    for t, steps, _tokens in reversed(progress.reports):
-        if t > last_s:
-            continue
-        if t < since_s or t < first_s:
-            return None
-        for (ta, ea), (tb, eb) in pairwise(energy_at):
-            if ta <= t <= tb:
-                energy = ea if tb == ta else ea + (eb - ea) * (t - ta) / (tb - ta)
-                return t, steps, energy
-        return None
-    return None
+        """One tick of the job's optimiser; the settings it asks for are decided here."""
+        assert control.optimising is not None
+        control.optimising.drive(job.gpus, obs, progress.reports, control.energy_at,
+                                 lambda decision: self._decide(job, control, decision))
 
 
 def _arm_energy(control: _JobControl, job: JobRecord) -> None:

@@ -30,6 +30,7 @@ from scheduler.api import ApiServer, bind_socket, create_app
 from scheduler.launcher import choose_runner_python
 from scheduler.service import JobService
 from scheduler.settings import Settings
+from scheduler.sim_adapter import sim_adapter_for
 from telemetry.backends.base import GpuBackend
 from telemetry.sampler import BatchWriter, Sampler
 from telemetry.store import Store
@@ -129,8 +130,12 @@ class Daemon:
         self.host = host or socket.gethostname()
         self.gpu_ids = store.register_gpus(backend.devices(), host=self.host, backend=backend.name)
         self.writer = BatchWriter(store, max_rows=settings.buffer_max_rows)
-        self.sampler = Sampler(backend, self.gpu_ids, self.writer)
-        self.service = JobService(settings, store, backend, self.gpu_ids, host=self.host)
+        # The control loop observes the sampler's latest readings: a reading is fresh for two
+        # sampling periods, and never less than a second (one control interval at the default).
+        self.sampler = Sampler(backend, self.gpu_ids, self.writer,
+                               fresh_s=max(1.0, 2 * settings.interval_ms / 1000))
+        self.service = JobService(settings, store, backend, self.gpu_ids, host=self.host,
+                                  readings=self.sampler, sim=sim_adapter_for(backend))
         for entry in self.service.actuators.recover():
             log.warning(
                 "recovery: GPU %d %s for job %s, left by a previous daemon: %s",
@@ -171,8 +176,9 @@ class Daemon:
             id="retention",
             next_run_time=now,
         )
-        self._scheduler.start()
+        # Sampling first: the control job's first tick observes the sampler's readings.
         self._sampling.start()
+        self._scheduler.start()
         self._api.start()
         log.info(
             "sampling %d GPUs every %d ms into %s; API on %s",

@@ -25,6 +25,7 @@ from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedCo
 from rich.table import Table
 
 from scheduler.apiclient import DaemonClient, DaemonError
+from scheduler.store import JobStore
 from telemetry.store import open_store
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "pretrain_gpt.py"
@@ -185,6 +186,7 @@ def _summarise(
 ) -> None:
     store = open_store(f"sqlite:///{home / 'powertrain.db'}")
     try:
+        store_jobs = JobStore(store)
         table = Table(
             "ID", "Job", "State", "GPUs", "W/GPU", "Energy", "Power", "Tokens/s", "J/token",
             title="Per-job summary, from the store (power: all the job's GPUs together)",
@@ -192,12 +194,12 @@ def _summarise(
         )
         for job in jobs:
             job_id = ids[job.name]
-            record = store.jobs.get(job_id)
-            energy = store.jobs.energy(job_id)
+            record = store_jobs.get(job_id)
+            energy = store_jobs.energy(job_id)
             view = views[job_id]
             joules = energy.energy_mj / 1000
             mean_w = joules / energy.duration_s if energy.duration_s else float("nan")
-            rate = store.jobs.throughput(job_id, window_s=1e9)
+            rate = store_jobs.throughput(job_id, window_s=1e9)
             tokens = view["tokens"]
             table.add_row(
                 str(job_id),

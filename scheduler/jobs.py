@@ -1,6 +1,6 @@
 """The job model's vocabulary: lifecycle states and their allowed transitions, enforcement modes.
 
-Pure data, no I/O. The store (``telemetry.store.jobs``) checks every state change against
+Pure data, no I/O. The store (``scheduler.store.jobs``) checks every state change against
 ``TRANSITIONS``; the control loop decides which change to make.
 """
 

@@ -31,8 +31,8 @@ from pathlib import Path
 import psutil
 
 from scheduler import runner
+from scheduler.store import JobRecord
 from telemetry.clock import Clock, WallClock
-from telemetry.store.jobs import JobRecord
 
 log = logging.getLogger(__name__)
 

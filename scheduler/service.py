@@ -10,7 +10,6 @@ import logging
 import math
 import os
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -19,8 +18,8 @@ from typing import Any, Literal
 import psutil
 
 from scheduler.actuators import Actuators
-from scheduler.api import Caller, ConflictError, ForbiddenError, NotFoundError
 from scheduler.budgets import BudgetLoop, Progress
+from scheduler.errors import Caller, ConflictError, ForbiddenError, NotFoundError
 from scheduler.jobs import ACTIVE_STATES, TERMINAL_STATES, JobState, Mode, OnExceed
 from scheduler.launcher import Launcher
 from scheduler.placement import GpuSlot, Waiting, check_request, plan
@@ -35,10 +34,12 @@ from scheduler.schemas import (
     UpdateRequest,
 )
 from scheduler.settings import Settings
+from scheduler.sim_adapter import Load, NoSimulation, SimAdapter
+from scheduler.store import JobRecord, JobStore, NewJob
 from telemetry.backends.base import GpuBackend, GpuError, GpuInfo
 from telemetry.clock import Clock, WallClock, to_datetime
+from telemetry.sampler import LatestReadings
 from telemetry.store import Store
-from telemetry.store.jobs import JobRecord, NewJob
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +68,11 @@ class JobService:
         backend: This node's GPUs.
         gpu_ids: GPU index → the GPU's id in the store.
         host: This node's name (jobs of other nodes in a shared store are not touched).
+        readings: The GPUs' latest readings, which the budget loop observes (the sampler).
         actuators: The only way GPU settings and soft directives change.
         launcher: Starts, polls and stops job processes.
+        sim: What only simulated GPUs need (their load follows the jobs; the ``slowdown``
+            directive); ``NoSimulation`` by default, for real GPUs.
         clock: Time source.
     """
 
@@ -80,13 +84,15 @@ class JobService:
         gpu_ids: dict[int, int],
         *,
         host: str,
+        readings: LatestReadings,
         actuators: Actuators | None = None,
         launcher: Launcher | None = None,
+        sim: SimAdapter | None = None,
         clock: Clock | None = None,
     ) -> None:
         self._settings = settings
         self._store = store
-        self._jobs = store.jobs
+        self._jobs = JobStore(store)
         self._backend = backend
         self._gpu_ids = gpu_ids
         self._host = host
@@ -102,28 +108,18 @@ class JobService:
         self._lock = threading.RLock()
         self._live: dict[int, _Live] = {}
         self._infos: dict[int, GpuInfo] = {d.index: d for d in backend.devices()}
-        # Simulated GPUs whose load this daemon drives (its jobs' GPUs), and the load it set;
-        # others are left as they are. After a restart, the adopted jobs' GPUs start from what
-        # the node runs now (it outlives the daemon), so they do not flip to idle and back.
-        self._sim_busy: dict[int, tuple[tuple[int, ...], float]] = {}
-        workload = getattr(backend, "workload", None)
-        duty = getattr(backend, "duty", None)
+        self._sim = sim or NoSimulation()
         for job in self._active():
             # Adopted jobs count as stepping until their clients report again.
             self._live_of(job.id).last_step_at = self._clock.now()
-            if workload is None:
-                continue
-            for i in job.gpus:
-                if workload(i) is not None:
-                    pids = tuple(p.pid for p in backend.read(i).processes)
-                    self._sim_busy[i] = (pids, duty(i) if duty else 1.0)
+            self._sim.adopt(job.gpus)
         default_cap_w = sum((d.max_limit_mw or 0) / 1000 for d in self._infos.values())
         # Placement always checks against a cap (by default the sum of the maximum limits); the
         # run-time guard only holds one that is set: the default is the cards' own limits.
         self.node_cap_w = settings.node_cap_w or default_cap_w
         self._cap_set = settings.node_cap_w is not None
         self.budgets = BudgetLoop(
-            backend, self._jobs, self.actuators, self._infos,
+            backend.capabilities(), self._jobs, self.actuators, self._infos, readings=readings,
             node_cap=lambda: self.node_cap_w if self._cap_set else None,
             clock=self._clock, on_pause=self._pause, on_resume=self._resume_for_budget,
             on_stop=self._stop_for_budget,
@@ -481,11 +477,8 @@ class JobService:
 
     def _follow_activity(self) -> None:
         """On simulated GPUs, a job's GPUs are busy while its steps keep coming, else idle."""
-        set_workload: Callable[..., None] | None = getattr(self._backend, "set_workload", None)
-        if set_workload is None:
-            return
         now = self._clock.now()
-        busy: dict[int, tuple[tuple[int, ...], float]] = {}
+        busy: dict[int, Load] = {}
         for job in self._active():
             live = self._live.get(job.id)
             stepping = live is not None and now - live.last_step_at < ACTIVITY_TIMEOUT_S
@@ -502,14 +495,7 @@ class JobService:
                 duty = self.budgets.duty(job.id)
                 for index in job.gpus:
                     busy[index] = ((job.pid,) if job.pid else (), round(duty, 3))
-        for index in self._infos:
-            want = busy.get(index)
-            if want is None:
-                if self._sim_busy.pop(index, None) is not None:
-                    set_workload(index, None)  # its job stopped stepping or ended
-            elif self._sim_busy.get(index) != want:
-                set_workload(index, "training", pids=want[0], duty=want[1])
-                self._sim_busy[index] = want
+        self._sim.follow(busy)
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -572,10 +558,7 @@ class JobService:
         return sum((self._infos[i].max_limit_mw or 0) / 1000 for i in indices)
 
     def _slowdown(self, job: JobRecord) -> float:
-        step_slowdown: Callable[[int], float] | None = getattr(self._backend, "step_slowdown", None)
-        if step_slowdown is None or not job.gpus:
-            return 1.0
-        return max(step_slowdown(i) for i in job.gpus)
+        return self._sim.slowdown(job.gpus)
 
     def _gpus_of_pid(self, proc: psutil.Process) -> list[int]:
         """GPUs whose compute processes include ``proc`` or one of its children."""

@@ -1,8 +1,10 @@
-"""Sampling: one tick reads every GPU once; a writer stores the rows in batches.
+"""Sampling: one tick reads every GPU once, keeps each GPU's latest reading, and a writer stores
+the rows in batches.
 
 A GPU that fails never holds up the others: a lost GPU is marked and retried with exponential
-backoff. The writer keeps rows in a bounded buffer while the store refuses them, retries on every
-flush, and counts (and logs) what it had to drop once the buffer was full.
+backoff. The latest readings are what the control loop observes (``LatestReadings``), so the GPUs
+are read once, here. The writer keeps rows in a bounded buffer while the store refuses them,
+retries on every flush, and counts (and logs) what it had to drop once the buffer was full.
 """
 
 from __future__ import annotations
@@ -29,6 +31,15 @@ class SampleSink(Protocol):
     def insert_samples(self, rows: Sequence[Row]) -> int: ...
 
 
+class LatestReadings(Protocol):
+    """Each GPU's latest reading (``Sampler.latest`` in the daemon)."""
+
+    def latest(self) -> dict[int, GpuReading]:
+        """GPU index → its latest reading, for every GPU that has a fresh one; a GPU whose last
+        read failed, or that has not been read recently, is left out."""
+        ...
+
+
 @dataclass(slots=True)
 class _GpuHealth:
     failures: int = 0
@@ -43,8 +54,10 @@ class Sampler:
         backend: Where readings come from.
         gpu_ids: GPU index → the GPU's id in the store.
         writer: Receives each tick's rows.
-        clock: Time source for the retry backoff.
+        clock: Time source for the retry backoff and the readings' age.
         backoff_initial_s / backoff_max_s: Retry delay of a failing GPU, doubling per failure.
+        fresh_s: ``latest`` leaves out readings older than this (a stalled sampling thread must
+            not pass an old reading off as the GPU's state).
     """
 
     def __init__(
@@ -56,6 +69,7 @@ class Sampler:
         clock: Clock | None = None,
         backoff_initial_s: float = 0.5,
         backoff_max_s: float = 30.0,
+        fresh_s: float = 1.0,
     ) -> None:
         self._backend = backend
         self._gpu_ids = dict(gpu_ids)
@@ -63,11 +77,23 @@ class Sampler:
         self._clock = clock or WallClock()
         self._backoff_initial_s = backoff_initial_s
         self._backoff_max_s = backoff_max_s
+        self._fresh_s = fresh_s
         self._health = {index: _GpuHealth() for index in self._gpu_ids}
+        # index -> (clock time of the read, reading); the sampling thread writes, the control
+        # loop reads.
+        self._latest: dict[int, tuple[float, GpuReading]] = {}
+        self._latest_lock = threading.Lock()
 
     def lost_gpus(self) -> list[int]:
         """Indices of GPUs currently marked lost."""
         return [index for index, h in self._health.items() if h.lost]
+
+    def latest(self) -> dict[int, GpuReading]:
+        """Each GPU's latest reading, read within ``fresh_s``; a GPU whose last read failed (lost,
+        or waiting out its backoff) has none until it answers again."""
+        oldest = self._clock.now() - self._fresh_s
+        with self._latest_lock:
+            return {i: r for i, (at, r) in self._latest.items() if at >= oldest}
 
     def tick(self) -> int:
         """Read every GPU that is not waiting out a backoff. Returns the number of readings."""
@@ -80,8 +106,12 @@ class Sampler:
             try:
                 reading = self._backend.read(index)
             except GpuError as exc:
+                with self._latest_lock:
+                    self._latest.pop(index, None)
                 self._record_failure(index, health, exc, now)
                 continue
+            with self._latest_lock:
+                self._latest[index] = (self._clock.now(), reading)
             if health.failures:
                 log.warning("GPU %d answers again after %d failed reads", index, health.failures)
                 self._health[index] = _GpuHealth()

@@ -6,13 +6,12 @@ way a real node's outlive the daemon: a "crash" here is dropping the objects wit
 
 from __future__ import annotations
 
-import ast
 import json
 import logging
 import os
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,9 @@ from sqlalchemy import text
 
 import scheduler.actuators as actuators_module
 from scheduler.actuators import RECOVERY_REASON, Actuators, Directives, applied_settings
+from scheduler.store import JobStore, JournalStatus, JournalStore, NewJob, Setting
 from telemetry.backends.base import (
+    BackendCapabilities,
     GpuInfo,
     GpuNotFoundError,
     GpuPermissionError,
@@ -31,14 +32,14 @@ from telemetry.backends.base import (
 )
 from telemetry.backends.simulated import FaultKind, SimulatedBackend
 from telemetry.clock import VirtualClock
-from telemetry.store import JournalStatus, NewJob, Setting, Store, StoreError, open_store
+from telemetry.store import Store, StoreError, open_store
+from tests.import_contracts import setter_calls
 
 HOST = "node-a"
 DEFAULT_MW = 700_000  # H100 SXM
 MIN_MHZ, MAX_MHZ = 345, 1980
 REPO = Path(__file__).resolve().parents[1]
 
-SETTERS = {"set_power_limit", "reset_power_limit", "lock_sm_clocks", "reset_sm_clocks"}
 
 
 @dataclass
@@ -53,6 +54,11 @@ class Spy:
 
     def devices(self) -> list[GpuInfo]:
         return self.inner.devices()
+
+    def capabilities(self) -> BackendCapabilities:
+        # A spy named "nvml" stands for real GPUs, whose settings need privileges.
+        real = self.name == "nvml"
+        return replace(self.inner.capabilities(), simulated=not real, settings_need_privilege=real)
 
     def read(self, index: int) -> GpuReading:
         return self.inner.read(index)
@@ -110,7 +116,7 @@ class Node:
 
     def job(self, name: str = "train") -> int:
         new = NewJob(name=name, user="alice", uid=1001, gid=1001, argv=("t",), cwd="/", host=HOST)
-        return self.store.jobs.create(new, at=self.now()).id
+        return JobStore(self.store).create(new, at=self.now()).id
 
     def now(self) -> Any:
         from telemetry.clock import to_datetime
@@ -170,7 +176,7 @@ def test_entry_is_committed_pending_before_the_gpu_is_touched(node: Node) -> Non
     seen: list[list[JournalStatus]] = []
     spy = Spy(node.sim())
     # what another connection sees at the moment the backend is called
-    spy.before = lambda _: seen.append([e.status for e in node.store.journal.entries(HOST)])
+    spy.before = lambda _: seen.append([e.status for e in JournalStore(node.store).entries(HOST)])
     act = node.actuators(spy)
     act.set_power_limit(node.job(), 0, 400_000)
     assert seen == [[JournalStatus.PENDING]]
@@ -185,7 +191,7 @@ def test_permission_denied_is_journaled_failed_and_reraised(node: Node) -> None:
         act.set_power_limit(job, 0, 300_000)
     with pytest.raises(GpuPermissionError):
         act.lock_sm_clocks(job, 0, 1200)
-    (p, c) = node.store.journal.entries(HOST)
+    (p, c) = JournalStore(node.store).entries(HOST)
     assert (p.setting, p.status, c.setting, c.status) == (
         Setting.POWER_LIMIT,
         JournalStatus.FAILED,
@@ -208,7 +214,7 @@ def test_not_supported_and_invalid_values_are_journaled_failed(node: Node) -> No
         act.set_power_limit(job, 0, 100_000)
     with pytest.raises(InvalidSettingError, match="min <= max"):
         act.lock_sm_clocks(job, 0, 1000, 1200)
-    statuses = [e.status for e in node.store.journal.entries(HOST)]
+    statuses = [e.status for e in JournalStore(node.store).entries(HOST)]
     assert statuses == [JournalStatus.FAILED] * 3
     assert node.settings(0) == node.settings(1) == (DEFAULT_MW, None)
 
@@ -217,7 +223,7 @@ def test_unknown_gpu_is_refused_without_a_journal_entry(node: Node) -> None:
     act = node.actuators()
     with pytest.raises(GpuNotFoundError):
         act.set_power_limit(None, 7, 300_000)
-    assert node.store.journal.entries(HOST) == []
+    assert JournalStore(node.store).entries(HOST) == []
 
 
 def test_no_journal_no_change_when_the_store_cannot_write(node: Node) -> None:
@@ -239,11 +245,11 @@ def test_the_same_request_again_writes_nothing_and_sets_nothing(node: Node) -> N
         assert act.set_power_limit(job, 0, 300_000) == first
         act.lock_sm_clocks(job, 0, 1400)
     assert [c[0] for c in spy.calls] == ["set_power_limit", "lock_sm_clocks"]
-    assert len(node.store.journal.entries(HOST)) == 2
+    assert len(JournalStore(node.store).entries(HOST)) == 2
 
     second = act.set_power_limit(job, 0, 280_000)  # a real change is written
     assert second.previous_value == 300_000
-    old = node.store.journal.get(first.id)
+    old = JournalStore(node.store).get(first.id)
     assert old is not None and old.status is JournalStatus.UNDONE
     assert old.undo_reason == f"superseded by journal entry {second.id}"
     assert [e.id for e in act.applied(0) if e.setting is Setting.POWER_LIMIT] == [second.id]
@@ -259,7 +265,7 @@ def test_a_setting_the_gpu_lost_is_set_again_under_the_same_entry(node: Node) ->
     assert sim.read(0).power_limit_mw != 300_000
     assert act.set_power_limit(job, 0, 300_000, reapply=True) == first  # ... a re-apply does
     assert sim.read(0).power_limit_mw == 300_000
-    assert len(node.store.journal.entries(HOST)) == 1
+    assert len(JournalStore(node.store).entries(HOST)) == 1
 
 
 # -- undoing -------------------------------------------------------------------------------------
@@ -278,7 +284,7 @@ def test_undo_job_puts_defaults_back_and_says_why(node: Node) -> None:
     assert {e.status for e in undone} == {JournalStatus.UNDONE}
     assert {e.undo_reason for e in undone} == {f"job {job} ended"}
     assert all(e.undone_at is not None for e in undone)
-    assert node.store.journal.outstanding(HOST) == []
+    assert JournalStore(node.store).outstanding(HOST) == []
     assert act.directives(job) == Directives(None, None, None)
     assert act.undo_job(job, "again") == []
     # after an undo the same request is a change again
@@ -305,9 +311,9 @@ def test_overlapping_jobs_leave_no_stale_value(node: Node) -> None:
     }
     act.undo_job(b, "job b ended")
     assert node.settings(1) == (DEFAULT_MW, None)
-    assert node.store.journal.outstanding(HOST) == []
+    assert JournalStore(node.store).outstanding(HOST) == []
     # the journal tells the whole story of a's GPU 1 limit
-    (a1,) = [e for e in node.store.journal.entries(HOST, job_id=a) if e.gpu_index == 1]
+    (a1,) = [e for e in JournalStore(node.store).entries(HOST, job_id=a) if e.gpu_index == 1]
     assert a1.undo_reason == f"superseded by journal entry {b_limit.id}"
 
 
@@ -347,7 +353,7 @@ def test_failed_undo_stays_outstanding_and_is_retried(node: Node) -> None:
     (failed,) = act.undo_job(job, "job ended")
     assert failed.status is JournalStatus.UNDO_FAILED
     assert failed.error is not None and "lost" in failed.error
-    assert [e.id for e in node.store.journal.outstanding(HOST)] == [failed.id]
+    assert [e.id for e in JournalStore(node.store).outstanding(HOST)] == [failed.id]
     sim.clear_faults(0)
     (undone,) = act.undo_all("daemon stopping")
     assert (undone.id, undone.status) == (failed.id, JournalStatus.UNDONE)
@@ -364,7 +370,7 @@ def test_recover_after_a_crash_resets_what_the_dead_daemon_left(node: Node) -> N
     first.lock_sm_clocks(a, 0, 1200)
     first.set_power_limit(b, 1, 450_000)
     # a crash between journaling and applying leaves a pending entry
-    pending = node.store.journal.record(
+    pending = JournalStore(node.store).record(
         host=HOST,
         gpu_id=node.gpu_ids[1],
         gpu_index=1,
@@ -391,7 +397,7 @@ def test_recover_after_a_crash_resets_what_the_dead_daemon_left(node: Node) -> N
             (JournalStatus.UNDONE, RECOVERY_REASON)
         }
         assert {e.undone_at for e in undone} == {node.now()}
-        assert store.journal.outstanding(HOST) == []
+        assert JournalStore(store).outstanding(HOST) == []
         assert second.recover() == []
     finally:
         store.close()
@@ -401,7 +407,7 @@ def test_recover_touches_only_this_hosts_entries(node: Node) -> None:
     other_ids = node.store.register_gpus(
         [node.sim().devices()[0]], host="node-b", backend="simulated"
     )
-    node.store.journal.record(
+    JournalStore(node.store).record(
         host="node-b",
         gpu_id=other_ids[0],
         gpu_index=0,
@@ -413,7 +419,7 @@ def test_recover_touches_only_this_hosts_entries(node: Node) -> None:
     spy = Spy(node.sim())
     assert node.actuators(spy).recover() == []
     assert spy.calls == []
-    assert len(node.store.journal.outstanding("node-b")) == 1
+    assert len(JournalStore(node.store).outstanding("node-b")) == 1
 
 
 # -- dry run -------------------------------------------------------------------------------------
@@ -451,7 +457,7 @@ def test_dry_run_refuses_what_the_gpu_would_refuse(node: Node) -> None:
     act = node.actuators(Spy(node.sim(), forbid=True), dry_run=True)
     with pytest.raises(InvalidSettingError):
         act.set_power_limit(None, 0, 900_000)
-    (entry,) = node.store.journal.entries(HOST)
+    (entry,) = JournalStore(node.store).entries(HOST)
     assert (entry.dry_run, entry.status) == (True, JournalStatus.FAILED)
 
 
@@ -468,7 +474,7 @@ def test_dry_run_recovery_leaves_a_real_daemons_settings_for_the_next_real_one(
         dry.set_power_limit(job, 0, 250_000)  # does not supersede the real entry
     assert any("dry run: would reset GPU 0 power limit" in r.getMessage() for r in caplog.records)
     assert node.settings(0)[0] == 300_000
-    assert len(node.store.journal.outstanding(HOST)) == 2
+    assert len(JournalStore(node.store).outstanding(HOST)) == 2
     # a real daemon resets the real cap, and closes the dry run's entry without a second reset
     spy = Spy(node.sim())
     undone = node.actuators(spy).recover()
@@ -498,7 +504,7 @@ def test_probe_permitted_writes_the_same_limit_again(node: Node) -> None:
     assert ok and "450 W" in reason
     assert spy.calls[-1] == ("set_power_limit", 0, 450_000)
     assert node.settings(0)[0] == 450_000
-    assert len(node.store.journal.entries(HOST)) == 1  # the probe changes nothing: no entry
+    assert len(JournalStore(node.store).entries(HOST)) == 1  # the probe changes nothing: no entry
 
 
 def test_probe_not_permitted_says_why(node: Node) -> None:
@@ -599,41 +605,13 @@ def test_concurrent_callers_keep_one_live_entry_per_gpu_setting(node: Node) -> N
     for t in threads:
         t.join()
     assert errors == []
-    live = node.store.journal.outstanding(HOST)
+    live = JournalStore(node.store).outstanding(HOST)
     assert sorted(e.gpu_index for e in live) == [0, 1]
     for e in live:
         assert node.settings(e.gpu_index)[0] == e.value
 
 
 # -- the boundary --------------------------------------------------------------------------------
-
-
-def _through_actuators(call: ast.Call) -> bool:
-    """Whether a setter call goes to an ``Actuators`` object (``self._actuators.x(...)``)."""
-    receiver = call.func.value if isinstance(call.func, ast.Attribute) else None
-    name = receiver.attr if isinstance(receiver, ast.Attribute) else getattr(receiver, "id", "")
-    return name.lstrip("_") == "actuators"
-
-
-def _setter_calls(path: Path) -> Iterator[tuple[str, int]]:
-    """(enclosing function, line) of every call of a GPU setter method in a module, other than
-    calls on the actuators themselves."""
-    tree = ast.parse(path.read_text(encoding="utf-8"))
-    stack: list[tuple[ast.AST, str]] = [(tree, "<module>")]
-    while stack:
-        node, func = stack.pop()
-        for child in ast.iter_child_nodes(node):
-            name = func
-            if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef):
-                name = child.name
-            if (
-                isinstance(child, ast.Call)
-                and isinstance(child.func, ast.Attribute)
-                and child.func.attr in SETTERS
-                and not _through_actuators(child)
-            ):
-                yield name, child.lineno
-            stack.append((child, name))
 
 
 def test_only_the_actuators_change_gpu_settings() -> None:
@@ -643,7 +621,7 @@ def test_only_the_actuators_change_gpu_settings() -> None:
             rel = path.relative_to(REPO).as_posix()
             if rel.startswith("telemetry/backends/") or rel == "scheduler/actuators.py":
                 continue
-            offenders += [f"{rel}:{line} in {func}" for func, line in _setter_calls(path)]
+            offenders += [f"{rel}:{line} in {func}" for func, line in setter_calls(path)]
     assert offenders == [], "GPU settings change only through scheduler/actuators.py"
     # the check itself finds calls
-    assert list(_setter_calls(REPO / "scheduler" / "actuators.py"))
+    assert list(setter_calls(REPO / "scheduler" / "actuators.py"))

@@ -1,5 +1,6 @@
-"""The budget loop's helpers for the energy optimiser: windows at progress reports, the candidate
-grid, windows set in seconds; which node cap the loop holds; and one job's failing control."""
+"""The daemon's optimiser helpers (``scheduler.optimising``): windows at progress reports, the
+candidate grid, windows set in seconds; which node cap the budget loop holds; and one job's failing
+control."""
 
 from __future__ import annotations
 
@@ -9,15 +10,18 @@ from pathlib import Path
 import pytest
 
 from energy.optimizer import SettingSpace
-from scheduler.api import Caller
-from scheduler.budgets import BudgetLoop, Progress, _grid_step, _report_point, daemon_search
+from scheduler.budgets import BudgetLoop, Progress
+from scheduler.errors import Caller
+from scheduler.optimising import daemon_search, grid_step, report_point
 from scheduler.schemas import AttachRequest, NodeUpdate, ProgressReport
 from scheduler.service import JobService
 from scheduler.settings import Settings
+from scheduler.sim_adapter import SimulatedGpus
+from scheduler.store import JobRecord
 from telemetry.backends.simulated import SimulatedBackend
 from telemetry.clock import VirtualClock
+from telemetry.sampler import BatchWriter, Sampler
 from telemetry.store import open_store
-from telemetry.store.jobs import JobRecord
 
 
 def test_a_window_edge_is_a_report_with_the_energy_at_its_time() -> None:
@@ -26,24 +30,24 @@ def test_a_window_edge_is_a_report_with_the_energy_at_its_time() -> None:
     progress.add(10.4, 50, 5_000, 0.1)
     progress.add(11.5, 60, 6_000, 0.1)
     progress.add(12.3, 70, 7_000, 0.1)  # after the last tick: its energy is not known yet
-    t, steps, energy = _report_point(progress, energy_at, since_s=10.0) or (0, 0, 0)
+    t, steps, energy = report_point(progress.reports, energy_at, since_s=10.0) or (0, 0, 0)
     assert (t, steps) == (11.5, 60)
     assert energy == pytest.approx(400.0 + 300.0 * 0.5)
     # Nothing since the setting changed at 11.8, or no report the ticks reach: no edge yet.
-    assert _report_point(progress, energy_at, since_s=11.8) is None
-    assert _report_point(Progress(), energy_at, since_s=0.0) is None
-    assert _report_point(progress, [(12.0, 700.0)], since_s=0.0) is None
+    assert report_point(progress.reports, energy_at, since_s=11.8) is None
+    assert report_point(Progress().reports, energy_at, since_s=0.0) is None
+    assert report_point(progress.reports, [(12.0, 700.0)], since_s=0.0) is None
 
 
 def test_the_grid_spans_a_range_in_about_ten_steps() -> None:
     # H100: 200-700 W in 50 W steps (11 candidates); a 250 W range keeps Zeus's 25 W, a 300 W
     # one (12 steps of 25 W) takes 50 W; H100 clocks, 345-1980 MHz, 180 MHz steps.
-    assert _grid_step(500_000, 25_000) == 50_000
+    assert grid_step(500_000, 25_000) == 50_000
     assert len(SettingSpace.power_limits(200_000, 700_000, 50_000).candidates()) == 11
-    assert _grid_step(250_000, 25_000) == 25_000
-    assert _grid_step(300_000, 25_000) == 50_000
-    assert _grid_step(1980 - 345, 90) == 180
-    assert _grid_step(0, 25_000) == 25_000
+    assert grid_step(250_000, 25_000) == 25_000
+    assert grid_step(300_000, 25_000) == 50_000
+    assert grid_step(1980 - 345, 90) == 180
+    assert grid_step(0, 25_000) == 25_000
 
 
 def test_daemon_windows_are_seconds_at_the_jobs_pace() -> None:
@@ -65,7 +69,8 @@ def test_node_cap_is_held_at_run_time_only_once_set(tmp_path: Path,
     try:
         gpu_ids = store.register_gpus(backend.devices(), host="node", backend=backend.name)
         settings = Settings(home=tmp_path, node_cap_w=set_at_start)
-        service = JobService(settings, store, backend, gpu_ids, host="node")
+        sampler = Sampler(backend, gpu_ids, BatchWriter(store))
+        service = JobService(settings, store, backend, gpu_ids, host="node", readings=sampler)
         assert service.node_cap_w == (set_at_start or 600.0)  # placement checks against this
         assert service.budgets.node_cap_w == set_at_start
         admin = Caller(pid=1, uid=0, gid=0, user="root", admin=True)
@@ -85,8 +90,11 @@ def test_a_job_whose_control_fails_does_not_stop_the_others(
     store = open_store(f"sqlite:///{tmp_path / 'powertrain.db'}")
     try:
         gpu_ids = store.register_gpus(backend.devices(), host="node", backend=backend.name)
+        # The daemon's parts: the budget loop observes the sampler's readings, and the service
+        # keeps the simulated GPUs busy while their jobs step.
+        sampler = Sampler(backend, gpu_ids, BatchWriter(store), clock=clock)
         service = JobService(Settings(home=tmp_path), store, backend, gpu_ids, host="node",
-                             clock=clock)
+                             readings=sampler, sim=SimulatedGpus(backend), clock=clock)
         me = Caller(pid=os.getpid(), uid=os.getuid(), gid=os.getgid(), user="me", admin=False)
         broken, fine = (
             service.attach(me, AttachRequest(name=f"job{i}", gpu_ids=[i], watts=150.0)).id
@@ -103,6 +111,7 @@ def test_a_job_whose_control_fails_does_not_stop_the_others(
         for second in range(1, 21):
             for job_id in (broken, fine):
                 service.progress(me, job_id, ProgressReport(steps=10 * second, step_time_s=0.1))
+            sampler.tick()
             service.tick()
             clock.advance(1.0)
         untouched, held = backend.read(0), backend.read(1)

@@ -19,7 +19,7 @@ import pytest
 from bench.simjob import HOST, JobSpec, SimJob, SimNode
 from scheduler.actuators import RECOVERY_REASON
 from scheduler.jobs import ACTIVE_STATES, JobState
-from telemetry.store import Setting
+from scheduler.store import JobStore, JournalStore, Setting
 
 SETTLE_S = 15.0  # the settling time we state; the controllers need 1-5 s on the simulator
 BUDGET_W = 300.0
@@ -100,7 +100,7 @@ def test_a_crash_leaves_caps_that_the_next_daemon_undoes(
 
     assert (node.backend.read(capped.gpus[0]).power_limit_mw or 0) < 700_000  # outlived it
     assert node.backend.true_clock_mhz(locked.gpus[0]) < 1980
-    left = node.store.journal.outstanding(HOST)
+    left = JournalStore(node.store).outstanding(HOST)
     assert {(e.gpu_index, e.setting) for e in left} == {
         (capped.gpus[0], Setting.POWER_LIMIT), (locked.gpus[0], Setting.SM_CLOCKS)}
 
@@ -118,7 +118,7 @@ def test_a_crash_leaves_caps_that_the_next_daemon_undoes(
         assert record is not None and record.state == JobState.FAILED
         assert record.end_reason and "lost" in record.end_reason
 
-    entries = node.store.journal.entries(HOST)
+    entries = JournalStore(node.store).entries(HOST)
     undone = [e for e in entries if e.undo_reason and "previous daemon" in e.undo_reason]
     assert {e.gpu_index for e in undone} == gpus
     assert {e.setting for e in undone} == {"power_limit", "sm_clocks"}
@@ -146,7 +146,7 @@ def test_dry_run_changes_no_setting(tmp_path: Path, caplog: pytest.LogCaptureFix
     log = caplog.text
     assert "dry run: would set GPU" in log and "power limit to" in log
     assert "SM clocks to" in log
-    entries = node.store.journal.entries(HOST)
+    entries = JournalStore(node.store).entries(HOST)
     assert {e.setting for e in entries} == {"power_limit", "sm_clocks"}  # what it would set
     assert all(e.dry_run for e in entries)
     assert all(j.record and j.record.state == JobState.COMPLETED for j in (hw, clock))
@@ -178,11 +178,11 @@ def test_energy_budgets_warn_slow_pause_and_stop(node: SimNode) -> None:
     assert "resumed by hand" in pause.decisions[-1].why
     assert state(pause) == JobState.COMPLETED and pause.steps > steps
     assert pause.id is not None
-    states = [e.to_state for e in node.store.jobs.events(pause.id)]
+    states = [e.to_state for e in JobStore(node.store).events(pause.id)]
     assert states == ["queued", "running", "paused", "running", "completed"]
     assert energy_actions(stop)[-1] == "stop" and state(stop) == JobState.STOPPED
     assert stop.id is not None
-    energy_wh = node.store.jobs.energy(stop.id).energy_mj / 1000 / 3600
+    energy_wh = JobStore(node.store).energy(stop.id).energy_mj / 1000 / 3600
     assert energy_wh == pytest.approx(8.0, rel=0.02), energy_wh
 
 

@@ -32,8 +32,8 @@ from scheduler.control import (
     choose_mode,
 )
 from scheduler.schemas import UpdateRequest
+from scheduler.store import JournalEntry, Setting
 from telemetry.backends.profiles import get_sku
-from telemetry.store import JournalEntry, Setting
 
 H100 = get_sku("H100-SXM")
 OnExceed = Literal["warn", "slow", "pause", "stop"]

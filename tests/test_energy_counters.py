@@ -79,6 +79,19 @@ def test_missing_power_on_one_end_holds_the_other() -> None:
     assert part.method == "trapezoid"
 
 
+def test_a_control_tick_is_its_counter_delta_else_its_end_power() -> None:
+    """How the budget loop adds up a job's energy each tick: the start carries the GPU's last
+    counter reading and no power, the end this tick's counter and its 1 s average power."""
+    # The counter's delta, however long since its last reading (a missed read in between).
+    assert interval_energy((0.0, 5_000, None), (3.0, 605_000, 200_000.0)).energy_mj == 600_000.0
+    # A counter reset (driver reload): the tick's power, held over the tick.
+    reset = interval_energy((0.0, 900_000, None), (1.0, 10, 250_000.0))
+    assert (reset.energy_mj, reset.method, reset.counter_reset) == (250_000.0, "trapezoid", True)
+    # No counter on the GPU, or none read before: the tick's power too.
+    assert interval_energy((0.0, None, None), (0.5, None, 100_000.0)).energy_mj == 50_000.0
+    assert interval_energy((0.0, None, None), (0.5, 7, 100_000.0)).energy_mj == 50_000.0
+
+
 def test_nothing_known_counts_as_unknown_time() -> None:
     samples = [(0.0, None, None), (4.0, None, None), (5.0, None, 1_000.0), (6.0, None, 1_000.0)]
     result = integrate(samples)

@@ -20,6 +20,7 @@ import pytest
 from typer.testing import CliRunner
 
 from scheduler.cli import app
+from scheduler.store import JobStore
 from telemetry.store import open_store
 from tests.daemon_proc import (
     EXAMPLE,
@@ -68,15 +69,15 @@ def test_two_example_jobs_train_and_are_accounted(tmp_path: Path, sock_dir: Path
     store = open_store(f"sqlite:///{tmp_path / 'powertrain.db'}")
     try:
         for job_id in (first, second):
-            job = store.jobs.get(job_id)
+            job = JobStore(store).get(job_id)
             assert job is not None and job.gpus and job.state == "completed"
-            assert store.jobs.throughput(job_id) is not None
-            energy = store.jobs.energy(job_id)
+            assert JobStore(store).throughput(job_id) is not None
+            energy = JobStore(store).energy(job_id)
             # The GPUs were busy (an idle H100 draws ~75 W) and held to the job's budget.
             mean_w = energy.energy_mj / 1000 / energy.duration_s / len(job.gpus)
             assert job.watts_per_gpu is not None
             assert 150 < mean_w <= job.watts_per_gpu * 1.02, (job_id, mean_w)
-            assert [e.to_state for e in store.jobs.events(job_id)] == [
+            assert [e.to_state for e in JobStore(store).events(job_id)] == [
                 "queued", "running", "completed"
             ]
     finally:
@@ -283,9 +284,11 @@ def test_a_daemon_restart_readopts_a_running_job(tmp_path: Path, sock_dir: Path)
 
     store = open_store(f"sqlite:///{tmp_path / 'powertrain.db'}")
     try:
-        job = store.jobs.get(job_id)
+        job = JobStore(store).get(job_id)
         assert job is not None
-        assert [e.to_state for e in store.jobs.events(job_id)] == ["queued", "running", "completed"]
+        assert [e.to_state for e in JobStore(store).events(job_id)] == [
+            "queued", "running", "completed"
+        ]
         gpu_id = job.gpu_ids[0]
         assert job.started_at is not None and job.ended_at is not None
         times = [s.sampled_at.timestamp()
@@ -294,7 +297,7 @@ def test_a_daemon_restart_readopts_a_running_job(tmp_path: Path, sock_dir: Path)
         downtime = restarted_at - killed_at
         assert gaps[-1] <= downtime + 1.5  # the only hole is the restart itself
         assert gaps[-2] <= 1.0
-        energy = store.jobs.energy(job_id)
+        energy = JobStore(store).energy(job_id)
         assert energy.method == "counter"  # the counter bridges the restart exactly
     finally:
         store.close()
@@ -350,9 +353,9 @@ def test_an_energy_budget_pauses_a_job_and_resume_lets_it_finish(
         assert daemon.terminate() == 0, daemon.log()
     store = open_store(f"sqlite:///{tmp_path / 'powertrain.db'}")
     try:
-        states = [e.to_state for e in store.jobs.events(job_id)]
+        states = [e.to_state for e in JobStore(store).events(job_id)]
         assert states == ["queued", "running", "paused", "running", "completed"]
-        energy = [d.what for d in store.jobs.decisions(job_id) if d.source == "energy"]
+        energy = [d.what for d in JobStore(store).decisions(job_id) if d.source == "energy"]
         assert energy == ["pause", "resume"]
     finally:
         store.close()

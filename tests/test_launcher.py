@@ -31,8 +31,8 @@ from scheduler.launcher import (
     choose_runner_python,
     read_exit_file,
 )
+from scheduler.store import JobRecord
 from telemetry.clock import VirtualClock
-from telemetry.store.jobs import JobRecord
 from tests.users import machine_users
 
 TEST_USER = "powertrain-test"

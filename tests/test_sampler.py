@@ -174,3 +174,36 @@ def test_rows_dropped_during_a_slow_flush_are_not_popped_twice(
     assert stats.pending == 0 and stats.dropped == 8
     assert len(sink.written) == 16 + 8
     assert sum(counts(store, gpu_ids).values()) == 24
+
+
+def test_latest_readings_are_each_gpus_last_fresh_read(
+    node: SimulatedBackend, store: Store, clock: VirtualClock
+) -> None:
+    """What the control loop observes: each GPU's last reading; none for a GPU whose last read
+    failed until it answers again; none at all once the sampler has not read for ``fresh_s``."""
+    gpu_ids = store.register_gpus(node.devices(), host="test", backend=node.name)
+    sampler = Sampler(node, gpu_ids, BatchWriter(store), clock=clock, backoff_initial_s=0.5,
+                      fresh_s=1.0)
+    assert sampler.latest() == {}
+    sampler.tick()
+    first = sampler.latest()
+    assert first == {index: node.read(index) for index in range(8)}  # the same instant
+
+    clock.advance(TICK_S)
+    node.inject_fault(3, FaultKind.GPU_LOST)
+    sampler.tick()
+    latest = sampler.latest()
+    assert sorted(latest) == [0, 1, 2, 4, 5, 6, 7]
+    assert latest[0].sampled_at > first[0].sampled_at
+    node.clear_faults(3)
+    clock.advance(TICK_S)
+    sampler.tick()
+    assert 3 not in sampler.latest()  # waiting out its backoff: no reading to pass off as new
+    clock.advance(0.5)
+    sampler.tick()
+    assert sorted(sampler.latest()) == list(range(8))
+
+    clock.advance(0.9)
+    assert len(sampler.latest()) == 8
+    clock.advance(0.2)
+    assert sampler.latest() == {}, "a stalled sampler's readings are not the GPUs' state"

@@ -1,8 +1,10 @@
 """GPU backends: one protocol (``base.GpuBackend``), one module per implementation."""
 
 from telemetry.backends.base import (
+    BackendCapabilities,
     BackendUnavailableError,
     GpuBackend,
+    GpuCapabilities,
     GpuError,
     GpuInfo,
     GpuLostError,
@@ -17,8 +19,10 @@ from telemetry.backends.base import (
 )
 
 __all__ = [
+    "BackendCapabilities",
     "BackendUnavailableError",
     "GpuBackend",
+    "GpuCapabilities",
     "GpuError",
     "GpuInfo",
     "GpuLostError",

@@ -1,7 +1,9 @@
-"""The GPU backend interface: what every backend reads and sets, and the errors it raises.
+"""The GPU backend interface: what every backend reads, sets and can do, and the errors it raises.
 
-Reads degrade (an unsupported field is ``None``); writes raise typed errors. Units are NVML's own
-and are carried in every name: milliwatts, millijoules, MHz, bytes, degrees Celsius.
+Reads degrade (an unsupported field is ``None``); writes raise typed errors. What a backend's GPUs
+can do (``BackendCapabilities``) is probed once when it opens and kept, so callers ask it instead
+of trying calls or looking for methods. Units are NVML's own and are carried in every name:
+milliwatts, millijoules, MHz, bytes, degrees Celsius.
 """
 
 from __future__ import annotations
@@ -54,6 +56,93 @@ class GpuInfo:
     max_sm_clock_mhz: int | None
     memory_total_bytes: int | None
     has_energy_counter: bool
+
+
+@dataclass(frozen=True, slots=True)
+class GpuCapabilities:
+    """What one GPU can do, as its backend probed it when it opened.
+
+    Whether this process may use a setter (root, ``CAP_SYS_ADMIN``) is not a capability: only a
+    write can tell, which ``scheduler.actuators.Actuators.probe_power_limit_permission`` makes.
+
+    Attributes:
+        index: The GPU's index.
+        energy_counter: ``GpuReading.energy_mj`` is filled (the GPU has an energy counter).
+        power_limit_range_mw: ``(min, max)`` settable power limit, ``None`` when unknown.
+        default_power_limit_mw: The limit ``reset_power_limit`` goes back to, ``None`` when unknown.
+        can_set_power_limit: ``set_power_limit`` can work on this GPU; where it cannot, the
+            setter raises ``NotSupportedError``.
+        can_lock_clocks: ``lock_sm_clocks`` can work on this GPU; where it cannot, the setter
+            raises ``NotSupportedError``.
+        sm_clock_range_mhz: ``(min, max)`` SM clock; either bound ``None`` when unknown.
+        supported_sm_clocks_mhz: Every supported SM clock, highest first; ``()`` when not known.
+        sm_clock_step_mhz: Spacing of the supported SM clocks, ``None`` when not known.
+        idle_power_mw: What the GPU draws idle, where the backend knows it without measuring (a
+            simulated SKU's profile); ``None`` otherwise.
+    """
+
+    index: int
+    energy_counter: bool
+    power_limit_range_mw: tuple[int, int] | None
+    default_power_limit_mw: int | None
+    can_set_power_limit: bool
+    can_lock_clocks: bool
+    sm_clock_range_mhz: tuple[int | None, int | None]
+    supported_sm_clocks_mhz: tuple[int, ...] = ()
+    sm_clock_step_mhz: float | None = None
+    idle_power_mw: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BackendCapabilities:
+    """What a backend and each of its GPUs can do (``GpuBackend.capabilities``).
+
+    Attributes:
+        simulated: The GPUs are modelled (the simulator, a replayed trace), not hardware.
+        settings_need_privilege: Setting a power limit or locking clocks needs root or
+            ``CAP_SYS_ADMIN`` (real GPUs); modelled GPUs take settings from anyone.
+        gpus: One entry per GPU, in index order.
+    """
+
+    simulated: bool
+    settings_need_privilege: bool
+    gpus: tuple[GpuCapabilities, ...]
+
+    def gpu(self, index: int) -> GpuCapabilities:
+        """The capabilities of one GPU.
+
+        Raises:
+            GpuNotFoundError: No GPU with that index.
+        """
+        if not 0 <= index < len(self.gpus):
+            raise GpuNotFoundError(f"no GPU {index} (there are {len(self.gpus)})")
+        return self.gpus[index]
+
+
+def capabilities_from_info(
+    info: GpuInfo,
+    *,
+    can_set_power_limit: bool,
+    can_lock_clocks: bool,
+    supported_sm_clocks_mhz: tuple[int, ...] = (),
+    sm_clock_step_mhz: float | None = None,
+    idle_power_mw: int | None = None,
+) -> GpuCapabilities:
+    """A GPU's capabilities with the facts ``GpuInfo`` already carries taken from it, so the two
+    cannot disagree."""
+    lo, hi = info.min_limit_mw, info.max_limit_mw
+    return GpuCapabilities(
+        index=info.index,
+        energy_counter=info.has_energy_counter,
+        power_limit_range_mw=None if lo is None or hi is None else (lo, hi),
+        default_power_limit_mw=info.default_limit_mw,
+        can_set_power_limit=can_set_power_limit,
+        can_lock_clocks=can_lock_clocks,
+        sm_clock_range_mhz=(info.min_sm_clock_mhz, info.max_sm_clock_mhz),
+        supported_sm_clocks_mhz=supported_sm_clocks_mhz,
+        sm_clock_step_mhz=sm_clock_step_mhz,
+        idle_power_mw=idle_power_mw,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,13 +227,18 @@ class GpuBackend(Protocol):
     Implementations: ``NvmlBackend`` (real GPUs), ``SimulatedBackend`` (docs/architecture.md),
     and trace replay. ``read`` raises ``GpuLostError`` for a GPU that is gone; every other failing
     or unsupported field degrades to ``None``. Setters raise ``GpuPermissionError``,
-    ``NotSupportedError`` or ``InvalidSettingError``; each has a reset partner.
+    ``NotSupportedError`` or ``InvalidSettingError``; each has a reset partner. A setter that
+    ``capabilities`` says the GPU lacks raises ``NotSupportedError``.
     """
 
     name: str
 
     def devices(self) -> list[GpuInfo]:
         """Every GPU, in index order (probed once; cheap to call)."""
+        ...
+
+    def capabilities(self) -> BackendCapabilities:
+        """What the backend and each GPU can do, probed once at open (cheap to call)."""
         ...
 
     def read(self, index: int) -> GpuReading:

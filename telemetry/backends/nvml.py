@@ -21,13 +21,17 @@ from __future__ import annotations
 import functools
 import logging
 import operator
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import Any, Final
 
 from telemetry.backends.base import (
+    BackendCapabilities,
     BackendUnavailableError,
+    GpuCapabilities,
     GpuError,
     GpuInfo,
     GpuLostError,
@@ -39,6 +43,7 @@ from telemetry.backends.base import (
     InvalidSettingError,
     NotSupportedError,
     ThrottleReason,
+    capabilities_from_info,
 )
 from telemetry.clock import Clock, WallClock, to_datetime
 
@@ -203,6 +208,7 @@ class _Device:
     index: int
     handle: Any
     info: GpuInfo
+    caps: GpuCapabilities
     #: (field, getter) for every field that the probe found supported.
     readers: tuple[tuple[str, _Getter], ...] = ()
     supported_sm_clocks_mhz: tuple[int, ...] = ()
@@ -283,6 +289,17 @@ class NvmlBackend:
         power.min_limit,power.max_limit,power.default_limit,memory.total``)."""
         return [d.info for d in self._devices]
 
+    def capabilities(self) -> BackendCapabilities:
+        """What each GPU can do, as probed at open (a GPU lost then: nothing, until it answers
+        again and is probed). A GPU can set power limits when it reports their range, and lock
+        clocks when it reports a clock bound; NVML tells no more without a write, and whether
+        this process may write is the actuators' probe to find out."""
+        return BackendCapabilities(
+            simulated=False,
+            settings_need_privilege=True,
+            gpus=tuple(d.caps for d in self._devices),
+        )
+
     def read(self, index: int) -> GpuReading:
         """Read every supported field of one GPU now; unsupported fields are ``None``.
 
@@ -349,10 +366,16 @@ class NvmlBackend:
         Raises:
             InvalidSettingError: ``limit_mw`` lies outside ``power.min_limit..power.max_limit``.
             GpuPermissionError: Not root / no ``CAP_SYS_ADMIN``.
-            NotSupportedError: The GPU has no settable power limit.
+            NotSupportedError: The GPU has no settable power limit (its range was not probed,
+                or NVML says so).
             GpuLostError: The GPU fell off the bus.
         """
         dev = self._settable(index)
+        if not dev.caps.can_set_power_limit:
+            raise NotSupportedError(
+                f"GPU {index}: setting the power limit is not supported (no power limit range "
+                "when probed)"
+            )
         lo, hi = dev.info.min_limit_mw, dev.info.max_limit_mw
         if not _within(limit_mw, limit_mw, lo, hi):
             raise InvalidSettingError(
@@ -383,10 +406,15 @@ class NvmlBackend:
             InvalidSettingError: ``min_mhz > max_mhz`` or either lies outside the supported SM
                 clock range (the message names it).
             GpuPermissionError: Not root / no ``CAP_SYS_ADMIN``.
-            NotSupportedError: The GPU cannot lock clocks (pre-Volta).
+            NotSupportedError: The GPU cannot lock clocks (pre-Volta; or no SM clock was
+                probed).
             GpuLostError: The GPU fell off the bus.
         """
         dev = self._settable(index)
+        if not dev.caps.can_lock_clocks:
+            raise NotSupportedError(
+                f"GPU {index}: locking SM clocks is not supported (no SM clock range when probed)"
+            )
         lo, hi = dev.info.min_sm_clock_mhz, dev.info.max_sm_clock_mhz
         if min_mhz > max_mhz:
             raise InvalidSettingError(
@@ -460,7 +488,8 @@ class NvmlBackend:
                            min_limit_mw=None, max_limit_mw=None, default_limit_mw=None,
                            min_sm_clock_mhz=None, max_sm_clock_mhz=None,
                            memory_total_bytes=None, has_energy_counter=False)
-            return _Device(index=index, handle=None, info=info, probed=False)
+            caps = capabilities_from_info(info, can_set_power_limit=False, can_lock_clocks=False)
+            return _Device(index=index, handle=None, info=info, caps=caps, probed=False)
 
     def _reprobe(self, index: int) -> _Device:
         dev = self._probe(index)  # raises GpuLostError while the GPU stays lost
@@ -525,12 +554,21 @@ class NvmlBackend:
             memory_total_bytes=None if memory is None else int(memory.total),
             has_energy_counter="energy_mj" not in unsupported,
         )
+        supported = tuple(sm_clocks) if len(sm_clocks) > 1 else ()
+        caps = capabilities_from_info(
+            info,
+            can_set_power_limit=limits is not None,
+            can_lock_clocks=bool(sm_clocks),
+            supported_sm_clocks_mhz=supported,
+            sm_clock_step_mhz=_clock_step(supported),
+        )
         return _Device(
             index=index,
             handle=handle,
             info=info,
+            caps=caps,
             readers=tuple(readers),
-            supported_sm_clocks_mhz=tuple(sm_clocks) if len(sm_clocks) > 1 else (),
+            supported_sm_clocks_mhz=supported,
             unsupported=unsupported,
         )
 
@@ -721,6 +759,15 @@ class NvmlBackend:
 def _text(value: str | bytes) -> str:
     """NVML strings: nvidia-ml-py returns ``str``; some old releases returned ``bytes``."""
     return value.decode() if isinstance(value, bytes) else value
+
+
+def _clock_step(clocks: Sequence[int]) -> float | None:
+    """The typical spacing of supported clocks (the median gap: a list may skip or crowd a few
+    near its ends); ``None`` for fewer than two."""
+    ordered = sorted(set(clocks))
+    if len(ordered) < 2:
+        return None
+    return float(statistics.median(b - a for a, b in pairwise(ordered)))
 
 
 def _within(low: int, high: int, lo: int | None, hi: int | None) -> bool:

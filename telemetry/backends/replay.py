@@ -30,11 +30,13 @@ from pathlib import Path
 from typing import Final
 
 from telemetry.backends.base import (
+    BackendCapabilities,
     GpuInfo,
     GpuNotFoundError,
     GpuReading,
     InvalidSettingError,
     ThrottleReason,
+    capabilities_from_info,
 )
 from telemetry.backends.traces import resolve_trace
 from telemetry.clock import Clock, WallClock, to_datetime
@@ -462,12 +464,26 @@ class ReplayBackend:
             )
             dev.drawn_w = self._operating_point(dev)[1]
             self._devices.append(dev)
+        # Every setting works on a replayed GPU (clocks emulated); the traces carry no clock
+        # grid and no idle power, so those stay unknown.
+        self._capabilities = BackendCapabilities(
+            simulated=True,
+            settings_need_privilege=False,
+            gpus=tuple(
+                capabilities_from_info(d.info, can_set_power_limit=True, can_lock_clocks=True)
+                for d in self._devices
+            ),
+        )
 
     # -- the GpuBackend protocol -----------------------------------------------------------------
 
     def devices(self) -> list[GpuInfo]:
         """Every replayed GPU, in index order."""
         return [d.info for d in self._devices]
+
+    def capabilities(self) -> BackendCapabilities:
+        """Everything but a known clock grid and idle power (fixed at open)."""
+        return self._capabilities
 
     def read(self, index: int) -> GpuReading:
         """Read one GPU now: the trace's power under the current cap, with sensor noise."""

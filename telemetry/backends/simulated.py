@@ -35,8 +35,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from energy.gpu_model import GpuModel, operating_point
+from energy.gpu_model import GpuModel, operating_point, supported_clocks_mhz
 from telemetry.backends.base import (
+    BackendCapabilities,
+    GpuCapabilities,
     GpuInfo,
     GpuLostError,
     GpuNotFoundError,
@@ -46,6 +48,7 @@ from telemetry.backends.base import (
     InvalidSettingError,
     NotSupportedError,
     ThrottleReason,
+    capabilities_from_info,
 )
 from telemetry.backends.profiles import (
     SkuProfile,
@@ -318,12 +321,23 @@ class SimulatedBackend:
                 if not loaded:
                     self._write_file()
         self._devices = [self._device_info(i) for i in range(gpus)]
+        self._capabilities = BackendCapabilities(
+            simulated=True,
+            settings_need_privilege=False,
+            gpus=tuple(self._gpu_capabilities(info) for info in self._devices),
+        )
 
     # --- the GpuBackend protocol ------------------------------------------------------------
 
     def devices(self) -> list[GpuInfo]:
         """Every GPU, in index order (built once at start)."""
         return list(self._devices)
+
+    def capabilities(self) -> BackendCapabilities:
+        """What the GPUs can do, fixed at open: everything, but for a ``NOT_SUPPORTED`` fault
+        present then on ``energy_mj``, ``power_limit_mw`` or ``sm_clock_mhz`` (a fault injected
+        later degrades calls, as a failing call on a real GPU does, and changes no capability)."""
+        return self._capabilities
 
     def read(self, index: int) -> GpuReading:
         """Read every field of one GPU now, as NVML would.
@@ -360,8 +374,10 @@ class SimulatedBackend:
 
         Raises:
             InvalidSettingError: Outside the SKU's range (the message names it).
+            NotSupportedError: The GPU could not set power limits at open (``capabilities``).
             GpuPermissionError / NotSupportedError / GpuLostError: Injected faults.
         """
+        self._require(index, "power_limit")
         lo, hi = self._limit_range_mw()
         if not lo <= limit_mw <= hi:
             raise InvalidSettingError(
@@ -380,7 +396,9 @@ class SimulatedBackend:
 
         Raises:
             InvalidSettingError: ``min_mhz > max_mhz`` or outside the SKU's clock range.
+            NotSupportedError: The GPU could not lock clocks at open (``capabilities``).
         """
+        self._require(index, "clocks")
         fmin = round(self._sku.sm_clock_min_mhz)
         fmax = round(self._sku.sm_clock_max_mhz)
         if not fmin <= min_mhz <= max_mhz <= fmax:
@@ -564,6 +582,17 @@ class SimulatedBackend:
             )
         return self._gpus[index]
 
+    def _require(self, index: int, setter: str) -> None:
+        """Refuse a setter the GPU's capabilities lack (``setter``: as for ``_mutate``)."""
+        self._gpu(index)  # an unknown index is GpuNotFoundError, as on every other call
+        caps = self._capabilities.gpus[index]
+        capable = caps.can_set_power_limit if setter == "power_limit" else caps.can_lock_clocks
+        if not capable:
+            what = "setting power limits" if setter == "power_limit" else "locking SM clocks"
+            raise NotSupportedError(
+                f"simulated GPU {index} does not support {what} (not supported when opened)"
+            )
+
     def _limit_range_mw(self) -> tuple[int, int]:
         return round(self._sku.min_limit_w * 1000), round(self._sku.max_limit_w * 1000)
 
@@ -715,6 +744,18 @@ class SimulatedBackend:
             memory_total_bytes=sku.memory_total_bytes,
             has_energy_counter="energy_mj"
             not in self._gpus[index].faults.get(FaultKind.NOT_SUPPORTED, {}).get("fields", ()),
+        )
+
+    def _gpu_capabilities(self, info: GpuInfo) -> GpuCapabilities:
+        off = self._gpus[info.index].faults.get(FaultKind.NOT_SUPPORTED, {}).get("fields", ())
+        grid = supported_clocks_mhz(self._model)
+        return capabilities_from_info(
+            info,
+            can_set_power_limit="power_limit_mw" not in off,
+            can_lock_clocks="sm_clock_mhz" not in off,
+            supported_sm_clocks_mhz=tuple(dict.fromkeys(round(f) for f in grid)),
+            sm_clock_step_mhz=self._sku.sm_clock_step_mhz,
+            idle_power_mw=round(self._sku.idle_power_w * 1000),
         )
 
     # --- internals: changes and the state file ----------------------------------------------

@@ -1,32 +1,18 @@
-"""The SQL store of GPU telemetry: models, engines, the repository, rollups, migrations."""
+"""The SQL store of GPU telemetry: engines, the schema and its migrations, and the ``Store``.
 
-from telemetry.store.engine import make_engine
+The schema (``models``) holds every table of powertrain, the scheduler's too; this package reads
+and writes the telemetry ones (GPUs, samples, processes, rollups, energy marks) and reads the job
+tables only for the times of job edges. The scheduler's rows have their store code in
+``scheduler.store``.
+"""
+
+from telemetry.store.engine import default_home, default_url, make_engine
 from telemetry.store.errors import (
     UPGRADE_HINT,
     SchemaError,
     SchemaOutdatedError,
     StoreError,
     StoreWriteError,
-)
-from telemetry.store.jobs import (
-    InvalidTransitionError,
-    JobEvent,
-    JobNotFoundError,
-    JobRecord,
-    JobStore,
-    NewJob,
-    ProbeRecord,
-    ProgressRecord,
-    SearchRecord,
-    Throughput,
-)
-from telemetry.store.journal import (
-    InvalidJournalTransitionError,
-    JournalEntry,
-    JournalEntryNotFoundError,
-    JournalStatus,
-    JournalStore,
-    Setting,
 )
 from telemetry.store.migrate import (
     current_revision,
@@ -35,20 +21,19 @@ from telemetry.store.migrate import (
     open_store,
     upgrade,
 )
-from telemetry.store.repository import (
-    RAW_MAX_SPAN_S,
-    ROLLUP_LEVELS_S,
+from telemetry.store.records import (
     BucketRecord,
     EnergySource,
     GpuRecord,
     PowerPoint,
     ProcessRecord,
-    ProgressAt,
     RollupRecord,
     SampleRecord,
     SegmentEnergy,
-    Store,
+    SegmentEnergyUs,
 )
+from telemetry.store.repository import Store
+from telemetry.store.rollups import RAW_MAX_SPAN_S, ROLLUP_LEVELS_S
 
 __all__ = [
     "RAW_MAX_SPAN_S",
@@ -57,34 +42,20 @@ __all__ = [
     "BucketRecord",
     "EnergySource",
     "GpuRecord",
-    "InvalidJournalTransitionError",
-    "InvalidTransitionError",
-    "JobEvent",
-    "JobNotFoundError",
-    "JobRecord",
-    "JobStore",
-    "JournalEntry",
-    "JournalEntryNotFoundError",
-    "JournalStatus",
-    "JournalStore",
-    "NewJob",
     "PowerPoint",
-    "ProbeRecord",
     "ProcessRecord",
-    "ProgressAt",
-    "ProgressRecord",
     "RollupRecord",
     "SampleRecord",
     "SchemaError",
     "SchemaOutdatedError",
-    "SearchRecord",
     "SegmentEnergy",
-    "Setting",
+    "SegmentEnergyUs",
     "Store",
     "StoreError",
     "StoreWriteError",
-    "Throughput",
     "current_revision",
+    "default_home",
+    "default_url",
     "downgrade",
     "head_revision",
     "make_engine",

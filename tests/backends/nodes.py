@@ -85,6 +85,12 @@ class Faults(Protocol):
         """The GPU is back."""
         ...
 
+    def reopen_lacking(self, index: int) -> GpuBackend:
+        """A second backend on the same GPUs, opened while GPU ``index`` can report no energy
+        counter, no power limit range and no SM clock (as an old or odd GPU would); the caller
+        closes it."""
+        ...
+
 
 @dataclass
 class Node:
@@ -149,7 +155,7 @@ def _simulated(clock: VirtualClock, tmp_path: Path) -> Node:
         clock,
         settle_s=LIMIT_RESPONSE_S + POWER_AVG_WINDOW_S + SENSOR_PERIOD_S,
         power_tolerance=NOISE_FRACTION,
-        faults=_SimulatedFaults(sim),
+        faults=_SimulatedFaults(sim, clock, tmp_path / "sim.json"),
     )
     node.advance()  # let the 1 s power average fill with the busy power
     return node
@@ -160,8 +166,10 @@ class _SimulatedFaults:
 
     bridged_fields: frozenset[str] = frozenset()
 
-    def __init__(self, sim: SimulatedBackend) -> None:
+    def __init__(self, sim: SimulatedBackend, clock: VirtualClock, state_path: Path) -> None:
         self._sim = sim
+        self._clock = clock
+        self._state_path = state_path
 
     def break_field(self, index: int, name: str, how: str) -> frozenset[str]:
         if how != "not_supported":
@@ -174,6 +182,12 @@ class _SimulatedFaults:
 
     def recover(self, index: int) -> None:
         self._sim.clear_faults(index)
+
+    def reopen_lacking(self, index: int) -> GpuBackend:
+        self._sim.inject_fault(index, FaultKind.NOT_SUPPORTED,
+                               fields=["energy_mj", "power_limit_mw", "sm_clock_mhz"])
+        return SimulatedBackend(gpus=2, sku="H100-SXM", clock=self._clock,
+                                state_path=self._state_path, seed=0)
 
 
 # -- NVML on the fake pynvml --------------------------------------------------------------------
@@ -210,7 +224,7 @@ def _nvml_fake(clock: VirtualClock) -> Node:
         settle_s=max(HOLD_S.values()) + 0.1,
         # The fake's instant power runs 3 W above the average, which is clamped to the limit.
         power_tolerance=0.02,
-        faults=_NvmlFaults(fake),
+        faults=_NvmlFaults(fake, clock),
     )
 
 
@@ -221,8 +235,9 @@ class _NvmlFaults:
     # last reading, as it does between reads anyway (see telemetry/backends/nvml.py).
     bridged_fields: frozenset[str] = frozenset({"energy_mj"})
 
-    def __init__(self, fake: FakePynvml) -> None:
+    def __init__(self, fake: FakePynvml, clock: VirtualClock) -> None:
         self._fake = fake
+        self._clock = clock
 
     def break_field(self, index: int, name: str, how: str) -> frozenset[str]:
         call = _NVML_SOURCES[name]
@@ -234,4 +249,18 @@ class _NvmlFaults:
 
     def recover(self, index: int) -> None:
         self._fake.recover(index)
+
+    def reopen_lacking(self, index: int) -> GpuBackend:
+        for call in _LACKING_CALLS:
+            self._fake.fail(call, pynvml.NVML_ERROR_NOT_SUPPORTED, gpu=index)
+        return NvmlBackend(nvml=self._fake, clock=self._clock)
+
+
+#: The pynvml calls that would tell of an energy counter, a power limit range or an SM clock.
+_LACKING_CALLS: Final = (
+    "nvmlDeviceGetTotalEnergyConsumption",
+    "nvmlDeviceGetPowerManagementLimitConstraints",
+    "nvmlDeviceGetSupportedMemoryClocks",
+    "nvmlDeviceGetMaxClockInfo",
+)
 

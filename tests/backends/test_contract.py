@@ -9,6 +9,7 @@ GPU draws, a clock lock below the clock it runs at), so a backend that ignores t
 from __future__ import annotations
 
 import functools
+import itertools
 import operator
 from datetime import timedelta
 from typing import Final
@@ -16,12 +17,14 @@ from typing import Final
 import pytest
 
 from telemetry.backends.base import (
+    BackendCapabilities,
     GpuBackend,
     GpuInfo,
     GpuLostError,
     GpuNotFoundError,
     GpuReading,
     InvalidSettingError,
+    NotSupportedError,
     ThrottleReason,
 )
 from telemetry.clock import to_datetime
@@ -142,6 +145,92 @@ def test_unknown_gpu_raises_lookup_error(node: Node) -> None:
         node.backend.set_power_limit(missing, default)
     with pytest.raises(GpuNotFoundError):
         node.backend.lock_sm_clocks(missing, lo, hi)
+
+
+# -- capabilities --------------------------------------------------------------------------------
+
+def _check_capabilities(backend: GpuBackend) -> BackendCapabilities:
+    """What holds of any backend's capabilities: they agree with ``devices`` and with themselves."""
+    caps = backend.capabilities()
+    assert caps == backend.capabilities(), "probed once: the same answer every time"
+    assert caps.settings_need_privilege == (not caps.simulated)
+    devices = backend.devices()
+    assert [g.index for g in caps.gpus] == [d.index for d in devices]
+    for info, gpu in zip(devices, caps.gpus, strict=True):
+        assert caps.gpu(info.index) is gpu
+        assert gpu.energy_counter == info.has_energy_counter
+        if info.min_limit_mw is not None and info.max_limit_mw is not None:
+            assert gpu.power_limit_range_mw == (info.min_limit_mw, info.max_limit_mw)
+        else:
+            assert gpu.power_limit_range_mw is None and not gpu.can_set_power_limit
+        assert gpu.default_power_limit_mw == info.default_limit_mw
+        assert gpu.sm_clock_range_mhz == (info.min_sm_clock_mhz, info.max_sm_clock_mhz)
+        if gpu.can_lock_clocks:
+            assert info.max_sm_clock_mhz is not None, "a lock is checked against a known clock"
+        clocks = gpu.supported_sm_clocks_mhz
+        assert list(clocks) == sorted(set(clocks), reverse=True), "highest first, each once"
+        if len(clocks) > 1:
+            assert clocks[0] == info.max_sm_clock_mhz and clocks[-1] == info.min_sm_clock_mhz
+            gaps = [a - b for a, b in itertools.pairwise(clocks)]
+            assert gpu.sm_clock_step_mhz is not None
+            assert min(gaps) <= gpu.sm_clock_step_mhz <= max(gaps)
+        if gpu.idle_power_mw is not None:
+            assert 0 < gpu.idle_power_mw < (info.min_limit_mw or info.max_limit_mw or 0)
+    with pytest.raises(GpuNotFoundError):
+        caps.gpu(len(devices))
+    return caps
+
+
+def test_capabilities_agree_with_devices_readings_and_settings(node: Node) -> None:
+    """What the capabilities say a GPU can do, it does; and doing it changes no capability."""
+    caps = _check_capabilities(node.backend)
+    assert caps.simulated == (node.kind != "nvml-fake")
+    for gpu in caps.gpus:
+        info = node.backend.devices()[gpu.index]
+        r = _read(node, gpu.index)
+        assert (r.energy_mj is not None) == gpu.energy_counter
+        assert gpu.can_set_power_limit and gpu.can_lock_clocks, "every GPU under test can both"
+        target = _binding_limit(info)
+        node.backend.set_power_limit(gpu.index, target)
+        lo, hi = _binding_lock(info)
+        node.backend.lock_sm_clocks(gpu.index, lo, hi)
+    node.advance()
+    for gpu in caps.gpus:
+        r = _read(node, gpu.index)
+        assert r.power_limit_mw == _binding_limit(node.backend.devices()[gpu.index])
+        assert _value(r, "throttle_reasons") & (_CLOCKS_SET | _POWER_CAP)
+        node.backend.reset_power_limit(gpu.index)
+        node.backend.reset_sm_clocks(gpu.index)
+    node.advance()
+    assert node.backend.capabilities() == caps
+
+
+def test_capabilities_probed_at_open_say_what_a_gpu_lacks(faulty_node: Node) -> None:
+    """A GPU that cannot report a counter, a limit range or a clock when the backend opens has
+    none of those capabilities, and the backend acts on that: no energy, and its setters refuse
+    with ``NotSupportedError`` before touching the GPU. The GPU beside it keeps everything."""
+    node = faulty_node
+    assert node.faults is not None
+    info = node.backend.devices()[0]
+    lo, hi = _binding_lock(info)
+    backend = node.faults.reopen_lacking(1)
+    try:
+        caps = _check_capabilities(backend)
+        lacking, whole = caps.gpu(1), caps.gpu(0)
+        assert not (lacking.energy_counter or lacking.can_set_power_limit
+                    or lacking.can_lock_clocks)
+        assert whole.energy_counter and whole.can_set_power_limit and whole.can_lock_clocks
+        assert backend.read(1).energy_mj is None
+        with pytest.raises(NotSupportedError):
+            backend.set_power_limit(1, _binding_limit(info))
+        with pytest.raises(NotSupportedError):
+            backend.lock_sm_clocks(1, lo, hi)
+        node.advance()
+        r = backend.read(1)
+        assert r.power_limit_mw in (None, _limits(info)[2]), "nothing was set"
+        assert not (r.throttle_reasons or 0) & _CLOCKS_SET
+    finally:
+        backend.close()
 
 
 # -- energy --------------------------------------------------------------------------------------

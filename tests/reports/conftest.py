@@ -22,11 +22,12 @@ from typing import Any
 import pytest
 
 from scheduler.jobs import JobState
+from scheduler.store import JobStore, NewJob
 from telemetry.backends.base import GpuInfo, GpuReading
 from telemetry.backends.simulated import SimulatedBackend
 from telemetry.clock import VirtualClock, to_datetime
 from telemetry.sampler import BatchWriter, Sampler
-from telemetry.store import NewJob, Store, open_store
+from telemetry.store import Store, open_store
 from tests.store.conftest import _pg_admin, store_url  # noqa: F401  (fixtures)
 
 TICK_S = 1.0
@@ -108,29 +109,29 @@ class Rig:
         for job in self.jobs:
             if job.ended_s is None:
                 tokens = int(job.tokens_per_s * (t - job.started_s))
-                self.store.jobs.add_progress(job.id, at=self.now(), steps=tokens // 1000,
+                JobStore(self.store).add_progress(job.id, at=self.now(), steps=tokens // 1000,
                                              samples=tokens // 500, tokens=tokens)
 
     def start_job(self, name: str, gpus: tuple[int, ...], *, user: str = "alice",
                   tokens_per_s: float = 10_000.0, watts: float | None = None) -> RigJob:
-        record = self.store.jobs.create(
+        record = JobStore(self.store).create(
             NewJob(name=name, user=user, uid=1000, gid=1000, argv=("python", "train.py"),
                    cwd="/tmp", host="test", gpu_count=len(gpus), watts_per_gpu=watts),
             at=self.now(),
         )
-        self.store.jobs.transition(record.id, JobState.RUNNING, "placed", at=self.now(),
+        JobStore(self.store).transition(record.id, JobState.RUNNING, "placed", at=self.now(),
                                    gpus=[(self.gpu_ids[i], i) for i in gpus])
         job = RigJob(record.id, gpus, tokens_per_s, self.clock.now())
         for i in gpus:
             job.truth_mj[i] = [self.sim.true_energy_mj(i)]
             self.sim.set_workload(i, "training")
-        self.store.jobs.add_progress(job.id, at=self.now(), steps=0, samples=0, tokens=0)
+        JobStore(self.store).add_progress(job.id, at=self.now(), steps=0, samples=0, tokens=0)
         self.jobs.append(job)
         return job
 
     def end_job(self, job: RigJob, *, idle: bool = True) -> None:
         self._report_final(job)
-        self.store.jobs.transition(job.id, JobState.COMPLETED, "exited 0", at=self.now(),
+        JobStore(self.store).transition(job.id, JobState.COMPLETED, "exited 0", at=self.now(),
                                    exit_code=0)
         job.ended_s = self.clock.now()
         for i in job.gpus:
@@ -140,7 +141,7 @@ class Rig:
 
     def _report_final(self, job: RigJob) -> None:
         tokens = int(job.tokens_per_s * (self.clock.now() - job.started_s))
-        self.store.jobs.add_progress(job.id, at=self.now(), steps=tokens // 1000,
+        JobStore(self.store).add_progress(job.id, at=self.now(), steps=tokens // 1000,
                                      samples=tokens // 500, tokens=tokens)
 
     def truth_j(self, job: RigJob) -> float:

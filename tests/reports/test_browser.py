@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from reports.command import write_demo_report
+from scheduler.store import JobStore
 from telemetry.store import open_store
 from tests.reports.chromium import DevTools, find_chromium
 from tests.reports.conftest import Rig
@@ -41,7 +42,7 @@ def html_report(tmp_path_factory: pytest.TempPathFactory) -> Path:
         rig = Rig(store, gpus=2)
         rig.run(15)
         job = rig.start_job(SCRIPT_NAME, (0,), user="<img src=x onerror=alert(3)>", watts=500.0)
-        store.jobs.set_fields(job.id, argv=["python", "<iframe src=https://example.com>"])
+        JobStore(store).set_fields(job.id, argv=["python", "<iframe src=https://example.com>"])
         rig.run(90)
         rig.end_job(job)
         rig.run(15)

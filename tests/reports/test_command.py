@@ -13,7 +13,8 @@ import typer
 from typer.testing import CliRunner
 
 from reports.command import parse_when, report, write_demo_report
-from telemetry.store import ProbeRecord, SearchRecord, open_store
+from scheduler.store import JobStore, ProbeRecord, SearchRecord
+from telemetry.store import open_store
 from tests.reports.conftest import Rig
 
 SCRIPT_NAME = "<script>alert(1)</script>"
@@ -41,7 +42,7 @@ def store_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
         rig = Rig(store, gpus=2)
         rig.run(20)
         a = rig.start_job(SCRIPT_NAME, (0,), user=EVIL_USER, watts=450.0)
-        store.jobs.set_fields(a.id, argv=["python", EVIL_ARG])
+        JobStore(store).set_fields(a.id, argv=["python", EVIL_ARG])
         rig.run(40)
         b = rig.start_job("plain", (1,), tokens_per_s=3_000.0)
         rig.run(120)
@@ -50,7 +51,7 @@ def store_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
         rig.end_job(b)
         rig.run(20)
         # The energy optimiser's search of job b: 250 W chosen, against the 700 W default.
-        store.jobs.save_search(SearchRecord(
+        JobStore(store).save_search(SearchRecord(
             job_id=b.id, number=1, at=rig.now(), objective="energy", knob="power_limit",
             setting=250_000, top_setting=700_000, feasible=True, reason="walked down",
             revisions=1, profiling_steps=300, profiling_time_s=48.0, profiling_energy_j=9_000.0,

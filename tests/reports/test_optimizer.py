@@ -6,16 +6,16 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from energy.optimizer import UNFINISHED
+from reports.jobrows import ProbeRow, SearchRow
 from reports.optimizer import summarise_search, summary_lines
-from telemetry.store import ProbeRecord, SearchRecord
 
 
-def _search(reason: str) -> SearchRecord:
-    return SearchRecord(
+def _search(reason: str) -> SearchRow:
+    return SearchRow(
         job_id=7, number=1, at=datetime(2026, 1, 1, tzinfo=UTC), objective="energy",
         knob="power_limit", setting=300_000, top_setting=700_000, feasible=True, reason=reason,
         revisions=0, profiling_steps=120, profiling_time_s=60.0, profiling_energy_j=20_000.0,
-        probes=(ProbeRecord(700_000, 40, 4.0, 2_600.0), ProbeRecord(300_000, 40, 6.0, 1_800.0)),
+        probes=(ProbeRow(700_000, 40, 4.0, 2_600.0), ProbeRow(300_000, 40, 6.0, 1_800.0)),
     )
 
 

@@ -8,16 +8,15 @@ from datetime import datetime
 import pytest
 
 from scheduler.jobs import JobState, Mode, OnExceed
-from telemetry.store import (
+from scheduler.store import (
     InvalidTransitionError,
     JobNotFoundError,
     JobStore,
     NewJob,
     ProbeRecord,
     SearchRecord,
-    Store,
-    StoreWriteError,
 )
+from telemetry.store import Store, StoreWriteError
 from tests.store.data import at, gpu_info, reading
 
 NEW = NewJob(
@@ -41,16 +40,15 @@ NEW = NewJob(
 
 @pytest.fixture
 def jobs(store: Store) -> JobStore:
-    return store.jobs
+    return JobStore(store)
 
 
 def _gpus(store: Store, n: int = 4) -> dict[int, int]:
     return store.register_gpus([gpu_info(i) for i in range(n)], host="node-a", backend="simulated")
 
 
-def test_jobs_property_is_one_jobstore_on_the_same_engine(store: Store) -> None:
-    assert store.jobs is store.jobs
-    assert isinstance(store.jobs, JobStore)
+def test_the_telemetry_store_knows_no_jobs(store: Store) -> None:
+    assert not hasattr(store, "jobs") and not hasattr(store, "journal")
 
 
 def test_create_stores_every_field_queued_with_a_submitted_event(jobs: JobStore) -> None:
@@ -319,36 +317,36 @@ def test_energy_outlives_the_raw_samples_and_long_jobs_read_rollups(store: Store
                                      energy_mj=energy)))
         energy += 5 * (450_000 if t < 7200 else 150_000)
     store.insert_samples(rows)
-    short = store.jobs.create(NEW, at=at(0))
-    store.jobs.transition(short.id, JobState.RUNNING, "placed", at=at(600), gpus=[(ids[0], 0)])
-    store.jobs.transition(short.id, JobState.COMPLETED, "exited 0", at=at(4200), exit_code=0)
-    long = store.jobs.create(NEW, at=at(0))  # 7 h: more than raw samples are read for
-    store.jobs.transition(long.id, JobState.RUNNING, "placed", at=at(3600), gpus=[(ids[0], 0)])
-    store.jobs.transition(long.id, JobState.COMPLETED, "exited 0", at=at(28800), exit_code=0)
+    short = JobStore(store).create(NEW, at=at(0))
+    JobStore(store).transition(short.id, JobState.RUNNING, "placed", at=at(600), gpus=[(ids[0], 0)])
+    JobStore(store).transition(short.id, JobState.COMPLETED, "exited 0", at=at(4200), exit_code=0)
+    long = JobStore(store).create(NEW, at=at(0))  # 7 h: more than raw samples are read for
+    JobStore(store).transition(long.id, JobState.RUNNING, "placed", at=at(3600), gpus=[(ids[0], 0)])
+    JobStore(store).transition(long.id, JobState.COMPLETED, "exited 0", at=at(28800), exit_code=0)
 
     edges = 2 * 5 * 450_000  # either path may put a sample interval at each edge on either side
-    before = store.jobs.energy(short.id)
+    before = JobStore(store).energy(short.id)
     assert before.energy_mj == pytest.approx(3600 * 450_000, abs=edges) and before.n_samples > 0
     store.rollup(at(8 * 3600 + 120))
-    long_energy = store.jobs.energy(long.id)
+    long_energy = JobStore(store).energy(long.id)
     assert long_energy.n_samples == 0  # from the rollups
     assert long_energy.energy_mj == pytest.approx(3600 * 450_000 + 6 * 3600 * 150_000, abs=edges)
     assert long_energy.method == "counter"
 
     assert store.apply_retention(at(8 * 3600 + 120), days=1 / 24) > 0  # samples before 7 h go
-    after = store.jobs.energy(short.id)
+    after = JobStore(store).energy(short.id)
     assert after.n_samples == 0 and after.energy_mj == pytest.approx(before.energy_mj, abs=edges)
-    assert store.jobs.energy(long.id).energy_mj == pytest.approx(long_energy.energy_mj)
+    assert JobStore(store).energy(long.id).energy_mj == pytest.approx(long_energy.energy_mj)
 
 
-def test_jobstore_made_directly_on_an_engine(store: Store) -> None:
+def test_two_jobstores_on_one_store_see_the_same_jobs(store: Store) -> None:
     ids = _gpus(store, 1)
     store.insert_samples([(ids[0], reading(at(t), energy_mj=1000 * t)) for t in range(5)])
-    direct = JobStore(store.engine)
+    direct = JobStore(store)
     job = direct.create(NEW, at=at(0))
     direct.transition(job.id, JobState.RUNNING, "placed", at=at(0), gpus=[(ids[0], 0)])
     assert direct.energy(job.id).energy_mj == 4000
-    assert store.jobs.get(job.id) == direct.get(job.id)
+    assert JobStore(store).get(job.id) == direct.get(job.id)
 
 
 def test_optimiser_searches_are_saved_replaced_and_read_back(jobs: JobStore) -> None:

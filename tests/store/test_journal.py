@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from telemetry.store import (
+from scheduler.store import (
     InvalidJournalTransitionError,
+    JobStore,
     JournalEntryNotFoundError,
     JournalStatus,
     JournalStore,
     NewJob,
     Setting,
-    Store,
-    current_revision,
-    downgrade,
-    open_store,
-    upgrade,
 )
+from telemetry.store import Store, current_revision, downgrade, open_store, upgrade
 from tests.store.data import at, gpu_info
 
 HOST = "node-a"
@@ -24,21 +21,16 @@ HOST = "node-a"
 
 def _setup(store: Store) -> tuple[dict[int, int], int]:
     ids = store.register_gpus([gpu_info(i) for i in range(2)], host=HOST, backend="simulated")
-    job = store.jobs.create(
+    job = JobStore(store).create(
         NewJob(name="j", user="alice", uid=1001, gid=1001, argv=("true",), cwd="/", host=HOST),
         at=at(0),
     )
     return ids, job.id
 
 
-def test_journal_property_is_one_store_on_the_same_engine(store: Store) -> None:
-    assert store.journal is store.journal
-    assert isinstance(store.journal, JournalStore)
-
-
 def test_record_writes_a_pending_entry_with_every_field(store: Store) -> None:
     ids, job_id = _setup(store)
-    entry = store.journal.record(
+    entry = JournalStore(store).record(
         host=HOST,
         gpu_id=ids[1],
         gpu_index=1,
@@ -56,12 +48,12 @@ def test_record_writes_a_pending_entry_with_every_field(store: Store) -> None:
     assert entry.dry_run is False and entry.previous_value is None
     assert entry.requested_at == at(5) and entry.applied_at is None and entry.undone_at is None
     assert entry.describe() == "SM clocks 345..1410 MHz"
-    assert store.journal.get(entry.id) == entry
+    assert JournalStore(store).get(entry.id) == entry
 
 
 def test_life_of_an_entry_applied_then_undone(store: Store) -> None:
     ids, job_id = _setup(store)
-    j = store.journal
+    j = JournalStore(store)
     entry = j.record(
         host=HOST,
         gpu_id=ids[0],
@@ -87,7 +79,7 @@ def test_life_of_an_entry_applied_then_undone(store: Store) -> None:
 
 def test_failed_is_not_outstanding_and_undo_failed_is(store: Store) -> None:
     ids, job_id = _setup(store)
-    j = store.journal
+    j = JournalStore(store)
 
     def rec(value: int) -> int:
         e = j.record(
@@ -118,7 +110,7 @@ def test_failed_is_not_outstanding_and_undo_failed_is(store: Store) -> None:
 def test_outstanding_and_entries_filter_by_host_job_gpu_and_time(store: Store) -> None:
     ids, job_id = _setup(store)
     other_ids = store.register_gpus([gpu_info(7)], host="node-b", backend="simulated")
-    j = store.journal
+    j = JournalStore(store)
     a = j.record(
         host=HOST, gpu_id=ids[0], gpu_index=0, job_id=job_id, setting="power_limit",
         value=300_000, at=at(1),
@@ -144,7 +136,7 @@ def test_outstanding_and_entries_filter_by_host_job_gpu_and_time(store: Store) -
 def test_naive_time_is_refused_before_anything_is_written(store: Store) -> None:
     ids, _ = _setup(store)
     with pytest.raises(ValueError, match="timezone-aware"):
-        store.journal.record(
+        JournalStore(store).record(
             host=HOST,
             gpu_id=ids[0],
             gpu_index=0,
@@ -153,14 +145,14 @@ def test_naive_time_is_refused_before_anything_is_written(store: Store) -> None:
             value=300_000,
             at=at(0).replace(tzinfo=None),
         )
-    assert store.journal.entries(HOST) == []
+    assert JournalStore(store).entries(HOST) == []
 
 
 def test_downgrade_to_0003_drops_only_the_journal_and_upgrade_restores_it(store_url: str) -> None:
     store = open_store(store_url)
     try:
         ids, job_id = _setup(store)
-        store.journal.record(
+        JournalStore(store).record(
             host=HOST, gpu_id=ids[0], gpu_index=0, job_id=job_id, setting="power_limit",
             value=300_000, at=at(1),
         )  # fmt: skip
@@ -171,8 +163,8 @@ def test_downgrade_to_0003_drops_only_the_journal_and_upgrade_restores_it(store_
     upgrade(store_url)
     store = open_store(store_url)
     try:
-        assert store.journal.entries(HOST) == []
-        assert [j.id for j in store.jobs.list()] == [job_id]
+        assert JournalStore(store).entries(HOST) == []
+        assert [j.id for j in JobStore(store).list()] == [job_id]
         assert len(store.gpus(host=HOST)) == 2
     finally:
         store.close()

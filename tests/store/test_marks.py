@@ -10,7 +10,8 @@ import pytest
 from sqlalchemy import text
 
 from scheduler.jobs import JobState
-from telemetry.store import NewJob, SegmentEnergy, Store
+from scheduler.store import JobStore, NewJob
+from telemetry.store import SegmentEnergy, Store
 from telemetry.store.models import to_epoch_us
 from tests.store.data import at, gpu_info, reading
 
@@ -50,14 +51,14 @@ def _fill(store: Store, jobs: Jobs) -> dict[int, int]:
 
 def _add_jobs(store: Store, ids: dict[int, int], jobs: Jobs) -> None:
     for name, (start, end, gpus) in jobs.items():
-        job = store.jobs.create(
+        job = JobStore(store).create(
             NewJob(name=name, user="alice", uid=1000, gid=1000, argv=("python", "t.py"),
                    cwd="/tmp", host="n", gpu_count=len(gpus)),
             at=at(start - 1),
         )
-        store.jobs.transition(job.id, JobState.RUNNING, "placed", at=at(start),
+        JobStore(store).transition(job.id, JobState.RUNNING, "placed", at=at(start),
                               gpus=[(ids[g], g) for g in gpus])
-        store.jobs.transition(job.id, JobState.COMPLETED, "exited 0", at=at(end), exit_code=0)
+        JobStore(store).transition(job.id, JobState.COMPLETED, "exited 0", at=at(end), exit_code=0)
 
 
 JOBS: Jobs = {

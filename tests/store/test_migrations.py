@@ -11,6 +11,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import inspect, text
 
+from scheduler.store import JobStore
 from telemetry.store import (
     UPGRADE_HINT,
     SchemaError,
@@ -229,7 +230,7 @@ def test_a_store_at_0001_is_refused_then_upgraded_to_0002_with_samples_kept(
     try:
         assert store.sample_count() == 5
         assert store.gpu_energy(store.gpus()[0].id).energy_mj == 1_200_000
-        assert store.jobs.list() == []
+        assert JobStore(store).list() == []
     finally:
         store.close()
 

@@ -1,40 +1,38 @@
-"""The job repository: jobs, their GPUs, state changes and progress, as frozen dataclasses.
+"""Jobs in the store: creation, state changes with their events, fields, progress, energy.
 
 Every state change goes through ``JobStore.transition``, which checks it against
 ``scheduler.jobs.TRANSITIONS`` and writes the job and its event row in one transaction. Values are
 validated before they reach the store (the API's pydantic models); the store enforces structure:
-known columns, a legal transition, aware timestamps.
+known columns, a legal transition, aware timestamps. A job's energy is its GPUs' energy over its
+span, read from the telemetry ``Store``.
 """
 
 from __future__ import annotations
 
 import builtins
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import fields
 from datetime import datetime, timedelta
 from enum import Enum
 from itertools import pairwise
-from typing import Any, NamedTuple
+from typing import Any
 
-from sqlalchemy import Connection, Engine, Row, delete, select, update
+from sqlalchemy import Connection, Row, delete, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from energy.counters import EnergyMethod, EnergyResult
 from scheduler.jobs import JobState, Mode, OnExceed, can_transition
-from telemetry.store.errors import StoreError
+from scheduler.store.history import ControlHistory
+from scheduler.store.records import JobEvent, JobRecord, NewJob, ProgressRecord, Throughput
+from telemetry.store.errors import StoreError, write_error
 from telemetry.store.models import (
-    control_decisions_table,
     job_events_table,
     job_gpus_table,
     job_progress_table,
     jobs_table,
-    optimizer_probes_table,
-    optimizer_searches_table,
     to_epoch_us,
 )
-
-GpuEnergy = Callable[[int, datetime, datetime | None], EnergyResult]
-"""``(gpu_id, since, until) -> EnergyResult``: ``Store.span_energy``."""
+from telemetry.store.sql import inserted_id, write_transaction
 
 
 class JobNotFoundError(StoreError, LookupError):
@@ -45,229 +43,8 @@ class InvalidTransitionError(StoreError, ValueError):
     """A state change the job state machine does not allow (nothing was written)."""
 
 
-@dataclass(frozen=True, slots=True)
-class NewJob:
-    """A job as submitted (or attached), before the store gives it an id.
-
-    Attributes:
-        name: Display name.
-        user / uid / gid: The submitting user's login name and numeric ids (from the socket's
-            peer credentials, never from the request).
-        argv: The command; empty for an attached job that did not say.
-        cwd: Working directory (absolute path).
-        env: Environment of the job's process (the scheduler adds its own variables at launch).
-        host: The node the job belongs to.
-        gpu_count / gpu_ids_requested: How many GPUs, or which indices (at most one of the two;
-            neither for an attached job, whose GPUs are recorded when it starts).
-        watts_per_gpu: Wattage budget per GPU, W; ``None``: no budget.
-        energy_budget_wh: Energy budget of the whole job, Wh; ``None``: none.
-        mode: How the wattage budget is enforced.
-        on_exceed: What to do when the energy budget runs out.
-        priority: Higher runs first.
-        objective: Name of an optimiser objective, for later use.
-        total_steps / total_tokens: The job's declared size, from its client.
-        attached: Started elsewhere and registered itself.
-        pid / pid_create_time: An attached job's process and its psutil ``create_time`` (s since
-            the epoch).
-        deadline_at: When the job must end (aware UTC), or ``None``.
-    """
-
-    name: str
-    user: str
-    uid: int
-    gid: int
-    argv: tuple[str, ...]
-    cwd: str
-    host: str
-    env: Mapping[str, str] = field(default_factory=dict)
-    gpu_count: int | None = None
-    gpu_ids_requested: tuple[int, ...] | None = None
-    watts_per_gpu: float | None = None
-    energy_budget_wh: float | None = None
-    mode: Mode = Mode.AUTO
-    on_exceed: OnExceed = OnExceed.WARN
-    priority: int = 0
-    objective: str | None = None
-    total_steps: int | None = None
-    total_tokens: int | None = None
-    attached: bool = False
-    pid: int | None = None
-    pid_create_time: float | None = None
-    deadline_at: datetime | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class JobRecord:
-    """A stored job: every column of ``jobs`` plus its assigned GPUs.
-
-    Attributes:
-        id: Store key.
-        name / user / uid / gid / argv / cwd / env / host: As in ``NewJob``.
-        gpu_count / gpu_ids_requested: What was asked for.
-        watts_per_gpu: Wattage budget per GPU, W.
-        energy_budget_wh: Energy budget, Wh.
-        mode: Requested enforcement mode; ``mode_effective`` the one in force (``None`` until
-            chosen) and ``mode_reason`` why (e.g. "no permission to set power limits").
-        on_exceed / priority / objective / total_steps / total_tokens / attached: As in ``NewJob``.
-        state: Current state.
-        pid / pid_create_time: The job's process (the runner, for launched jobs) and its psutil
-            ``create_time`` in seconds since the epoch; a pid is trusted only with it.
-        submitted_at / started_at / ended_at: Aware UTC; ``started_at`` is the first start.
-        exit_code: The command's exit status (128 + n when killed by signal n).
-        end_reason: Why the job ended (the reason of its final transition unless given).
-        gpus: Assigned GPU indices, ascending (empty until placed).
-        gpu_ids: The same GPUs' store ids (``gpus.id``), in the same order.
-        deadline_at: When the job must end (aware UTC), or ``None``.
-    """
-
-    id: int
-    name: str
-    user: str
-    uid: int
-    gid: int
-    argv: tuple[str, ...]
-    cwd: str
-    env: Mapping[str, str]
-    gpu_count: int | None
-    gpu_ids_requested: tuple[int, ...] | None
-    watts_per_gpu: float | None
-    energy_budget_wh: float | None
-    mode: Mode
-    mode_effective: Mode | None
-    mode_reason: str | None
-    on_exceed: OnExceed
-    priority: int
-    objective: str | None
-    total_steps: int | None
-    total_tokens: int | None
-    state: JobState
-    attached: bool
-    host: str
-    pid: int | None
-    pid_create_time: float | None
-    submitted_at: datetime
-    started_at: datetime | None
-    ended_at: datetime | None
-    exit_code: int | None
-    end_reason: str | None
-    gpus: tuple[int, ...] = ()
-    gpu_ids: tuple[int, ...] = ()
-    deadline_at: datetime | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class JobEvent:
-    """One state change: at ``at`` (aware UTC) from ``from_state`` (``None``: creation)."""
-
-    job_id: int
-    at: datetime
-    from_state: JobState | None
-    to_state: JobState
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class ProgressRecord:
-    """Cumulative totals a job's client reported at ``at`` (``None``: not reported)."""
-
-    job_id: int
-    at: datetime
-    steps: int | None
-    samples: int | None
-    tokens: int | None
-
-
-@dataclass(frozen=True, slots=True)
-class DecisionRecord:
-    """A stored control decision (see ``scheduler.control.Decision``); ``*_after`` is ``None``
-    until the change has settled."""
-
-    id: int
-    job_id: int
-    at: datetime
-    source: str
-    what: str
-    why: str
-    power_before_w: float | None
-    steps_per_s_before: float | None
-    power_after_w: float | None
-    steps_per_s_after: float | None
-
-
-@dataclass(frozen=True, slots=True)
-class ProbeRecord:
-    """What one setting measured in an optimiser search (``energy.optimizer.Probe``'s totals).
-
-    Attributes:
-        setting: mW for a power limit, MHz for a locked clock.
-        steps / time_s / energy_j: Steps measured, their wall time (s) and energy (J).
-    """
-
-    setting: int
-    steps: int
-    time_s: float
-    energy_j: float
-
-    @property
-    def step_time_s(self) -> float:
-        return self.time_s / self.steps
-
-    @property
-    def energy_per_step_j(self) -> float:
-        return self.energy_j / self.steps
-
-    @property
-    def power_w(self) -> float:
-        return self.energy_j / self.time_s if self.time_s > 0 else 0.0
-
-
-@dataclass(frozen=True, slots=True)
-class SearchRecord:
-    """A stored search of the energy optimiser for a job.
-
-    Attributes:
-        number: 1 for the job's first search, 2 after a re-tune, ...
-        at: When it was last updated.
-        objective: ``energy``, ``cost``, ``throughput`` or ``slowdown``.
-        knob: ``power_limit`` (settings in mW) or ``sm_clock`` (MHz).
-        setting / top_setting: The choice, and the highest setting of the search (the job's
-            default, or its wattage budget when that is lower).
-        feasible / reason / revisions: As ``energy.optimizer.SearchResult``.
-        profiling_steps / profiling_time_s / profiling_energy_j: What profiling cost the job.
-        probes: What each setting measured, highest setting first.
-    """
-
-    job_id: int
-    number: int
-    at: datetime
-    objective: str
-    knob: str
-    setting: int
-    top_setting: int
-    feasible: bool
-    reason: str
-    revisions: int
-    profiling_steps: int
-    profiling_time_s: float
-    profiling_energy_j: float
-    probes: tuple[ProbeRecord, ...]
-
-    def probe(self, setting: int) -> ProbeRecord | None:
-        """What ``setting`` measured, if it was probed."""
-        return next((p for p in self.probes if p.setting == setting), None)
-
-
-class Throughput(NamedTuple):
-    """Rates over a window of progress reports; ``None`` where the field was not reported."""
-
-    steps_per_s: float | None
-    samples_per_s: float | None
-    tokens_per_s: float | None
-
-
 # Columns set_fields / transition may change; id, state and submitted_at are the store's own.
 _SETTABLE = frozenset(c.name for c in jobs_table.columns) - {"id", "state", "submitted_at"}
-_JOB_COLUMNS = tuple(c.name for c in jobs_table.columns)
 
 
 def _stored(value: Any) -> Any:
@@ -335,32 +112,11 @@ def _rate(pairs: Sequence[tuple[datetime, int | None]]) -> float | None:
     return gained / span_s
 
 
-class JobStore:
-    """Jobs in the SQL store. Obtain it as ``Store.jobs``; it shares the store's engine."""
+class JobStore(ControlHistory):
+    """Jobs in the store: ``JobStore(store)`` works through the telemetry ``Store``'s engine.
 
-    def __init__(self, engine: Engine, *, gpu_energy: GpuEnergy | None = None) -> None:
-        """Wrap an engine whose database is at the latest schema.
-
-        Args:
-            engine: The store's engine.
-            gpu_energy: ``Store.span_energy`` of the same store, for ``energy``; if omitted, a
-                ``Store`` over ``engine`` is made when first needed.
-        """
-        self._engine = engine
-        self._gpu_energy = gpu_energy
-        self._is_sqlite = engine.dialect.name == "sqlite"
-
-    def _write(self) -> Any:
-        """A write transaction (on SQLite, one that takes the write lock at ``BEGIN``)."""
-        if self._is_sqlite:
-            return self._engine.execution_options(sqlite_immediate=True).begin()
-        return self._engine.begin()
-
-    @staticmethod
-    def _wrap(what: str, exc: SQLAlchemyError) -> StoreError:
-        from telemetry.store.repository import _write_error
-
-        return _write_error(what, exc)
+    Also the jobs' control history (``ControlHistory``: decisions, optimiser searches).
+    """
 
     # -- reading rows ----------------------------------------------------------------------------
 
@@ -459,9 +215,9 @@ class JobStore:
         values.update(state=JobState.QUEUED.value, submitted_at=at)
         reason = "attached" if new.attached else "submitted"
         try:
-            with self._write() as conn:
+            with write_transaction(self._engine) as conn:
                 result = conn.execute(jobs_table.insert().values(**values))
-                job_id = int(result.inserted_primary_key[0])
+                job_id = inserted_id(result)
                 conn.execute(
                     job_events_table.insert().values(
                         job_id=job_id,
@@ -473,7 +229,7 @@ class JobStore:
                 )
                 return self._require(conn, job_id)
         except SQLAlchemyError as exc:
-            raise self._wrap(f"creating job {new.name!r}", exc) from exc
+            raise write_error(f"creating job {new.name!r}", exc) from exc
 
     def get(self, job_id: int) -> JobRecord | None:
         """The job with id ``job_id``, or ``None``."""
@@ -540,11 +296,11 @@ class JobStore:
         to_epoch_us(at)
         values = _check_fields(fields)
         try:
-            with self._write() as conn:
+            with write_transaction(self._engine) as conn:
                 query = select(jobs_table.c.state, jobs_table.c.started_at).where(
                     jobs_table.c.id == job_id
                 )
-                if not self._is_sqlite:
+                if self._engine.dialect.name != "sqlite":
                     query = query.with_for_update()
                 row = conn.execute(query).first()
                 if row is None:
@@ -583,7 +339,7 @@ class JobStore:
                 )
                 return self._require(conn, job_id)
         except SQLAlchemyError as exc:
-            raise self._wrap(f"moving job {job_id} to {to}", exc) from exc
+            raise write_error(f"moving job {job_id} to {to}", exc) from exc
 
     def set_fields(self, job_id: int, **fields: Any) -> JobRecord:
         """Change columns of a job other than its state (budgets, ``mode_effective``, pid, ...).
@@ -596,7 +352,7 @@ class JobStore:
         """
         values = _check_fields(fields)
         try:
-            with self._write() as conn:
+            with write_transaction(self._engine) as conn:
                 if values:
                     result = conn.execute(
                         update(jobs_table).where(jobs_table.c.id == job_id).values(**values)
@@ -605,7 +361,7 @@ class JobStore:
                         raise JobNotFoundError(f"no job {job_id}")
                 return self._require(conn, job_id)
         except SQLAlchemyError as exc:
-            raise self._wrap(f"updating job {job_id}", exc) from exc
+            raise write_error(f"updating job {job_id}", exc) from exc
 
     def events(self, job_id: int) -> builtins.list[JobEvent]:
         """A job's state changes, oldest first (the first is its creation)."""
@@ -653,7 +409,7 @@ class JobStore:
                     )
                 )
         except SQLAlchemyError as exc:
-            raise self._wrap(f"adding progress of job {job_id}", exc) from exc
+            raise write_error(f"adding progress of job {job_id}", exc) from exc
 
     def progress(self, job_id: int, since: datetime | None = None) -> builtins.list[ProgressRecord]:
         """A job's progress reports with ``at >= since``, oldest first."""
@@ -735,136 +491,6 @@ class JobStore:
         end = job.ended_at
         if until is not None and (end is None or until < end):
             end = until
-        gpu_energy = self._gpu_energy
-        if gpu_energy is None:
-            from telemetry.store.repository import Store
-
-            gpu_energy = self._gpu_energy = Store(self._engine).span_energy
-        return _combine_energy([gpu_energy(g, job.started_at, end) for g in job.gpu_ids])
-
-    # -- control decisions -----------------------------------------------------------------------
-
-    def add_decision(
-        self,
-        job_id: int,
-        *,
-        at: datetime,
-        source: str,
-        what: str,
-        why: str,
-        power_before_w: float | None,
-        steps_per_s_before: float | None,
-    ) -> int:
-        """Store a control decision; returns its id (for ``complete_decision``).
-
-        Raises:
-            StoreWriteError: Nothing was written.
-        """
-        try:
-            with self._engine.begin() as conn:
-                result = conn.execute(
-                    control_decisions_table.insert().values(
-                        job_id=job_id, at=at, source=source, what=what, why=why,
-                        power_before_w=power_before_w, steps_per_s_before=steps_per_s_before,
-                    )
-                )
-                key = result.inserted_primary_key
-        except SQLAlchemyError as exc:
-            raise self._wrap(f"storing a decision for job {job_id}", exc) from exc
-        assert key is not None
-        return int(key[0])
-
-    def complete_decision(
-        self, decision_id: int, *, power_after_w: float | None, steps_per_s_after: float | None
-    ) -> None:
-        """Record the power and throughput once a decision's change has settled."""
-        try:
-            with self._engine.begin() as conn:
-                conn.execute(
-                    update(control_decisions_table)
-                    .where(control_decisions_table.c.id == decision_id)
-                    .values(power_after_w=power_after_w, steps_per_s_after=steps_per_s_after)
-                )
-        except SQLAlchemyError as exc:
-            raise self._wrap(f"completing decision {decision_id}", exc) from exc
-
-    def save_search(self, search: SearchRecord) -> None:
-        """Store an optimiser search, replacing what was stored for the same job and number.
-
-        Raises:
-            StoreWriteError: Nothing was written (the previous version stays).
-        """
-        s = optimizer_searches_table.c
-        values = {
-            "at": search.at, "objective": search.objective, "knob": search.knob,
-            "setting": search.setting, "top_setting": search.top_setting,
-            "feasible": search.feasible, "reason": search.reason, "revisions": search.revisions,
-            "profiling_steps": search.profiling_steps,
-            "profiling_time_s": search.profiling_time_s,
-            "profiling_energy_j": search.profiling_energy_j,
-        }
-        try:
-            with self._engine.begin() as conn:
-                search_id = conn.execute(
-                    select(s.id).where(s.job_id == search.job_id, s.number == search.number)
-                ).scalar()
-                if search_id is None:
-                    result = conn.execute(optimizer_searches_table.insert().values(
-                        job_id=search.job_id, number=search.number, **values))
-                    key = result.inserted_primary_key
-                    assert key is not None
-                    search_id = int(key[0])
-                else:
-                    conn.execute(update(optimizer_searches_table)
-                                 .where(s.id == search_id).values(**values))
-                    conn.execute(delete(optimizer_probes_table)
-                                 .where(optimizer_probes_table.c.search_id == search_id))
-                if search.probes:
-                    conn.execute(optimizer_probes_table.insert(), [
-                        {"search_id": search_id, "setting": p.setting, "steps": p.steps,
-                         "time_s": p.time_s, "energy_j": p.energy_j}
-                        for p in search.probes
-                    ])
-        except SQLAlchemyError as exc:
-            raise self._wrap(f"storing optimiser search {search.number} of job "
-                             f"{search.job_id}", exc) from exc
-
-    def searches(self, job_ids: Iterable[int]) -> dict[int, builtins.list[SearchRecord]]:
-        """The optimiser searches of these jobs, by job id, oldest first."""
-        ids = sorted(set(job_ids))
-        if not ids:
-            return {}
-        s, p = optimizer_searches_table.c, optimizer_probes_table.c
-        with self._engine.connect() as conn:
-            rows = conn.execute(
-                select(optimizer_searches_table).where(s.job_id.in_(ids))
-                .order_by(s.job_id, s.number)
-            ).mappings().all()
-            probes: dict[int, builtins.list[ProbeRecord]] = {}
-            if rows:
-                for r in conn.execute(
-                    select(p.search_id, p.setting, p.steps, p.time_s, p.energy_j)
-                    .where(p.search_id.in_([row["id"] for row in rows]))
-                    .order_by(p.search_id, p.setting.desc())
-                ):
-                    probes.setdefault(r.search_id, []).append(
-                        ProbeRecord(r.setting, r.steps, r.time_s, r.energy_j))
-        out: dict[int, builtins.list[SearchRecord]] = {}
-        for row in rows:
-            out.setdefault(row["job_id"], []).append(SearchRecord(
-                job_id=row["job_id"], number=row["number"], at=row["at"],
-                objective=row["objective"], knob=row["knob"], setting=row["setting"],
-                top_setting=row["top_setting"], feasible=row["feasible"], reason=row["reason"],
-                revisions=row["revisions"], profiling_steps=row["profiling_steps"],
-                profiling_time_s=row["profiling_time_s"],
-                profiling_energy_j=row["profiling_energy_j"],
-                probes=tuple(probes.get(row["id"], ())),
-            ))
-        return out
-
-    def decisions(self, job_id: int) -> builtins.list[DecisionRecord]:
-        """A job's control decisions, oldest first."""
-        c = control_decisions_table.c
-        query = select(control_decisions_table).where(c.job_id == job_id).order_by(c.at, c.id)
-        with self._engine.connect() as conn:
-            return [DecisionRecord(*row) for row in conn.execute(query)]
+        return _combine_energy(
+            [self._store.span_energy(g, job.started_at, end) for g in job.gpu_ids]
+        )

@@ -15,11 +15,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Row, select, update
+from sqlalchemy import Connection, Row, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
-from telemetry.store.errors import StoreError
+from telemetry.store import Store
+from telemetry.store.errors import StoreError, write_error
 from telemetry.store.models import settings_journal_table, to_epoch_us
+from telemetry.store.sql import inserted_id, write_transaction
 
 
 class Setting(enum.StrEnum):
@@ -134,28 +136,15 @@ def _entry(row: Row[Any]) -> JournalEntry:
 
 
 class JournalStore:
-    """The settings journal in the SQL store. Obtain it as ``Store.journal``.
+    """The settings journal in the store: ``JournalStore(store)`` works through its engine.
 
     Every method runs in its own transaction and commits before it returns, so an entry
     ``record`` returns is durable before the caller touches the GPU.
     """
 
-    def __init__(self, engine: Engine) -> None:
-        """Wrap an engine whose database is at the latest schema."""
-        self._engine = engine
-        self._is_sqlite = engine.dialect.name == "sqlite"
-
-    def _write(self) -> Any:
-        """A write transaction (on SQLite, one that takes the write lock at ``BEGIN``)."""
-        if self._is_sqlite:
-            return self._engine.execution_options(sqlite_immediate=True).begin()
-        return self._engine.begin()
-
-    @staticmethod
-    def _wrap(what: str, exc: SQLAlchemyError) -> StoreError:
-        from telemetry.store.repository import _write_error
-
-        return _write_error(what, exc)
+    def __init__(self, store: Store) -> None:
+        """Work in ``store``'s database (at the latest schema), through its engine."""
+        self._engine = store.engine
 
     @staticmethod
     def _get(conn: Connection, entry_id: int) -> JournalEntry | None:
@@ -216,19 +205,19 @@ class JournalStore:
             "requested_at": at,
         }
         try:
-            with self._write() as conn:
+            with write_transaction(self._engine) as conn:
                 result = conn.execute(settings_journal_table.insert().values(**values))
-                entry = self._get(conn, int(result.inserted_primary_key[0]))
+                entry = self._get(conn, inserted_id(result))
                 assert entry is not None
                 return entry
         except SQLAlchemyError as exc:
-            raise self._wrap(f"journaling GPU {gpu_index} {kind} for job {job_id}", exc) from exc
+            raise write_error(f"journaling GPU {gpu_index} {kind} for job {job_id}", exc) from exc
 
     def _move(self, entry_id: int, to: JournalStatus, **values: Any) -> JournalEntry:
         allowed = _FROM[to]
         c = settings_journal_table.c
         try:
-            with self._write() as conn:
+            with write_transaction(self._engine) as conn:
                 result = conn.execute(
                     update(settings_journal_table)
                     .where(c.id == entry_id, c.status.in_([s.value for s in allowed]))
@@ -243,7 +232,7 @@ class JournalStore:
                     )
                 return entry
         except SQLAlchemyError as exc:
-            raise self._wrap(f"marking settings journal entry {entry_id} {to}", exc) from exc
+            raise write_error(f"marking settings journal entry {entry_id} {to}", exc) from exc
 
     def mark_applied(self, entry_id: int, at: datetime) -> JournalEntry:
         """A pending entry's setting is in force (or, in a dry run, would be) since ``at``.

@@ -1,0 +1,76 @@
+"""Mode choice: ``choose_mode`` resolves a job's mode, ``make_controller`` makes its controller.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from scheduler.control.clock import ClockController
+from scheduler.control.commands import PowerController
+from scheduler.control.hw import HwController
+from scheduler.control.soft import SoftController
+
+__all__ = ["Mode", "ModeChoice", "choose_mode", "make_controller"]
+
+Mode = Literal["hw", "clock", "soft", "auto"]
+
+
+@dataclass(frozen=True, slots=True)
+class ModeChoice:
+    """The enforcement mode a job runs in, and why."""
+
+    mode: Literal["hw", "clock", "soft"]
+    reason: str
+
+
+def choose_mode(
+    requested: Mode, *, hw_permitted: bool, clocks_permitted: bool = True
+) -> ModeChoice:
+    """Resolve ``auto`` (and refuse nothing): the daemon probes permission once at start.
+
+    Args:
+        requested: The job's mode.
+        hw_permitted: Whether setting power limits worked when probed (root / CAP_SYS_ADMIN).
+        clocks_permitted: Whether locking clocks worked when probed.
+
+    Raises:
+        ValueError: ``hw`` or ``clock`` requested where the daemon may not set them, or an
+            unknown mode.
+    """
+    if requested == "auto":
+        if hw_permitted:
+            return ModeChoice("hw", "auto: the daemon may set power limits, so hw")
+        return ModeChoice(
+            "soft",
+            "auto: the daemon may not set power limits on these GPUs "
+            "(permission denied when probed), so soft (pacing)",
+        )
+    if requested == "hw":
+        if not hw_permitted:
+            raise ValueError(
+                "hw mode needs permission to set power limits (root or "
+                "CAP_SYS_ADMIN); use --mode soft or auto"
+            )
+        return ModeChoice("hw", "hw requested")
+    if requested == "clock":
+        if not clocks_permitted:
+            raise ValueError(
+                "clock mode needs permission to lock clocks (root or "
+                "CAP_SYS_ADMIN); use --mode soft or auto"
+            )
+        return ModeChoice("clock", "clock requested")
+    if requested == "soft":
+        return ModeChoice("soft", "soft requested")
+    raise ValueError(f"unknown mode {requested!r}: choose hw, clock, soft or auto")
+
+
+def make_controller(mode: Literal["hw", "clock", "soft"]) -> PowerController:
+    """A fresh controller for a resolved mode (see ``choose_mode``)."""
+    if mode == "hw":
+        return HwController()
+    if mode == "clock":
+        return ClockController()
+    if mode == "soft":
+        return SoftController()
+    raise ValueError(f"unknown mode {mode!r}: choose hw, clock or soft")

@@ -1,0 +1,52 @@
+"""The scheduler's rows in the store: jobs, their events and progress, control history, journal.
+
+Each store works through a telemetry ``Store`` (``JobStore(store)``, ``JournalStore(store)``):
+one database and one schema (``telemetry.store.models``), with the telemetry package knowing
+nothing of the scheduler.
+"""
+
+from scheduler.store.history import ControlHistory
+from scheduler.store.jobs import InvalidTransitionError, JobNotFoundError, JobStore
+from scheduler.store.journal import (
+    OUTSTANDING,
+    InvalidJournalTransitionError,
+    JournalEntry,
+    JournalEntryNotFoundError,
+    JournalStatus,
+    JournalStore,
+    Setting,
+    group_by_gpu,
+)
+from scheduler.store.records import (
+    DecisionRecord,
+    JobEvent,
+    JobRecord,
+    NewJob,
+    ProbeRecord,
+    ProgressRecord,
+    SearchRecord,
+    Throughput,
+)
+
+__all__ = [
+    "OUTSTANDING",
+    "ControlHistory",
+    "DecisionRecord",
+    "InvalidJournalTransitionError",
+    "InvalidTransitionError",
+    "JobEvent",
+    "JobNotFoundError",
+    "JobRecord",
+    "JobStore",
+    "JournalEntry",
+    "JournalEntryNotFoundError",
+    "JournalStatus",
+    "JournalStore",
+    "NewJob",
+    "ProbeRecord",
+    "ProgressRecord",
+    "SearchRecord",
+    "Setting",
+    "Throughput",
+    "group_by_gpu",
+]

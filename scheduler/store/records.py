@@ -1,0 +1,233 @@
+"""Plain records of the scheduler's rows: jobs, their events and progress, decisions, searches.
+
+Frozen dataclasses, in the job vocabulary of ``scheduler.jobs``; times are aware UTC.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import NamedTuple
+
+from scheduler.jobs import JobState, Mode, OnExceed
+
+
+@dataclass(frozen=True, slots=True)
+class NewJob:
+    """A job as submitted (or attached), before the store gives it an id.
+
+    Attributes:
+        name: Display name.
+        user / uid / gid: The submitting user's login name and numeric ids (from the socket's
+            peer credentials, never from the request).
+        argv: The command; empty for an attached job that did not say.
+        cwd: Working directory (absolute path).
+        env: Environment of the job's process (the scheduler adds its own variables at launch).
+        host: The node the job belongs to.
+        gpu_count / gpu_ids_requested: How many GPUs, or which indices (at most one of the two;
+            neither for an attached job, whose GPUs are recorded when it starts).
+        watts_per_gpu: Wattage budget per GPU, W; ``None``: no budget.
+        energy_budget_wh: Energy budget of the whole job, Wh; ``None``: none.
+        mode: How the wattage budget is enforced.
+        on_exceed: What to do when the energy budget runs out.
+        priority: Higher runs first.
+        objective: Name of an optimiser objective, for later use.
+        total_steps / total_tokens: The job's declared size, from its client.
+        attached: Started elsewhere and registered itself.
+        pid / pid_create_time: An attached job's process and its psutil ``create_time`` (s since
+            the epoch).
+        deadline_at: When the job must end (aware UTC), or ``None``.
+    """
+
+    name: str
+    user: str
+    uid: int
+    gid: int
+    argv: tuple[str, ...]
+    cwd: str
+    host: str
+    env: Mapping[str, str] = field(default_factory=dict)
+    gpu_count: int | None = None
+    gpu_ids_requested: tuple[int, ...] | None = None
+    watts_per_gpu: float | None = None
+    energy_budget_wh: float | None = None
+    mode: Mode = Mode.AUTO
+    on_exceed: OnExceed = OnExceed.WARN
+    priority: int = 0
+    objective: str | None = None
+    total_steps: int | None = None
+    total_tokens: int | None = None
+    attached: bool = False
+    pid: int | None = None
+    pid_create_time: float | None = None
+    deadline_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class JobRecord:
+    """A stored job: every column of ``jobs`` plus its assigned GPUs.
+
+    Attributes:
+        id: Store key.
+        name / user / uid / gid / argv / cwd / env / host: As in ``NewJob``.
+        gpu_count / gpu_ids_requested: What was asked for.
+        watts_per_gpu: Wattage budget per GPU, W.
+        energy_budget_wh: Energy budget, Wh.
+        mode: Requested enforcement mode; ``mode_effective`` the one in force (``None`` until
+            chosen) and ``mode_reason`` why (e.g. "no permission to set power limits").
+        on_exceed / priority / objective / total_steps / total_tokens / attached: As in ``NewJob``.
+        state: Current state.
+        pid / pid_create_time: The job's process (the runner, for launched jobs) and its psutil
+            ``create_time`` in seconds since the epoch; a pid is trusted only with it.
+        submitted_at / started_at / ended_at: Aware UTC; ``started_at`` is the first start.
+        exit_code: The command's exit status (128 + n when killed by signal n).
+        end_reason: Why the job ended (the reason of its final transition unless given).
+        gpus: Assigned GPU indices, ascending (empty until placed).
+        gpu_ids: The same GPUs' store ids (``gpus.id``), in the same order.
+        deadline_at: When the job must end (aware UTC), or ``None``.
+    """
+
+    id: int
+    name: str
+    user: str
+    uid: int
+    gid: int
+    argv: tuple[str, ...]
+    cwd: str
+    env: Mapping[str, str]
+    gpu_count: int | None
+    gpu_ids_requested: tuple[int, ...] | None
+    watts_per_gpu: float | None
+    energy_budget_wh: float | None
+    mode: Mode
+    mode_effective: Mode | None
+    mode_reason: str | None
+    on_exceed: OnExceed
+    priority: int
+    objective: str | None
+    total_steps: int | None
+    total_tokens: int | None
+    state: JobState
+    attached: bool
+    host: str
+    pid: int | None
+    pid_create_time: float | None
+    submitted_at: datetime
+    started_at: datetime | None
+    ended_at: datetime | None
+    exit_code: int | None
+    end_reason: str | None
+    gpus: tuple[int, ...] = ()
+    gpu_ids: tuple[int, ...] = ()
+    deadline_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class JobEvent:
+    """One state change: at ``at`` (aware UTC) from ``from_state`` (``None``: creation)."""
+
+    job_id: int
+    at: datetime
+    from_state: JobState | None
+    to_state: JobState
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ProgressRecord:
+    """Cumulative totals a job's client reported at ``at`` (``None``: not reported)."""
+
+    job_id: int
+    at: datetime
+    steps: int | None
+    samples: int | None
+    tokens: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionRecord:
+    """A stored control decision (see ``scheduler.control.Decision``); ``*_after`` is ``None``
+    until the change has settled."""
+
+    id: int
+    job_id: int
+    at: datetime
+    source: str
+    what: str
+    why: str
+    power_before_w: float | None
+    steps_per_s_before: float | None
+    power_after_w: float | None
+    steps_per_s_after: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeRecord:
+    """What one setting measured in an optimiser search (``energy.optimizer.Probe``'s totals).
+
+    Attributes:
+        setting: mW for a power limit, MHz for a locked clock.
+        steps / time_s / energy_j: Steps measured, their wall time (s) and energy (J).
+    """
+
+    setting: int
+    steps: int
+    time_s: float
+    energy_j: float
+
+    @property
+    def step_time_s(self) -> float:
+        return self.time_s / self.steps
+
+    @property
+    def energy_per_step_j(self) -> float:
+        return self.energy_j / self.steps
+
+    @property
+    def power_w(self) -> float:
+        return self.energy_j / self.time_s if self.time_s > 0 else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class SearchRecord:
+    """A stored search of the energy optimiser for a job.
+
+    Attributes:
+        number: 1 for the job's first search, 2 after a re-tune, ...
+        at: When it was last updated.
+        objective: ``energy``, ``cost``, ``throughput`` or ``slowdown``.
+        knob: ``power_limit`` (settings in mW) or ``sm_clock`` (MHz).
+        setting / top_setting: The choice, and the highest setting of the search (the job's
+            default, or its wattage budget when that is lower).
+        feasible / reason / revisions: As ``energy.optimizer.SearchResult``.
+        profiling_steps / profiling_time_s / profiling_energy_j: What profiling cost the job.
+        probes: What each setting measured, highest setting first.
+    """
+
+    job_id: int
+    number: int
+    at: datetime
+    objective: str
+    knob: str
+    setting: int
+    top_setting: int
+    feasible: bool
+    reason: str
+    revisions: int
+    profiling_steps: int
+    profiling_time_s: float
+    profiling_energy_j: float
+    probes: tuple[ProbeRecord, ...]
+
+    def probe(self, setting: int) -> ProbeRecord | None:
+        """What ``setting`` measured, if it was probed."""
+        return next((p for p in self.probes if p.setting == setting), None)
+
+
+class Throughput(NamedTuple):
+    """Rates over a window of progress reports; ``None`` where the field was not reported."""
+
+    steps_per_s: float | None
+    samples_per_s: float | None
+    tokens_per_s: float | None
