@@ -10,7 +10,8 @@ from __future__ import annotations
 from sqlalchemy import Connection
 
 from alembic import context
-from telemetry.store.engine import default_url, make_engine, normalise_url
+from telemetry.paths import default_url
+from telemetry.store.engine import make_engine, normalise_url
 from telemetry.store.models import Base
 
 config = context.config

@@ -14,8 +14,9 @@ import math
 from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Protocol
+
+from energy.times import parse_time
 
 J_PER_KWH = 3.6e6
 """Joules in one kilowatt-hour."""
@@ -211,12 +212,6 @@ def parse_time_of_use(text: str) -> TimeOfUse:
         raise ValueError("the time-of-use table has no rows")
     order = sorted(range(len(starts)), key=starts.__getitem__)
     return TimeOfUse(tuple(starts[i] for i in order), tuple(values[i] for i in order))
-
-
-def parse_time(text: str) -> datetime:
-    """An ISO 8601 time; a naive one is taken as UTC."""
-    value = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 def parse_series(text: str, *, label: str = "gCO2/kWh series") -> RateSeries:

@@ -9,11 +9,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import sys
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
@@ -24,6 +23,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from energy.times import parse_when
 from scheduler.settings import BackendName, Settings
 from telemetry.backends.base import GpuBackend, GpuError, GpuReading, ThrottleReason
 
@@ -508,21 +508,12 @@ def _parse_gpu_ids(text: str) -> list[int]:
     return ids
 
 
-_DURATION = re.compile(r"^\+?(\d+(?:\.\d+)?)\s*([smhdw])$")
-_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
-
-
 def _parse_deadline(text: str) -> str:
     """A deadline as an aware ISO 8601 string: ISO 8601 itself, or a duration from now."""
-    match = _DURATION.match(text.strip())
-    if match:
-        seconds = float(match.group(1)) * _UNIT_S[match.group(2)]
-        return (datetime.now(UTC) + timedelta(seconds=seconds)).isoformat()
     try:
-        value = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
-    except ValueError:
-        fail(f"--deadline: {text!r} is neither ISO 8601 nor a duration like 6h", EXIT_USAGE)
-    return (value if value.tzinfo else value.replace(tzinfo=UTC)).isoformat()
+        return parse_when(text, datetime.now(UTC), ahead=True).isoformat()
+    except ValueError as exc:
+        fail(f"--deadline: {exc}", EXIT_USAGE)
 
 
 @app.command(context_settings={"allow_interspersed_args": False})
@@ -787,7 +778,7 @@ def demo(
 
 
 def _register_report() -> None:
-    from reports.command import report
+    from scheduler.report_command import report
 
     app.command("report")(report)
 

@@ -91,7 +91,7 @@ def run_demo(*, home: Path, steps: int | None, console: Console) -> Path:
     if code != 0:
         raise RuntimeError(f"the daemon exited with status {code}; see {log_path}")
     _summarise(home, jobs, ids, views, console)
-    from reports.command import write_demo_report
+    from reports.files import write_demo_report
 
     report = write_demo_report(f"sqlite:///{home / 'powertrain.db'}", home / "report.html")
     console.print(f"HTML report: {report}")

@@ -6,15 +6,12 @@ import math
 from pathlib import Path
 from typing import Literal
 
-import platformdirs
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from telemetry.paths import default_home, default_url
+
 BackendName = Literal["auto", "nvml", "simulated", "replay"]
-
-
-def _default_home() -> Path:
-    return Path(platformdirs.user_data_dir("powertrain", appauthor=False))
 
 
 class Settings(BaseSettings):
@@ -55,7 +52,7 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="POWERTRAIN_", extra="ignore")
 
-    home: Path = Field(default_factory=_default_home)
+    home: Path = Field(default_factory=default_home)
     db: str = ""
     backend: BackendName = "auto"
     sim_gpus: int | None = Field(default=None, ge=1, le=64)
@@ -95,7 +92,7 @@ class Settings(BaseSettings):
     @property
     def db_url(self) -> str:
         """The store's URL: ``db`` if set, else a SQLite file under ``home``."""
-        return self.db or f"sqlite:///{self.home / 'powertrain.db'}"
+        return default_url(self.db or None, self.home)
 
     @property
     def socket_path(self) -> Path:

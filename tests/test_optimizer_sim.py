@@ -19,8 +19,8 @@ import typer
 from typer.testing import CliRunner
 
 from bench.simjob import JobSpec, ObjectiveName, SimNode
-from reports.command import report
 from scheduler.jobs import JobState
+from scheduler.report_command import report
 
 # The search walks 11 power limits (700 W down to 200 W) and settles within about 170 s at
 # 0.5 s steps; twice that leaves the job most of its time at the chosen setting.

@@ -6,7 +6,8 @@ tables only for the times of job edges. The scheduler's rows have their store co
 ``scheduler.store``.
 """
 
-from telemetry.store.engine import default_home, default_url, make_engine
+from telemetry.paths import default_home, default_url
+from telemetry.store.engine import make_engine
 from telemetry.store.errors import (
     UPGRADE_HINT,
     SchemaError,

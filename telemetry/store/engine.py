@@ -1,43 +1,15 @@
-"""The store's default URL and its engines: SQLite files in WAL mode, PostgreSQL via psycopg 3."""
+"""The store's engines: SQLite files in WAL mode, PostgreSQL via psycopg 3."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
-import platformdirs
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
 
 SQLITE_BUSY_TIMEOUT_MS = 10_000
 """How long a SQLite connection waits for another writer's lock before giving up."""
-DB_ENV = "POWERTRAIN_DB"
-"""Environment variable naming the store's URL (empty or unset: the SQLite file in the home)."""
-HOME_ENV = "POWERTRAIN_HOME"
-"""Environment variable naming powertrain's data folder (the store, the simulated GPUs, logs)."""
-DB_FILE = "powertrain.db"
-
-
-def default_home() -> Path:
-    """The user's data folder for powertrain (without ``POWERTRAIN_HOME``)."""
-    return Path(platformdirs.user_data_dir("powertrain", appauthor=False))
-
-
-def default_url(db: str | None = None, home: Path | None = None) -> str:
-    """The store's URL: ``db``, else ``$POWERTRAIN_DB``, else ``sqlite:///<home>/powertrain.db``
-    with ``home``, else ``$POWERTRAIN_HOME``, else the user's data folder.
-
-    The daemon's settings resolve the same variables the same way; this is for the commands and
-    tools that open a store without them (reports, Alembic).
-    """
-    url = db or os.environ.get(DB_ENV, "")
-    if url:
-        return url
-    folder = home or Path(os.environ.get(HOME_ENV, "") or default_home())
-    return f"sqlite:///{folder / DB_FILE}"
-
-
 def normalise_url(url: str | URL) -> URL:
     """The URL with PostgreSQL pointed at psycopg 3 (``postgresql://`` means psycopg2 otherwise)."""
     parsed = make_url(url)

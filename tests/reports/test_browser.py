@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from reports.command import write_demo_report
+from reports.files import write_demo_report
 from scheduler.store import JobStore
 from telemetry.store import open_store
 from tests.reports.chromium import DevTools, find_chromium

@@ -5,14 +5,14 @@ from __future__ import annotations
 import csv
 import io
 import json
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 import typer
 from typer.testing import CliRunner
 
-from reports.command import parse_when, report, write_demo_report
+from reports.files import write_demo_report
+from scheduler.report_command import report
 from scheduler.store import JobStore, ProbeRecord, SearchRecord
 from telemetry.store import open_store
 from tests.reports.conftest import Rig
@@ -186,18 +186,6 @@ def test_a_missing_store_is_not_created(tmp_path: Path) -> None:
     result = invoke("--db", f"sqlite:///{tmp_path / 'none.db'}")
     assert result.exit_code != 0 and "no store at" in result.stderr  # type: ignore[attr-defined]
     assert not (tmp_path / "none.db").exists()
-
-
-def test_times_iso_and_relative() -> None:
-    now = datetime(2026, 3, 1, 12, tzinfo=UTC)
-    assert parse_when("24h", now) == now - timedelta(hours=24)
-    assert parse_when("7d", now) == now - timedelta(days=7)
-    assert parse_when("90s", now) == now - timedelta(seconds=90)
-    assert parse_when("30m", now) == now - timedelta(minutes=30)
-    assert parse_when("now", now) == now
-    assert parse_when("2026-02-01T10:00:00Z", now) == datetime(2026, 2, 1, 10, tzinfo=UTC)
-    assert parse_when("2026-02-01T10:00", now) == datetime(2026, 2, 1, 10, tzinfo=UTC)
-    assert parse_when("2026-02-01T11:00+01:00", now) == datetime(2026, 2, 1, 10, tzinfo=UTC)
 
 
 def test_write_demo_report(store_file: Path, tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from telemetry.store import default_url
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("module", ["telemetry.store", "reports.command", "reports.queries"])
+@pytest.mark.parametrize("module", ["telemetry.store", "reports.files", "reports.queries"])
 def test_importing_telemetry_or_reports_loads_no_scheduler_module(module: str) -> None:
     code = (
         f"import sys, {module}\n"

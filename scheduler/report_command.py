@@ -3,74 +3,51 @@
 ``report`` is a Typer command function (the CLI registers it with ``app.command("report")``).
 Bad input (an unknown job, ``--since`` after ``--until``, an unparseable time, an unwritable
 output) ends in one ``error: ...`` line on stderr and a non-zero exit, before anything is written;
-files are written to a temporary name and renamed into place, so none is ever left half written.
+files are written to a temporary name and renamed into place (``reports.files``), so none is ever
+left half written.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import sys
-from collections.abc import Callable, Mapping
-from datetime import UTC, datetime, timedelta
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
-from energy.cost import FlatRate, Rate, parse_series, parse_time, parse_time_of_use
+from energy.cost import FlatRate, Rate, parse_series, parse_time_of_use
+from energy.times import parse_when
+from reports.files import render_charts, write_files
 from reports.html import render_html
 from reports.queries import (
     BY_CHOICES,
     By,
-    Report,
     ReportInputError,
     ReportRequest,
     UnknownJobError,
     build_report,
-    job_life,
-    timeline,
 )
 from reports.render import table, to_csv, to_json
-from telemetry.store import (
-    SchemaOutdatedError,
-    Store,
-    StoreError,
-    default_url,
-    open_store,
-)
+from telemetry.store import SchemaOutdatedError, StoreError, default_url, open_store
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
-
-_RELATIVE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|d|w)\s*(?:ago)?\s*$", re.I)
-_UNIT_S = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
 class ReportUsageError(ValueError):
     """A command-line value that cannot be used (the message is the one line shown)."""
 
 
-def parse_when(text: str, now: datetime) -> datetime:
-    """A time from the command line: ISO 8601 (naive = UTC), ``now``, or a relative
-    ``24h``/``7d``/``30m``/``90s``/``2w`` meaning that long before ``now``.
-
-    Raises:
-        ReportUsageError: Neither form.
-    """
-    if text.strip().lower() == "now":
-        return now
-    match = _RELATIVE.match(text)
-    if match:
-        return now - timedelta(seconds=float(match.group(1)) * _UNIT_S[match.group(2).lower()])
+def _when(text: str, now: datetime) -> datetime:
     try:
-        return parse_time(text)
-    except ValueError:
-        raise ReportUsageError(
-            f"cannot read time {text!r}: use ISO 8601 (2026-01-31T12:00Z) or a relative "
-            "24h, 7d, 30m"
-        ) from None
+        return parse_when(text, now)
+    except ValueError as exc:
+        raise ReportUsageError(str(exc)) from None
 
 
 def _writable_file(path: Path, what: str) -> None:
@@ -93,60 +70,6 @@ def _writable_dir(path: Path) -> None:
         raise ReportUsageError(f"cannot write charts to {path}: no directory {target}")
     if not os.access(target, os.W_OK | os.X_OK):
         raise ReportUsageError(f"cannot write charts to {path}: {target} is not writable")
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, then rename it into place.
-
-    Raises:
-        OSError: Nothing is left behind (the temporary file is removed).
-    """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with tmp.open("wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def write_files(files: Mapping[Path, bytes]) -> None:
-    """Write several files atomically; if one fails, remove those this call created."""
-    created: list[Path] = []
-    try:
-        for path, data in files.items():
-            existed = path.exists()
-            write_atomic(path, data)
-            if not existed:
-                created.append(path)
-    except BaseException:
-        for path in created:
-            path.unlink(missing_ok=True)
-        raise
-
-
-def render_charts(store: Store, report: Report) -> dict[str, bytes]:
-    """Every chart of the report as PNG bytes, by name (``power``, ``energy``, ...)."""
-    # matplotlib loads only when charts are drawn, not with every `powertrain` command.
-    from reports.charts import (
-        energy_bars,
-        energy_figure,
-        j_per_token_figure,
-        png_bytes,
-        power_figure,
-        throughput_figure,
-    )
-
-    lives = job_life(store, report)
-    charts = {
-        "power": png_bytes(power_figure(timeline(store, report))),
-        "energy": png_bytes(energy_figure(energy_bars(report), report.request.by)),
-    }
-    if lives:
-        charts["throughput"] = png_bytes(throughput_figure(lives))
-        charts["j_per_token"] = png_bytes(j_per_token_figure(lives))
-    return charts
 
 
 def _store_url(db: str | None, home: Path | None) -> str:
@@ -183,7 +106,7 @@ def _rate(
 
 
 def _fail(message: str, code: int) -> NoReturn:
-    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False, markup=True,
+    Console(stderr=True).print(f"[bold red]error:[/] {escape(message)}", highlight=False,
                                soft_wrap=True)
     raise typer.Exit(code)
 
@@ -236,8 +159,8 @@ def report(
             raise ReportUsageError("give --json or --csv, not both")
         if output is not None and not (as_json or as_csv):
             raise ReportUsageError("--output needs --json or --csv")
-        since_t = parse_when(since, now) if since is not None else None
-        until_t = parse_when(until, now) if until is not None else None
+        since_t = _when(since, now) if since is not None else None
+        until_t = _when(until, now) if until is not None else None
         if since_t is not None and until_t is not None and since_t >= until_t:
             raise ReportUsageError(
                 f"--since ({since_t.isoformat()}) must be before --until ({until_t.isoformat()})"
@@ -304,28 +227,3 @@ def report(
         console.print(table(result))
     for path in files:
         Console(stderr=text_out is not None).print(f"wrote {path}", highlight=False)
-
-
-def write_demo_report(store_url: str, path: Path, *, by: By = "job") -> Path:
-    """Write the HTML report of everything in a store (``make demo`` calls this at the end).
-
-    Args:
-        store_url: SQLAlchemy URL of the store.
-        path: The HTML file to write (its directory must exist).
-        by: Grouping of the report's main table.
-
-    Returns:
-        ``path``, resolved.
-
-    Raises:
-        StoreError / OSError: The store could not be read or the file written (no partial
-            file is left).
-    """
-    store = open_store(store_url)
-    try:
-        result = build_report(store, ReportRequest(by=by))
-        charts = render_charts(store, result)
-    finally:
-        store.close()
-    write_atomic(path, render_html(result, charts).encode())
-    return path.resolve()
