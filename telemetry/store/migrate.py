@@ -1,6 +1,7 @@
 """Alembic migrations, driven from code: upgrade, downgrade, revisions, and ``open_store``.
 
-The migration scripts live in the repository's top-level ``alembic/`` folder; there is no
+The migration scripts live in the repository's top-level ``alembic/`` folder (reached as
+``telemetry/store/migrations``, which a wheel carries); there is no
 ``alembic.ini`` (``pyproject.toml``'s ``[tool.alembic]`` serves the ``alembic`` command line).
 The database URL reaches ``alembic/env.py`` as the config attribute ``url``.
 """
@@ -16,15 +17,15 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, inspect
 from sqlalchemy.exc import SQLAlchemyError
 
-import telemetry
 from alembic import command
 from telemetry.store.engine import make_engine
 from telemetry.store.errors import UPGRADE_HINT, SchemaError, SchemaOutdatedError
 from telemetry.store.models import Base
 from telemetry.store.repository import Store
 
-SCRIPT_LOCATION = Path(telemetry.__file__).resolve().parents[1] / "alembic"
-"""The migration environment: ``<repository root>/alembic``."""
+SCRIPT_LOCATION = Path(__file__).resolve().parent / "migrations"
+"""The migration environment. In a checkout ``migrations`` links to the top-level ``alembic/``
+folder; a built wheel carries a copy of it there, so an installed powertrain migrates too."""
 
 
 def alembic_config(url: str | None = None, *, script_location: Path | None = None) -> Config:

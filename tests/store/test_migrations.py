@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -90,7 +91,22 @@ def test_exactly_one_head() -> None:
     script = ScriptDirectory.from_config(alembic_config())
     assert len(script.get_heads()) == 1
     assert head_revision() == script.get_current_head()
-    assert SCRIPT_LOCATION.name == "alembic" and (SCRIPT_LOCATION / "env.py").is_file()
+    assert (SCRIPT_LOCATION / "env.py").is_file()
+
+
+def test_the_migrations_travel_with_the_package() -> None:
+    """``telemetry/store/migrations`` is the top-level ``alembic/`` folder (a link), and the
+    wheel's package data covers every file in it: an installed powertrain migrates its store."""
+    repo = Path(__file__).resolve().parents[2]
+    assert SCRIPT_LOCATION.resolve() == repo / "alembic"
+    pyproject = tomllib.loads((repo / "pyproject.toml").read_text())
+    globs = pyproject["tool"]["setuptools"]["package-data"]["telemetry"]
+    covered = {path for pattern in globs for path in (repo / "telemetry").glob(pattern)}
+    files = {
+        path for path in SCRIPT_LOCATION.rglob("*")
+        if path.is_file() and "__pycache__" not in path.parts
+    }
+    assert len(files) > 3 and files <= covered, sorted(map(str, files - covered))
 
 
 def test_upgrade_empty_database_to_head(store_url: str) -> None:
