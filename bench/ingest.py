@@ -19,11 +19,12 @@ import tempfile
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from operator import attrgetter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from telemetry.backends.base import GpuInfo, GpuReading
+from telemetry.backends.base import READING_FIELDS, GpuInfo, GpuReading
 from telemetry.store import Store, open_store
 from telemetry.store.engine import SQLITE_BUSY_TIMEOUT_MS
 from telemetry.store.models import to_epoch_us
@@ -32,21 +33,8 @@ GPUS = 8
 HZ = 10
 BATCH_ROWS = GPUS * HZ  # one flush per second
 
-_COLUMNS = (
-    "gpu_id",
-    "sampled_at",
-    "power_mw",
-    "power_avg_mw",
-    "energy_mj",
-    "sm_clock_mhz",
-    "mem_clock_mhz",
-    "gpu_util_pct",
-    "mem_util_pct",
-    "temperature_c",
-    "memory_used_bytes",
-    "power_limit_mw",
-    "throttle_reasons",
-)
+_COLUMNS = ("gpu_id", "sampled_at", *READING_FIELDS)
+_values = attrgetter(*READING_FIELDS)
 RAW_INSERT = (
     f"INSERT INTO samples ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' for _ in _COLUMNS)})"
 )
@@ -123,24 +111,7 @@ def _time_raw(
 ) -> float:
     started = time.perf_counter()
     for batch in batches:
-        params = [
-            (
-                gpu_id,
-                to_epoch_us(r.sampled_at),
-                r.power_mw,
-                r.power_avg_mw,
-                r.energy_mj,
-                r.sm_clock_mhz,
-                r.mem_clock_mhz,
-                r.gpu_util_pct,
-                r.mem_util_pct,
-                r.temperature_c,
-                r.memory_used_bytes,
-                r.power_limit_mw,
-                r.throttle_reasons,
-            )
-            for gpu_id, r in batch
-        ]
+        params = [(gpu_id, to_epoch_us(r.sampled_at), *_values(r)) for gpu_id, r in batch]
         conn.execute("BEGIN")
         conn.executemany(RAW_INSERT, params)
         conn.execute("COMMIT")

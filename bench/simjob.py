@@ -48,17 +48,19 @@ import shutil
 import tempfile
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Literal, cast
+from typing import Literal
 
 import psutil
 
+from energy.optimizer import ObjectiveName
 from scheduler.client import Directive, _parse_directive
 from scheduler.control import WINDOW_TOLERANCE, EnergyAction, GpuFacts, ModeChoice, PowerController
 from scheduler.errors import Caller
+from scheduler.jobs import Mode, OnExceed
 from scheduler.launcher import Launched, Launcher, ProcessState, ProcessStatus
 from scheduler.schemas import AttachRequest, ProgressReport, SubmitRequest, UpdateRequest
 from scheduler.service import JobService
@@ -77,7 +79,6 @@ __all__ = [
     "JobSpec",
     "JobStats",
     "ObjectiveName",
-    "OnExceedName",
     "SimCapDecision",
     "SimDecision",
     "SimJob",
@@ -85,9 +86,8 @@ __all__ = [
     "SimNode",
 ]
 
-SimMode = Literal["none", "hw", "clock", "soft", "auto"]
-OnExceedName = Literal["warn", "slow", "pause", "stop"]
-ObjectiveName = Literal["energy", "cost", "throughput", "slowdown"]
+SimMode = Mode | Literal["none"]
+"""A job's ``scheduler.jobs.Mode`` (or its name), or ``none``: no wattage budget."""
 
 HOST = "sim"
 """The node's name in the store."""
@@ -141,7 +141,7 @@ class JobSpec:
     samples_per_step: int = 8
     total_steps: int | None = None
     energy_budget_wh: float | None = None
-    on_exceed: OnExceedName = "warn"
+    on_exceed: OnExceed | str = OnExceed.WARN
     objective: ObjectiveName | None = None
     deadline_s: float | None = None
     start_s: float = 0.0
@@ -267,8 +267,7 @@ class SimJob:
         record = self.record
         if record is None or record.mode_effective is None:
             return None
-        mode = cast(Literal["hw", "clock", "soft"], record.mode_effective.value)
-        return ModeChoice(mode, record.mode_reason or "")
+        return ModeChoice(record.mode_effective, record.mode_reason or "")
 
     @property
     def controller(self) -> PowerController | None:
@@ -344,7 +343,7 @@ class SimJob:
             total_steps=spec.total_steps, total_tokens=total_tokens, final=final,
         ))
         self._sent = (self.steps, self._busy_s)
-        self.directive = _parse_directive(answer.model_dump())
+        self.directive = _parse_directive(asdict(answer))
         if self.paused and not final:
             self._check_paused(now_s)
 

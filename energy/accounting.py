@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from energy.cost import Rate, per_kwh
+from energy.counters import combine_methods
+from energy.units import j_to_wh
 
 ATTRIBUTION_RULE = (
     "A job owns its GPUs' energy from its start to its end. A GPU running one job gives that job "
@@ -215,12 +217,7 @@ class GroupEnergy:
     @property
     def method(self) -> str:
         """``counter``, ``trapezoid``, ``mixed`` or ``none`` over the group's shares."""
-        seen = self.methods - {"none"}
-        if not seen:
-            return "none"
-        if len(seen) > 1 or "mixed" in seen:
-            return "mixed"
-        return next(iter(seen))
+        return combine_methods(self.methods)
 
 
 def group(
@@ -290,4 +287,4 @@ def units_per_wh(units: float | None, energy_j: float) -> float | None:
     """Work per watt-hour (tokens/Wh); ``None`` without work or energy."""
     if units is None or energy_j <= 0:
         return None
-    return units / (energy_j / 3600.0)
+    return units / j_to_wh(energy_j)

@@ -14,6 +14,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
+from energy.units import mj_to_j
+
 IntervalMethod = Literal["counter", "trapezoid"]
 """How one interval's energy was found."""
 
@@ -83,7 +85,7 @@ class EnergyResult:
     @property
     def energy_j(self) -> float:
         """Total energy in joules."""
-        return self.energy_mj / 1000.0
+        return mj_to_j(self.energy_mj)
 
 
 def interval_energy(
@@ -155,12 +157,18 @@ def intervals(
     return out
 
 
-def combine_methods(methods: Iterable[IntervalMethod | None]) -> EnergyMethod:
-    """The method of a total made of intervals found by ``methods`` (``None`` entries ignored)."""
-    seen = {m for m in methods if m is not None}
+def combine_methods(methods: Iterable[str | None]) -> EnergyMethod:
+    """The method of a total made of parts found by ``methods``.
+
+    The one rule for every total, whatever its parts: intervals (``counter``, ``trapezoid``),
+    stored rollups or segments, or other totals (which may already be ``mixed``). One method for
+    every part gives that method; different methods, or a ``mixed`` part, give ``mixed``; no part
+    gives ``none``. ``None`` and ``none`` entries are parts without energy and are ignored.
+    """
+    seen = {m for m in methods if m is not None and m != "none"}
     if not seen:
         return "none"
-    if len(seen) == 2:
+    if len(seen) > 1 or "mixed" in seen:
         return "mixed"
     return "counter" if "counter" in seen else "trapezoid"
 

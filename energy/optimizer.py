@@ -53,6 +53,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import ClassVar, Final, Literal, Protocol
 
+from energy.units import mw_to_w, w_to_mw
+
+ObjectiveName = Literal["energy", "cost", "throughput", "slowdown"]
+"""The objectives a job may ask for (``submit --objective``); each ``Objective`` class's name."""
+
 __all__ = [
     "UNFINISHED",
     "Done",
@@ -63,6 +68,7 @@ __all__ = [
     "Measuring",
     "MostThroughput",
     "Objective",
+    "ObjectiveName",
     "Probe",
     "Ready",
     "SearchConfig",
@@ -77,10 +83,22 @@ __all__ = [
 
 
 class Knob(enum.StrEnum):
-    """What the optimiser turns. Values are in NVML's units: mW for limits, MHz for clocks."""
+    """A GPU setting powertrain turns: what the optimiser searches over and what the actuators
+    set and journal (``scheduler.store.journal``). Values are in NVML's units.
+
+    The one definition of these names: the optimiser's searches, the settings journal and the
+    reports all store and show these values.
+    """
 
     POWER_LIMIT = "power_limit"
-    SM_CLOCK = "sm_clock"
+    """The power limit, value in mW (``nvidia-smi -pl``)."""
+    SM_CLOCKS = "sm_clocks"
+    """Locked SM clocks, value the top of the range in MHz (``nvidia-smi -lgc``)."""
+
+    @classmethod
+    def _missing_(cls, value: object) -> Knob | None:
+        # Searches stored before the optimiser and the journal shared this enum say "sm_clock".
+        return cls.SM_CLOCKS if value == "sm_clock" else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,7 +132,7 @@ class SettingSpace:
     @classmethod
     def sm_clocks(cls, min_mhz: int, max_mhz: int, step_mhz: int = 90) -> SettingSpace:
         """Locked top SM clocks from ``max_mhz`` down in ``step_mhz`` steps."""
-        return cls(Knob.SM_CLOCK, min_mhz, max_mhz, step_mhz)
+        return cls(Knob.SM_CLOCKS, min_mhz, max_mhz, step_mhz)
 
     def candidates(self) -> tuple[int, ...]:
         """Every candidate, highest first; the minimum is included even off the step grid."""
@@ -224,7 +242,7 @@ class LeastEnergy:
     """Least energy per step (J), optionally within a wattage budget (W)."""
 
     power_budget_w: float | None = None
-    name: ClassVar[str] = "energy"
+    name: ClassVar[ObjectiveName] = "energy"
     search: ClassVar[Literal["descend", "bisect"]] = "descend"
 
     def score(self, probe: Probe, top: Probe) -> float | None:
@@ -252,7 +270,7 @@ class ZeusCost:
     eta: float
     max_power_w: float
     power_budget_w: float | None = None
-    name: ClassVar[str] = "cost"
+    name: ClassVar[ObjectiveName] = "cost"
     search: ClassVar[Literal["descend", "bisect"]] = "descend"
 
     def __post_init__(self) -> None:
@@ -284,7 +302,7 @@ class MostThroughput:
     """Most throughput (least time per step) whose measured power fits a wattage budget (W)."""
 
     power_budget_w: float
-    name: ClassVar[str] = "throughput"
+    name: ClassVar[ObjectiveName] = "throughput"
     search: ClassVar[Literal["descend", "bisect"]] = "bisect"
 
     def __post_init__(self) -> None:
@@ -310,7 +328,7 @@ class LeastEnergyWithinSlowdown:
 
     max_slowdown: float
     power_budget_w: float | None = None
-    name: ClassVar[str] = "slowdown"
+    name: ClassVar[ObjectiveName] = "slowdown"
     search: ClassVar[Literal["descend", "bisect"]] = "descend"
 
     def __post_init__(self) -> None:
@@ -1043,7 +1061,7 @@ class EnergyOptimizer:
         """
         cfg = self.config
         if self.space.knob is Knob.POWER_LIMIT and (
-            probe.power_w < cfg.bind_share * probe.setting / 1000.0
+            probe.power_w < mw_to_w(cfg.bind_share * probe.setting)
         ):
             return False
         top = self._top()
@@ -1125,7 +1143,7 @@ class EnergyOptimizer:
             budget = getattr(self.objective, "power_budget_w", None)
             if self.space.knob is Knob.POWER_LIMIT and budget is not None:
                 # The firmware holds average power near the limit: start at the budget.
-                at_budget = [i for i, c in enumerate(cands) if c <= budget * 1000 and i > hi_bad]
+                at_budget = [i for i, c in enumerate(cands) if c <= w_to_mw(budget) and i > hi_bad]
                 if at_budget:
                     nxt_idx = min(at_budget[0], lo_good - 1)
         nxt_idx = min(max(nxt_idx, hi_bad + 1), lo_good - 1)

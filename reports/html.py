@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from html import escape
 
+from energy.units import g_to_kg, j_to_wh
 from reports.optimizer import summary_lines
 from reports.queries import IDLE_KEY, Report, ReportRow
 from reports.render import (
@@ -59,9 +60,9 @@ def _time(t: datetime) -> str:
 def _cards(report: Report) -> str:
     s = report.summary
     cards = [
-        ("Total energy", f"{fmt_energy(s.energy_j)}", f"{s.energy_j / 3600:,.1f} Wh"),
+        ("Total energy", f"{fmt_energy(s.energy_j)}", f"{j_to_wh(s.energy_j):,.1f} Wh"),
         ("Cost", "-" if s.cost is None else f"{s.cost:,.2f}", s.price or "no price given"),
-        ("CO2", "-" if s.co2_g is None else f"{s.co2_g / 1000:,.2f} kg",
+        ("CO2", "-" if s.co2_g is None else f"{g_to_kg(s.co2_g):,.2f} kg",
          s.co2 or "no carbon intensity given"),
         ("Idle share", fmt_share(s.idle_share), f"{fmt_energy(s.idle_energy_j)} idle"),
         ("J/token", fmt_small(s.j_per_token), f"{fmt_num(s.tokens)} tokens"),

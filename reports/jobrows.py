@@ -14,6 +14,7 @@ from typing import Any
 
 from sqlalchemy import Connection, select
 
+from energy.optimizer import Knob
 from telemetry.store import Store
 from telemetry.store.models import (
     job_gpus_table,
@@ -102,7 +103,8 @@ class SearchRow:
         job_id / number: The job, and which of its searches (1 first, 2 after a re-tune, ...).
         at: When it was last updated.
         objective: ``energy``, ``cost``, ``throughput`` or ``slowdown``.
-        knob: ``power_limit`` (settings in mW) or ``sm_clock`` (MHz).
+        knob: ``power_limit`` (settings in mW) or ``sm_clocks`` (MHz); searches stored as
+            ``sm_clock`` read as ``sm_clocks``.
         setting / top_setting: The choice, and the highest setting of the search.
         feasible / reason / revisions: Whether a setting met the constraints, why it chose,
             how often it revised the choice.
@@ -114,7 +116,7 @@ class SearchRow:
     number: int
     at: datetime
     objective: str
-    knob: str
+    knob: Knob
     setting: int
     top_setting: int
     feasible: bool
@@ -254,7 +256,7 @@ def searches(store: Store, job_ids: Iterable[int]) -> dict[int, list[SearchRow]]
     for row in rows:
         out.setdefault(row["job_id"], []).append(SearchRow(
             job_id=row["job_id"], number=row["number"], at=row["at"],
-            objective=row["objective"], knob=row["knob"], setting=row["setting"],
+            objective=row["objective"], knob=Knob(row["knob"]), setting=row["setting"],
             top_setting=row["top_setting"], feasible=row["feasible"], reason=row["reason"],
             revisions=row["revisions"], profiling_steps=row["profiling_steps"],
             profiling_time_s=row["profiling_time_s"],

@@ -15,7 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from energy.optimizer import UNFINISHED
+from energy.optimizer import UNFINISHED, Knob
+from energy.units import mw_to_w
 from reports.jobrows import ProbeRow, SearchRow
 
 __all__ = ["OptimizerSummary", "SettingFigures", "summarise_search", "summary_lines"]
@@ -55,7 +56,7 @@ class OptimizerSummary:
     Attributes:
         job_id / number: The job, and which of its searches (1 first, 2 after a re-tune...).
         objective / knob: What it optimised (``energy``, ``cost``, ...), over ``power_limit``
-            (settings in mW) or ``sm_clock`` (MHz).
+            (settings in mW) or ``sm_clocks`` (MHz).
         chosen / default: The chosen setting and the search's top setting, as measured (None
             when the top setting was not probed, e.g. a throughput search starting below it).
         probes / revisions / reason: Settings probed, revisions once done, why it chose.
@@ -65,7 +66,7 @@ class OptimizerSummary:
     job_id: int
     number: int
     objective: str
-    knob: str
+    knob: Knob
     chosen: SettingFigures | None
     default: SettingFigures | None
     default_setting: int
@@ -98,11 +99,11 @@ class OptimizerSummary:
 
     def show(self, setting: int) -> str:
         """A setting in its unit: ``250 W`` or ``1,230 MHz``."""
-        return f"{setting / 1000:g} W" if self.knob == "power_limit" else f"{setting:,} MHz"
+        return f"{mw_to_w(setting):g} W" if self.knob is Knob.POWER_LIMIT else f"{setting:,} MHz"
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "search": self.number, "objective": self.objective, "knob": self.knob,
+            "search": self.number, "objective": self.objective, "knob": self.knob.value,
             "chosen": self.chosen.to_json() if self.chosen else None,
             "default": self.default.to_json() if self.default else None,
             "default_setting": self.default_setting,
@@ -135,7 +136,7 @@ def summarise_search(search: SearchRow, tokens_per_step: float | None) -> Optimi
         job_id=search.job_id,
         number=search.number,
         objective=search.objective,
-        knob=search.knob,
+        knob=Knob(search.knob),
         chosen=_figures(search.probe(search.setting), tokens_per_step),
         default=_figures(search.probe(search.top_setting), tokens_per_step),
         default_setting=search.top_setting,
@@ -157,7 +158,7 @@ def summary_lines(summaries: Sequence[OptimizerSummary]) -> list[str]:
     """
     lines = []
     for s in summaries:
-        knob = "power limit" if s.knob == "power_limit" else "locked SM clock"
+        knob = "power limit" if s.knob is Knob.POWER_LIMIT else "locked SM clock"
         head = (f"Job {s.job_id}, energy optimiser ({s.objective}"
                 + (f", search {s.number}" if s.number > 1 else "") + "): "
                 f"{knob} {s.show(s.chosen.setting if s.chosen else s.default_setting)}"

@@ -31,6 +31,7 @@ from energy.accounting import (
     units_per_wh,
 )
 from energy.cost import Rate
+from energy.units import j_to_kwh, mj_to_j, mw_to_w, s_to_us, us_to_s
 from reports import jobrows
 from reports.jobrows import JobRow
 from reports.optimizer import OptimizerSummary, summarise_search
@@ -135,7 +136,7 @@ class ReportRow:
             "key": self.key,
             "label": self.label,
             "energy_j": self.energy_j,
-            "energy_kwh": self.energy_j / 3.6e6,
+            "energy_kwh": j_to_kwh(self.energy_j),
             "idle_j": self.idle_j,
             "shared_j": self.shared_j,
             "mean_power_w": self.mean_power_w,
@@ -214,7 +215,7 @@ def _gpu_key(gpu: GpuRecord, multi_host: bool) -> str:
 
 
 def _us_points(times_s: Sequence[float]) -> list[int]:
-    return sorted({round(t * 1e6) for t in times_s})
+    return sorted({round(s_to_us(t)) for t in times_s})
 
 
 def _tokens_delta(a: Any, b: Any) -> tuple[int | None, int | None, int | None]:
@@ -261,7 +262,7 @@ def build_report(store: Store, request: ReportRequest) -> Report:
         raise ReportInputError(
             f"--since ({since.isoformat()}) must be before --until ({until.isoformat()})"
         )
-    since_s, until_s = to_epoch_us(since) / 1e6, to_epoch_us(until) / 1e6
+    since_s, until_s = us_to_s(to_epoch_us(since)), us_to_s(to_epoch_us(until))
 
     selected = dict(gpus)
     if request.gpu_index is not None:
@@ -279,8 +280,8 @@ def build_report(store: Store, request: ReportRequest) -> Report:
         assert j.started_at is not None
         if j.started_at >= until or (j.ended_at is not None and j.ended_at <= since):
             continue  # outside the range (the common case over a short range)
-        start_s = max(to_epoch_us(j.started_at) / 1e6, since_s)
-        end_s = min(to_epoch_us(job_end(j)) / 1e6, until_s)
+        start_s = max(us_to_s(to_epoch_us(j.started_at)), since_s)
+        end_s = min(us_to_s(to_epoch_us(job_end(j))), until_s)
         if end_s <= start_s:
             continue
         spans.extend(JobSpan(j.id, g, start_s, end_s) for g in j.gpu_ids if g in selected)
@@ -320,10 +321,10 @@ def build_report(store: Store, request: ReportRequest) -> Report:
             segments.append(
                 GpuSegment(
                     gpu_id,
-                    seg.start_us / 1e6,
-                    seg.end_us / 1e6,
-                    seg.energy_mj / 1000.0,
-                    None if seg.max_power_mw is None else seg.max_power_mw / 1000.0,
+                    us_to_s(seg.start_us),
+                    us_to_s(seg.end_us),
+                    mj_to_j(seg.energy_mj),
+                    None if seg.max_power_mw is None else mw_to_w(seg.max_power_mw),
                     seg.method,
                 )
             )
@@ -345,7 +346,7 @@ def build_report(store: Store, request: ReportRequest) -> Report:
         if request.by in ("day", "hour"):
             ts.extend(period_boundaries(lo, hi, request.by))
         times[job_id] = sorted(set(ts))
-    queries = [(job_id, round(t * 1e6)) for job_id in reported_jobs for t in times[job_id]]
+    queries = [(job_id, round(s_to_us(t))) for job_id in reported_jobs for t in times[job_id]]
     answers = iter(jobrows.progress_at_us(store, queries))
     progress = {job_id: [next(answers) for _ in times[job_id]] for job_id in reported_jobs}
 
@@ -511,8 +512,8 @@ def _rows(
                 cost=g.cost,
                 co2_g=g.co2_g,
                 method=g.method,
-                start=from_epoch_us(round(start_s * 1e6)),
-                end=from_epoch_us(round(end_s * 1e6)),
+                start=from_epoch_us(round(s_to_us(start_s))),
+                end=from_epoch_us(round(s_to_us(end_s))),
                 shared_j=g.shared_j,
                 extra=extra,
             )
@@ -581,8 +582,8 @@ def timeline(store: Store, report: Report, *, max_points: int = 600) -> list[Gpu
             GpuTimeline(
                 _gpu_key(gpu, multi_host),
                 gpu.name,
-                [to_epoch_us(p.start) / 1e6 for p in series],
-                [p.mean_power_mw / 1000.0 for p in series],
+                [us_to_s(to_epoch_us(p.start)) for p in series],
+                [mw_to_w(p.mean_power_mw) for p in series],
                 jobs,
             )
         )
@@ -634,7 +635,7 @@ def job_life(
         hi = max(s.end_s for s in spans)
         reports = [
             p for p in jobrows.progress(store, job_id)
-            if lo <= to_epoch_us(p.at) / 1e6 <= hi and p.tokens is not None
+            if lo <= us_to_s(to_epoch_us(p.at)) <= hi and p.tokens is not None
         ]
         latest_at = {p.at: p for p in reports}  # one report per instant: the last one
         reports = list(latest_at.values())
@@ -644,11 +645,11 @@ def job_life(
         kept = reports[::step]
         if kept[-1] is not reports[-1]:
             kept.append(reports[-1])
-        ts = [to_epoch_us(p.at) / 1e6 for p in kept]
-        bps = [from_epoch_us(round(t * 1e6)) for t in ts]
+        ts = [us_to_s(to_epoch_us(p.at)) for p in kept]
+        bps = [from_epoch_us(round(s_to_us(t))) for t in ts]
         energies = store.segment_energy({g: bps for g in job.gpu_ids if g in report.gpus})
         n = len(kept) - 1
-        window_j = [sum(segs[k].energy_mj for segs in energies.values()) / 1000 for k in range(n)]
+        window_j = [mj_to_j(sum(segs[k].energy_mj for segs in energies.values())) for k in range(n)]
         life = JobLife(job_id, job.name, [], [], [], [], [])
         cum_j = 0.0
         cum_tokens = 0

@@ -13,6 +13,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
+from energy.units import g_to_kg, j_to_kj, j_to_kwh, j_to_wh
 from reports.optimizer import OptimizerSummary, summary_lines
 from reports.queries import Report, ReportRow
 
@@ -28,10 +29,10 @@ def fmt_energy(joules: float) -> str:
     if joules < 1e3:
         return f"{joules:,.0f} J"
     if joules < 1e6:
-        return f"{joules / 1e3:,.1f} kJ"
+        return f"{j_to_kj(joules):,.1f} kJ"
     if joules < 3.6e6:
         return f"{joules / 1e6:,.2f} MJ"
-    return f"{joules / 3.6e6:,.2f} kWh"
+    return f"{j_to_kwh(joules):,.2f} kWh"
 
 
 def fmt_num(value: float | int | None, digits: int = 0, unit: str = "") -> str:
@@ -113,14 +114,14 @@ def headline(report: Report) -> list[tuple[str, str]]:
     """The summary figures, as (label, formatted value) pairs, in display order."""
     s = report.summary
     out = [
-        ("Total energy", f"{fmt_energy(s.energy_j)} ({s.energy_j / 3600:,.1f} Wh)"),
+        ("Total energy", f"{fmt_energy(s.energy_j)} ({j_to_wh(s.energy_j):,.1f} Wh)"),
         ("Jobs", f"{fmt_energy(s.job_energy_j)} in {s.n_jobs} job(s) on {s.n_gpus} GPU(s)"),
         ("Idle", f"{fmt_energy(s.idle_energy_j)} ({fmt_share(s.idle_share)} of the total)"),
     ]
     if s.cost is not None:
         out.append(("Cost", f"{s.cost:,.2f} ({s.price})"))
     if s.co2_g is not None:
-        out.append(("CO2", f"{s.co2_g / 1000:,.2f} kg ({s.co2})"))
+        out.append(("CO2", f"{g_to_kg(s.co2_g):,.2f} kg ({s.co2})"))
     if s.tokens:
         out.append(("Tokens", f"{s.tokens:,} ({fmt_small(s.j_per_token, 'J/token')})"))
     out.append(("Energy from", f"{s.source} ({s.method})"))

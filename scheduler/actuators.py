@@ -28,9 +28,12 @@ import threading
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Final, NamedTuple
+from typing import Final
 
-from scheduler.store import JournalEntry, JournalStore, Setting, group_by_gpu
+from energy.optimizer import Knob
+from energy.units import mw_to_w
+from scheduler.jobs import Directive
+from scheduler.store import JournalEntry, JournalStore, group_by_gpu
 from telemetry.backends.base import (
     GpuBackend,
     GpuError,
@@ -47,7 +50,6 @@ from telemetry.store import Store, StoreError
 __all__ = [
     "RECOVERY_REASON",
     "Actuators",
-    "Directives",
     "applied_settings",
 ]
 
@@ -70,38 +72,22 @@ _CAP_SYS_ADMIN: Final = 21
 """Bit of ``CAP_SYS_ADMIN`` in ``/proc/self/status``'s ``CapEff`` mask."""
 
 
-class Directives(NamedTuple):
-    """What the training client is told to do (``None``: no instruction).
-
-    Attributes:
-        pace_s: Extra time to spend per step, s (0 or ``None``: full speed).
-        micro_batch: Micro-batch size to use; the client raises gradient accumulation so the
-            global batch stays the same.
-        duty: Share of wall time the loop may compute (``None``: all of it): after a step of
-            duration d the client sleeps ``d * (1/duty - 1)``, so pacing follows the steps'
-            real duration however it varies.
-    """
-
-    pace_s: float | None
-    micro_batch: int | None
-    duty: float | None = None
-
-
-_NO_DIRECTIVES: Final = Directives(None, None, None)
+_NO_DIRECTIVES: Final = Directive()
+"""A job's soft directives when none were set: full speed, the loop's own micro-batch."""
 
 
 def _who(job_id: int | None) -> str:
     return "the node" if job_id is None else f"job {job_id}"
 
 
-def _what(setting: Setting, value: int, min_mhz: int | None) -> str:
-    if setting is Setting.POWER_LIMIT:
-        return f"power limit to {value / 1000:g} W"
+def _what(setting: Knob, value: int, min_mhz: int | None) -> str:
+    if setting is Knob.POWER_LIMIT:
+        return f"power limit to {mw_to_w(value):g} W"
     return f"SM clocks to {min_mhz}..{value} MHz"
 
 
-def _name(setting: Setting) -> str:
-    return "power limit" if setting is Setting.POWER_LIMIT else "SM clocks"
+def _name(setting: Knob) -> str:
+    return "power limit" if setting is Knob.POWER_LIMIT else "SM clocks"
 
 
 def _has_cap_sys_admin(status_path: Path = Path("/proc/self/status")) -> bool:
@@ -164,8 +150,8 @@ class Actuators:
         self._infos: dict[int, GpuInfo] = {info.index: info for info in backend.devices()}
         self._lock = threading.RLock()
         # (index, setting) -> the entry this instance applied and that is still in force
-        self._in_force: dict[tuple[int, Setting], JournalEntry] = {}
-        self._directives: dict[int, Directives] = {}
+        self._in_force: dict[tuple[int, Knob], JournalEntry] = {}
+        self._directives: dict[int, Directive] = {}
 
     @property
     def dry_run(self) -> bool:
@@ -203,7 +189,7 @@ class Actuators:
                 as failed); the caller falls back, e.g. from ``hw`` to ``soft``.
             StoreError: The journal could not be written; the GPU was not touched.
         """
-        return self._change(job_id, index, Setting.POWER_LIMIT, int(limit_mw), None, reapply)
+        return self._change(job_id, index, Knob.POWER_LIMIT, int(limit_mw), None, reapply)
 
     def lock_sm_clocks(
         self, job_id: int | None, index: int, max_mhz: int, min_mhz: int | None = None, *,
@@ -237,7 +223,7 @@ class Actuators:
                 )
             min_mhz = info.min_sm_clock_mhz
         return self._change(
-            job_id, index, Setting.SM_CLOCKS, int(max_mhz), int(min_mhz), reapply
+            job_id, index, Knob.SM_CLOCKS, int(max_mhz), int(min_mhz), reapply
         )
 
     def reset_gpu(self, index: int, reason: str) -> list[JournalEntry]:
@@ -253,7 +239,7 @@ class Actuators:
         with self._lock:
             return self._undo(self._journal.outstanding(self._host, gpu_index=index), reason)
 
-    def reset_setting(self, index: int, setting: Setting, reason: str) -> list[JournalEntry]:
+    def reset_setting(self, index: int, setting: Knob, reason: str) -> list[JournalEntry]:
         """Undo one kind of setting (power limit or SM clocks) on one GPU: back to its default.
 
         Returns:
@@ -359,7 +345,7 @@ class Actuators:
                 return False, f"GPU {index} does not support setting power limits: {exc}"
             except GpuError as exc:
                 return False, f"setting the power limit of GPU {index} failed: {exc}"
-        return True, f"GPU {index} accepted its current power limit {limit_mw / 1000:g} W again"
+        return True, f"GPU {index} accepted its current power limit {mw_to_w(limit_mw):g} W again"
 
     # -- soft actuators --------------------------------------------------------------------------
 
@@ -370,7 +356,7 @@ class Actuators:
         pace_s: float | None = None,
         micro_batch: int | None = None,
         duty: float | None = None,
-    ) -> Directives:
+    ) -> Directive:
         """Replace a job's soft directives (all of them: ``None`` clears one).
 
         Args:
@@ -380,8 +366,9 @@ class Actuators:
             duty: Share of wall time the loop may compute, in (0, 1] (``None``: all).
 
         Returns:
-            The directives the client will read. A dry run hands them out too: they change the
-            training loop, not the card, and the soft mode is what a dry run validates.
+            The directives the client will read (the soft fields of a ``Directive``; the
+            service adds the rest). A dry run hands them out too: they change the training
+            loop, not the card, and the soft mode is what a dry run validates.
 
         Raises:
             ValueError: ``pace_s`` negative or not finite, ``micro_batch < 1``, or ``duty``
@@ -393,10 +380,10 @@ class Actuators:
             raise ValueError(f"micro-batch must be at least 1, got {micro_batch}")
         if duty is not None and not 0.0 < duty <= 1.0:
             raise ValueError(f"duty must be in (0, 1], got {duty}")
-        new = Directives(
-            None if pace_s is None else float(pace_s),
-            micro_batch,
-            None if duty is None or duty >= 1.0 else float(duty),
+        new = Directive(
+            pace_s=0.0 if pace_s is None else float(pace_s),
+            micro_batch=micro_batch,
+            duty=1.0 if duty is None or duty >= 1.0 else float(duty),
         )
         with self._lock:
             if self._directives.get(job_id, _NO_DIRECTIVES) != new:
@@ -407,8 +394,8 @@ class Actuators:
                 self._directives[job_id] = new
             return self.directives(job_id)
 
-    def directives(self, job_id: int) -> Directives:
-        """A job's soft directives (``(None, None)``: none)."""
+    def directives(self, job_id: int) -> Directive:
+        """A job's soft directives (a neutral ``Directive()`` when none are set)."""
         with self._lock:
             return self._directives.get(job_id, _NO_DIRECTIVES)
 
@@ -427,13 +414,13 @@ class Actuators:
             )
         return info
 
-    def _check(self, info: GpuInfo, setting: Setting, value: int, min_mhz: int | None) -> None:
+    def _check(self, info: GpuInfo, setting: Knob, value: int, min_mhz: int | None) -> None:
         """Refuse a value outside the GPU's range (a dry run must refuse what NVML would)."""
-        if setting is Setting.POWER_LIMIT:
+        if setting is Knob.POWER_LIMIT:
             lo, hi = info.min_limit_mw, info.max_limit_mw
             if value <= 0 or (lo is not None and value < lo) or (hi is not None and value > hi):
                 raise InvalidSettingError(
-                    f"power limit {value / 1000:g} W for GPU {info.index} is outside the allowed "
+                    f"power limit {mw_to_w(value):g} W for GPU {info.index} is outside the allowed "
                     f"range {_range(lo, hi, 1000)} W"
                 )
             return
@@ -450,12 +437,12 @@ class Actuators:
                 f"the allowed range {_range(lo, hi, 1)} MHz"
             )
 
-    def _previous(self, index: int, setting: Setting) -> int | None:
+    def _previous(self, index: int, setting: Knob) -> int | None:
         """What is in force before a change, when known (same unit as the new value)."""
         known = self._in_force.get((index, setting))
         if known is not None:
             return known.value
-        if setting is Setting.SM_CLOCKS:
+        if setting is Knob.SM_CLOCKS:
             return None  # NVML reports no locked-clock range
         try:
             return self._backend.read(index).power_limit_mw
@@ -463,7 +450,7 @@ class Actuators:
             return None
 
     def _change(
-        self, job_id: int | None, index: int, setting: Setting, value: int, min_mhz: int | None,
+        self, job_id: int | None, index: int, setting: Knob, value: int, min_mhz: int | None,
         reapply: bool = False,
     ) -> JournalEntry:
         with self._lock:
@@ -523,9 +510,9 @@ class Actuators:
             self._supersede(applied, now)
             return applied
 
-    def _set(self, index: int, setting: Setting, value: int, min_mhz: int | None) -> None:
+    def _set(self, index: int, setting: Knob, value: int, min_mhz: int | None) -> None:
         """Write one setting to the GPU."""
-        if setting is Setting.POWER_LIMIT:
+        if setting is Knob.POWER_LIMIT:
             self._backend.set_power_limit(index, value)
         else:
             assert min_mhz is not None
@@ -542,7 +529,7 @@ class Actuators:
 
     def _undo(self, entries: Sequence[JournalEntry], reason: str) -> list[JournalEntry]:
         """Put each GPU setting among ``entries`` back to its default and close the entries."""
-        groups: dict[tuple[int, Setting], list[JournalEntry]] = {}
+        groups: dict[tuple[int, Knob], list[JournalEntry]] = {}
         for entry in sorted(entries, key=lambda e: (e.gpu_index, e.setting.value, e.id)):
             groups.setdefault((entry.gpu_index, entry.setting), []).append(entry)
         done: list[JournalEntry] = []
@@ -552,7 +539,7 @@ class Actuators:
         return done
 
     def _undo_one(
-        self, index: int, setting: Setting, group: list[JournalEntry], reason: str
+        self, index: int, setting: Knob, group: list[JournalEntry], reason: str
     ) -> list[JournalEntry]:
         what = f"GPU {index} {_name(setting)} to its default ({reason})"
         real = [e for e in group if not e.dry_run]
@@ -573,7 +560,7 @@ class Actuators:
             )
             return done
         try:
-            if setting is Setting.POWER_LIMIT:
+            if setting is Knob.POWER_LIMIT:
                 self._backend.reset_power_limit(index)
             else:
                 self._backend.reset_sm_clocks(index)
@@ -596,14 +583,14 @@ def _range(lo: int | None, hi: int | None, scale: int) -> str:
     return f"{fmt(lo)}..{fmt(hi)}"
 
 
-def _describe(d: Directives) -> str:
+def _describe(d: Directive) -> str:
     if d == _NO_DIRECTIVES:
         return "none (full speed, own micro-batch)"
     parts = []
-    if d.pace_s is not None:
+    if d.pace_s != _NO_DIRECTIVES.pace_s:
         parts.append(f"pace {d.pace_s:g} s per step")
     if d.micro_batch is not None:
         parts.append(f"micro-batch {d.micro_batch}")
-    if d.duty is not None:
+    if d.duty != _NO_DIRECTIVES.duty:
         parts.append(f"duty {d.duty:.3f}")
     return ", ".join(parts)

@@ -28,9 +28,9 @@ from fastapi.responses import JSONResponse
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from scheduler.errors import Caller, ConflictError, ForbiddenError, NotFoundError
+from scheduler.jobs import Directive
 from scheduler.schemas import (
     AttachRequest,
-    Directives,
     JobView,
     LogChunk,
     NodeUpdate,
@@ -56,7 +56,7 @@ class JobsApi(Protocol):
     def cancel(self, caller: Caller, job_id: int) -> JobView: ...
     def update(self, caller: Caller, job_id: int, req: UpdateRequest) -> JobView: ...
     def resume(self, caller: Caller, job_id: int) -> JobView: ...
-    def progress(self, caller: Caller, job_id: int, req: ProgressReport) -> Directives: ...
+    def progress(self, caller: Caller, job_id: int, req: ProgressReport) -> Directive: ...
     def log_chunk(
         self,
         caller: Caller,
@@ -202,7 +202,7 @@ def create_app(service: JobsApi, *, admin_group: str | None = None) -> FastAPI:
         return call(lambda: service.update(who, job_id, req))
 
     @app.post("/v1/jobs/{job_id}/progress")
-    def progress(job_id: int, req: ProgressReport, who: Who) -> Directives:
+    def progress(job_id: int, req: ProgressReport, who: Who) -> Directive:
         return call(lambda: service.progress(who, job_id, req))
 
     @app.get("/v1/jobs/{job_id}/log")

@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from energy.counters import interval_energy
+from energy.optimizer import Knob
+from energy.units import mj_to_j, mw_to_w, wh_to_j
 from scheduler.actuators import Actuators
 from scheduler.control import (
     Command,
@@ -42,9 +44,9 @@ from scheduler.control import (
     choose_mode,
     make_controller,
 )
-from scheduler.jobs import JobState
+from scheduler.jobs import JobState, Mode
 from scheduler.optimising import Optimising, start_optimising
-from scheduler.store import JobRecord, JobStore, Setting
+from scheduler.store import JobRecord, JobStore
 from telemetry.backends.base import BackendCapabilities, GpuInfo, GpuReading
 from telemetry.clock import Clock, to_datetime
 from telemetry.sampler import LatestReadings
@@ -187,7 +189,7 @@ class BudgetLoop:
         if control.guard is None:
             _arm_energy(control, job)
         else:
-            control.guard.set_budget(job.energy_budget_wh * 3600)
+            control.guard.set_budget(wh_to_j(job.energy_budget_wh))
 
     def resumed_by_hand(self, job_id: int) -> None:
         control = self._controls.get(job_id)
@@ -264,7 +266,7 @@ class BudgetLoop:
 
     def _start(self, job: JobRecord) -> _JobControl:
         control = _JobControl()
-        control.energy_j = self._jobs.energy(job.id).energy_mj / 1000 if job.started_at else 0.0
+        control.energy_j = mj_to_j(self._jobs.energy(job.id).energy_mj) if job.started_at else 0.0
         if job.energy_budget_wh is not None:
             _arm_energy(control, job)
         if job.objective is not None:
@@ -295,11 +297,11 @@ class BudgetLoop:
                      self._hw_permitted[1])
         permitted, why = self._hw_permitted
         try:
-            choice = choose_mode(job.mode.value, hw_permitted=permitted, clocks_permitted=permitted)
+            choice = choose_mode(job.mode, hw_permitted=permitted, clocks_permitted=permitted)
         except ValueError as exc:
-            choice = ModeChoice("soft", f"{exc}; falling back to soft ({why})")
-        if job.mode.value == "auto" and not permitted:
-            choice = ModeChoice("soft", f"auto: {why}, so soft (pacing)")
+            choice = ModeChoice(Mode.SOFT, f"{exc}; falling back to soft ({why})")
+        if job.mode is Mode.AUTO and not permitted:
+            choice = ModeChoice(Mode.SOFT, f"auto: {why}, so soft (pacing)")
         return choice
 
     # -- energy accounting -------------------------------------------------------------------------
@@ -327,7 +329,7 @@ class BudgetLoop:
                     (min(control.last_s, now_s), control.counters.get(index), None),
                     (now_s, r.energy_mj, r.power_avg_mw),
                 )
-                control.energy_j += (part.energy_mj or 0.0) / 1000
+                control.energy_j += mj_to_j(part.energy_mj or 0.0)
             if r.energy_mj is not None:
                 control.counters[index] = r.energy_mj
         control.last_s = now_s
@@ -362,7 +364,7 @@ class BudgetLoop:
 
     def _actuators_locked(self, index: int) -> int | None:
         for entry in self._actuators.applied(index):
-            if entry.setting == Setting.SM_CLOCKS:
+            if entry.setting == Knob.SM_CLOCKS:
                 return entry.value
         return None
 
@@ -406,14 +408,14 @@ class BudgetLoop:
                                                 reapply=command.reapply)
             elif isinstance(command, ResetPowerLimit):
                 self._actuators.reset_setting(
-                    command.index, Setting.POWER_LIMIT, f"job {job.id} released it"
+                    command.index, Knob.POWER_LIMIT, f"job {job.id} released it"
                 )
             elif isinstance(command, LockClocks):
                 self._actuators.lock_sm_clocks(job.id, command.index, command.max_mhz,
                                                reapply=command.reapply)
             elif isinstance(command, ResetClocks):
                 self._actuators.reset_setting(
-                    command.index, Setting.SM_CLOCKS, f"job {job.id} released it"
+                    command.index, Knob.SM_CLOCKS, f"job {job.id} released it"
                 )
             elif isinstance(command, SetPace):
                 # The controller thinks in pace per step at the step time it saw; the client is
@@ -459,13 +461,13 @@ class BudgetLoop:
             self._cap_w = cap_w
         if self._cap_guard is None:
             return {job.id: job.watts_per_gpu for job in active}
-        node_w = sum((r.power_avg_mw or 0) for r in readings.values()) / 1000
+        node_w = mw_to_w(sum((r.power_avg_mw or 0) for r in readings.values()))
         powers = [
             JobPower(
                 job_id=job.id, priority=job.priority, gpus=len(job.gpus),
-                power_w=sum((g.power_avg_mw or 0) for g in observations[job.id].gpus) / 1000,
+                power_w=mw_to_w(sum((g.power_avg_mw or 0) for g in observations[job.id].gpus)),
                 budget_w=job.watts_per_gpu,
-                floor_w=max((self._facts[i].min_limit_mw for i in job.gpus), default=0) / 1000,
+                floor_w=mw_to_w(max((self._facts[i].min_limit_mw for i in job.gpus), default=0)),
             )
             for job in active if job.state == JobState.RUNNING and job.gpus
         ]
@@ -526,7 +528,7 @@ class BudgetLoop:
             return
         choice = control.choice or self._choose(job)
         gpu = job.gpus[0]
-        locked = self._actuators_locked(gpu) if choice.mode == "clock" else None
+        locked = self._actuators_locked(gpu) if choice.mode is Mode.CLOCK else None
         opt = start_optimising(job, choice.mode, self._facts[gpu], locked, objective, why=why,
                                jobs=self._jobs)
         if opt is None:
@@ -551,5 +553,5 @@ def _arm_energy(control: _JobControl, job: JobRecord) -> None:
         deadline_s=job.deadline_at.timestamp() if job.deadline_at else None,
     )
     control.guard = EnergyGuard(
-        job.energy_budget_wh * 3600, job.on_exceed.value, stop_lead_s=STOP_LEAD_S
+        wh_to_j(job.energy_budget_wh), job.on_exceed, stop_lead_s=STOP_LEAD_S
     )

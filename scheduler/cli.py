@@ -24,8 +24,15 @@ from rich.markup import escape
 from rich.table import Table
 
 from energy.times import parse_when
+from energy.units import j_to_kj, j_to_wh, mj_to_j, mw_to_w
 from scheduler.settings import BackendName, Settings
-from telemetry.backends.base import GpuBackend, GpuError, GpuReading, ThrottleReason
+from telemetry.backends.base import (
+    READING_FIELDS,
+    GpuBackend,
+    GpuError,
+    GpuReading,
+    ThrottleReason,
+)
 
 if TYPE_CHECKING:
     from scheduler.apiclient import DaemonClient
@@ -333,38 +340,43 @@ def daemon(
     raise typer.Exit(code)
 
 
+# A reading field's NVML unit, named by its suffix, and the unit the JSON gives it in.
+_JSON_UNITS: tuple[tuple[str, str, Callable[[int], float]], ...] = (
+    ("_mw", "_w", lambda mw: round(mw_to_w(mw), 3)),
+    ("_mj", "_j", mj_to_j),
+    ("_bytes", "_mib", lambda n: n // 2**20),
+)
+# ``power_w`` means the 1 s average in every output (the API, ``jobs``, this): NVML's plainly
+# named ``power_mw`` is the instant power, which gets a name of its own.
+_JSON_NAMES = {"power_mw": "power_instant_w", "power_avg_mw": "power_w"}
+
+
+def _json_field(name: str, value: int | None) -> tuple[str, Any]:
+    """A reading field's JSON name and value (W, J and MiB for NVML's mW, mJ and bytes)."""
+    for suffix, unit, convert in _JSON_UNITS:
+        if name.endswith(suffix):
+            key = _JSON_NAMES.get(name, name.removesuffix(suffix) + unit)
+            return key, None if value is None else convert(value)
+    return name, value
+
+
 def _reading_json(
     info_name: str, uuid: str, r: GpuReading, mem_total: int | None
 ) -> dict[str, Any]:
-    def watts(mw: int | None) -> float | None:
-        return None if mw is None else round(mw / 1000, 3)
-
-    reasons = (
+    """One GPU for ``gpus --json``: every ``READING_FIELDS`` value, in the units above."""
+    row: dict[str, Any] = {"index": r.index, "uuid": uuid, "name": info_name}
+    row.update(_json_field(name, getattr(r, name)) for name in READING_FIELDS)
+    row["throttle_reasons"] = (  # names, not bits
         None
         if r.throttle_reasons is None
         else [str(f.name).lower() for f in ThrottleReason if f and r.throttle_reasons & f]
     )
-    return {
-        "index": r.index,
-        "uuid": uuid,
-        "name": info_name,
-        "power_w": watts(r.power_mw),
-        "power_avg_w": watts(r.power_avg_mw),
-        "power_limit_w": watts(r.power_limit_mw),
-        "energy_j": None if r.energy_mj is None else r.energy_mj / 1000,
-        "sm_clock_mhz": r.sm_clock_mhz,
-        "mem_clock_mhz": r.mem_clock_mhz,
-        "gpu_util_pct": r.gpu_util_pct,
-        "mem_util_pct": r.mem_util_pct,
-        "temperature_c": r.temperature_c,
-        "memory_used_mib": None if r.memory_used_bytes is None else r.memory_used_bytes // 2**20,
-        "memory_total_mib": None if mem_total is None else mem_total // 2**20,
-        "throttle_reasons": reasons,
-        "processes": [
-            {"pid": p.pid, "used_memory_bytes": p.used_memory_bytes} for p in r.processes
-        ],
-        "sampled_at": r.sampled_at.isoformat(),
-    }
+    row["memory_total_mib"] = None if mem_total is None else mem_total // 2**20
+    row["processes"] = [
+        {"pid": p.pid, "used_memory_bytes": p.used_memory_bytes} for p in r.processes
+    ]
+    row["sampled_at"] = r.sampled_at.isoformat()
+    return row
 
 
 @app.command()
@@ -452,7 +464,7 @@ def gpus(
         if "error" in row:
             table.add_row(str(row["index"]), name, f"[red]{row['error']}[/]")
             continue
-        energy_kj = None if row["energy_j"] is None else row["energy_j"] / 1000
+        energy_kj = None if row["energy_j"] is None else j_to_kj(row["energy_j"])
         used, total = row["memory_used_mib"], row["memory_total_mib"]
         table.add_row(
             str(row["index"]),
@@ -623,7 +635,7 @@ def jobs(
             _fmt(row["watts"], "{:.0f} W/GPU"),
             _fmt(row["power_w"], "{:.0f} W"),
             _fmt(row["tokens_per_s"], "{:,.0f}"),
-            "-" if energy_j is None else f"{energy_j / 3600:.2f} Wh",
+            "-" if energy_j is None else f"{j_to_wh(energy_j):.2f} Wh",
             _fmt(row["j_per_token"], "{:.4f}"),
         )
     out.print(table)

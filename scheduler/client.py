@@ -16,7 +16,8 @@ The daemon is never needed for training to go on: when it is absent or dies, the
 warning, keeps counting, and retries in the background. Progress is reported as cumulative totals,
 so a report that was lost, or a daemon restart, loses nothing.
 
-This module does not import torch.
+This module does not import torch; of powertrain it imports only ``scheduler.jobs`` (standard
+library only), where the modes, policies and the directive's fields are defined once.
 """
 
 from __future__ import annotations
@@ -29,13 +30,14 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, get_args
+from typing import Any, TypeVar
 
 import httpx
 import platformdirs
+
+from scheduler.jobs import Action, Directive, Mode, OnExceed
 
 __all__ = [
     "Directive",
@@ -49,10 +51,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-Mode = Literal["auto", "hw", "clock", "soft"]
-OnExceed = Literal["warn", "slow", "pause", "stop"]
-Action = Literal["pause", "stop"]
-
 _BASE_URL = "http://powertrain"
 _REQUEST_TIMEOUT = httpx.Timeout(5.0, connect=2.0)
 # A paused job whose daemon has been unreachable this long resumes: nobody is left to resume it.
@@ -61,6 +59,9 @@ _ORPHANED_PAUSE_S = 60.0
 _MAX_PACE_S = 60.0
 _MAX_SLOWDOWN = 100.0
 _MIN_DUTY = 0.01  # a directive below this would leave the loop all but stopped
+_ACTIONS = frozenset(a.value for a in Action)
+
+_E = TypeVar("_E", Mode, OnExceed)
 
 
 class JobStopped(SystemExit):
@@ -80,31 +81,6 @@ class JobStopped(SystemExit):
             f"powertrain: job {job_id} stopped by the daemon (state {state!r}); "
             "the checkpoint hook has run"
         )
-
-
-@dataclass(frozen=True, slots=True)
-class Directive:
-    """What the daemon last asked of this job (replaced whole, never mutated).
-
-    Attributes:
-        pace_s: Seconds to sleep after each step.
-        duty: Share of wall time the loop may compute (soft power budget): after a step of
-            duration d (stretched by ``slowdown``), sleep ``d * (1/duty - 1)``. 1.0: full speed.
-        micro_batch: The micro-batch size the loop should use; ``None`` keeps the loop's own.
-        slowdown: On simulated GPUs, the step-time ratio t(f)/t(f_max) at the current clock: each
-            step of measured duration d is stretched by sleeping d * (slowdown - 1). 1.0 on real
-            GPUs.
-        state: The job's state as the daemon sees it (``None`` before the first answer).
-        action: ``"pause"`` or ``"stop"`` when the daemon wants the job to checkpoint and wait or
-            end; ``None`` otherwise.
-    """
-
-    pace_s: float = 0.0
-    duty: float = 1.0
-    micro_batch: int | None = None
-    slowdown: float = 1.0
-    state: str | None = None
-    action: Action | None = None
 
 
 def default_socket_path() -> Path:
@@ -152,6 +128,15 @@ def _finite(value: Any, default: float, low: float, high: float) -> float:
     return min(max(number, low), high)
 
 
+def _member(kind: type[_E], value: _E | str, what: str) -> _E:
+    """``value`` as a member of ``kind``, or a ``ValueError`` that lists the allowed names."""
+    try:
+        return kind(value)
+    except ValueError:
+        names = tuple(m.value for m in kind)
+        raise ValueError(f"{what} must be one of {names}, not {value!r}") from None
+
+
 def _parse_directive(data: Any) -> Directive:
     """A :class:`Directive` from a progress answer; malformed fields fall back to neutral values."""
     if not isinstance(data, dict):
@@ -167,7 +152,7 @@ def _parse_directive(data: Any) -> Directive:
         micro_batch=micro_batch,
         slowdown=_finite(data.get("slowdown"), 1.0, 1.0, _MAX_SLOWDOWN),
         state=state if isinstance(state, str) else None,
-        action=action if action in get_args(Action) else None,
+        action=Action(action) if isinstance(action, str) and action in _ACTIONS else None,
     )
 
 
@@ -259,8 +244,8 @@ class Job:
         total_tokens: int | None = None,
         watts: float | None = None,
         energy_wh: float | None = None,
-        mode: Mode = "auto",
-        on_exceed: OnExceed = "warn",
+        mode: Mode | str = Mode.AUTO,
+        on_exceed: OnExceed | str = OnExceed.WARN,
         gpu_ids: list[int] | None = None,
         checkpoint: Callable[[], object] | None = None,
         socket_path: str | os.PathLike[str] | None = None,
@@ -271,10 +256,8 @@ class Job:
         initial_samples: int = 0,
         initial_tokens: int = 0,
     ) -> None:
-        if mode not in get_args(Mode):
-            raise ValueError(f"mode must be one of {get_args(Mode)}, not {mode!r}")
-        if on_exceed not in get_args(OnExceed):
-            raise ValueError(f"on_exceed must be one of {get_args(OnExceed)}, not {on_exceed!r}")
+        self._mode = _member(Mode, mode, "mode")
+        self._on_exceed = _member(OnExceed, on_exceed, "on_exceed")
         if not report_interval_s > 0 or not final_timeout_s > 0:
             raise ValueError("report_interval_s and final_timeout_s must be positive")
         self.name = name or Path(sys.argv[0] or "python").name or "python"
@@ -282,8 +265,6 @@ class Job:
         self.total_tokens = total_tokens
         self._watts = watts
         self._energy_wh = energy_wh
-        self._mode = mode
-        self._on_exceed = on_exceed
         self._gpu_ids = gpu_ids
         self._checkpoint = checkpoint
         self._socket_path = Path(socket_path) if socket_path is not None else None
@@ -674,8 +655,8 @@ def track(
     total_tokens: int | None = None,
     watts: float | None = None,
     energy_wh: float | None = None,
-    mode: Mode = "auto",
-    on_exceed: OnExceed = "warn",
+    mode: Mode | str = Mode.AUTO,
+    on_exceed: OnExceed | str = OnExceed.WARN,
     gpu_ids: list[int] | None = None,
     checkpoint: Callable[[], object] | None = None,
     socket_path: str | os.PathLike[str] | None = None,

@@ -26,6 +26,7 @@ from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import make_url
 
+from energy.units import ms_to_s
 from scheduler.api import ApiServer, bind_socket, create_app
 from scheduler.launcher import choose_runner_python
 from scheduler.service import JobService
@@ -133,7 +134,7 @@ class Daemon:
         # The control loop observes the sampler's latest readings: a reading is fresh for two
         # sampling periods, and never less than a second (one control interval at the default).
         self.sampler = Sampler(backend, self.gpu_ids, self.writer,
-                               fresh_s=max(1.0, 2 * settings.interval_ms / 1000))
+                               fresh_s=max(1.0, ms_to_s(2 * settings.interval_ms)))
         self.service = JobService(settings, store, backend, self.gpu_ids, host=self.host,
                                   readings=self.sampler, sim=sim_adapter_for(backend))
         for entry in self.service.actuators.recover():
@@ -149,7 +150,7 @@ class Daemon:
             bind_socket(settings.socket_path, group=settings.socket_group),
         )
         self._stopped = threading.Event()
-        self._sampling = Ticker(self.sampler.tick, settings.interval_ms / 1000, "sampler")
+        self._sampling = Ticker(self.sampler.tick, ms_to_s(settings.interval_ms), "sampler")
         self._scheduler = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(max_workers=4)},
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 5},

@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from energy.units import j_to_wh, mj_to_j
 from scheduler.apiclient import DaemonClient, DaemonError
 from scheduler.store import JobStore
 from telemetry.store import open_store
@@ -197,7 +198,7 @@ def _summarise(
             record = store_jobs.get(job_id)
             energy = store_jobs.energy(job_id)
             view = views[job_id]
-            joules = energy.energy_mj / 1000
+            joules = mj_to_j(energy.energy_mj)
             mean_w = joules / energy.duration_s if energy.duration_s else float("nan")
             rate = store_jobs.throughput(job_id, window_s=1e9)
             tokens = view["tokens"]
@@ -207,7 +208,7 @@ def _summarise(
                 view["state"],
                 ",".join(map(str, record.gpus)) if record else "-",
                 f"{job.watts:.0f}",
-                f"{joules / 3600:.2f} Wh",
+                f"{j_to_wh(joules):.2f} Wh",
                 f"{mean_w:.0f} W",
                 "-" if rate is None or rate.tokens_per_s is None else f"{rate.tokens_per_s:,.0f}",
                 f"{joules / tokens:.4f}" if tokens else "-",

@@ -1,13 +1,18 @@
-"""The job model's vocabulary: lifecycle states and their allowed transitions, enforcement modes.
+"""The job model's vocabulary: lifecycle states and transitions, modes, policies, directives.
 
-Pure data, no I/O. The store (``scheduler.store.jobs``) checks every state change against
-``TRANSITIONS``; the control loop decides which change to make.
+Pure data, no I/O, and nothing imported beyond the standard library: the training client
+(``scheduler.client``) imports this module, and must stay light. The store
+(``scheduler.store.jobs``) checks every state change against ``TRANSITIONS``; the control loop
+decides which change to make. Every other module (the API's schemas, the client, the control
+code) takes ``Mode``, ``OnExceed``, ``Action`` and ``Directive`` from here.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from enum import StrEnum
+from typing import Final
 
 
 class JobState(StrEnum):
@@ -57,6 +62,52 @@ class OnExceed(StrEnum):
     SLOW = "slow"
     PAUSE = "pause"
     STOP = "stop"
+
+
+class Action(StrEnum):
+    """What a directive asks of a training loop beyond pacing.
+
+    ``pause``: checkpoint and wait until the daemon lets the job run again; ``stop``: checkpoint
+    and end.
+    """
+
+    PAUSE = "pause"
+    STOP = "stop"
+
+
+@dataclass(frozen=True, slots=True)
+class Directive:
+    """What the daemon asks of a training loop, in answer to each progress report.
+
+    The one definition of the directive's fields: the daemon hands them out (the actuators hold
+    the soft ones per job, the API answers with all of them) and the training client parses the
+    same names. The defaults are neutral: a loop told nothing runs at full speed with its own
+    micro-batch.
+
+    Attributes:
+        pace_s: Seconds to sleep after each step.
+        duty: Share of wall time the loop may compute (soft power budget): after a step of
+            duration d (stretched by ``slowdown``), sleep ``d * (1/duty - 1)``. 1.0: full speed.
+        micro_batch: The micro-batch size the loop should use; ``None`` keeps the loop's own
+            (the loop raises gradient accumulation so the global batch stays the same).
+        slowdown: On simulated GPUs, the step-time ratio t(f)/t(f_max) at the current clock: each
+            step of measured duration d is stretched by sleeping d * (slowdown - 1). 1.0 on real
+            GPUs.
+        state: The job's state as the daemon sees it (``None`` before the first answer).
+        action: ``pause`` or ``stop`` when the daemon wants the job to checkpoint and wait or
+            end; ``None`` otherwise.
+    """
+
+    pace_s: float = 0.0
+    duty: float = 1.0
+    micro_batch: int | None = None
+    slowdown: float = 1.0
+    state: str | None = None
+    action: Action | None = None
+
+
+DIRECTIVE_FIELDS: Final[tuple[str, ...]] = tuple(f.name for f in fields(Directive))
+"""The names of a directive's fields, as they appear in the progress answer's JSON."""
 
 
 TRANSITIONS: Mapping[JobState, frozenset[JobState]] = {

@@ -17,10 +17,10 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
-from typing import Literal
 
 from energy.optimizer import (
     EnergyOptimizer,
+    Knob,
     LeastEnergy,
     Objective,
     SearchConfig,
@@ -28,7 +28,9 @@ from energy.optimizer import (
     SettingSpace,
     objective_from_name,
 )
+from energy.units import mw_to_w, w_to_mw
 from scheduler.control import Command, Decision, GpuFacts, LockClocks, Observation, SetPowerLimit
+from scheduler.jobs import Mode
 from scheduler.store import JobRecord, JobStore, ProbeRecord, SearchRecord
 from telemetry.clock import to_datetime
 from telemetry.store.errors import StoreError
@@ -75,7 +77,7 @@ search of several seconds per probe would take minutes."""
 
 def start_optimising(
     job: JobRecord,
-    mode: Literal["hw", "clock", "soft"],
+    mode: Mode,
     facts: GpuFacts,
     locked_mhz: int | None,
     objective: str,
@@ -98,28 +100,26 @@ def start_optimising(
         The optimiser's driver for the job; None in soft mode (logged as a warning).
     """
     budget_w = job.watts_per_gpu
-    if mode == "soft":
+    if mode == Mode.SOFT:
         log.warning("job %d: %s, but soft mode has no setting that saves energy (pacing "
                     "adds idle time); only warning", job.id, why)
         return None
-    if mode == "hw":
+    if mode == Mode.HW:
         top_mw = max(facts.min_limit_mw, facts.max_limit_mw if budget_w is None else min(
-            facts.max_limit_mw, round(budget_w * 1000)))
+            facts.max_limit_mw, round(w_to_mw(budget_w))))
         space = SettingSpace.power_limits(
             facts.min_limit_mw, top_mw, grid_step(top_mw - facts.min_limit_mw, 25_000))
-        knob: Literal["power_limit", "sm_clocks"] = "power_limit"
     else:
         top = locked_mhz or facts.max_sm_clock_mhz
         space = SettingSpace.sm_clocks(
             facts.min_sm_clock_mhz, top, grid_step(top - facts.min_sm_clock_mhz, 90))
-        knob = "sm_clocks"
     goal = LeastEnergy(power_budget_w=budget_w) if objective == "energy" else (
-        objective_from_name(objective, max_power_w=facts.max_limit_mw / 1000 * len(job.gpus),
+        objective_from_name(objective, max_power_w=mw_to_w(facts.max_limit_mw) * len(job.gpus),
                             power_budget_w=budget_w)
     )
     log.info("job %d: the energy optimiser takes over (%s): %s over %s", job.id, why,
-             goal.name, knob)
-    return Optimising(job.id, jobs, space, goal, knob)
+             goal.name, space.knob)
+    return Optimising(job.id, jobs, space, goal)
 
 
 @dataclass(slots=True)
@@ -129,7 +129,7 @@ class Optimising:
     Attributes:
         job_id: The job.
         jobs: Where its searches are stored.
-        space / goal / knob: What it searches, for what, and which actuator that is.
+        space / goal: What it searches (its ``knob`` says which actuator), and for what.
         optimizer: The optimiser, made once the job's step time is known (its windows are set
             in seconds, see ``daemon_search``).
         applied / applied_at: The setting last applied, and when (s).
@@ -142,7 +142,6 @@ class Optimising:
     jobs: JobStore
     space: SettingSpace
     goal: Objective
-    knob: Literal["power_limit", "sm_clocks"]
     optimizer: EnergyOptimizer | None = None
     applied: int | None = None
     applied_at: float = 0.0
@@ -210,7 +209,7 @@ class Optimising:
         number = len(finished) if finished and result is finished[-1] else len(finished) + 1
         record = SearchRecord(
             job_id=self.job_id, number=number, at=to_datetime(now_s),
-            objective=self.optimizer.objective.name, knob=self.optimizer.space.knob.value,
+            objective=self.optimizer.objective.name, knob=self.optimizer.space.knob,
             setting=result.setting, top_setting=self.optimizer.space.max_value,
             feasible=result.feasible, reason=result.reason, revisions=result.revisions,
             profiling_steps=result.profiling_steps, profiling_time_s=result.profiling_time_s,
@@ -232,16 +231,17 @@ class Optimising:
         value = self.optimizer.setting
         commands: list[Command] = []
         for index in gpus:
-            if self.knob == "power_limit":
+            if self.space.knob is Knob.POWER_LIMIT:
                 commands.append(SetPowerLimit(index, value))
             else:
                 commands.append(LockClocks(index, value))
-        unit = "W" if self.knob == "power_limit" else "MHz"
-        shown = value / 1000 if self.knob == "power_limit" else value
+        power_limit = self.space.knob is Knob.POWER_LIMIT
+        unit = "W" if power_limit else "MHz"
+        shown = mw_to_w(value) if power_limit else value
         state = type(self.optimizer.state).__name__.lower()
         decide(Decision(
             at_s=obs.now_s, source="optimizer",
-            what=f"{self.knob.replace('_', ' ')} {shown:g} {unit}",
+            what=f"{self.space.knob.replace('_', ' ')} {shown:g} {unit}",
             why=f"energy optimiser ({self.optimizer.objective.name}, {state})",
             commands=tuple(commands), power_before_w=obs.mean_power_w(),
             steps_per_s_before=obs.steps_per_s,

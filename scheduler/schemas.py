@@ -1,4 +1,8 @@
-"""The API's request and response models (pydantic). Requests reject bad values with a message."""
+"""The API's request and response models (pydantic). Requests reject bad values with a message.
+
+Modes and on-exceed policies are ``scheduler.jobs``'s enums; the answer to a progress report is
+``scheduler.jobs.Directive`` itself (a plain dataclass the training client parses too).
+"""
 
 from __future__ import annotations
 
@@ -7,8 +11,8 @@ from typing import Annotated, Literal, Self
 
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
-ModeName = Literal["auto", "hw", "clock", "soft"]
-OnExceedName = Literal["warn", "slow", "pause", "stop"]
+from energy.optimizer import ObjectiveName
+from scheduler.jobs import Mode, OnExceed
 
 # Finite, positive, and below anything a node could draw: 100 kW per GPU is absurd on purpose.
 Watts = Annotated[float, Field(gt=0, le=100_000, allow_inf_nan=False)]
@@ -58,10 +62,10 @@ class SubmitRequest(_Request):
     gpu_ids: Annotated[list[GpuIndex], Field(min_length=1)] | None = None
     watts: Watts | None = None
     energy_wh: WattHours | None = None
-    mode: ModeName = "auto"
-    on_exceed: OnExceedName = "warn"
+    mode: Mode = Mode.AUTO
+    on_exceed: OnExceed = OnExceed.WARN
     priority: Annotated[int, Field(ge=-1000, le=1000)] = 0
-    objective: Literal["energy", "cost", "throughput", "slowdown"] | None = None
+    objective: ObjectiveName | None = None
     deadline: AwareDatetime | None = None
 
     @model_validator(mode="after")
@@ -83,8 +87,8 @@ class AttachRequest(_Request):
     total_tokens: Annotated[int, Field(ge=1)] | None = None
     watts: Watts | None = None
     energy_wh: WattHours | None = None
-    mode: ModeName = "auto"
-    on_exceed: OnExceedName = "warn"
+    mode: Mode = Mode.AUTO
+    on_exceed: OnExceed = OnExceed.WARN
 
 
 class ProgressReport(_Request):
@@ -107,29 +111,12 @@ class UpdateRequest(_Request):
     priority: Annotated[int, Field(ge=-1000, le=1000)] | None = None
 
 
-class Directives(BaseModel):
-    """What the daemon asks of a training loop, in answer to each progress report.
-
-    Attributes:
-        pace_s: Sleep after each step, s.
-        duty: Share of wall time the loop may compute (soft power budget): after a step of
-            duration d, sleep ``d * (1/duty - 1)``; 1.0 = full speed.
-        micro_batch: Micro-batch size to use (None: the script's own).
-        slowdown: On simulated GPUs, ``t(f)/t(f_max)`` at the GPU's clock; 1.0 on real GPUs.
-        state: The job's state.
-        action: ``pause`` (checkpoint and wait) or ``stop`` (checkpoint and exit), else None.
-    """
-
-    pace_s: float = 0.0
-    duty: float = 1.0
-    micro_batch: int | None = None
-    slowdown: float = 1.0
-    state: str
-    action: Literal["pause", "stop"] | None = None
-
-
 class JobView(BaseModel):
-    """A job as the API and ``powertrain jobs --json`` show it."""
+    """A job as the API and ``powertrain jobs --json`` show it.
+
+    ``power_w`` is the 1 s average power of the job's GPUs together, W (in every output
+    ``power_w`` is an average; an instant reading is ``power_instant_w``).
+    """
 
     id: int
     name: str

@@ -10,22 +10,22 @@ import logging
 import math
 import os
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
 import psutil
 
+from energy.units import mj_to_j, mw_to_w
 from scheduler.actuators import Actuators
 from scheduler.budgets import BudgetLoop, Progress
 from scheduler.errors import Caller, ConflictError, ForbiddenError, NotFoundError
-from scheduler.jobs import ACTIVE_STATES, TERMINAL_STATES, JobState, Mode, OnExceed
+from scheduler.jobs import ACTIVE_STATES, TERMINAL_STATES, Action, Directive, JobState
 from scheduler.launcher import Launcher
 from scheduler.placement import GpuSlot, Waiting, check_request, plan
 from scheduler.schemas import (
     AttachRequest,
-    Directives,
     JobView,
     LogChunk,
     NodeUpdate,
@@ -113,7 +113,7 @@ class JobService:
             # Adopted jobs count as stepping until their clients report again.
             self._live_of(job.id).last_step_at = self._clock.now()
             self._sim.adopt(job.gpus)
-        default_cap_w = sum((d.max_limit_mw or 0) / 1000 for d in self._infos.values())
+        default_cap_w = sum(mw_to_w(d.max_limit_mw or 0) for d in self._infos.values())
         # Placement always checks against a cap (by default the sum of the maximum limits); the
         # run-time guard only holds one that is set: the default is the cards' own limits.
         self.node_cap_w = settings.node_cap_w or default_cap_w
@@ -150,8 +150,8 @@ class JobService:
             gpu_ids_requested=tuple(req.gpu_ids) if req.gpu_ids else None,
             watts_per_gpu=req.watts,
             energy_budget_wh=req.energy_wh,
-            mode=Mode(req.mode),
-            on_exceed=OnExceed(req.on_exceed),
+            mode=req.mode,
+            on_exceed=req.on_exceed,
             priority=req.priority,
             objective=req.objective, deadline_at=req.deadline,
         )
@@ -194,8 +194,8 @@ class JobService:
             gpu_ids_requested=tuple(indices) or None,
             watts_per_gpu=req.watts,
             energy_budget_wh=req.energy_wh,
-            mode=Mode(req.mode),
-            on_exceed=OnExceed(req.on_exceed),
+            mode=req.mode,
+            on_exceed=req.on_exceed,
             total_steps=req.total_steps,
             total_tokens=req.total_tokens,
             attached=True,
@@ -277,7 +277,7 @@ class JobService:
             self.budgets.resumed_by_hand(job.id)
         return self._view(job)
 
-    def progress(self, caller: Caller, job_id: int, req: ProgressReport) -> Directives:
+    def progress(self, caller: Caller, job_id: int, req: ProgressReport) -> Directive:
         """Record a client's cumulative totals; answer with the job's directives."""
         with self._lock:
             job = self._owned(caller, job_id, "report progress for")
@@ -295,16 +295,14 @@ class JobService:
                     live.last_step_at = self._clock.now()
                 live.steps = req.steps
                 live.progress.add(self._clock.now(), req.steps, req.tokens, req.step_time_s)
-            pace_s, micro_batch, duty = self.actuators.directives(job.id)
-            action: Literal["pause", "stop"] | None = None
+            action: Action | None = None
             if job.state == JobState.PAUSED:
-                action = "pause"
+                action = Action.PAUSE
             elif job.state in TERMINAL_STATES:
-                action = "stop"
-            return Directives(
-                pace_s=pace_s or 0.0,
-                duty=duty or 1.0,
-                micro_batch=micro_batch,
+                action = Action.STOP
+            # The actuators hold the soft directives; the rest is the job's own.
+            return replace(
+                self.actuators.directives(job.id),
                 slowdown=self._slowdown(job),
                 state=job.state.value,
                 action=action,
@@ -338,7 +336,7 @@ class JobService:
         )
 
     def gpus(self) -> list[dict[str, Any]]:
-        """Every GPU's live state and the job holding it."""
+        """Every GPU's live state and the job holding it (``power_w``: the 1 s average, W)."""
         holders = {i: j.id for j in self._active() for i in j.gpus}
         rows: list[dict[str, Any]] = []
         for index, info in sorted(self._infos.items()):
@@ -356,7 +354,7 @@ class JobService:
                 row.update(
                     power_w=_w(r.power_avg_mw),
                     power_limit_w=_w(r.power_limit_mw),
-                    energy_j=None if r.energy_mj is None else r.energy_mj / 1000,
+                    energy_j=None if r.energy_mj is None else mj_to_j(r.energy_mj),
                     sm_clock_mhz=r.sm_clock_mhz,
                     gpu_util_pct=r.gpu_util_pct,
                 )
@@ -533,8 +531,8 @@ class JobService:
                     index=index,
                     busy=index in busy,
                     idle_power_w=self._idle_power_w(index),
-                    min_limit_w=(info.min_limit_mw or 0) / 1000,
-                    max_limit_w=(info.max_limit_mw or 0) / 1000,
+                    min_limit_w=mw_to_w(info.min_limit_mw or 0),
+                    max_limit_w=mw_to_w(info.max_limit_mw or 0),
                 )
             )
         return slots
@@ -546,16 +544,16 @@ class JobService:
         except GpuError:
             power_mw = None
         info = self._infos[index]
-        return (power_mw if power_mw is not None else info.min_limit_mw or 0) / 1000
+        return mw_to_w(power_mw if power_mw is not None else info.min_limit_mw or 0)
 
     def _budget_w(self, watts: float | None, gpus: int | tuple[int, ...] | list[int]) -> float:
         indices = range(gpus) if isinstance(gpus, int) else gpus
         if watts is not None:
             return watts * len(indices)
         if isinstance(gpus, int):  # not placed yet: the largest limit on the node
-            top = max((i.max_limit_mw or 0) for i in self._infos.values()) / 1000
+            top = mw_to_w(max((i.max_limit_mw or 0) for i in self._infos.values()))
             return top * gpus
-        return sum((self._infos[i].max_limit_mw or 0) / 1000 for i in indices)
+        return sum(mw_to_w(self._infos[i].max_limit_mw or 0) for i in indices)
 
     def _slowdown(self, job: JobRecord) -> float:
         return self._sim.slowdown(job.gpus)
@@ -579,7 +577,7 @@ class JobService:
         energy_j: float | None = None
         power_w: float | None = None
         if job.started_at is not None and job.gpus:
-            energy_j = self._jobs.energy(job.id).energy_mj / 1000
+            energy_j = mj_to_j(self._jobs.energy(job.id).energy_mj)
         if job.state in ACTIVE_STATES and job.gpus:
             readings = []
             for index in job.gpus:
@@ -588,7 +586,7 @@ class JobService:
                 except GpuError:
                     continue
             known = [r for r in readings if r is not None]
-            power_w = sum(known) / 1000 if known else None
+            power_w = mw_to_w(sum(known)) if known else None
         latest = self._jobs.latest_progress(job.id)
         rate = self._jobs.throughput(job.id)
         tokens = (latest.tokens or 0) if latest else 0
@@ -627,4 +625,4 @@ class JobService:
 
 
 def _w(mw: int | None) -> float | None:
-    return None if mw is None else mw / 1000
+    return None if mw is None else mw_to_w(mw)

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from telemetry.backends.choose import BackendKind
 from telemetry.paths import default_home, default_url
 
-BackendName = Literal["auto", "nvml", "simulated", "replay"]
+BackendName = BackendKind
+"""Which GPUs: the backend kinds ``telemetry.backends.choose`` opens."""
 
 
 class Settings(BaseSettings):

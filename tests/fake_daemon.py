@@ -18,15 +18,17 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from scheduler.jobs import DIRECTIVE_FIELDS, Directive, Mode, OnExceed
+
 _PROGRESS = re.compile(r"^/v1/jobs/(-?\d+)/progress$")
-_MODES = {"auto", "hw", "clock", "soft"}
-_ON_EXCEED = {"warn", "slow", "pause", "stop"}
+_MODES = {m.value for m in Mode}
+_ON_EXCEED = {p.value for p in OnExceed}
 
 
 @dataclass
@@ -36,14 +38,14 @@ class FakeJob:
     id: int
     name: str
     attach: dict[str, Any] | None = None
-    directive: dict[str, Any] = field(default_factory=lambda: {
-        "pace_s": 0.0, "micro_batch": None, "slowdown": 1.0, "state": "running", "action": None,
-    })
+    directive: dict[str, Any] = field(
+        default_factory=lambda: asdict(Directive(state="running"))
+    )
     reports: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _check_directive(fields: dict[str, Any]) -> None:
-    unknown = set(fields) - {"pace_s", "micro_batch", "slowdown", "state", "action"}
+    unknown = set(fields) - set(DIRECTIVE_FIELDS)
     if unknown:
         raise TypeError(f"unknown directive fields: {sorted(unknown)}")
 

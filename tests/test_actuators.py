@@ -19,8 +19,10 @@ import pytest
 from sqlalchemy import text
 
 import scheduler.actuators as actuators_module
-from scheduler.actuators import RECOVERY_REASON, Actuators, Directives, applied_settings
-from scheduler.store import JobStore, JournalStatus, JournalStore, NewJob, Setting
+from energy.optimizer import Knob
+from scheduler.actuators import RECOVERY_REASON, Actuators, applied_settings
+from scheduler.jobs import Directive
+from scheduler.store import JobStore, JournalStatus, JournalStore, NewJob
 from telemetry.backends.base import (
     BackendCapabilities,
     GpuInfo,
@@ -155,7 +157,7 @@ def test_set_power_limit_is_journaled_applied_and_in_force(node: Node) -> None:
     assert entry.status is JournalStatus.APPLIED and entry.applied_at is not None
     assert (entry.job_id, entry.gpu_index, entry.gpu_id) == (job, 0, node.gpu_ids[0])
     assert (entry.setting, entry.value, entry.previous_value) == (
-        Setting.POWER_LIMIT,
+        Knob.POWER_LIMIT,
         300_000,
         DEFAULT_MW,
     )
@@ -193,9 +195,9 @@ def test_permission_denied_is_journaled_failed_and_reraised(node: Node) -> None:
         act.lock_sm_clocks(job, 0, 1200)
     (p, c) = JournalStore(node.store).entries(HOST)
     assert (p.setting, p.status, c.setting, c.status) == (
-        Setting.POWER_LIMIT,
+        Knob.POWER_LIMIT,
         JournalStatus.FAILED,
-        Setting.SM_CLOCKS,
+        Knob.SM_CLOCKS,
         JournalStatus.FAILED,
     )
     assert p.error is not None and p.error.startswith("GpuPermissionError")
@@ -252,7 +254,7 @@ def test_the_same_request_again_writes_nothing_and_sets_nothing(node: Node) -> N
     old = JournalStore(node.store).get(first.id)
     assert old is not None and old.status is JournalStatus.UNDONE
     assert old.undo_reason == f"superseded by journal entry {second.id}"
-    assert [e.id for e in act.applied(0) if e.setting is Setting.POWER_LIMIT] == [second.id]
+    assert [e.id for e in act.applied(0) if e.setting is Knob.POWER_LIMIT] == [second.id]
 
 
 def test_a_setting_the_gpu_lost_is_set_again_under_the_same_entry(node: Node) -> None:
@@ -285,7 +287,7 @@ def test_undo_job_puts_defaults_back_and_says_why(node: Node) -> None:
     assert {e.undo_reason for e in undone} == {f"job {job} ended"}
     assert all(e.undone_at is not None for e in undone)
     assert JournalStore(node.store).outstanding(HOST) == []
-    assert act.directives(job) == Directives(None, None, None)
+    assert act.directives(job) == Directive()
     assert act.undo_job(job, "again") == []
     # after an undo the same request is a change again
     again = act.set_power_limit(job, 0, 300_000)
@@ -306,8 +308,8 @@ def test_overlapping_jobs_leave_no_stale_value(node: Node) -> None:
     assert node.settings(0) == (DEFAULT_MW, None)
     assert node.settings(1) == (250_000, (MIN_MHZ, 1200))
     assert {(e.job_id, e.gpu_index, e.setting) for e in act.applied(1)} == {
-        (b, 1, Setting.POWER_LIMIT),
-        (b, 1, Setting.SM_CLOCKS),
+        (b, 1, Knob.POWER_LIMIT),
+        (b, 1, Knob.SM_CLOCKS),
     }
     act.undo_job(b, "job b ended")
     assert node.settings(1) == (DEFAULT_MW, None)
@@ -375,7 +377,7 @@ def test_recover_after_a_crash_resets_what_the_dead_daemon_left(node: Node) -> N
         gpu_id=node.gpu_ids[1],
         gpu_index=1,
         job_id=b,
-        setting=Setting.SM_CLOCKS,
+        setting=Knob.SM_CLOCKS,
         value=1100,
         min_clock_mhz=MIN_MHZ,
         at=node.now(),
@@ -489,8 +491,8 @@ def test_dry_run_recovery_leaves_a_real_daemons_settings_for_the_next_real_one(
 def test_dry_run_still_hands_out_directives(node: Node) -> None:
     """Pacing changes the training loop, not the card: a dry run validates the soft mode."""
     act = node.actuators(dry_run=True)
-    assert act.set_directives(4, pace_s=0.25, micro_batch=8) == Directives(0.25, 8)
-    assert act.directives(4) == Directives(0.25, 8)
+    assert act.set_directives(4, pace_s=0.25, micro_batch=8) == Directive(0.25, micro_batch=8)
+    assert act.directives(4) == Directive(0.25, micro_batch=8)
 
 
 # -- permission probe ----------------------------------------------------------------------------
@@ -555,12 +557,15 @@ def test_cap_sys_admin_is_read_from_the_effective_mask(tmp_path: Path) -> None:
 
 def test_directives_set_replace_and_clear(node: Node) -> None:
     act = node.actuators()
-    assert act.directives(3) == (None, None, None)
-    assert act.set_directives(3, pace_s=0.5) == Directives(0.5, None)
-    assert act.set_directives(3, micro_batch=4) == Directives(None, 4)  # replaces both
-    assert act.directives(4) == (None, None, None)
+    assert act.directives(3) == Directive()
+    assert act.set_directives(3, pace_s=0.5) == Directive(pace_s=0.5)
+    assert act.set_directives(3, micro_batch=4) == Directive(micro_batch=4)  # replaces both
+    assert act.set_directives(3, duty=0.5) == Directive(duty=0.5)
+    assert act.set_directives(3, duty=1.0) == Directive()  # full speed is no directive
+    assert act.directives(4) == Directive()
+    act.set_directives(3, pace_s=0.5)
     act.clear_directives(3)
-    assert act.directives(3) == (None, None, None)
+    assert act.directives(3) == Directive()
     with pytest.raises(ValueError, match="pace"):
         act.set_directives(3, pace_s=-1.0)
     with pytest.raises(ValueError, match="pace"):

@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 
 from bench.simjob import HOST, JobSpec, SimJob, SimNode
+from energy.optimizer import Knob
 from scheduler.actuators import RECOVERY_REASON
 from scheduler.jobs import ACTIVE_STATES, JobState
-from scheduler.store import JobStore, JournalStore, Setting
+from scheduler.store import JobStore, JournalStore
 
 SETTLE_S = 15.0  # the settling time we state; the controllers need 1-5 s on the simulator
 BUDGET_W = 300.0
@@ -102,7 +103,7 @@ def test_a_crash_leaves_caps_that_the_next_daemon_undoes(
     assert node.backend.true_clock_mhz(locked.gpus[0]) < 1980
     left = JournalStore(node.store).outstanding(HOST)
     assert {(e.gpu_index, e.setting) for e in left} == {
-        (capped.gpus[0], Setting.POWER_LIMIT), (locked.gpus[0], Setting.SM_CLOCKS)}
+        (capped.gpus[0], Knob.POWER_LIMIT), (locked.gpus[0], Knob.SM_CLOCKS)}
 
     with caplog.at_level(logging.INFO, logger="scheduler.actuators"):
         node.restart()  # as a restarted daemon: a new service, then Actuators.recover()

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
-from scheduler.cli import app
+from scheduler.cli import _reading_json, app
 from telemetry.store import current_revision, head_revision
+from tests.store.data import at, reading
 
 
 @pytest.fixture
@@ -35,6 +37,19 @@ def test_gpus_json_lists_every_gpu(run: CliRunner) -> None:
     for row in rows:
         assert {"index", "uuid", "name", "power_w", "power_limit_w", "energy_j"} <= row.keys()
         assert row["power_limit_w"] == 700.0 and 50 < row["power_w"] < 120  # an idle H100
+        # power_w is the 1 s average everywhere (as in the API and `jobs`); the instant power
+        # has its own name, and every other reading field is there in W, J, MiB or as read
+        assert 50 < row["power_instant_w"] < 120 and "power_avg_w" not in row
+        assert {"sm_clock_mhz", "mem_clock_mhz", "gpu_util_pct", "mem_util_pct", "temperature_c",
+                "memory_used_mib", "memory_total_mib", "throttle_reasons"} <= row.keys()
+
+
+def test_gpus_json_power_w_is_the_1s_average() -> None:
+    r = replace(reading(at(0), power_mw=612_345, energy_mj=1_500), power_avg_mw=600_000)
+    row = _reading_json("H100", "GPU-x", r, 80 * 2**30)
+    assert (row["power_w"], row["power_instant_w"]) == (600.0, 612.345)
+    assert (row["energy_j"], row["memory_total_mib"]) == (1.5, 80 * 1024)
+    assert row["throttle_reasons"] == ["sw_power_cap"]
 
 
 def test_gpus_table_says_which_backend(run: CliRunner) -> None:

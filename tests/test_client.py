@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from scheduler.client import Job, JobStopped, default_socket_path, track
+from scheduler.client import Job, JobStopped, _parse_directive, default_socket_path, track
+from scheduler.jobs import DIRECTIVE_FIELDS, Action, Directive
 from tests.fake_daemon import FakeDaemon
 
 FAST = 0.02  # report interval for tests, seconds
@@ -290,11 +291,27 @@ def test_disabled_client_counts_without_a_daemon(sock_path: Path) -> None:
 
 def test_bad_arguments_raise() -> None:
     with pytest.raises(ValueError, match="mode"):
-        track(mode="turbo")  # type: ignore[arg-type]
+        track(mode="turbo")
     with pytest.raises(ValueError, match="on_exceed"):
-        track(on_exceed="explode")  # type: ignore[arg-type]
+        track(on_exceed="explode")
+
+
+def test_malformed_directive_fields_fall_back_to_neutral() -> None:
+    bad = {"pace_s": float("nan"), "duty": "half", "micro_batch": True, "slowdown": -3,
+           "state": {"x": 1}, "action": ["stop"]}
+    assert _parse_directive(bad) == Directive(slowdown=1.0)
+    assert _parse_directive(None) == Directive()
+    good = {name: None for name in DIRECTIVE_FIELDS} | {"action": "pause", "state": "paused"}
+    assert _parse_directive(good) == Directive(state="paused", action=Action.PAUSE)
 
 
 def test_client_does_not_import_torch() -> None:
-    code = "import sys, scheduler.client; assert 'torch' not in sys.modules"
+    # Of powertrain, only the pure vocabulary in scheduler.jobs: no pydantic, no store.
+    code = (
+        "import sys, scheduler.client\n"
+        "ours = {m for m in sys.modules if m.split('.')[0] in "
+        "('scheduler', 'energy', 'telemetry', 'reports')}\n"
+        "assert ours == {'scheduler', 'scheduler.client', 'scheduler.jobs'}, ours\n"
+        "assert not {'torch', 'pydantic', 'sqlalchemy'} & set(sys.modules)"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -12,6 +12,7 @@ from typing import Literal
 import pytest
 
 from bench.simjob import JobSpec, SimJob, SimMode, SimNode
+from energy.optimizer import Knob
 from scheduler import budgets
 from scheduler.control import (
     ClockController,
@@ -32,7 +33,7 @@ from scheduler.control import (
     choose_mode,
 )
 from scheduler.schemas import UpdateRequest
-from scheduler.store import JournalEntry, Setting
+from scheduler.store import JournalEntry
 from telemetry.backends.profiles import get_sku
 
 H100 = get_sku("H100-SXM")
@@ -72,7 +73,7 @@ def test_each_mode_holds_300_w_from_a_650_w_job(mode: SimMode) -> None:
         assert d.steps_per_s_after is not None and d.what and d.why
 
 
-def _set(node: SimNode, job: SimJob, setting: Setting, after_s: float = -1.0) -> list[JournalEntry]:
+def _set(node: SimNode, job: SimJob, setting: Knob, after_s: float = -1.0) -> list[JournalEntry]:
     """The job's journaled changes of one setting requested after ``after_s`` s."""
     return [e for e in job.settings
             if e.setting is setting and node.since_start_s(e.requested_at) > after_s]
@@ -82,7 +83,7 @@ def test_hw_sets_the_limit_to_the_budget_then_trims() -> None:
     node = SimNode(gpus=1)
     job = node.add_job(JobSpec("j", gpus=(0,), mode="hw", budget_w=BUDGET_W))
     node.run(2.0)
-    first = _set(node, job, Setting.POWER_LIMIT)[0]
+    first = _set(node, job, Knob.POWER_LIMIT)[0]
     assert (first.gpu_index, first.value) == (0, 300_000)
     node.run(20.0)
     assert isinstance(job.controller, HwController) and job.controller.state == "holding"
@@ -127,7 +128,7 @@ def test_clock_search_converges_in_a_few_ticks_and_rechecks_after_a_load_change(
     ctl = job.controller
     assert isinstance(ctl, ClockController)
     assert ctl.state == "holding"
-    locks = _set(node, job, Setting.SM_CLOCKS)
+    locks = _set(node, job, Knob.SM_CLOCKS)
     assert len(locks) <= 3  # at most 3 clocks measured: converged within 6 ticks
     held = ctl.clock_mhz
     assert held is not None
@@ -142,7 +143,7 @@ def test_clock_search_converges_in_a_few_ticks_and_rechecks_after_a_load_change(
     node.run(30.0, events={20.0: lambda n: n.set_activity(job, 1.05)})
     assert ctl.searches == 2 and ctl.state == "holding"
     assert ctl.clock_mhz is not None and ctl.clock_mhz < held
-    rechecks = _set(node, job, Setting.SM_CLOCKS, after_s=20.0)
+    rechecks = _set(node, job, Knob.SM_CLOCKS, after_s=20.0)
     assert rechecks and node.since_start_s(rechecks[0].requested_at) <= 22.0  # within two ticks
     assert len(rechecks) <= 3
     # A lighter phase: the clock goes back up.
@@ -380,7 +381,7 @@ def test_energy_slow_hands_the_job_to_the_optimiser_once() -> None:
     node.run(170.0)
     assert job.energy_actions == [EnergyAction.SLOW]
     assert any(d.source == "optimizer" for d in job.decisions)
-    assert min(e.value for e in _set(node, job, Setting.POWER_LIMIT)) <= 350_000
+    assert min(e.value for e in _set(node, job, Knob.POWER_LIMIT)) <= 350_000
     free = SimNode(gpus=1)
     free_job = _energy_job(free, "warn")
     free.run(150.0)

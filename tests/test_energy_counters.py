@@ -130,3 +130,8 @@ def test_combine_methods() -> None:
     assert combine_methods(["counter", None]) == "counter"
     assert combine_methods(["trapezoid", "trapezoid"]) == "trapezoid"
     assert combine_methods(["counter", "trapezoid"]) == "mixed"
+    # totals of totals (rollups, segments, several GPUs) use the same rule
+    assert combine_methods(["none", "counter"]) == "counter"
+    assert combine_methods(["none", None]) == "none"
+    assert combine_methods(["mixed"]) == "mixed"
+    assert combine_methods(["mixed", "counter"]) == "mixed"

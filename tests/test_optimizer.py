@@ -85,7 +85,7 @@ def test_candidates_run_from_the_top_down_and_include_the_minimum() -> None:
     assert SPACE.candidates()[0] == 300_000 and SPACE.candidates()[-1] == 100_000
     assert len(SPACE.candidates()) == 9
     assert SettingSpace.power_limits(110_000, 300_000).candidates()[-1] == 110_000
-    assert SettingSpace.sm_clocks(210, 1740, 90).knob is Knob.SM_CLOCK
+    assert SettingSpace.sm_clocks(210, 1740, 90).knob is Knob.SM_CLOCKS
     with pytest.raises(ValueError):
         SettingSpace.power_limits(300_000, 100_000)
 

@@ -60,7 +60,7 @@ from scheduler.control.energy_guard import (
     GuardState,
 )
 from scheduler.control.hw import HwController, HwState
-from scheduler.control.modes import Mode, ModeChoice, choose_mode, make_controller
+from scheduler.control.modes import ModeChoice, choose_mode, make_controller
 from scheduler.control.node_cap import JobPower, NodeCapDecision, NodeCapGuard
 from scheduler.control.soft import BUSY_DROP, SoftController, SoftState
 
@@ -83,7 +83,6 @@ __all__ = [
     "HwState",
     "JobPower",
     "LockClocks",
-    "Mode",
     "ModeChoice",
     "NodeCapDecision",
     "NodeCapGuard",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import enum
 
+from energy.units import mw_to_w
 from scheduler.control._shared import WINDOW_TOLERANCE, decision
 from scheduler.control.commands import (
     Command,
@@ -14,6 +15,7 @@ from scheduler.control.commands import (
     Observation,
     ResetClocks,
 )
+from scheduler.jobs import Mode
 
 __all__ = ["ClockController", "ClockState"]
 
@@ -59,7 +61,7 @@ class ClockController:
         max_points: Measured clocks per search before holding the best that fitted.
     """
 
-    mode = "clock"
+    mode = Mode.CLOCK
 
     def __init__(
         self,
@@ -152,7 +154,7 @@ class ClockController:
         if self._points:
             f1, p1 = self._points[-1]
         else:
-            f1, p1 = facts.max_sm_clock_mhz, facts.max_limit_mw / 1000.0
+            f1, p1 = facts.max_sm_clock_mhz, mw_to_w(facts.max_limit_mw)
         return facts.snap_clock_mhz(f1 * fit_w / max(p1, 1e-9))
 
     def _power_at(self, facts: GpuFacts, clock_mhz: float) -> float | None:
@@ -215,7 +217,7 @@ class ClockController:
             self._points = []
             power = obs.max_power_w()
             locked = obs.gpus[0].locked_max_mhz
-            if power is not None and power > facts.idle_power_mw / 1000.0 * 1.2:
+            if power is not None and power > mw_to_w(facts.idle_power_mw) * 1.2:
                 # A busy GPU: its current clock and power are a measured point.
                 self._points.append((locked or facts.max_sm_clock_mhz, power))
             why = (

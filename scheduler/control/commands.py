@@ -11,6 +11,9 @@ import math
 from dataclasses import dataclass, replace
 from typing import Protocol
 
+from energy.units import mw_to_w
+from scheduler.jobs import Mode
+
 __all__ = [
     "Command",
     "Decision",
@@ -158,12 +161,12 @@ class Observation:
     def mean_power_w(self) -> float | None:
         """Mean 1 s average power of the job's readable GPUs, W (None: none readable)."""
         values = [g.power_avg_mw for g in self.gpus if g.power_avg_mw is not None]
-        return sum(values) / len(values) / 1000.0 if values else None
+        return mw_to_w(sum(values) / len(values)) if values else None
 
     def max_power_w(self) -> float | None:
         """Highest 1 s average power among the job's GPUs, W (None: none readable)."""
         values = [g.power_avg_mw for g in self.gpus if g.power_avg_mw is not None]
-        return max(values) / 1000.0 if values else None
+        return mw_to_w(max(values)) if values else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,7 +203,7 @@ class PowerController(Protocol):
     """A per-job controller: one ``tick`` per control tick."""
 
     @property
-    def mode(self) -> str:
+    def mode(self) -> Mode:
         """``hw``, ``clock`` or ``soft``."""
         ...
 

@@ -11,6 +11,9 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Literal
 
+from energy.units import j_to_wh
+from scheduler.jobs import OnExceed
+
 __all__ = [
     "EnergyAction",
     "EnergyEvent",
@@ -180,7 +183,7 @@ class GuardState(enum.StrEnum):
 
 
 def _wh(joules: float) -> str:
-    return f"{joules / 3600.0:.2f} Wh"
+    return f"{j_to_wh(joules):.2f} Wh"
 
 
 class EnergyGuard:
@@ -202,17 +205,21 @@ class EnergyGuard:
     def __init__(
         self,
         budget_j: float,
-        on_exceed: Literal["warn", "slow", "pause", "stop"],
+        on_exceed: OnExceed | str,
         *,
         stop_lead_s: float = 2.0,
         hysteresis: float = 0.02,
     ) -> None:
         if not budget_j > 0:
             raise ValueError(f"an energy budget must be positive, got {budget_j} J")
-        if on_exceed not in ("warn", "slow", "pause", "stop"):
-            raise ValueError(f"unknown --on-exceed {on_exceed!r}: choose warn, slow, pause, stop")
+        try:
+            policy = OnExceed(on_exceed)
+        except ValueError:
+            raise ValueError(
+                f"unknown --on-exceed {on_exceed!r}: choose warn, slow, pause, stop"
+            ) from None
         self._budget_j = float(budget_j)
-        self._policy = on_exceed
+        self._policy = policy
         self._lead_s = stop_lead_s
         self._hyst = hysteresis
         self._state = GuardState.WITHIN
@@ -269,7 +276,7 @@ class EnergyGuard:
                     ("resumed by hand; " if by_hand else "the budget now fits; ") + summary,
                 )
             return None
-        if self._policy == "stop" and energy + forecast.power_w * self._lead_s >= budget:
+        if self._policy is OnExceed.STOP and energy + forecast.power_w * self._lead_s >= budget:
             self._state = GuardState.STOPPED
             return event(
                 EnergyAction.STOP,
@@ -278,13 +285,13 @@ class EnergyGuard:
         if state is GuardState.WITHIN:
             if not crossed:
                 return None
-            if self._policy == "warn":
+            if self._policy is OnExceed.WARN:
                 self._state = GuardState.EXCEEDED
                 return event(EnergyAction.WARN, summary)
-            if self._policy == "slow":
+            if self._policy is OnExceed.SLOW:
                 self._state = GuardState.EXCEEDED
                 return event(EnergyAction.SLOW, "moving to the least-energy setting; " + summary)
-            if self._policy == "pause":
+            if self._policy is OnExceed.PAUSE:
                 self._state = GuardState.PAUSED
                 return event(EnergyAction.PAUSE, "pausing (the client checkpoints); " + summary)
             self._state = GuardState.STOP_ARMED

@@ -6,6 +6,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 
+from energy.units import mw_to_w, w_to_mw
 from scheduler.control._shared import WINDOW_TOLERANCE, decision
 from scheduler.control.commands import (
     Command,
@@ -15,6 +16,7 @@ from scheduler.control.commands import (
     ResetPowerLimit,
     SetPowerLimit,
 )
+from scheduler.jobs import Mode
 
 __all__ = ["HwController", "HwState"]
 
@@ -55,7 +57,7 @@ class HwController:
         max_trims: Trim steps per search before holding whatever fits best.
     """
 
-    mode = "hw"
+    mode = Mode.HW
 
     def __init__(
         self,
@@ -120,7 +122,7 @@ class HwController:
             self._trims = 0
             self._best_fit_mw.clear()
             self._over_ticks = 0
-            targets = {g.facts.index: _clamp_limit_mw(g.facts, budget * 1000.0) for g in obs.gpus}
+            targets = {g.facts.index: _clamp_limit_mw(g.facts, w_to_mw(budget)) for g in obs.gpus}
             cmds = self._set(obs, targets)
             self._state = HwState.APPLYING
             mw = max(targets.values())
@@ -128,7 +130,7 @@ class HwController:
                 decision(
                     obs,
                     "hw",
-                    f"power limit {mw / 1000:.0f} W",
+                    f"power limit {mw_to_w(mw):.0f} W",
                     f"budget {budget:.0f} W per GPU (clamped to the card's range)",
                     cmds,
                 ),
@@ -149,7 +151,7 @@ class HwController:
                     "hw",
                     "power limit re-applied",
                     f"GPU {drifted[0].facts.index} limit drifted to "
-                    f"{(drifted[0].limit_mw or 0) / 1000:.0f} W",
+                    f"{mw_to_w(drifted[0].limit_mw or 0):.0f} W",
                     cmds,
                 ),
             )
@@ -176,7 +178,7 @@ class HwController:
         aim = setpoint - budget * self._deadband / 2.0
         if power <= setpoint:
             self._best_fit_mw = dict(self._target_mw)
-            binding = power >= 0.85 * max(self._target_mw.values()) / 1000.0
+            binding = power >= mw_to_w(0.85 * max(self._target_mw.values()))
             converged = power >= setpoint - budget * self._deadband
             if converged or not binding or self._trims >= self._max_trims:
                 # Not binding: the load draws well under the limit (light, paused), so raising
@@ -200,8 +202,8 @@ class HwController:
                     cmds,
                 ),
             )
-        cap_mw = budget * 1000.0 * (1.0 + self._max_headroom) if self._trim else budget * 1000.0
-        step_mw = (aim - power) * 1000.0
+        cap_mw = w_to_mw(budget) * (1.0 + self._max_headroom) if self._trim else w_to_mw(budget)
+        step_mw = w_to_mw(aim - power)
         targets = {}
         for g in obs.gpus:
             current = self._target_mw[g.facts.index]
@@ -218,7 +220,7 @@ class HwController:
             decision(
                 obs,
                 "hw",
-                f"power limit trimmed to {mw / 1000:.0f} W",
+                f"power limit trimmed to {mw_to_w(mw):.0f} W",
                 f"measured {power:.0f} W against a {setpoint:.0f} W setpoint",
                 cmds,
             ),

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import enum
 
+from energy.units import mw_to_w
 from scheduler.control._shared import WINDOW_TOLERANCE, decision
 from scheduler.control.commands import Command, Decision, Observation, SetPace
+from scheduler.jobs import Mode
 
 __all__ = ["BUSY_DROP", "SoftController", "SoftState"]
 
@@ -62,7 +64,7 @@ class SoftController:
         deadband: Relative duty change below which nothing is sent.
     """
 
-    mode = "soft"
+    mode = Mode.SOFT
 
     def __init__(
         self,
@@ -139,7 +141,7 @@ class SoftController:
             self._state = SoftState.WAITING
             return ()
         facts = obs.gpus[0].facts
-        idle_w = facts.idle_power_mw / 1000.0
+        idle_w = mw_to_w(facts.idle_power_mw)
         setpoint = budget * (1.0 - self._margin)
         power = obs.max_power_w()
         new_budget = budget != self._budget_w
@@ -149,7 +151,7 @@ class SoftController:
             if busy is None:
                 # Unpaced power is busy power; otherwise assume the worst (the max limit).
                 unpaced = obs.pace_s == 0 and power is not None and power > idle_w * 1.2
-                busy = power if unpaced and power is not None else facts.max_limit_mw / 1000.0
+                busy = power if unpaced and power is not None else mw_to_w(facts.max_limit_mw)
                 self._busy_w = busy
             return self._send(
                 obs,
@@ -171,7 +173,7 @@ class SoftController:
             if big_drop and self._drops < self._hold_ticks:
                 return ()
             self._busy_w = estimate
-        busy = self._busy_w or facts.max_limit_mw / 1000.0
+        busy = self._busy_w or mw_to_w(facts.max_limit_mw)
         want = self._duty_for(setpoint, idle_w, busy)
         if self._state is SoftState.ADJUSTING:
             self._state = SoftState.TRACKING

@@ -14,7 +14,6 @@ from scheduler.store.journal import (
     JournalEntryNotFoundError,
     JournalStatus,
     JournalStore,
-    Setting,
     group_by_gpu,
 )
 from scheduler.store.records import (
@@ -46,7 +45,6 @@ __all__ = [
     "ProbeRecord",
     "ProgressRecord",
     "SearchRecord",
-    "Setting",
     "Throughput",
     "group_by_gpu",
 ]

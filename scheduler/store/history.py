@@ -14,6 +14,7 @@ from datetime import datetime
 from sqlalchemy import delete, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
+from energy.optimizer import Knob
 from scheduler.store.records import DecisionRecord, ProbeRecord, SearchRecord
 from telemetry.store import Store
 from telemetry.store.errors import write_error
@@ -89,7 +90,7 @@ class ControlHistory:
         """
         s = optimizer_searches_table.c
         values = {
-            "at": search.at, "objective": search.objective, "knob": search.knob,
+            "at": search.at, "objective": search.objective, "knob": Knob(search.knob).value,
             "setting": search.setting, "top_setting": search.top_setting,
             "feasible": search.feasible, "reason": search.reason, "revisions": search.revisions,
             "profiling_steps": search.profiling_steps,
@@ -146,7 +147,7 @@ class ControlHistory:
         for row in rows:
             out.setdefault(row["job_id"], []).append(SearchRecord(
                 job_id=row["job_id"], number=row["number"], at=row["at"],
-                objective=row["objective"], knob=row["knob"], setting=row["setting"],
+                objective=row["objective"], knob=Knob(row["knob"]), setting=row["setting"],
                 top_setting=row["top_setting"], feasible=row["feasible"], reason=row["reason"],
                 revisions=row["revisions"], profiling_steps=row["profiling_steps"],
                 profiling_time_s=row["profiling_time_s"],

@@ -20,7 +20,7 @@ from typing import Any
 from sqlalchemy import Connection, Row, delete, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
-from energy.counters import EnergyMethod, EnergyResult
+from energy.counters import EnergyResult, combine_methods
 from scheduler.jobs import JobState, Mode, OnExceed, can_transition
 from scheduler.store.history import ControlHistory
 from scheduler.store.records import JobEvent, JobRecord, NewJob, ProgressRecord, Throughput
@@ -77,17 +77,9 @@ def _check_fields(values: Mapping[str, Any]) -> dict[str, Any]:
 def _combine_energy(results: Sequence[EnergyResult]) -> EnergyResult:
     if not results:
         return EnergyResult(energy_mj=0.0, method="none", duration_s=0.0, n_samples=0)
-    methods = {r.method for r in results} - {"none"}
-    method: EnergyMethod
-    if not methods:
-        method = "none"
-    elif len(methods) == 1:
-        method = next(iter(methods))
-    else:
-        method = "mixed"
     return EnergyResult(
         energy_mj=sum(r.energy_mj for r in results),
-        method=method,
+        method=combine_methods(r.method for r in results),
         duration_s=max(r.duration_s for r in results),
         n_samples=sum(r.n_samples for r in results),
         counter_resets=sum(r.counter_resets for r in results),

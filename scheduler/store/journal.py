@@ -18,19 +18,12 @@ from typing import Any
 from sqlalchemy import Connection, Row, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
+from energy.optimizer import Knob
+from energy.units import mw_to_w
 from telemetry.store import Store
 from telemetry.store.errors import StoreError, write_error
 from telemetry.store.models import settings_journal_table, to_epoch_us
 from telemetry.store.sql import inserted_id, write_transaction
-
-
-class Setting(enum.StrEnum):
-    """A GPU setting the actuators change."""
-
-    POWER_LIMIT = "power_limit"
-    """Power limit, value in mW (``nvidia-smi -pl``)."""
-    SM_CLOCKS = "sm_clocks"
-    """Locked SM clocks, value the maximum in MHz (``nvidia-smi -lgc``)."""
 
 
 class JournalStatus(enum.StrEnum):
@@ -88,7 +81,7 @@ class JournalEntry:
     gpu_id: int
     gpu_index: int
     job_id: int | None
-    setting: Setting
+    setting: Knob
     value: int
     min_clock_mhz: int | None
     previous_value: int | None
@@ -107,8 +100,8 @@ class JournalEntry:
 
     def describe(self) -> str:
         """The setting in words, e.g. ``power limit 300 W`` or ``SM clocks 345..1410 MHz``."""
-        if self.setting is Setting.POWER_LIMIT:
-            return f"power limit {self.value / 1000:g} W"
+        if self.setting is Knob.POWER_LIMIT:
+            return f"power limit {mw_to_w(self.value):g} W"
         low = "?" if self.min_clock_mhz is None else str(self.min_clock_mhz)
         return f"SM clocks {low}..{self.value} MHz"
 
@@ -121,7 +114,7 @@ def _entry(row: Row[Any]) -> JournalEntry:
         gpu_id=int(m["gpu_id"]),
         gpu_index=int(m["gpu_index"]),
         job_id=None if m["job_id"] is None else int(m["job_id"]),
-        setting=Setting(m["setting"]),
+        setting=Knob(m["setting"]),
         value=int(m["value"]),
         min_clock_mhz=None if m["min_clock_mhz"] is None else int(m["min_clock_mhz"]),
         previous_value=None if m["previous_value"] is None else int(m["previous_value"]),
@@ -162,7 +155,7 @@ class JournalStore:
         gpu_id: int,
         gpu_index: int,
         job_id: int | None,
-        setting: Setting | str,
+        setting: Knob | str,
         value: int,
         at: datetime,
         min_clock_mhz: int | None = None,
@@ -190,7 +183,7 @@ class JournalStore:
             StoreWriteError: Nothing was written (the GPU must not be touched).
         """
         to_epoch_us(at)
-        kind = Setting(setting)
+        kind = Knob(setting)
         values = {
             "host": host,
             "gpu_id": gpu_id,

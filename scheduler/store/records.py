@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import NamedTuple
 
+from energy.optimizer import Knob
 from scheduler.jobs import JobState, Mode, OnExceed
 
 
@@ -197,7 +198,7 @@ class SearchRecord:
         number: 1 for the job's first search, 2 after a re-tune, ...
         at: When it was last updated.
         objective: ``energy``, ``cost``, ``throughput`` or ``slowdown``.
-        knob: ``power_limit`` (settings in mW) or ``sm_clock`` (MHz).
+        knob: ``power_limit`` (settings in mW) or ``sm_clocks`` (MHz).
         setting / top_setting: The choice, and the highest setting of the search (the job's
             default, or its wattage budget when that is lower).
         feasible / reason / revisions: As ``energy.optimizer.SearchResult``.
@@ -209,7 +210,7 @@ class SearchRecord:
     number: int
     at: datetime
     objective: str
-    knob: str
+    knob: Knob
     setting: int
     top_setting: int
     feasible: bool

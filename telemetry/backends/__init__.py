@@ -1,6 +1,7 @@
 """GPU backends: one protocol (``base.GpuBackend``), one module per implementation."""
 
 from telemetry.backends.base import (
+    READING_FIELDS,
     BackendCapabilities,
     BackendUnavailableError,
     GpuBackend,
@@ -19,6 +20,7 @@ from telemetry.backends.base import (
 )
 
 __all__ = [
+    "READING_FIELDS",
     "BackendCapabilities",
     "BackendUnavailableError",
     "GpuBackend",

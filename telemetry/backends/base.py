@@ -9,9 +9,9 @@ milliwatts, millijoules, MHz, bytes, degrees Celsius.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime
-from typing import Protocol, runtime_checkable
+from typing import Final, Protocol, runtime_checkable
 
 
 class ThrottleReason(enum.IntFlag):
@@ -186,6 +186,14 @@ class GpuReading:
     power_limit_mw: int | None
     throttle_reasons: int | None
     processes: tuple[GpuProcess, ...] = ()
+
+
+READING_FIELDS: Final[tuple[str, ...]] = tuple(
+    f.name for f in fields(GpuReading) if f.name not in ("index", "sampled_at", "processes")
+)
+"""The measured values of a ``GpuReading``, in declaration order: each is ``None`` where the GPU
+does not support it. The one list of them: the store's ``samples`` columns, the CLI's JSON and
+the backend tests take it from here (``processes`` is not among them: it degrades to ``()``)."""
 
 
 class GpuError(Exception):

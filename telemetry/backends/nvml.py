@@ -29,6 +29,7 @@ from itertools import pairwise
 from typing import Any, Final
 
 from telemetry.backends.base import (
+    READING_FIELDS,
     BackendCapabilities,
     BackendUnavailableError,
     GpuCapabilities,
@@ -59,19 +60,12 @@ _HINT: Final = (
 #: Every ``ThrottleReason`` bit this project knows; NVML may report newer ones.
 _KNOWN_REASONS: Final = int(functools.reduce(operator.or_, ThrottleReason))
 
-#: The fields ``read`` fills, each from one NVML getter (``utilization`` fills two).
+#: The reading fields one NVML getter fills together (``nvmlDeviceGetUtilizationRates``).
+_UTILIZATION: Final = ("gpu_util_pct", "mem_util_pct")
+#: The values ``read`` gathers, each from one NVML getter: the reading's measured values, with
+#: ``utilization`` standing for the two it fills, and the processes.
 _READ_FIELDS: Final = (
-    "power_mw",
-    "power_avg_mw",
-    "energy_mj",
-    "sm_clock_mhz",
-    "mem_clock_mhz",
-    "utilization",
-    "temperature_c",
-    "memory_used_bytes",
-    "power_limit_mw",
-    "throttle_reasons",
-    "processes",
+    *(name for name in READING_FIELDS if name not in _UTILIZATION), "utilization", "processes",
 )
 
 #: ``c_nvmlValue_t`` member for each ``NVML_VALUE_TYPE_*`` (the values are NVML's ABI).

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from energy.units import j_to_mj, mw_to_w, w_to_mw
 from telemetry.backends.base import (
     BackendCapabilities,
     GpuInfo,
@@ -447,9 +448,9 @@ class ReplayBackend:
                 index=i,
                 uuid=f"GPU-{uuid.UUID(bytes=digest[:16])}",
                 name=f"{gpu} (replay)",
-                min_limit_mw=round(min_w * 1000),
-                max_limit_mw=round(max_w * 1000),
-                default_limit_mw=round(max_w * 1000),
+                min_limit_mw=round(w_to_mw(min_w)),
+                max_limit_mw=round(w_to_mw(max_w)),
+                default_limit_mw=round(w_to_mw(max_w)),
                 min_sm_clock_mhz=NOMINAL_SM_CLOCK_RANGE_MHZ[0],
                 max_sm_clock_mhz=NOMINAL_SM_CLOCK_RANGE_MHZ[1],
                 memory_total_bytes=None,
@@ -459,7 +460,7 @@ class ReplayBackend:
                 info=info,
                 rng=random.Random(f"{self._seed}|{i}"),
                 noise=_StepNoise(_mix64(self._seed ^ _mix64(i))),
-                limit_mw=round(max_w * 1000),
+                limit_mw=round(w_to_mw(max_w)),
                 integrated_to_s=now,
             )
             dev.drawn_w = self._operating_point(dev)[1]
@@ -498,8 +499,8 @@ class ReplayBackend:
             return GpuReading(
                 index=index,
                 sampled_at=to_datetime(self._clock.now()),
-                power_mw=round(instant_w * 1000),
-                power_avg_mw=round(avg_w * 1000),
+                power_mw=round(w_to_mw(instant_w)),
+                power_avg_mw=round(w_to_mw(avg_w)),
                 energy_mj=int(dev.energy_mj),
                 sm_clock_mhz=self._sm_clock_mhz(dev, eff_w),
                 mem_clock_mhz=_NOMINAL_MEM_CLOCK_MHZ,
@@ -663,7 +664,7 @@ class ReplayBackend:
         now = self._clock.now()
         dt = now - dev.integrated_to_s
         if dt > 0:
-            dev.energy_mj += dev.drawn_w * dt * 1000.0
+            dev.energy_mj += j_to_mj(dev.drawn_w * dt)
         dev.integrated_to_s = max(now, dev.integrated_to_s)
 
     def _clock_cap_w(self, dev: _Device) -> float | None:
@@ -678,11 +679,11 @@ class ReplayBackend:
         share = (dev.clock_lock_mhz[1] - lo) / (hi - lo)
         min_mw, max_mw = dev.info.min_limit_mw, dev.info.max_limit_mw
         assert min_mw is not None and max_mw is not None
-        return (min_mw + share * (max_mw - min_mw)) / 1000.0
+        return mw_to_w(min_mw + share * (max_mw - min_mw))
 
     def _effective_cap(self, dev: _Device) -> tuple[float, ThrottleReason]:
         """The cap in force (W) and the throttle reason that reports it."""
-        limit_w = dev.limit_mw / 1000.0
+        limit_w = mw_to_w(dev.limit_mw)
         clock_w = self._clock_cap_w(dev)
         if clock_w is not None and clock_w < limit_w:
             return clock_w, ThrottleReason.APPLICATIONS_CLOCKS_SETTING
@@ -711,5 +712,5 @@ class ReplayBackend:
             return hi
         min_mw, max_mw = dev.info.min_limit_mw, dev.info.max_limit_mw
         assert min_mw is not None and max_mw is not None
-        share = (cap_w * 1000.0 - min_mw) / max(1.0, max_mw - min_mw)
+        share = (w_to_mw(cap_w) - min_mw) / max(1.0, max_mw - min_mw)
         return round(lo + min(1.0, max(0.0, share)) * (hi - lo))

@@ -31,12 +31,15 @@ import tempfile
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final
 
 from energy.gpu_model import GpuModel, operating_point, supported_clocks_mhz
+from energy.optimizer import Knob
+from energy.units import j_to_mj, mw_to_w, w_to_mw
 from telemetry.backends.base import (
+    READING_FIELDS,
     BackendCapabilities,
     GpuCapabilities,
     GpuInfo,
@@ -60,9 +63,9 @@ from telemetry.backends.profiles import (
 from telemetry.clock import Clock, WallClock, to_datetime
 
 __all__ = [
+    "FAULT_FIELDS",
     "LIMIT_RESPONSE_S",
     "NOISE_FRACTION",
-    "READING_FIELDS",
     "SENSOR_PERIOD_S",
     "STATE_CHECK_S",
     "FaultKind",
@@ -86,21 +89,9 @@ _HISTORY_S: Final = 2.0 * POWER_AVG_WINDOW_S
 _IDLE_MEMORY_BYTES: Final = 4 * 1024 * 1024
 _STATE_FORMAT: Final = 1
 
-#: Fields of ``GpuReading`` a ``NOT_SUPPORTED`` fault can turn off.
-READING_FIELDS: Final = (
-    "power_mw",
-    "power_avg_mw",
-    "energy_mj",
-    "sm_clock_mhz",
-    "mem_clock_mhz",
-    "gpu_util_pct",
-    "mem_util_pct",
-    "temperature_c",
-    "memory_used_bytes",
-    "power_limit_mw",
-    "throttle_reasons",
-    "processes",
-)
+#: Fields of ``GpuReading`` a ``NOT_SUPPORTED`` fault can turn off: every measured value, and
+#: the processes.
+FAULT_FIELDS: Final = (*READING_FIELDS, "processes")
 
 
 class FaultKind(enum.StrEnum):
@@ -364,10 +355,8 @@ class SimulatedBackend:
         off = faults.get(FaultKind.NOT_SUPPORTED, {}).get("fields", ())
         if not off:
             return reading
-        values = {name: getattr(reading, name) for name in GpuReading.__dataclass_fields__}
-        for name in off:
-            values[name] = () if name == "processes" else None
-        return GpuReading(**values)
+        cleared: dict[str, Any] = {name: () if name == "processes" else None for name in off}
+        return replace(reading, **cleared)
 
     def set_power_limit(self, index: int, limit_mw: int) -> None:
         """Set the power limit; power responds after ``LIMIT_RESPONSE_S``.
@@ -377,19 +366,23 @@ class SimulatedBackend:
             NotSupportedError: The GPU could not set power limits at open (``capabilities``).
             GpuPermissionError / NotSupportedError / GpuLostError: Injected faults.
         """
-        self._require(index, "power_limit")
+        self._require(index, Knob.POWER_LIMIT)
         lo, hi = self._limit_range_mw()
         if not lo <= limit_mw <= hi:
             raise InvalidSettingError(
                 f"power limit {limit_mw} mW for GPU {index} is outside the allowed range "
                 f"{lo}..{hi} mW ({self._sku.name})"
             )
-        self._mutate(index, lambda g, now: self._apply_limit(g, now, int(limit_mw)), "power_limit")
+        self._mutate(
+            index, lambda g, now: self._apply_limit(g, now, int(limit_mw)), Knob.POWER_LIMIT
+        )
 
     def reset_power_limit(self, index: int) -> None:
         """Put the power limit back to the SKU's default."""
-        default_mw = round(self._sku.default_limit_w * 1000)
-        self._mutate(index, lambda g, now: self._apply_limit(g, now, default_mw), "power_limit")
+        default_mw = round(w_to_mw(self._sku.default_limit_w))
+        self._mutate(
+            index, lambda g, now: self._apply_limit(g, now, default_mw), Knob.POWER_LIMIT
+        )
 
     def lock_sm_clocks(self, index: int, min_mhz: int, max_mhz: int) -> None:
         """Lock SM clocks to ``[min_mhz, max_mhz]``: a busy GPU runs at most ``max_mhz``.
@@ -398,7 +391,7 @@ class SimulatedBackend:
             InvalidSettingError: ``min_mhz > max_mhz`` or outside the SKU's clock range.
             NotSupportedError: The GPU could not lock clocks at open (``capabilities``).
         """
-        self._require(index, "clocks")
+        self._require(index, Knob.SM_CLOCKS)
         fmin = round(self._sku.sm_clock_min_mhz)
         fmax = round(self._sku.sm_clock_max_mhz)
         if not fmin <= min_mhz <= max_mhz <= fmax:
@@ -410,7 +403,7 @@ class SimulatedBackend:
         def apply(g: _GpuState, now: float) -> None:
             g.lock = (int(min_mhz), int(max_mhz))
 
-        self._mutate(index, apply, "clocks")
+        self._mutate(index, apply, Knob.SM_CLOCKS)
 
     def reset_sm_clocks(self, index: int) -> None:
         """Undo ``lock_sm_clocks``."""
@@ -418,7 +411,7 @@ class SimulatedBackend:
         def apply(g: _GpuState, now: float) -> None:
             g.lock = None
 
-        self._mutate(index, apply, "clocks")
+        self._mutate(index, apply, Knob.SM_CLOCKS)
 
     def close(self) -> None:
         """Nothing to release: the state file is written on every change."""
@@ -507,10 +500,10 @@ class SimulatedBackend:
         params: dict[str, Any] = {}
         if fault is FaultKind.NOT_SUPPORTED:
             names = list(dict.fromkeys(fields))
-            unknown = [f for f in names if f not in READING_FIELDS]
+            unknown = [f for f in names if f not in FAULT_FIELDS]
             if unknown or not names:
                 raise ValueError(
-                    f"NOT_SUPPORTED needs reading fields among {', '.join(READING_FIELDS)}; "
+                    f"NOT_SUPPORTED needs reading fields among {', '.join(FAULT_FIELDS)}; "
                     f"got {names or 'none'}"
                 )
             params["fields"] = names
@@ -552,7 +545,7 @@ class SimulatedBackend:
         with self._lock:
             self._check_file(now)
             g = self._gpu(index)
-            return max(self._energy_j(g, now), 0.0) * 1000.0
+            return j_to_mj(max(self._energy_j(g, now), 0.0))
 
     def true_clock_mhz(self, index: int) -> float:
         """The SM clock the GPU runs now, MHz (unrounded; ground truth for tests)."""
@@ -582,22 +575,23 @@ class SimulatedBackend:
             )
         return self._gpus[index]
 
-    def _require(self, index: int, setter: str) -> None:
+    def _require(self, index: int, setter: Knob) -> None:
         """Refuse a setter the GPU's capabilities lack (``setter``: as for ``_mutate``)."""
         self._gpu(index)  # an unknown index is GpuNotFoundError, as on every other call
         caps = self._capabilities.gpus[index]
-        capable = caps.can_set_power_limit if setter == "power_limit" else caps.can_lock_clocks
+        limit = setter is Knob.POWER_LIMIT
+        capable = caps.can_set_power_limit if limit else caps.can_lock_clocks
         if not capable:
-            what = "setting power limits" if setter == "power_limit" else "locking SM clocks"
+            what = "setting power limits" if limit else "locking SM clocks"
             raise NotSupportedError(
                 f"simulated GPU {index} does not support {what} (not supported when opened)"
             )
 
     def _limit_range_mw(self) -> tuple[int, int]:
-        return round(self._sku.min_limit_w * 1000), round(self._sku.max_limit_w * 1000)
+        return round(w_to_mw(self._sku.min_limit_w)), round(w_to_mw(self._sku.max_limit_w))
 
     def _fresh_gpu(self, now: float) -> _GpuState:
-        default_mw = round(self._sku.default_limit_w * 1000)
+        default_mw = round(w_to_mw(self._sku.default_limit_w))
         g = _GpuState(origin_s=now, limit_mw=default_mw, applied_limit_mw=default_mw)
         seg = self._make_segment(g, default_mw, now, 0.0, None)
         g.segments.append(seg)
@@ -622,7 +616,7 @@ class SimulatedBackend:
             op = operating_point(
                 self._model,
                 wl.model,
-                limit_mw / 1000.0,
+                mw_to_w(limit_mw),
                 locked_max_mhz=None if g.lock is None else float(g.lock[1]),
             )
             clock = op.sm_clock_mhz
@@ -714,9 +708,9 @@ class SimulatedBackend:
         return GpuReading(
             index=index,
             sampled_at=to_datetime(now),
-            power_mw=round(instant_w * 1000.0),
-            power_avg_mw=round(avg_w * 1000.0),
-            energy_mj=int(energy_j * 1000.0) if energy_j > 0 else 0,
+            power_mw=round(w_to_mw(instant_w)),
+            power_avg_mw=round(w_to_mw(avg_w)),
+            energy_mj=int(j_to_mj(energy_j)) if energy_j > 0 else 0,
             sm_clock_mhz=round(seg.clock_mhz),
             mem_clock_mhz=seg.mem_clock_mhz,
             gpu_util_pct=seg.gpu_util_pct,
@@ -738,7 +732,7 @@ class SimulatedBackend:
             name=sku.product_name,
             min_limit_mw=lo,
             max_limit_mw=hi,
-            default_limit_mw=round(sku.default_limit_w * 1000),
+            default_limit_mw=round(w_to_mw(sku.default_limit_w)),
             min_sm_clock_mhz=round(sku.sm_clock_min_mhz),
             max_sm_clock_mhz=round(sku.sm_clock_max_mhz),
             memory_total_bytes=sku.memory_total_bytes,
@@ -755,7 +749,7 @@ class SimulatedBackend:
             can_lock_clocks="sm_clock_mhz" not in off,
             supported_sm_clocks_mhz=tuple(dict.fromkeys(round(f) for f in grid)),
             sm_clock_step_mhz=self._sku.sm_clock_step_mhz,
-            idle_power_mw=round(self._sku.idle_power_w * 1000),
+            idle_power_mw=round(w_to_mw(self._sku.idle_power_w)),
         )
 
     # --- internals: changes and the state file ----------------------------------------------
@@ -764,7 +758,7 @@ class SimulatedBackend:
         self,
         index: int,
         apply: Callable[[_GpuState, float], None],
-        setter: str | None,
+        setter: Knob | None,
         *,
         check_faults: bool = True,
     ) -> None:
@@ -773,7 +767,7 @@ class SimulatedBackend:
         Args:
             index: GPU index.
             apply: ``apply(gpu_state, now)`` changes the settings.
-            setter: ``"power_limit"`` or ``"clocks"`` for the GPU-setting calls (checked against
+            setter: The setting a GPU-setting call changes (checked against
                 injected faults like NVML would), None for simulation control.
             check_faults: Whether injected faults apply (not for fault control itself).
         """
@@ -787,7 +781,7 @@ class SimulatedBackend:
             self._rebuild(g, now)
             self._write_file()
 
-    def _raise_faults(self, index: int, setter: str | None) -> None:
+    def _raise_faults(self, index: int, setter: Knob | None) -> None:
         with self._lock:
             self._check_file(self._clock.now())
             faults = dict(self._gpu(index).faults)
@@ -800,8 +794,8 @@ class SimulatedBackend:
         if setter is None:
             return
         off = faults.get(FaultKind.NOT_SUPPORTED, {}).get("fields", ())
-        if (setter == "power_limit" and "power_limit_mw" in off) or (
-            setter == "clocks" and "sm_clock_mhz" in off
+        if (setter is Knob.POWER_LIMIT and "power_limit_mw" in off) or (
+            setter is Knob.SM_CLOCKS and "sm_clock_mhz" in off
         ):
             raise NotSupportedError(f"simulated GPU {index} does not support this (injected fault)")
         if FaultKind.PERMISSION_DENIED in faults:

@@ -9,13 +9,14 @@ never rollups, so readers ask ``raw_covers`` whether raw samples still reach bac
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, Engine, func, select
 
 from energy.counters import EnergySample, IntervalMethod, combine_methods, interval_energy
+from energy.units import US_PER_S, us_to_s
 from telemetry.store.models import (
     from_epoch_us,
     gpu_processes_table,
@@ -51,16 +52,6 @@ def ceil_us(t_us: int, width_us: int) -> int:
     return -((-t_us) // width_us) * width_us
 
 
-def combine_method_strings(methods: Iterable[str | None]) -> str:
-    """The method of energy summed from parts found by ``methods`` (``None``: no part)."""
-    seen = {m for m in methods if m is not None and m != "none"}
-    if not seen:
-        return "none"
-    if len(seen) > 1 or "mixed" in seen:
-        return "mixed"
-    return next(iter(seen))
-
-
 def frontiers(conn: Connection, gpu_id: int) -> dict[int, int]:
     """Where each rollup level of one GPU ends: level width (60 for minutes) to the end of its
     latest row, epoch µs; levels without rows are absent."""
@@ -78,7 +69,7 @@ def frontiers(conn: Connection, gpu_id: int) -> dict[int, int]:
             )
         ).scalar_one()
         if last is not None:
-            out[level_s] = int(last) + level_s * 1_000_000
+            out[level_s] = int(last) + level_s * US_PER_S
     return out
 
 
@@ -103,7 +94,7 @@ def frontiers_many(conn: Connection, gpu_ids: Sequence[int]) -> dict[int, dict[i
             found[60] = int(last_minute) + MINUTE_US
         for level_s, last in zip(ROLLUP_LEVELS_S, last_levels, strict=True):
             if last is not None:
-                found[level_s] = int(last) + level_s * 1_000_000
+                found[level_s] = int(last) + level_s * US_PER_S
         if found:
             out[int(g)] = found
     return out
@@ -187,7 +178,7 @@ class Rollups:
     def _roll_up_level(self, gpu_id: int, level_s: int, end_us: int) -> int:
         """Sum the minutes of every complete ``level_s`` bucket not yet written (ending by
         ``end_us``, the minute rollups' frontier)."""
-        width_us = level_s * 1_000_000
+        width_us = level_s * US_PER_S
         m, b = rollups_1m_table.c, rollups_levels_table.c
         m_us = raw_us(m.minute_start)
         stop_us = floor_us(end_us, width_us)
@@ -229,7 +220,7 @@ class Rollups:
                     "mean_power_mw": acc[2] / acc[3] if acc[3] else None,
                     "min_power_mw": acc[4],
                     "max_power_mw": acc[5],
-                    "method": combine_method_strings(acc[6]),
+                    "method": combine_methods(acc[6]),
                 }
                 for key, acc in buckets.items()
             ]
@@ -287,10 +278,10 @@ class Rollups:
         prev: EnergySample | None = None
         if prev_row is not None:
             t, e, p, pa = prev_row
-            prev = EnergySample(t / 1e6, e, p if p is not None else pa)
+            prev = EnergySample(us_to_s(t), e, p if p is not None else pa)
         for t, e, p, pa in rows:
             power = p if p is not None else pa
-            cur = EnergySample(t / 1e6, e, power)
+            cur = EnergySample(us_to_s(t), e, power)
             minute = floor_us(int(t), MINUTE_US)
             acc = minutes.get(minute)
             if acc is None:

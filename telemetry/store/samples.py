@@ -8,13 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
+from operator import attrgetter
 from typing import Any
 
 from sqlalchemy import BigInteger, Connection, Engine, bindparam, func, select, type_coerce, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from energy.counters import EnergyResult, EnergySample, integrate
-from telemetry.backends.base import GpuInfo, GpuReading
+from energy.units import us_to_s
+from telemetry.backends.base import READING_FIELDS, GpuInfo, GpuReading
 from telemetry.store.errors import write_error
 from telemetry.store.models import (
     gpu_processes_table,
@@ -31,20 +33,9 @@ from telemetry.store.sql import (
     write_transaction,
 )
 
-READING_FIELDS = (
-    "power_mw",
-    "power_avg_mw",
-    "energy_mj",
-    "sm_clock_mhz",
-    "mem_clock_mhz",
-    "gpu_util_pct",
-    "mem_util_pct",
-    "temperature_c",
-    "memory_used_bytes",
-    "power_limit_mw",
-    "throttle_reasons",
-)
-"""The ``samples`` columns of a ``GpuReading``, in the order ``insert_samples`` writes them."""
+_reading_values = attrgetter(*READING_FIELDS)
+"""A reading's ``READING_FIELDS`` values as a tuple: the ``samples`` columns after ``gpu_id`` and
+``sampled_at``, in the order ``insert_samples`` writes them."""
 
 
 def _energy_samples(
@@ -61,7 +52,8 @@ def _energy_samples(
         query = query.where(t_us < until_us)
     query = query.order_by(t_us, c.id)
     for t, energy_mj, power_mw, power_avg_mw in conn.execute(query):
-        yield EnergySample(t / 1e6, energy_mj, power_mw if power_mw is not None else power_avg_mw)
+        power = power_mw if power_mw is not None else power_avg_mw
+        yield EnergySample(us_to_s(t), energy_mj, power)
 
 
 class Samples:
@@ -212,23 +204,7 @@ class Samples:
         latest: dict[int, int] = {}
         for gpu_id, r in rows:
             at_us = to_epoch_us(r.sampled_at)  # ValueError if naive, before anything is written
-            sample_rows.append(
-                (
-                    gpu_id,
-                    at_us,
-                    r.power_mw,
-                    r.power_avg_mw,
-                    r.energy_mj,
-                    r.sm_clock_mhz,
-                    r.mem_clock_mhz,
-                    r.gpu_util_pct,
-                    r.mem_util_pct,
-                    r.temperature_c,
-                    r.memory_used_bytes,
-                    r.power_limit_mw,
-                    r.throttle_reasons,
-                )
-            )
+            sample_rows.append((gpu_id, at_us, *_reading_values(r)))
             for p in r.processes:
                 process_rows.append((gpu_id, at_us, p.pid, p.used_memory_bytes))
             if at_us > latest.get(gpu_id, -1):

@@ -20,7 +20,14 @@ from typing import Any, Literal
 
 from sqlalchemy import BigInteger, Connection, Engine, bindparam, func, select, update
 
-from energy.counters import EnergyMethod, EnergyResult, EnergySample, interval_energy
+from energy.counters import (
+    EnergyMethod,
+    EnergyResult,
+    EnergySample,
+    combine_methods,
+    interval_energy,
+)
+from energy.units import US_PER_S, s_to_us, us_to_s
 from telemetry.store.models import (
     energy_marks_table,
     from_epoch_us,
@@ -37,7 +44,6 @@ from telemetry.store.rollups import (
     RAW_MAX_SPAN_S,
     ROLLUP_LEVELS_S,
     ceil_us,
-    combine_method_strings,
     floor_us,
     frontiers,
     frontiers_many,
@@ -64,12 +70,7 @@ class _SegmentAcc:
             self.max_mw = mw
 
     def method(self) -> EnergyMethod:
-        seen = self.methods - {"none"}
-        if not seen:
-            return "none"
-        if len(seen) > 1 or "mixed" in seen:
-            return "mixed"
-        return "counter" if "counter" in seen else "trapezoid"
+        return combine_methods(self.methods)
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,7 +132,7 @@ class Segments:
                 end_us = start_us if last is None else max(start_us, int(last) + 1)
             else:
                 end_us = max(start_us, to_epoch_us(until))
-            raw = (end_us - start_us <= RAW_MAX_SPAN_S * 1e6
+            raw = (end_us - start_us <= s_to_us(RAW_MAX_SPAN_S)
                    and raw_covers(conn, gpu_id, start_us))
         if raw:
             return self._samples.gpu_energy(gpu_id, since, until)
@@ -140,7 +141,7 @@ class Segments:
             return EnergyResult(energy_mj=0.0, method="none", duration_s=0.0, n_samples=0)
         return EnergyResult(
             energy_mj=seg[0].energy_mj, method=seg[0].method,
-            duration_s=(end_us - start_us) / 1e6, n_samples=0,
+            duration_s=us_to_s(end_us - start_us), n_samples=0,
             counter_resets=seg[0].counter_resets, gaps=seg[0].gaps,
         )
 
@@ -209,7 +210,7 @@ class Segments:
             long_gpus = {
                 g for g, bps in all_bps.items()
                 if len(bps) >= 2 and source != "samples" and (
-                    source == "rollups" or (bps[-1] - bps[0]) > RAW_MAX_SPAN_S * 1e6
+                    source == "rollups" or (bps[-1] - bps[0]) > s_to_us(RAW_MAX_SPAN_S)
                 )
             }
             fronts = frontiers_many(conn, sorted(long_gpus))
@@ -479,9 +480,9 @@ class Segments:
             out[key] = _Mark(
                 cum + w * energy,
                 None if b_max is None else int(b_max),
-                combine_method_strings([b_lo, b_hi]),
+                combine_methods([b_lo, b_hi]),
                 None if a_max is None else int(a_max),
-                combine_method_strings([a_lo, a_hi]),
+                combine_methods([a_lo, a_hi]),
             )
         return out
 
@@ -620,7 +621,7 @@ class Segments:
         rows: Iterator[Any] = _chain_rows(before, inside, after)
         for t, e, p, pa in rows:
             power = p if p is not None else pa
-            cur = EnergySample(t / 1e6, e, power)
+            cur = EnergySample(us_to_s(t), e, power)
             t_int = int(t)
             if start <= t_int < stop:
                 while j + 1 < n and bps[j + 1] <= t_int:
@@ -696,7 +697,7 @@ def _decompose(
         out.append(("m", 60, lo, hi, 1.0))
         return
     level_s, finer = levels[0], levels[1:]
-    width = level_s * 1_000_000
+    width = level_s * US_PER_S
     cl, fh = ceil_us(lo, width), min(floor_us(hi, width), fronts[level_s])
     if cl >= fh:
         _decompose(lo, hi, finer, fronts, out)

@@ -6,6 +6,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import BigInteger, Connection, Engine, func, select, type_coerce
 
+from energy.units import US_PER_S, s_to_us
 from telemetry.store.models import from_epoch_us, samples_table, to_epoch_us
 from telemetry.store.records import PowerPoint
 from telemetry.store.rollups import (
@@ -46,14 +47,14 @@ class Series:
         span_us = until_us - since_us
         if span_us <= 0:
             return []
-        bucket_us = max(1_000_000, ceil_us(span_us // max_points + 1, 1_000_000))
+        bucket_us = max(US_PER_S, ceil_us(span_us // max_points + 1, US_PER_S))
         with self._engine.connect() as conn:
-            if span_us <= RAW_MAX_SPAN_S * 1e6 and raw_covers(conn, gpu_id, since_us):
+            if span_us <= s_to_us(RAW_MAX_SPAN_S) and raw_covers(conn, gpu_id, since_us):
                 return self._raw_power(conn, gpu_id, since_us, until_us, bucket_us)
             fronts = frontiers(conn, gpu_id)
             level_s = 60
             for candidate in ROLLUP_LEVELS_S:
-                if span_us / (level_s * 1e6) <= max_points:
+                if span_us / s_to_us(level_s) <= max_points:
                     break
                 if candidate in fronts:
                     level_s = candidate

@@ -13,7 +13,7 @@ from typing import Final, Protocol
 
 import pynvml
 
-from telemetry.backends.base import GpuBackend
+from telemetry.backends.base import READING_FIELDS, GpuBackend
 from telemetry.backends.nvml import HOLD_S, NvmlBackend
 from telemetry.backends.replay import ReplayBackend, ReplayNoise
 from telemetry.backends.simulated import (
@@ -48,19 +48,7 @@ FIELD_FAULTS: Final = {
 }
 
 #: The reading fields that degrade to ``None`` (``processes`` degrades to ``()``).
-FIELDS: Final = (
-    "power_mw",
-    "power_avg_mw",
-    "energy_mj",
-    "sm_clock_mhz",
-    "mem_clock_mhz",
-    "gpu_util_pct",
-    "mem_util_pct",
-    "temperature_c",
-    "memory_used_bytes",
-    "power_limit_mw",
-    "throttle_reasons",
-)
+FIELDS: Final = READING_FIELDS
 
 
 class Faults(Protocol):

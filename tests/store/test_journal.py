@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from energy.optimizer import Knob
 from scheduler.store import (
     InvalidJournalTransitionError,
     JobStore,
@@ -11,7 +12,6 @@ from scheduler.store import (
     JournalStatus,
     JournalStore,
     NewJob,
-    Setting,
 )
 from telemetry.store import Store, current_revision, downgrade, open_store, upgrade
 from tests.store.data import at, gpu_info
@@ -35,7 +35,7 @@ def test_record_writes_a_pending_entry_with_every_field(store: Store) -> None:
         gpu_id=ids[1],
         gpu_index=1,
         job_id=job_id,
-        setting=Setting.SM_CLOCKS,
+        setting=Knob.SM_CLOCKS,
         value=1410,
         min_clock_mhz=345,
         previous_value=None,
@@ -43,7 +43,7 @@ def test_record_writes_a_pending_entry_with_every_field(store: Store) -> None:
     )
     assert entry.id > 0
     assert (entry.host, entry.gpu_id, entry.gpu_index, entry.job_id) == (HOST, ids[1], 1, job_id)
-    assert (entry.setting, entry.value, entry.min_clock_mhz) == (Setting.SM_CLOCKS, 1410, 345)
+    assert (entry.setting, entry.value, entry.min_clock_mhz) == (Knob.SM_CLOCKS, 1410, 345)
     assert entry.status is JournalStatus.PENDING and entry.outstanding
     assert entry.dry_run is False and entry.previous_value is None
     assert entry.requested_at == at(5) and entry.applied_at is None and entry.undone_at is None
@@ -87,7 +87,7 @@ def test_failed_is_not_outstanding_and_undo_failed_is(store: Store) -> None:
             gpu_id=ids[0],
             gpu_index=0,
             job_id=job_id,
-            setting=Setting.POWER_LIMIT,
+            setting=Knob.POWER_LIMIT,
             value=value,
             at=at(1),
         )

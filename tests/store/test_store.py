@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import random
 import sqlite3
+from dataclasses import fields
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 from sqlalchemy.exc import DBAPIError
 
-from telemetry.backends.base import GpuProcess, GpuReading
-from telemetry.store import Store, StoreWriteError, make_engine, open_store
+from telemetry.backends.base import READING_FIELDS, GpuProcess, GpuReading
+from telemetry.store import SampleRecord, Store, StoreWriteError, make_engine, open_store
+from telemetry.store.models import samples_table
 from tests.store.data import T0, at, gpu_info, reading
 
 
@@ -43,6 +45,14 @@ def test_register_gpus_upserts_by_host_and_uuid(store: Store) -> None:
     assert len(store.gpus()) == 4
 
 
+def test_samples_keep_every_reading_field() -> None:
+    """The table and its record are written out for SQLAlchemy and mypy; they must hold exactly
+    ``GpuReading``'s measured values (``READING_FIELDS``, the one list), in its order."""
+    stored = ("gpu_id", "sampled_at", *READING_FIELDS)
+    assert tuple(f.name for f in fields(SampleRecord)) == stored
+    assert tuple(c.name for c in samples_table.columns if c.name != "id") == stored
+
+
 def test_round_trip_keeps_values_nulls_and_aware_utc(store: Store) -> None:
     ids = _register(store)
     full = reading(
@@ -54,17 +64,7 @@ def test_round_trip_keeps_values_nulls_and_aware_utc(store: Store) -> None:
         index=1,
         # same instant written in another zone: stored and returned as UTC
         sampled_at=datetime(2026, 1, 1, 14, 0, 1, tzinfo=timezone(timedelta(hours=2))),
-        power_mw=None,
-        power_avg_mw=None,
-        energy_mj=None,
-        sm_clock_mhz=None,
-        mem_clock_mhz=None,
-        gpu_util_pct=None,
-        mem_util_pct=None,
-        temperature_c=None,
-        memory_used_bytes=None,
-        power_limit_mw=None,
-        throttle_reasons=None,
+        **dict.fromkeys(READING_FIELDS),
     )
     assert store.insert_samples([(ids[0], full), (ids[1], sparse)]) == 2
 
@@ -73,17 +73,14 @@ def test_round_trip_keeps_values_nulls_and_aware_utc(store: Store) -> None:
     assert got.sampled_at == full.sampled_at
     assert got.sampled_at.tzinfo == UTC
     assert got.energy_mj == 2**40 + 5
-    for name in ("power_mw", "power_avg_mw", "sm_clock_mhz", "mem_clock_mhz", "gpu_util_pct"):
+    for name in READING_FIELDS:
         assert getattr(got, name) == getattr(full, name)
     assert (got.temperature_c, got.memory_used_bytes) == (61, 70 * 2**30)
     assert (got.power_limit_mw, got.throttle_reasons) == (700_000, 0x4)
 
     [none] = store.samples(ids[1])
     assert none.sampled_at == at(1) and none.sampled_at.tzinfo == UTC
-    assert all(
-        getattr(none, f) is None
-        for f in ("power_mw", "energy_mj", "sm_clock_mhz", "temperature_c", "throttle_reasons")
-    )
+    assert all(getattr(none, f) is None for f in READING_FIELDS)
 
     procs = store.processes(ids[0])
     assert [(p.pid, p.used_memory_bytes) for p in procs] == [(4242, 3 * 2**30), (4243, None)]
