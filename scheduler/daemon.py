@@ -230,10 +230,13 @@ class Daemon:
         return 0
 
     def _rollup(self) -> None:
-        self.store.rollup(datetime.now(UTC))
+        # this node's GPUs only: other daemons on a shared store roll up their own
+        self.store.rollup(datetime.now(UTC), host=self.host)
 
     def _retention(self) -> None:
-        self.store.apply_retention(datetime.now(UTC), self.settings.retention_days)
+        self.store.apply_retention(
+            datetime.now(UTC), self.settings.retention_days, host=self.host
+        )
 
     @staticmethod
     def _guard(job: Callable[[], Any]) -> Callable[[], None]:

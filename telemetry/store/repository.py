@@ -142,8 +142,13 @@ class Store:
 
     # -- rollups and retention (``telemetry.store.rollups``) -----------------------------------
 
-    def rollup(self, now: datetime, *, settle_s: float = ROLLUP_SETTLE_S) -> int:
+    def rollup(
+        self, now: datetime, *, settle_s: float = ROLLUP_SETTLE_S, host: str | None = None
+    ) -> int:
         """Write one-minute rollups for every complete minute not yet rolled up.
+
+        A daemon rolls up its own node's GPUs only (``host``): with many daemons on one store,
+        each owns its node's rows, and none writes another's.
 
         Idempotent: a minute is rolled up once, when complete, after the latest rolled-up minute
         of its GPU. Each interval between consecutive samples counts in the minute in which it
@@ -156,6 +161,7 @@ class Store:
         Args:
             now: Current time (aware UTC).
             settle_s: Seconds after a minute's end before it is rolled up (>= 0).
+            host: Only this host's GPUs (``None``: every GPU in the store).
 
         Returns:
             How many rollup rows were written.
@@ -166,7 +172,7 @@ class Store:
         """
         end_us = rollup_end_us(now, settle_s)
         written = 0
-        for gpu_id in self._rollups.gpu_ids():
+        for gpu_id in self._rollups.gpu_ids(host):
             try:
                 written += self._rollups.roll_up(gpu_id, end_us)
                 self._segments.mark_job_edges(gpu_id)
@@ -191,7 +197,8 @@ class Store:
         return self._rollups.level_rollups(gpu_id, level_s, since, until)
 
     def apply_retention(
-        self, now: datetime, days: float, *, settle_s: float = ROLLUP_SETTLE_S
+        self, now: datetime, days: float, *, settle_s: float = ROLLUP_SETTLE_S,
+        host: str | None = None,
     ) -> int:
         """Delete raw samples and processes older than ``days`` before ``now``; rollups stay.
 
@@ -202,6 +209,7 @@ class Store:
             now: Current time (aware UTC).
             days: Retention in days (> 0).
             settle_s: Passed to ``rollup``.
+            host: Only this host's GPUs (``None``: every GPU in the store).
 
         Returns:
             How many sample rows were deleted.
@@ -212,10 +220,10 @@ class Store:
         """
         if not (math.isfinite(days) and days > 0):
             raise ValueError(f"retention must be a positive number of days (got {days})")
-        self.rollup(now, settle_s=settle_s)
+        self.rollup(now, settle_s=settle_s, host=host)
         cutoff_us = to_epoch_us(now - timedelta(days=days))
         deleted = 0
-        for gpu_id in self._rollups.gpu_ids():
+        for gpu_id in self._rollups.gpu_ids(host):
             try:
                 deleted += self._rollups.delete_raw(gpu_id, cutoff_us)
             except SQLAlchemyError as exc:

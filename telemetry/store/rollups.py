@@ -155,10 +155,13 @@ class Rollups:
         self._engine = engine
         self._max_gap_s = max_gap_s
 
-    def gpu_ids(self) -> list[int]:
-        """Every GPU in the store (rollups and retention walk all of them, not only a host's)."""
+    def gpu_ids(self, host: str | None = None) -> list[int]:
+        """The GPUs of one host (``None``: every GPU in the store), by id."""
+        query = select(gpus_table.c.id).order_by(gpus_table.c.id)
+        if host is not None:
+            query = query.where(gpus_table.c.host == host)
         with self._engine.connect() as conn:
-            return list(conn.execute(select(gpus_table.c.id).order_by(gpus_table.c.id)).scalars())
+            return list(conn.execute(query).scalars())
 
     def roll_up(self, gpu_id: int, end_us: int) -> int:
         """Write one GPU's minutes before ``end_us`` (epoch µs) not yet rolled up, then its

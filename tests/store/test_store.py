@@ -297,6 +297,26 @@ def test_rollup_without_power_or_counter(store: Store) -> None:
     assert r.mean_power_mw is None and r.min_power_mw is None and r.max_power_mw is None
 
 
+def test_each_host_rolls_up_and_retains_its_own_gpus_only(store: Store) -> None:
+    """Two daemons on one store: node-a's rollup and retention leave node-b's rows alone."""
+    a = _register(store, 1)[0]
+    b = store.register_gpus([gpu_info(0)], host="node-b", backend="simulated")[0]
+    day = 86_400.0
+    for gpu_id in (a, b):
+        _insert_series(store, gpu_id, _counter_series(120.0))
+    now = at(day + 90.0)
+
+    assert store.rollup(now, host="node-a") > 0
+    assert store.rollups(a) and store.rollups(b) == []
+    a_samples, b_samples = len(store.samples(a)), len(store.samples(b))
+    deleted = store.apply_retention(now, days=0.5, host="node-a")
+    assert deleted > 0 and len(store.samples(a)) == a_samples - deleted  # a's old raw rows went
+    assert len(store.samples(b)) == b_samples and store.rollups(b) == []
+
+    assert store.rollup(now, host="node-b") > 0  # node-b's own daemon does its share
+    assert [r.minute_start for r in store.rollups(b)] == [r.minute_start for r in store.rollups(a)]
+
+
 def test_retention_deletes_old_samples_but_keeps_rollups(store: Store) -> None:
     ids = _register(store, 1)
     day = 86_400.0
