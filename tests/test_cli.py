@@ -11,22 +11,13 @@ from typer.testing import CliRunner
 
 from scheduler.cli import _reading_json, app
 from telemetry.store import current_revision, head_revision
+from tests.cli_helpers import cli_runner, one_error_line
 from tests.store.data import at, reading
 
 
 @pytest.fixture
 def run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> CliRunner:
-    for name in ("POWERTRAIN_HOME", "POWERTRAIN_DB", "POWERTRAIN_BACKEND"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("POWERTRAIN_HOME", str(tmp_path))
-    return CliRunner()
-
-
-def one_error_line(output: str) -> str:
-    lines = [line for line in output.strip().splitlines() if line.strip()]
-    assert len(lines) == 1, output
-    assert lines[0].startswith("error:"), output
-    return lines[0]
+    return cli_runner(monkeypatch, tmp_path)
 
 
 def test_gpus_json_lists_every_gpu(run: CliRunner) -> None:

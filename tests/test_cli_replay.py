@@ -11,28 +11,14 @@ from typer.testing import CliRunner
 
 from scheduler.cli import EXIT_ERROR, EXIT_USAGE, app
 from telemetry.backends.traces import resolve_trace
+from tests.cli_helpers import cli_runner, one_error_line
 
 NOT_A_TRACE = str(Path(__file__).resolve().parents[1] / "pyproject.toml")
-ENV = (
-    "POWERTRAIN_HOME", "POWERTRAIN_DB", "POWERTRAIN_BACKEND", "POWERTRAIN_SIM_GPUS",
-    "POWERTRAIN_SIM_SKU", "POWERTRAIN_TRACE", "POWERTRAIN_TRACE_WORKLOAD",
-    "POWERTRAIN_TRACE_BATCH_SIZE",
-)
 
 
 @pytest.fixture
 def run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> CliRunner:
-    for name in ENV:
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("POWERTRAIN_HOME", str(tmp_path / "home"))
-    return CliRunner()
-
-
-def one_error_line(output: str) -> str:
-    lines = [line for line in output.strip().splitlines() if line.strip()]
-    assert len(lines) == 1, output
-    assert lines[0].startswith("error:"), output
-    return lines[0]
+    return cli_runner(monkeypatch, tmp_path / "home")
 
 
 def test_gpus_json_replays_a_bundled_trace(run: CliRunner) -> None:

@@ -118,6 +118,15 @@ def raw_covers(conn: Connection, gpu_id: int, start_us: int) -> bool:
     return first_minute is None or int(first_minute) >= floor_us(int(first_sample), MINUTE_US)
 
 
+def rolled_up_until_us(conn: Connection, gpu_id: int) -> int | None:
+    """The end of a GPU's last rolled-up minute (epoch µs), or ``None`` when none is."""
+    r = rollups_1m_table.c
+    last = conn.execute(
+        select(func.max(raw_us(r.minute_start))).where(r.gpu_id == gpu_id)
+    ).scalar_one()
+    return None if last is None else int(last) + MINUTE_US
+
+
 def rollup_end_us(now: datetime, settle_s: float) -> int:
     """The end of the minutes complete ``settle_s`` seconds before ``now``, epoch µs.
 
@@ -387,15 +396,12 @@ class Rollups:
         Raises:
             SQLAlchemyError: Nothing was deleted.
         """
-        s, p, r = samples_table.c, gpu_processes_table.c, rollups_1m_table.c
+        s, p = samples_table.c, gpu_processes_table.c
         t_us, pt_us = raw_us(s.sampled_at), raw_us(p.sampled_at)
         with write_transaction(self._engine) as conn:
-            last = conn.execute(
-                select(func.max(raw_us(r.minute_start))).where(r.gpu_id == gpu_id)
-            ).scalar_one()
-            if last is None:
+            rolled_until_us = rolled_up_until_us(conn, gpu_id)
+            if rolled_until_us is None:
                 return 0
-            rolled_until_us = int(last) + MINUTE_US
             keep_us = conn.execute(
                 select(func.max(t_us)).where(s.gpu_id == gpu_id, t_us < rolled_until_us)
             ).scalar_one()

@@ -33,7 +33,6 @@ from telemetry.store.models import (
     from_epoch_us,
     job_gpus_table,
     jobs_table,
-    rollups_1m_table,
     samples_table,
     to_epoch_us,
 )
@@ -48,6 +47,7 @@ from telemetry.store.rollups import (
     frontiers,
     frontiers_many,
     raw_covers,
+    rolled_up_until_us,
 )
 from telemetry.store.samples import Samples
 from telemetry.store.sql import VALUES_CHUNK, raw_us, values_sql, write_transaction
@@ -489,14 +489,12 @@ class Segments:
     def mark_job_edges(self, gpu_id: int) -> int:
         """Store the energy marks of the job edges on one GPU whose hour is rolled up and that
         have none yet; return how many were written."""
-        j, jg, m, r = jobs_table.c, job_gpus_table.c, energy_marks_table.c, rollups_1m_table.c
+        j, jg, m = jobs_table.c, job_gpus_table.c, energy_marks_table.c
         with write_transaction(self._engine) as conn:
-            last = conn.execute(
-                select(func.max(raw_us(r.minute_start))).where(r.gpu_id == gpu_id)
-            ).scalar_one()
-            if last is None:
+            rolled_until_us = rolled_up_until_us(conn, gpu_id)
+            if rolled_until_us is None:
                 return 0
-            ready_us = floor_us(int(last) + MINUTE_US, HOUR_US)  # hours before it are rolled up
+            ready_us = floor_us(rolled_until_us, HOUR_US)  # hours before it are rolled up
             edges: set[int] = set()
             for column in (j.started_at, j.ended_at):
                 t_us = raw_us(column)
