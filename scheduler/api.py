@@ -56,6 +56,7 @@ class JobsApi(Protocol):
     def cancel(self, caller: Caller, job_id: int) -> JobView: ...
     def update(self, caller: Caller, job_id: int, req: UpdateRequest) -> JobView: ...
     def resume(self, caller: Caller, job_id: int) -> JobView: ...
+    def checkpoint(self, caller: Caller, job_id: int) -> JobView: ...
     def progress(self, caller: Caller, job_id: int, req: ProgressReport) -> Directive: ...
     def log_chunk(
         self,
@@ -196,6 +197,10 @@ def create_app(service: JobsApi, *, admin_group: str | None = None) -> FastAPI:
     @app.post("/v1/jobs/{job_id}/resume")
     def resume(job_id: int, who: Who) -> JobView:
         return call(lambda: service.resume(who, job_id))
+
+    @app.post("/v1/jobs/{job_id}/checkpoint")
+    def checkpoint(job_id: int, who: Who) -> JobView:
+        return call(lambda: service.checkpoint(who, job_id))
 
     @app.patch("/v1/jobs/{job_id}")
     def update(job_id: int, req: UpdateRequest, who: Who) -> JobView:

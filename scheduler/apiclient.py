@@ -82,6 +82,10 @@ class DaemonClient:
         result: dict[str, Any] = self.request("POST", f"/v1/jobs/{job_id}/resume")
         return result
 
+    def checkpoint(self, job_id: int) -> dict[str, Any]:
+        result: dict[str, Any] = self.request("POST", f"/v1/jobs/{job_id}/checkpoint")
+        return result
+
     def update(self, job_id: int, body: dict[str, Any]) -> dict[str, Any]:
         result: dict[str, Any] = self.request("PATCH", f"/v1/jobs/{job_id}", json=body)
         return result

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence, Set
 from dataclasses import dataclass, field, replace
 
 from energy.counters import interval_energy
@@ -50,6 +50,7 @@ from scheduler.store import JobRecord, JobStore
 from telemetry.backends.base import BackendCapabilities, GpuInfo, GpuReading
 from telemetry.clock import Clock, to_datetime
 from telemetry.sampler import LatestReadings
+from telemetry.store import SampleRecord
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ IDLE_SETTLE_S = 5.0
 class Progress:
     """What the service knows of a job's client (from its progress reports)."""
 
-    reports: deque[tuple[float, int, int]] = field(default_factory=lambda: deque(maxlen=64))
+    reports: deque[tuple[float, int, int]] = field(default_factory=lambda: deque(maxlen=256))
     step_time_s: float | None = None
 
     def add(self, now_s: float, steps: int, tokens: int, step_time_s: float | None) -> None:
@@ -109,6 +110,11 @@ class _JobControl:
     optimising: Optimising | None = None
     energy_j: float = 0.0
     counters: dict[int, int] = field(default_factory=dict)
+    #: Other nodes' GPUs of a run this node owns: store id -> (their latest stored sample's
+    #: time s, its counter mJ).
+    remote: dict[int, tuple[float, int | None]] = field(default_factory=dict)
+    budget_wh: float | None = None
+    followed: bool = False  # another node owns the run and takes its energy decisions
     last_s: float | None = None
     #: (tick time, ``energy_j`` then) of the last ticks, to read the energy at a report's time.
     energy_at: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=32))
@@ -134,6 +140,8 @@ class BudgetLoop:
             limits already keep the node under the sum of their maximum limits.
         clock: Time source.
         on_pause / on_resume / on_stop: How the service pauses, resumes or stops a job.
+        remote_samples: The latest stored samples of GPUs by store id (another node's GPUs of a
+            run this node owns); ``None``: this node owns no such run.
     """
 
     def __init__(
@@ -149,7 +157,9 @@ class BudgetLoop:
         on_pause: Callable[[JobRecord, str], None],
         on_resume: Callable[[JobRecord, str], None],
         on_stop: Callable[[JobRecord, str], None],
+        remote_samples: Callable[[Sequence[int]], Mapping[int, SampleRecord]] | None = None,
     ) -> None:
+        self._remote_samples = remote_samples
         self._capabilities = capabilities
         self._readings = readings
         self._jobs = jobs
@@ -182,7 +192,7 @@ class BudgetLoop:
     def budget_changed(self, job: JobRecord) -> None:
         """``powertrain budget``: the energy guard takes the new budget at the next tick."""
         control = self._controls.get(job.id)
-        if control is None:
+        if control is None or control.followed:
             return
         if job.energy_budget_wh is None:
             return
@@ -205,8 +215,24 @@ class BudgetLoop:
         control = self._controls.get(job_id)
         return control.duty if control else 1.0
 
-    def tick(self, active: Sequence[JobRecord], progress: Mapping[int, Progress]) -> None:
-        """One control tick for every active job of this node."""
+    def tick(
+        self,
+        active: Sequence[JobRecord],
+        progress: Mapping[int, Progress],
+        *,
+        followed: Set[int] = frozenset(),
+        remote_gpus: Mapping[int, Sequence[int]] | None = None,
+    ) -> None:
+        """One control tick for every active job of this node.
+
+        Args:
+            active: The jobs, each narrowed to this node's GPUs (``JobRecord.on``).
+            progress: What each job's clients reported (a run's totals over its members).
+            followed: Jobs another node owns (a run's rank 0 is elsewhere): this node holds
+                their wattage budget on its GPUs, and leaves energy decisions to the owner.
+            remote_gpus: For runs this node owns, the store ids of their GPUs on other nodes,
+                whose energy counts into the run's energy budget (read from the store).
+        """
         now_s = self._clock.now()
         readings = self._read_all()
         busy = {i for job in active for i in job.gpus}
@@ -226,8 +252,9 @@ class BudgetLoop:
             with self._contained(job, failed):
                 control = self._controls.get(job.id)
                 if control is None:
-                    control = self._controls[job.id] = self._start(job)
+                    control = self._controls[job.id] = self._start(job, job.id in followed)
                 self._account(control, job, readings, now_s)
+                self._account_remote(control, (remote_gpus or {}).get(job.id, ()))
                 observations[job.id] = self._observe(job, control, readings,
                                                      progress.get(job.id, Progress()), now_s)
 
@@ -264,8 +291,11 @@ class BudgetLoop:
 
     # -- setup -----------------------------------------------------------------------------------
 
-    def _start(self, job: JobRecord) -> _JobControl:
-        control = _JobControl()
+    def _start(self, job: JobRecord, followed: bool = False) -> _JobControl:
+        control = _JobControl(followed=followed)
+        if followed:  # the owner node takes the run's energy decisions
+            return control
+        # Every GPU of the run, on every node, up to now; each tick adds what came since.
         control.energy_j = mj_to_j(self._jobs.energy(job.id).energy_mj) if job.started_at else 0.0
         if job.energy_budget_wh is not None:
             _arm_energy(control, job)
@@ -334,6 +364,24 @@ class BudgetLoop:
                 control.counters[index] = r.energy_mj
         control.last_s = now_s
         control.energy_at.append((now_s, control.energy_j))
+
+    def _account_remote(self, control: _JobControl, gpu_ids: Sequence[int]) -> None:
+        """Add the energy of a run's GPUs on other nodes since their last stored sample seen
+        (their daemons sample them into the shared store; a flush interval behind)."""
+        if not gpu_ids or self._remote_samples is None:
+            return
+        for gpu_id, sample in self._remote_samples(gpu_ids).items():
+            t_s = sample.sampled_at.timestamp()
+            before = control.remote.get(gpu_id)
+            control.remote[gpu_id] = (t_s, sample.energy_mj)
+            if before is None or t_s <= before[0]:
+                continue  # the first sample seen starts the count (the job's start was read)
+            part = interval_energy(
+                (before[0], before[1], None), (t_s, sample.energy_mj, sample.power_avg_mw)
+            )
+            control.energy_j += mj_to_j(part.energy_mj or 0.0)
+        if control.energy_at:
+            control.energy_at[-1] = (control.energy_at[-1][0], control.energy_j)
 
     def _observe(
         self, job: JobRecord, control: _JobControl, readings: Mapping[int, GpuReading],
@@ -491,6 +539,11 @@ class BudgetLoop:
     def _energy(
         self, job: JobRecord, control: _JobControl, obs: Observation, progress: Progress
     ) -> None:
+        if control.followed:
+            return
+        if job.energy_budget_wh != control.budget_wh:  # changed here or on another node
+            control.budget_wh = job.energy_budget_wh
+            self.budget_changed(job)
         if control.guard is None or control.forecast is None:
             return
         control.forecast.declare(job.total_steps, job.total_tokens)
@@ -548,6 +601,7 @@ class BudgetLoop:
 def _arm_energy(control: _JobControl, job: JobRecord) -> None:
     """Give a job with an energy budget its forecast and guard."""
     assert job.energy_budget_wh is not None
+    control.budget_wh = job.energy_budget_wh
     control.forecast = EnergyForecast(
         total_steps=job.total_steps, total_tokens=job.total_tokens,
         deadline_s=job.deadline_at.timestamp() if job.deadline_at else None,

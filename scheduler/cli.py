@@ -602,20 +602,42 @@ def _fmt(value: Any, fmt: str) -> str:
 
 @app.command()
 def jobs(
+    job_id: Annotated[
+        int | None, typer.Argument(help="One job (with --ranks: its ranks).", show_default=False)
+    ] = None,
     all_jobs: Annotated[bool, typer.Option("--all", help="Include ended jobs.")] = False,
+    ranks: Annotated[
+        bool,
+        typer.Option("--ranks", help="Each rank of JOB: node, steps, step rate; the slowest "
+                     "rank and the spread (the straggler view)."),
+    ] = False,
     as_json: JsonOpt = False,
     socket: SocketOpt = None,
 ) -> None:
-    """List jobs: state, GPUs, budget, power now, throughput and energy so far."""
-    rows = talk(socket, lambda c: c.jobs(include_ended=all_jobs))
+    """List jobs: state, GPUs, budget, power now, throughput and energy so far.
+
+    A distributed run is one job whose members are its ranks: its tokens and samples are their
+    sums, its steps the steps every rank has finished.
+    """
+    if ranks and job_id is None:
+        fail("--ranks needs a JOB id", EXIT_USAGE)
+    if job_id is not None:
+        job = talk(socket, lambda c: c.job(job_id))
+        if ranks:
+            _print_ranks(job, as_json)
+            return
+        rows = [job]
+    else:
+        rows = talk(socket, lambda c: c.jobs(include_ended=all_jobs))
     if as_json:
-        typer.echo(json.dumps(rows, indent=2))
+        typer.echo(json.dumps(rows if job_id is None else rows[0], indent=2))
         return
     table = Table(
         "ID",
         "Name",
         "User",
         "State",
+        "Ranks",
         "GPUs",
         "Budget",
         "Power",
@@ -626,12 +648,15 @@ def jobs(
     )
     for row in rows:
         energy_j = row["energy_j"]
+        members = row.get("members") or []
+        running = sum(1 for m in members if m["state"] == "running")
         table.add_row(
             str(row["id"]),
             row["name"],
             row["user"],
             row["state"],
-            ",".join(map(str, row["gpus"])) or _fmt(row["gpu_count"], "({} wanted)"),
+            f"{running}/{row['world_size']}" if row.get("world_size") else str(len(members)),
+            _gpus_cell(row),
             _fmt(row["watts"], "{:.0f} W/GPU"),
             _fmt(row["power_w"], "{:.0f} W"),
             _fmt(row["tokens_per_s"], "{:,.0f}"),
@@ -641,17 +666,69 @@ def jobs(
     out.print(table)
 
 
+def _gpus_cell(row: dict[str, Any]) -> str:
+    """GPU indices; a run on several nodes names each GPU's node (``a:0,a:1,b:0``)."""
+    nodes = row.get("gpu_nodes") or []
+    if len(set(nodes)) > 1:
+        return ",".join(f"{n}:{i}" for n, i in zip(nodes, row["gpus"], strict=True))
+    return ",".join(map(str, row["gpus"])) or _fmt(row["gpu_count"], "({} wanted)")
+
+
+def _print_ranks(job: dict[str, Any], as_json: bool) -> None:
+    from reports.ranks import stragglers
+
+    members = job.get("members") or []
+    view = stragglers([(m["rank"], m["steps_per_s"]) for m in members
+                       if m["state"] == "running"])
+    if as_json:
+        summary = None if view is None else {
+            "slowest_rank": view.slowest_rank, "slowest_steps_per_s": view.slowest_steps_per_s,
+            "fastest_rank": view.fastest_rank, "fastest_steps_per_s": view.fastest_steps_per_s,
+            "spread": view.spread,
+        }
+        typer.echo(json.dumps({"job": job["id"], "members": members, "stragglers": summary},
+                              indent=2))
+        return
+    table = Table("Rank", "Node", "Local", "PID", "GPUs", "State", "Steps", "Steps/s",
+                  "Step time", "Tokens", box=box.SIMPLE_HEAD,
+                  title=f"job {job['id']} ({escape(job['name'])}): {len(members)} members")
+    for m in members:
+        slow = view is not None and m["rank"] == view.slowest_rank and m["state"] == "running"
+        table.add_row(
+            f"{m['rank']}{' (slowest)' if slow else ''}", escape(m["node"]),
+            str(m["local_rank"]), str(m["pid"]), ",".join(map(str, m["gpus"])) or "-",
+            m["state"], f"{m['steps']:,}", _fmt(m["steps_per_s"], "{:.2f}"),
+            _fmt(m["step_time_s"], "{:.3f} s"), f"{m['tokens']:,}",
+        )
+    out.print(table)
+    out.print(view.sentence() if view else "no step rates yet (fewer than two ranks reporting)")
+
+
 @app.command()
 def cancel(
     job_id: Annotated[int, typer.Argument(help="Job id.")],
     socket: SocketOpt = None,
 ) -> None:
-    """Cancel a job: a queued one at once; a running one gets SIGTERM, then SIGKILL."""
+    """Cancel a job: a queued one at once. A running one's ranks stop together at one step
+    (those using the client); what is left then gets SIGTERM, and SIGKILL after the grace
+    period."""
     job = talk(socket, lambda c: c.cancel(job_id))
     if job["state"] == "cancelled":
         out.print(f"job {job_id} cancelled")
+    elif job.get("hold_step") is not None:
+        out.print(f"job {job_id}: every rank stops at step {job['hold_step']}")
     else:
         out.print(f"job {job_id}: stopping (SIGTERM now, SIGKILL after the grace period)")
+
+
+@app.command()
+def checkpoint(
+    job_id: Annotated[int, typer.Argument(help="Job id.")],
+    socket: SocketOpt = None,
+) -> None:
+    """Have every rank of a running job call its checkpoint hook at one step, and go on."""
+    job = talk(socket, lambda c: c.checkpoint(job_id))
+    out.print(f"job {job_id}: every rank checkpoints at step {job['hold_step']}")
 
 
 @app.command()
@@ -796,6 +873,15 @@ def _register_report() -> None:
 
 
 _register_report()
+
+
+def _register_nodes() -> None:
+    from scheduler.nodes_command import nodes
+
+    app.command("nodes")(nodes)
+
+
+_register_nodes()
 
 
 def main() -> None:

@@ -16,8 +16,15 @@ The daemon is never needed for training to go on: when it is absent or dies, the
 warning, keeps counting, and retries in the background. Progress is reported as cumulative totals,
 so a report that was lost, or a daemon restart, loses nothing.
 
-This module does not import torch; of powertrain it imports only ``scheduler.jobs`` (standard
-library only), where the modes, policies and the directive's fields are defined once.
+In a distributed run (torchrun, ``srun``, ``mpirun``) every rank calls ``track`` and reports what
+it processed itself; the ranks join one job, named by the launcher's identity of the run
+(``scheduler.runs``). The daemon sums their tokens and samples, and counts the steps every rank
+has finished. A pause, stop or checkpoint names the step every rank obeys at, so that no rank is
+left waiting in a collective.
+
+This module does not import torch; of powertrain it imports only ``scheduler.jobs`` and
+``scheduler.runs`` (standard library only), where the modes, policies, the directive's fields and
+the run identities are defined once.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ import httpx
 import platformdirs
 
 from scheduler.jobs import Action, Directive, Mode, OnExceed
+from scheduler.runs import RunIdentity, run_identity
 
 __all__ = [
     "Directive",
@@ -97,14 +105,33 @@ def default_socket_path() -> Path:
     return Path(home) / "powertrain.sock"
 
 
-def _visible_gpu_ids() -> list[int] | None:
-    """GPU indices from ``CUDA_VISIBLE_DEVICES`` when it is a list of integers, else ``None``."""
+def _visible_gpu_ids(run: RunIdentity | None = None) -> list[int] | None:
+    """GPU indices from ``CUDA_VISIBLE_DEVICES`` when it is a list of integers, else ``None``.
+
+    A rank of a run whose node's ranks share the list, one GPU each (as many GPUs as local
+    ranks: torchrun's and ``mpirun``'s usual layout), uses the one at its local rank.
+    """
     raw = os.environ.get("CUDA_VISIBLE_DEVICES")
     if not raw or not raw.strip():
         return None
     try:
-        return [int(part) for part in raw.split(",")]
+        visible = [int(part) for part in raw.split(",")]
     except ValueError:  # UUIDs or MIG names: the daemon finds the GPUs from the pid instead
+        return None
+    local_world = next(
+        (os.environ[name] for name in ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE",
+                                        "MPI_LOCALNRANKS") if os.environ.get(name)), None,
+    )
+    if run is not None and local_world == str(len(visible)) and run.local_rank < len(visible):
+        return [visible[run.local_rank]]
+    return visible
+
+
+def _run_of_this_process() -> RunIdentity | None:
+    try:
+        return run_identity(os.environ)
+    except ValueError as exc:
+        log.warning("powertrain: %s; reporting as a process of its own", exc)
         return None
 
 
@@ -146,6 +173,9 @@ def _parse_directive(data: Any) -> Directive:
         micro_batch = None
     state = data.get("state")
     action = data.get("action")
+    at_step = data.get("at_step")
+    if isinstance(at_step, bool) or not isinstance(at_step, int) or at_step < 0:
+        at_step = None
     return Directive(
         pace_s=_finite(data.get("pace_s"), 0.0, 0.0, _MAX_PACE_S),
         duty=_finite(data.get("duty"), 1.0, _MIN_DUTY, 1.0),
@@ -153,6 +183,7 @@ def _parse_directive(data: Any) -> Directive:
         slowdown=_finite(data.get("slowdown"), 1.0, 1.0, _MAX_SLOWDOWN),
         state=state if isinstance(state, str) else None,
         action=Action(action) if isinstance(action, str) and action in _ACTIONS else None,
+        at_step=at_step,
     )
 
 
@@ -288,6 +319,12 @@ class Job:
         # Written by the reporter thread (and by start/close before/after it runs).
         self._directive = Directive()
         self._id: int | None = None
+        self._member: int | None = None
+        self._joined = False  # the daemon took this process as a member of job ``_id``
+        self._launched_id: int | None = None
+        self._outcome = "ok"
+        self._run: RunIdentity | None = None
+        self._refused = False  # the daemon refused this process as a member: stop trying
         self._launched = False
         self._healthy: bool | None = None  # None: never tried; False: warned about this outage
         self._last_ok = 0.0
@@ -299,6 +336,7 @@ class Job:
         self._closing = threading.Event()
         self._started = False
         self._closed = False
+        self._checkpointed_at: int | None = None  # the held step this loop checkpointed at
 
     # -- public read-only view -------------------------------------------------------------
 
@@ -439,11 +477,22 @@ class Job:
             sleep_s += (duration_s + stretch_s) * (1.0 / directive.duty - 1.0)
         if sleep_s > 0.0:
             time.sleep(sleep_s)
-        if directive.action is not None:
+        if directive.action is not None and (
+            directive.at_step is None or steps + 1 >= directive.at_step
+        ):
             self._obey(directive)
 
     def _obey(self, directive: Directive) -> None:
-        """Checkpoint, then stop or wait until the daemon lets the job run again."""
+        """Checkpoint, then stop, go on, or wait until the daemon lets the job run again.
+
+        A held step (``at_step``) is the same on every rank, so every rank obeys at the same
+        step boundary."""
+        if directive.action == "checkpoint":
+            if self._checkpointed_at != directive.at_step:
+                self._checkpointed_at = directive.at_step
+                log.info("powertrain: job %s checkpointing at step %s", self._id, self.steps)
+                self._call_checkpoint()
+            return
         if directive.action == "stop":
             self._call_checkpoint()
             raise JobStopped(self._id, directive.state)
@@ -500,7 +549,9 @@ class Job:
         )
         launched = _launched_job_id()
         if launched is not None:
-            self._id, self._launched = launched, True
+            self._id = self._launched_id = launched
+            self._launched = True
+        self._run = _run_of_this_process()
         # One synchronous exchange, so a micro-batch directive is known before the first step.
         self._exchange(final=False, timeout=self._final_timeout_s)
         self._thread = threading.Thread(
@@ -510,12 +561,15 @@ class Job:
         atexit.register(self.close)
         return self
 
-    def close(self) -> None:
+    def close(self, outcome: str = "ok") -> None:
         """Stop the reporter and send the final report (``final: true``), within
         ``final_timeout_s``. Runs however the job ends (also on an exception or
-        :class:`JobStopped`): ``final`` says no more reports come from this process. Idempotent."""
+        :class:`JobStopped`): ``final`` says no more reports come from this process, and
+        ``outcome`` how it ended (``ok``, ``error`` or ``stopped``: ``with track(...)`` says
+        which). Idempotent."""
         if self._closed or not self._started:
             return
+        self._outcome = outcome
         self._closed = True
         atexit.unregister(self.close)
         if self._http is None:
@@ -537,7 +591,12 @@ class Job:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.close()
+        if exc_type is None:
+            self.close("ok")
+        elif issubclass(exc_type, JobStopped):
+            self.close("stopped")
+        else:
+            self.close("error")
 
     # -- the reporter (background thread) ------------------------------------------------------
 
@@ -550,27 +609,38 @@ class Job:
 
     def _exchange(self, *, final: bool, timeout: float | httpx.Timeout) -> None:
         """Attach if needed, then report the cumulative totals and take the directive."""
-        if self._id is None and not self._attach(timeout):
+        if self._refused or (not self._joined and not self._attach(timeout)):
             return
         self._report(final=final, timeout=timeout)
 
     def _attach(self, timeout: float | httpx.Timeout) -> bool:
         assert self._http is not None
+        run = self._run
         body = {
             "name": self.name,
             "pid": os.getpid(),
-            "gpu_ids": self._gpu_ids if self._gpu_ids is not None else _visible_gpu_ids(),
+            "gpu_ids": self._gpu_ids if self._gpu_ids is not None else _visible_gpu_ids(run),
             "total_steps": self.total_steps,
             "total_tokens": self.total_tokens,
             "watts": self._watts,
             "energy_wh": self._energy_wh,
             "mode": self._mode,
             "on_exceed": self._on_exceed,
+            "job_id": self._launched_id if self._launched else None,
         }
+        if run is not None:
+            body.update(run_key=None if self._launched else run.key, rank=run.rank,
+                        local_rank=run.local_rank, world_size=run.world_size,
+                        generation=run.generation)
         try:
             response = self._http.post("/v1/jobs/attach", json=body, timeout=timeout)
         except httpx.HTTPError as exc:
             self._unreachable(exc)
+            return False
+        if response.status_code in (400, 403, 409, 422):  # this process will not fit: say why
+            self._refused = True
+            log.error("powertrain: the daemon refused this process (%s); training continues "
+                      "untracked", _detail(response))
             return False
         if response.status_code != 201:
             self._unreachable(_detail(response))
@@ -584,6 +654,9 @@ class Job:
             self._unreachable(f"unexpected attach answer ({exc})")
             return False
         self._id = job_id
+        self._joined = True
+        member = data.get("member_id")
+        self._member = member if isinstance(member, int) else None
         state = data.get("state")
         self._directive = Directive(state=state if isinstance(state, str) else None)
         log.info("powertrain: attached as job %d", job_id)
@@ -602,6 +675,8 @@ class Job:
             "total_steps": self.total_steps,
             "total_tokens": self.total_tokens,
             "final": final,
+            "member": self._member,
+            "outcome": self._outcome if final else None,
         }
         try:
             response = self._http.post(f"/v1/jobs/{self._id}/progress", json=body, timeout=timeout)
@@ -612,7 +687,8 @@ class Job:
             # The daemon no longer knows this job (its store was reset): attach again; the
             # cumulative totals then bring the new job up to date.
             self._unreachable(_detail(response))
-            self._id = None
+            self._id = self._member = None
+            self._joined = False
             return
         if response.status_code != 200:
             self._unreachable(_detail(response))

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from importlib import metadata
 from pathlib import Path
 from types import FrameType
 from typing import IO, Any
@@ -35,11 +36,20 @@ from scheduler.sim_adapter import sim_adapter_for
 from telemetry.backends.base import GpuBackend
 from telemetry.sampler import BatchWriter, Sampler
 from telemetry.store import Store
+from telemetry.store.nodes import HEARTBEAT_INTERVAL_S
 
 log = logging.getLogger(__name__)
 
 ROLLUP_INTERVAL_S = 60.0
 RETENTION_INTERVAL_S = 3600.0
+
+
+def package_version() -> str:
+    """The installed powertrain's version (``unknown`` where it is not installed)."""
+    try:
+        return metadata.version("powertrain")
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 class DaemonAlreadyRunningError(RuntimeError):
@@ -158,7 +168,8 @@ class Daemon:
         )
 
     def start(self) -> None:
-        """Schedule the jobs and start the scheduler's thread."""
+        """Register the node, schedule the jobs and start the scheduler's thread."""
+        self._guard(self._register_node)()  # if it fails, the first heartbeat registers it
         every = self._scheduler.add_job
         now = datetime.now(UTC)
         every(self.writer.flush, "interval", seconds=self.settings.flush_interval_s, id="flush")
@@ -170,6 +181,8 @@ class Daemon:
             next_run_time=now,
         )
         every(self._guard(self._rollup), "interval", seconds=ROLLUP_INTERVAL_S, id="rollup")
+        every(self._guard(self._heartbeat), "interval", seconds=HEARTBEAT_INTERVAL_S,
+              id="heartbeat")
         every(
             self._guard(self._retention),
             "interval",
@@ -190,7 +203,8 @@ class Daemon:
         )
 
     def stop(self) -> None:
-        """Stop scheduling, write what is buffered, roll up, and release the store and backend."""
+        """Stop scheduling, write what is buffered, roll up, mark the node stopped, and release
+        the store and backend."""
         if self._stopped.is_set():
             return
         self._stopped.set()
@@ -206,6 +220,7 @@ class Daemon:
             log.error(
                 "stopping with %d rows unwritten and %d dropped", stats.pending, stats.dropped
             )
+        self._guard(self._node_stopped)()
         self.backend.close()
         self.store.close()
         log.info("stopped: %d samples written", stats.written)
@@ -232,6 +247,20 @@ class Daemon:
     def _rollup(self) -> None:
         # this node's GPUs only: other daemons on a shared store roll up their own
         self.store.rollup(datetime.now(UTC), host=self.host)
+
+    def _register_node(self) -> None:
+        self.store.register_node(
+            name=self.host, gpu_count=len(self.gpu_ids), backend=self.backend.name,
+            version=package_version(), pid=os.getpid(), at=datetime.now(UTC),
+        )
+
+    def _heartbeat(self) -> None:
+        # a node not in the registry (its registration failed) is registered now
+        if not self.store.heartbeat(self.host, datetime.now(UTC)):
+            self._register_node()
+
+    def _node_stopped(self) -> None:
+        self.store.node_stopped(self.host, datetime.now(UTC))
 
     def _retention(self) -> None:
         self.store.apply_retention(

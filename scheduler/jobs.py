@@ -65,14 +65,49 @@ class OnExceed(StrEnum):
 
 
 class Action(StrEnum):
-    """What a directive asks of a training loop beyond pacing.
+    """What a directive asks of a training loop beyond pacing, at a step boundary.
 
     ``pause``: checkpoint and wait until the daemon lets the job run again; ``stop``: checkpoint
-    and end.
+    and end; ``checkpoint``: checkpoint and go on.
     """
 
     PAUSE = "pause"
     STOP = "stop"
+    CHECKPOINT = "checkpoint"
+
+
+class Hold(StrEnum):
+    """A collective action on a job, stored with the step every rank takes it at.
+
+    ``pause`` and ``stop`` (the energy guard), ``cancel`` (its user) and ``checkpoint`` (on
+    request). Every rank obeys at the same step boundary, so no rank is left waiting in a
+    collective for one that stopped earlier.
+    """
+
+    PAUSE = "pause"
+    STOP = "stop"
+    CANCEL = "cancel"
+    CHECKPOINT = "checkpoint"
+
+    @property
+    def action(self) -> Action:
+        """What the training loop is told to do."""
+        if self is Hold.PAUSE:
+            return Action.PAUSE
+        if self is Hold.CHECKPOINT:
+            return Action.CHECKPOINT
+        return Action.STOP
+
+
+class MemberState(StrEnum):
+    """Where one process of a job (a rank) is: ``running``, or ended: ``completed`` (it said it
+    ended cleanly), ``failed`` (an error, or it vanished without saying), ``stopped`` (it obeyed
+    a stop)."""
+
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    STOPPED = "stopped"
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,8 +129,11 @@ class Directive:
             step of measured duration d is stretched by sleeping d * (slowdown - 1). 1.0 on real
             GPUs.
         state: The job's state as the daemon sees it (``None`` before the first answer).
-        action: ``pause`` or ``stop`` when the daemon wants the job to checkpoint and wait or
-            end; ``None`` otherwise.
+        action: ``pause``, ``stop`` or ``checkpoint`` when the daemon wants the job to
+            checkpoint and wait, end or go on; ``None`` otherwise.
+        at_step: The step the action takes effect at: a loop obeys once it has finished this
+            many steps (at once if it already has). Every rank of a run gets the same step, so
+            they stop at the same step boundary. ``None``: at the next step.
     """
 
     pace_s: float = 0.0
@@ -104,6 +142,7 @@ class Directive:
     slowdown: float = 1.0
     state: str | None = None
     action: Action | None = None
+    at_step: int | None = None
 
 
 DIRECTIVE_FIELDS: Final[tuple[str, ...]] = tuple(f.name for f in fields(Directive))

@@ -187,7 +187,7 @@ def _describe(status: int) -> str:
     return f"exited with status {status}"
 
 
-def _matching_process(pid: int | None, create_time: float | None) -> psutil.Process | None:
+def matching_process(pid: int | None, create_time: float | None) -> psutil.Process | None:
     """The live process ``pid`` if its create time is ``create_time`` (zombies count as gone)."""
     if pid is None or create_time is None:
         return None
@@ -443,7 +443,7 @@ class Launcher:
             status = recorded if recorded is not None else runner.exit_status(returncode)
             self._terminating.pop(job.id, None)
             return ProcessStatus(ProcessState.EXITED, status, _describe(status))
-        if _matching_process(job.pid, job.pid_create_time) is not None:
+        if matching_process(job.pid, job.pid_create_time) is not None:
             return ProcessStatus(ProcessState.RUNNING)
         self._terminating.pop(job.id, None)
         if job.attached:
@@ -473,7 +473,7 @@ class Launcher:
         Returns:
             Whether a signal was sent (``False``: the process is already gone).
         """
-        proc = _matching_process(job.pid, job.pid_create_time)
+        proc = matching_process(job.pid, job.pid_create_time)
         if proc is None or job.pid is None:
             return False
         if not job.attached:
@@ -505,7 +505,7 @@ class Launcher:
         killed: list[int] = []
         for job_id, term in list(self._terminating.items()):
             job = term.job
-            proc = _matching_process(job.pid, job.pid_create_time)
+            proc = matching_process(job.pid, job.pid_create_time)
             if proc is None or job.pid is None:
                 del self._terminating[job_id]
                 continue

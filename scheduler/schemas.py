@@ -43,6 +43,7 @@ def _env_name(text: str) -> str:
 
 JobName = Annotated[str, Field(min_length=1, max_length=128), AfterValidator(_one_line)]
 NoNul = Annotated[str, AfterValidator(_no_nul)]
+RunKey = Annotated[str, Field(min_length=1, max_length=255), AfterValidator(_one_line)]
 Argument = Annotated[str, Field(min_length=1), AfterValidator(_no_nul)]
 EnvName = Annotated[str, Field(min_length=1, max_length=1024), AfterValidator(_env_name)]
 
@@ -78,7 +79,9 @@ class SubmitRequest(_Request):
 
 
 class AttachRequest(_Request):
-    """A job started elsewhere (torchrun, Slurm, a notebook) registering itself."""
+    """A process registering itself: a job started elsewhere (torchrun, Slurm, a notebook), a
+    rank of a distributed run (``run_key`` and its ranks: every rank joins the run's one job),
+    or a process of a submitted job joining it (``job_id``)."""
 
     name: JobName
     pid: Annotated[int, Field(ge=1)] | None = None
@@ -89,6 +92,20 @@ class AttachRequest(_Request):
     energy_wh: WattHours | None = None
     mode: Mode = Mode.AUTO
     on_exceed: OnExceed = OnExceed.WARN
+    job_id: Annotated[int, Field(ge=1)] | None = None
+    run_key: RunKey | None = None
+    rank: Annotated[int, Field(ge=0)] = 0
+    local_rank: Annotated[int, Field(ge=0)] = 0
+    world_size: Annotated[int, Field(ge=1, le=1_000_000)] = 1
+    generation: Annotated[int, Field(ge=0)] = 0
+
+    @model_validator(mode="after")
+    def _rank_in_world(self) -> Self:
+        if self.rank >= self.world_size:
+            raise ValueError(f"rank {self.rank} is not a rank of a world of {self.world_size}")
+        if self.world_size > 1 and self.run_key is None and self.job_id is None:
+            raise ValueError("a rank of a world of several processes needs a run_key or job_id")
+        return self
 
 
 class ProgressReport(_Request):
@@ -101,6 +118,8 @@ class ProgressReport(_Request):
     total_steps: Annotated[int, Field(ge=1)] | None = None
     total_tokens: Annotated[int, Field(ge=1)] | None = None
     final: bool = False
+    member: Annotated[int, Field(ge=1)] | None = None
+    outcome: Literal["ok", "error", "stopped"] | None = None
 
 
 class UpdateRequest(_Request):
@@ -111,8 +130,36 @@ class UpdateRequest(_Request):
     priority: Annotated[int, Field(ge=-1000, le=1000)] | None = None
 
 
+class MemberView(BaseModel):
+    """One process of a job (a rank): where it runs, what it reported itself, its state."""
+
+    id: int
+    node: str
+    rank: int
+    local_rank: int
+    world_size: int
+    generation: int
+    pid: int
+    gpus: list[int]
+    state: str
+    joined_at: datetime
+    ended_at: datetime | None
+    end_reason: str | None
+    steps: int
+    samples: int
+    tokens: int
+    steps_per_s: float | None
+    step_time_s: float | None
+
+
 class JobView(BaseModel):
     """A job as the API and ``powertrain jobs --json`` show it.
+
+    ``gpus`` are GPU indices, each on the node at the same place in ``gpu_nodes`` (a run's GPUs
+    may be on several nodes); ``node`` is the node that owns the job (a run's rank 0). ``members``
+    are its processes (one for a plain job): ``steps`` are the steps every member has finished,
+    ``samples`` and ``tokens`` their sums. ``hold`` is a collective action (pause, stop, cancel,
+    checkpoint) every rank takes at ``hold_step``.
 
     ``power_w`` is the 1 s average power of the job's GPUs together, W (in every output
     ``power_w`` is an average; an instant reading is ``power_instant_w``).
@@ -148,6 +195,14 @@ class JobView(BaseModel):
     tokens_per_s: float | None
     samples_per_s: float | None
     j_per_token: float | None
+    node: str
+    gpu_nodes: list[str] = Field(default_factory=list)
+    run_key: str | None = None
+    world_size: int | None = None
+    hold: str | None = None
+    hold_step: int | None = None
+    members: list[MemberView] = Field(default_factory=list)
+    member_id: int | None = None
 
 
 class LogChunk(BaseModel):

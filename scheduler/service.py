@@ -6,10 +6,14 @@ sees the store as the last one left it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import signal
 import threading
+from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -21,13 +25,22 @@ from energy.units import mj_to_j, mw_to_w
 from scheduler.actuators import Actuators
 from scheduler.budgets import BudgetLoop, Progress
 from scheduler.errors import Caller, ConflictError, ForbiddenError, NotFoundError
-from scheduler.jobs import ACTIVE_STATES, TERMINAL_STATES, Action, Directive, JobState
-from scheduler.launcher import Launcher
+from scheduler.jobs import (
+    ACTIVE_STATES,
+    TERMINAL_STATES,
+    Action,
+    Directive,
+    Hold,
+    JobState,
+    MemberState,
+)
+from scheduler.launcher import Launcher, matching_process
 from scheduler.placement import GpuSlot, Waiting, check_request, plan
 from scheduler.schemas import (
     AttachRequest,
     JobView,
     LogChunk,
+    MemberView,
     NodeUpdate,
     ProgressReport,
     SubmitRequest,
@@ -35,7 +48,14 @@ from scheduler.schemas import (
 )
 from scheduler.settings import Settings
 from scheduler.sim_adapter import Load, NoSimulation, SimAdapter
-from scheduler.store import JobRecord, JobStore, NewJob
+from scheduler.store import (
+    JobRecord,
+    JobStore,
+    MemberRecord,
+    MembershipError,
+    NewJob,
+    NewMember,
+)
 from telemetry.backends.base import GpuBackend, GpuError, GpuInfo
 from telemetry.clock import Clock, WallClock, to_datetime
 from telemetry.sampler import LatestReadings
@@ -48,6 +68,26 @@ ACTIVITY_TIMEOUT_S = 3.0
 
 QUEUED_AND_ACTIVE = frozenset({JobState.QUEUED}) | ACTIVE_STATES
 
+HOLD_LEAD_S = 3.0
+"""A collective hold takes effect this many seconds of the fastest rank's steps ahead of the
+furthest step reported: a rank learns of it at its next report (within its one-second report
+interval) after having stepped on since its last one, and a rank on another node a control tick
+later still."""
+
+HOLD_GRACE_S = 30.0
+"""Ranks that have not ended this long after a stop or cancel was held get SIGTERM."""
+
+JOIN_GRACE_S = 30.0
+"""A run whose every member has ended cleanly but that fewer ranks joined than its world size
+completes this long after the last one ended (some ranks never used the client)."""
+
+PROGRESS_LOG_S = 0.5
+"""A job's progress series gets at most one row per this many seconds from this node (a run of
+many ranks reports many times a second; each rank's own totals are kept on its member row)."""
+
+RATE_WINDOW_S = 10.0
+"""A member's step rate is measured over its reports of this many seconds."""
+
 
 @dataclass(slots=True)
 class _Live:
@@ -55,8 +95,27 @@ class _Live:
 
     last_step_at: float = -math.inf  # clock time of the last progress report that moved
     steps: int = 0
-    cancel_reason: str | None = None
     progress: Progress = field(default_factory=Progress)
+    logged_s: float = -math.inf  # when this node last added to the job's progress series
+    terminate_at: float | None = None  # when ranks still running after a stop get SIGTERM
+    step_time_s: dict[int, float] = field(default_factory=dict)  # member id -> its step time
+    duty_shared: float | None = None  # the pacing this node last wrote for the run
+
+
+@dataclass(slots=True)
+class _MemberRate:
+    """A member's recent reports (clock time, steps), for its step rate."""
+
+    reports: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=32))
+
+    def add(self, now_s: float, steps: int) -> float | None:
+        while self.reports and self.reports[0][0] < now_s - RATE_WINDOW_S:
+            self.reports.popleft()
+        if self.reports and steps < self.reports[-1][1]:  # restarted from a checkpoint
+            self.reports.clear()
+        self.reports.append((now_s, steps))
+        (t0, s0), (t1, s1) = self.reports[0], self.reports[-1]
+        return (s1 - s0) / (t1 - t0) if t1 > t0 else None
 
 
 class JobService:
@@ -107,6 +166,9 @@ class JobService:
         )
         self._lock = threading.RLock()
         self._live: dict[int, _Live] = {}
+        self._rates: dict[int, _MemberRate] = {}  # member id ->
+        self._run_duty: dict[int, float] = {}  # job id -> the lowest pacing any node asks
+        self._controlled: set[int] = set()  # jobs the budget loop held last tick
         self._infos: dict[int, GpuInfo] = {d.index: d for d in backend.devices()}
         self._sim = sim or NoSimulation()
         for job in self._active():
@@ -122,7 +184,7 @@ class JobService:
             backend.capabilities(), self._jobs, self.actuators, self._infos, readings=readings,
             node_cap=lambda: self.node_cap_w if self._cap_set else None,
             clock=self._clock, on_pause=self._pause, on_resume=self._resume_for_budget,
-            on_stop=self._stop_for_budget,
+            on_stop=self._stop_for_budget, remote_samples=store.latest_samples,
         )
 
     # -- the API ---------------------------------------------------------------------------------
@@ -163,7 +225,9 @@ class JobService:
         return self._view(job)
 
     def attach(self, caller: Caller, req: AttachRequest) -> JobView:
-        """Track a process that started elsewhere, on the GPUs it says (or NVML shows) it uses."""
+        """Register a process started elsewhere: a plain job of its own, a rank of a distributed
+        run (every rank with the same ``run_key`` joins one job), or a process of a submitted
+        job (``job_id``). The answer's ``member_id`` names the process in its reports."""
         pid = req.pid or caller.pid
         try:
             proc = psutil.Process(pid)
@@ -175,73 +239,85 @@ class JobService:
             raise ForbiddenError(f"process {pid} is not yours") from None
         if uid != caller.uid and not caller.admin:
             raise ForbiddenError(f"process {pid} belongs to uid {uid}, not to you")
-        indices = req.gpu_ids if req.gpu_ids is not None else self._gpus_of_pid(proc)
+        indices = sorted(req.gpu_ids if req.gpu_ids is not None else self._gpus_of_pid(proc))
         unknown = sorted(set(indices) - set(self._infos))
         if unknown:
             raise ValueError(
                 f"gpu_ids: no GPU {unknown} on this node (GPUs: 0..{len(self._infos) - 1})"
             )
-        if indices:
+        if indices and req.job_id is None:
             check_request(tuple(indices), req.watts, self._slots(busy=frozenset()))
+        member = NewMember(
+            host=self._host, rank=req.rank, local_rank=req.local_rank,
+            world_size=req.world_size, generation=req.generation, pid=pid,
+            pid_create_time=create_time, gpus=tuple(indices),
+        )
+        gpus = [(self._gpu_ids[i], i) for i in indices]
         new = NewJob(
-            name=req.name,
-            user=caller.user,
-            uid=caller.uid,
-            gid=caller.gid,
-            argv=argv,
-            cwd=cwd,
-            host=self._host,
-            gpu_ids_requested=tuple(indices) or None,
-            watts_per_gpu=req.watts,
-            energy_budget_wh=req.energy_wh,
-            mode=req.mode,
-            on_exceed=req.on_exceed,
-            total_steps=req.total_steps,
-            total_tokens=req.total_tokens,
-            attached=True,
-            pid=pid,
-            pid_create_time=create_time,
+            name=req.name, user=caller.user, uid=caller.uid, gid=caller.gid, argv=argv,
+            cwd=cwd, host=self._host, gpu_ids_requested=tuple(indices) or None,
+            watts_per_gpu=req.watts, energy_budget_wh=req.energy_wh, mode=req.mode,
+            on_exceed=req.on_exceed, total_steps=req.total_steps,
+            total_tokens=req.total_tokens, attached=True, pid=pid, pid_create_time=create_time,
+            run_key=req.run_key, world_size=req.world_size if req.run_key else None,
+            generation=req.generation if req.run_key else None,
         )
         with self._lock:
             now = self._now()
-            job = self._jobs.create(new, at=now)
-            job = self._jobs.transition(
-                job.id,
-                JobState.RUNNING,
-                "attached: already running",
-                at=now,
-                gpus=[(self._gpu_ids[i], i) for i in sorted(indices)],
-            )
-        log.info(
-            "job %d (%s) attached by %s: pid %d on GPUs %s",
-            job.id,
-            job.name,
-            job.user,
-            pid,
-            list(job.gpus),
-        )
-        return self._view(job)
+            try:
+                if req.job_id is not None:
+                    self._owned(caller, req.job_id, "join")
+                    job, joined = self._jobs.join(req.job_id, member, gpus=gpus, at=now)
+                elif req.run_key is not None:
+                    job, joined = self._jobs.join_run(new, member, gpus=gpus, at=now)
+                else:
+                    job = self._jobs.create(new, at=now)
+                    job = self._jobs.transition(
+                        job.id, JobState.RUNNING, "attached: already running", at=now, gpus=gpus
+                    )
+                    job, joined = self._jobs.join(job.id, member, gpus=gpus, at=now)
+            except MembershipError as exc:
+                log.warning("refused a member from pid %d: %s", pid, exc)
+                raise ConflictError(str(exc)) from None
+        log.info("job %d (%s): rank %d of %d joined: pid %d of %s on GPUs %s", job.id, job.name,
+                 joined.rank, joined.world_size, pid, job.user, list(joined.gpus))
+        return self._view(job).model_copy(update={"member_id": joined.id})
 
     def list_jobs(self, *, include_ended: bool) -> list[JobView]:
         """This node's jobs: queued and active ones, or all with ``include_ended``."""
         states = None if include_ended else QUEUED_AND_ACTIVE
-        return [self._view(j) for j in self._jobs.list(states=states, host=self._host)]
+        return [self._view(j) for j in self._jobs.list(states=states, node=self._host)]
 
     def get(self, job_id: int) -> JobView:
         return self._view(self._job(job_id))
 
     def cancel(self, caller: Caller, job_id: int) -> JobView:
-        """Cancel a queued job at once; SIGTERM an active one (SIGKILL after the grace period)."""
+        """Cancel a queued job at once; stop an active one: its ranks at one step, then SIGTERM
+        (SIGKILL after the grace period)."""
         with self._lock:
             job = self._owned(caller, job_id, "cancel")
             reason = f"cancelled by {caller.user}"
             if job.state == JobState.QUEUED:
                 job = self._jobs.transition(job.id, JobState.CANCELLED, reason, at=self._now())
             elif job.state in ACTIVE_STATES:
-                self._live_of(job.id).cancel_reason = reason
-                self._launcher.terminate(job, grace_s=self._settings.cancel_grace_s)
+                job = self._hold(job, Hold.CANCEL, reason)
             else:
                 raise ConflictError(f"job {job_id} has already ended ({job.state})")
+        return self._view(job)
+
+    def checkpoint(self, caller: Caller, job_id: int) -> JobView:
+        """Ask every rank of a running job to call its checkpoint hook at one step, and go on."""
+        with self._lock:
+            job = self._owned(caller, job_id, "checkpoint")
+            if job.state != JobState.RUNNING:
+                raise ConflictError(f"job {job_id} is {job.state}, not running")
+            if job.hold is not None and job.hold is not Hold.CHECKPOINT:
+                raise ConflictError(f"job {job_id} is already held ({job.hold})")
+            if not self._jobs.members([job.id])[job.id]:
+                raise ConflictError(
+                    f"job {job_id} has no process that uses the client: nothing to checkpoint"
+                )
+            job = self._hold(job, Hold.CHECKPOINT, f"checkpoint asked by {caller.user}")
         return self._view(job)
 
     def update(self, caller: Caller, job_id: int, req: UpdateRequest) -> JobView:
@@ -266,47 +342,138 @@ class JobService:
         return self._view(job)
 
     def resume(self, caller: Caller, job_id: int) -> JobView:
-        """Let a paused job run again."""
+        """Let a paused job run again: every rank is released at its next report."""
         with self._lock:
             job = self._owned(caller, job_id, "resume")
             if job.state != JobState.PAUSED:
                 raise ConflictError(f"job {job_id} is {job.state}, not paused")
             job = self._jobs.transition(
-                job.id, JobState.RUNNING, f"resumed by {caller.user}", at=self._now()
+                job.id, JobState.RUNNING, f"resumed by {caller.user}", at=self._now(),
+                hold=None, hold_step=None, hold_reason=None,
             )
             self.budgets.resumed_by_hand(job.id)
         return self._view(job)
 
     def progress(self, caller: Caller, job_id: int, req: ProgressReport) -> Directive:
-        """Record a client's cumulative totals; answer with the job's directives."""
+        """Record a member's cumulative totals; answer with the job's directives.
+
+        The member is the one the report names, else the caller's process among the job's
+        members; a job that has none yet takes the caller as its single member (rank 0).
+        """
         with self._lock:
-            job = self._owned(caller, job_id, "report progress for")
-            if job.state in ACTIVE_STATES:
-                self._jobs.add_progress(
-                    job.id, at=self._now(), steps=req.steps, samples=req.samples, tokens=req.tokens
-                )
+            job = self._job(job_id)
+            member = self._reporting_member(caller, job, req)
+            if job.state in ACTIVE_STATES and member.state is MemberState.RUNNING:
+                self._record_progress(job, member, req)
                 if req.total_steps or req.total_tokens:
                     declared = {"total_steps": req.total_steps, "total_tokens": req.total_tokens}
                     job = self._jobs.set_fields(
                         job.id, **{k: v for k, v in declared.items() if v is not None}
                     )
-                live = self._live_of(job.id)
-                if req.steps > live.steps:
-                    live.last_step_at = self._clock.now()
-                live.steps = req.steps
-                live.progress.add(self._clock.now(), req.steps, req.tokens, req.step_time_s)
-            action: Action | None = None
-            if job.state == JobState.PAUSED:
-                action = Action.PAUSE
-            elif job.state in TERMINAL_STATES:
-                action = Action.STOP
-            # The actuators hold the soft directives; the rest is the job's own.
-            return replace(
-                self.actuators.directives(job.id),
-                slowdown=self._slowdown(job),
-                state=job.state.value,
-                action=action,
+                if req.final:
+                    self._member_said_it_ended(job, member, req.outcome)
+            return self._directive(job)
+
+    def _reporting_member(
+        self, caller: Caller, job: JobRecord, req: ProgressReport
+    ) -> MemberRecord:
+        if req.member is not None:
+            member = self._jobs.member(req.member)
+            if member is None or member.job_id != job.id:
+                raise ConflictError(f"member {req.member} is not a member of job {job.id}")
+            if member.host != self._host:
+                raise ConflictError(
+                    f"member {req.member} of job {job.id} runs on {member.host}: it reports to "
+                    "that node's daemon"
+                )
+            if member.pid != caller.pid and not caller.admin:
+                raise ForbiddenError(
+                    f"member {req.member} of job {job.id} is pid {member.pid}, not you "
+                    f"(pid {caller.pid})"
+                )
+            return member
+        members = self._jobs.members([job.id])[job.id]
+        mine = [m for m in members if m.pid == caller.pid and m.host == self._host]
+        if mine:
+            return mine[-1]
+        if caller.uid != job.uid and not caller.admin:
+            raise ForbiddenError(
+                f"job {job.id} belongs to {job.user}: only {job.user} or an admin may report "
+                "progress for it"
             )
+        if members or job.state not in ACTIVE_STATES:
+            raise ConflictError(
+                f"pid {caller.pid} is not a member of job {job.id}: a process joins a job "
+                "through POST /v1/jobs/attach"
+            )
+        try:  # a job's single process, reporting without having joined (an older client)
+            create_time = psutil.Process(caller.pid).create_time()
+        except psutil.Error:
+            create_time = 0.0
+        local = job.on(self._host).gpus
+        _, member = self._jobs.join(job.id, NewMember(
+            host=self._host, rank=0, local_rank=0, world_size=1, generation=job.generation or 0,
+            pid=caller.pid, pid_create_time=create_time, gpus=local,
+        ), gpus=[], at=self._now())
+        return member
+
+    def _record_progress(self, job: JobRecord, member: MemberRecord, req: ProgressReport) -> None:
+        now_s = self._clock.now()
+        live = self._live_of(job.id)
+        rate = self._rates.setdefault(member.id, _MemberRate()).add(now_s, req.steps)
+        log_it = req.final or now_s - live.logged_s >= PROGRESS_LOG_S
+        totals = self._jobs.report(
+            member, at=to_datetime(now_s), steps=req.steps, samples=req.samples,
+            tokens=req.tokens, step_time_s=req.step_time_s, steps_per_s=rate,
+            log_progress=log_it,
+        )
+        if log_it:
+            live.logged_s = now_s
+        if req.step_time_s:
+            live.step_time_s[member.id] = req.step_time_s
+        if totals.steps > live.steps:
+            live.last_step_at = now_s
+        live.steps = totals.steps
+        # A run steps at its slowest rank's pace.
+        slowest = max(live.step_time_s.values(), default=None)
+        live.progress.add(now_s, totals.steps, totals.tokens, slowest)
+
+    def _member_said_it_ended(
+        self, job: JobRecord, member: MemberRecord, outcome: str | None
+    ) -> None:
+        state = {"error": MemberState.FAILED, "stopped": MemberState.STOPPED}.get(
+            outcome or "ok", MemberState.COMPLETED
+        )
+        reason = {
+            MemberState.COMPLETED: "ended cleanly",
+            MemberState.FAILED: "ended with an error",
+            MemberState.STOPPED: "stopped as the daemon asked",
+        }[state]
+        if self._jobs.end_member(member.id, state, reason, at=self._now()):
+            self._rates.pop(member.id, None)
+            self._live_of(job.id).step_time_s.pop(member.id, None)
+            log.info("job %d: rank %d (pid %d) %s", job.id, member.rank, member.pid, reason)
+
+    def _directive(self, job: JobRecord) -> Directive:
+        action: Action | None = None
+        at_step: int | None = None
+        if job.state in TERMINAL_STATES:
+            action = Action.STOP
+        elif job.hold is not None:
+            action, at_step = job.hold.action, job.hold_step
+        elif job.state == JobState.PAUSED:
+            action = Action.PAUSE
+        # The actuators hold this node's soft directives; a run spread over nodes is paced at
+        # the lowest duty any of them asks, so that its ranks keep in step.
+        own = self.actuators.directives(job.id)
+        return replace(
+            own,
+            duty=min(own.duty, self._run_duty.get(job.id, 1.0)),
+            slowdown=self._slowdown(job.on(self._host)),
+            state=job.state.value,
+            action=action,
+            at_step=at_step,
+        )
 
     def log_chunk(
         self,
@@ -374,37 +541,153 @@ class JobService:
     # -- the control loop ------------------------------------------------------------------------
 
     def tick(self) -> None:
-        """Reap ended jobs, place and launch waiting ones, and keep simulated GPUs in step."""
+        """Reap ended jobs, follow their members, place and launch waiting jobs, hold budgets,
+        and keep simulated GPUs in step."""
         with self._lock:
             self._reap()
+            self._follow_members()
             self._place()
-            active = self._active()
-            self.budgets.tick(active, {j.id: self._live_of(j.id).progress for j in active})
+            here = self._jobs.list(states=ACTIVE_STATES, node=self._host)
+            active = [job.on(self._host) for job in here]
+            followed = {job.id for job in here if job.host != self._host}
+            remote = {
+                job.id: [g for g, h in zip(job.gpu_ids, job.gpu_hosts, strict=True)
+                         if h != self._host]
+                for job in here if job.host == self._host and job.spans_nodes(self._host)
+            }
+            for job_id in self._controlled - {job.id for job in here}:
+                self._release(job_id, "it ended")  # another node ended it, or it moved away
+            self._controlled = {job.id for job in here}
+            self.budgets.tick(active, {j.id: self._live_of(j.id).progress for j in active},
+                              followed=followed, remote_gpus=remote)
+            self._share_duty(here)
             self._follow_activity()
 
+    def _release(self, job_id: int, why: str) -> None:
+        """This node no longer holds ``job_id``: forget its control and undo its settings."""
+        self._live.pop(job_id, None)
+        self._run_duty.pop(job_id, None)
+        self.budgets.forget(job_id)
+        self.actuators.undo_job(job_id, f"job {job_id}: {why}")
+
     def _reap(self) -> None:
+        """End the jobs whose process is gone: a launched job's runner, or an attached job's
+        process that never joined as a member (the members of the others decide)."""
         self._launcher.kill_overdue(self._clock.now())
-        for job in self._active():
+        jobs = self._jobs.list(states=ACTIVE_STATES, host=self._host)
+        members = self._jobs.members(j.id for j in jobs if j.attached)
+        for job in jobs:
+            if job.attached and members.get(job.id):
+                continue
             status = self._launcher.poll(job)
             if status.running:
                 continue
-            live = self._live.pop(job.id, _Live())
-            stop_reason = self.budgets.stop_reason(job.id)
-            if live.cancel_reason is not None:
-                state, reason = JobState.CANCELLED, live.cancel_reason
-            elif stop_reason is not None:
-                state, reason = JobState.STOPPED, stop_reason
+            if job.hold is Hold.CANCEL:
+                state, reason = JobState.CANCELLED, job.hold_reason or "cancelled"
+            elif job.hold is Hold.STOP or self.budgets.stop_reason(job.id) is not None:
+                state = JobState.STOPPED
+                reason = job.hold_reason or self.budgets.stop_reason(job.id) or "stopped"
             elif status.exit_code == 0:
                 state, reason = JobState.COMPLETED, "exited with status 0"
             elif status.exit_code is None:
                 state, reason = JobState.FAILED, status.reason or "process vanished"
             else:
                 state, reason = JobState.FAILED, f"exited with status {status.exit_code}"
-            self._jobs.transition(job.id, state, reason, at=self._now(), exit_code=status.exit_code)
-            self._launcher.forget(job)
-            self.budgets.forget(job.id)
-            self.actuators.undo_job(job.id, f"job {job.id} {state}")
-            log.info("job %d %s: %s", job.id, state, reason)
+            self._end(job, state, reason, exit_code=status.exit_code)
+
+    def _end(self, job: JobRecord, state: JobState, reason: str, **fields: Any) -> None:
+        self._jobs.transition(job.id, state, reason, at=self._now(), **fields)
+        self._launcher.forget(job)
+        self._release(job.id, str(state))
+        self._controlled.discard(job.id)
+        log.info("job %d %s: %s", job.id, state, reason)
+
+    def _follow_members(self) -> None:
+        """Check this node's members are alive; end the runs this node owns whose members have
+        all ended; SIGTERM ranks that a stop has waited on too long."""
+        jobs = self._jobs.list(states=ACTIVE_STATES, node=self._host)
+        if not jobs:
+            return
+        members = self._jobs.members(job.id for job in jobs)
+        now = self._now()
+        for job in jobs:
+            for m in members[job.id]:
+                if (m.host == self._host and m.state is MemberState.RUNNING
+                        and matching_process(m.pid, m.pid_create_time) is None):
+                    why = f"pid {m.pid} ended without saying it was done"
+                    self._jobs.end_member(m.id, MemberState.FAILED, why, at=now)
+                    self._rates.pop(m.id, None)
+                    log.warning("job %d: rank %d on %s: %s", job.id, m.rank, m.host, why)
+            if job.hold in (Hold.STOP, Hold.CANCEL):
+                self._enforce_stop(job, members[job.id])
+        members = self._jobs.members(j.id for j in jobs if j.attached and j.host == self._host)
+        for job in jobs:
+            if members.get(job.id):
+                self._settle_run(job, members[job.id])
+
+    def _settle_run(self, job: JobRecord, members: Sequence[MemberRecord]) -> None:
+        """End an attached run once its members have: failed when one failed, else completed
+        (or stopped, cancelled as held) when every rank has ended."""
+        generation = max(m.generation for m in members)
+        current = [m for m in members if m.generation == generation]
+        failed = next((m for m in current if m.state is MemberState.FAILED), None)
+        if failed is not None:
+            self._end(job, JobState.FAILED,
+                      f"rank {failed.rank} on {failed.host} failed: {failed.end_reason}")
+            return
+        if any(m.state is MemberState.RUNNING for m in current):
+            return
+        world = current[0].world_size
+        if len(current) < world:
+            last = max(m.ended_at for m in current if m.ended_at is not None)
+            if (self._now() - last).total_seconds() < JOIN_GRACE_S:
+                return
+        if job.hold is Hold.CANCEL:
+            self._end(job, JobState.CANCELLED, job.hold_reason or "cancelled")
+        elif job.hold is Hold.STOP or any(m.state is MemberState.STOPPED for m in current):
+            self._end(job, JobState.STOPPED, job.hold_reason or "stopped")
+        else:
+            joined = f"{len(current)} of {world}" if len(current) < world else f"all {world}"
+            self._end(job, JobState.COMPLETED, f"{joined} ranks ended cleanly")
+
+    def _enforce_stop(self, job: JobRecord, members: Sequence[MemberRecord]) -> None:
+        """Ranks that have not stopped at the held step in time get SIGTERM (SIGKILL later)."""
+        live = self._live_of(job.id)
+        now_s = self._clock.now()
+        if live.terminate_at is None:
+            live.terminate_at = now_s + HOLD_LEAD_S + (
+                HOLD_GRACE_S if any(m.state is MemberState.RUNNING for m in members) else 0.0
+            )
+        if now_s < live.terminate_at:
+            return
+        if job.host == self._host and not job.attached:
+            self._launcher.terminate(job, grace_s=self._settings.cancel_grace_s)
+            return
+        for m in members:
+            mine = m.host == self._host and m.state is MemberState.RUNNING
+            if mine and matching_process(m.pid, m.pid_create_time) is not None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(m.pid, signal.SIGTERM)
+                    log.warning("job %d: rank %d (pid %d) had not stopped: SIGTERM",
+                                job.id, m.rank, m.pid)
+        live.terminate_at = now_s + self._settings.cancel_grace_s  # again if it ignores it
+
+    def _share_duty(self, jobs: Sequence[JobRecord]) -> None:
+        """A run on several nodes is paced at the lowest duty any node's controller asks: each
+        node writes its own on its members, and reads the others'."""
+        spread = [job for job in jobs if job.spans_nodes(self._host)]
+        if not spread:
+            return
+        members = self._jobs.members(job.id for job in spread)
+        for job in spread:
+            live = self._live_of(job.id)
+            duty = self.actuators.directives(job.id).duty
+            if duty != live.duty_shared:
+                self._jobs.set_duty(job.id, self._host, duty)
+                live.duty_shared = duty
+            duties = [m.duty for m in members[job.id]
+                      if m.duty is not None and m.state is MemberState.RUNNING]
+            self._run_duty[job.id] = min(duties, default=1.0)
 
     def _place(self) -> None:
         waiting_jobs = self._jobs.list(states=[JobState.QUEUED], host=self._host)
@@ -457,21 +740,45 @@ class JobService:
         )
         log.info("job %d started on GPUs %s as pid %d", job.id, list(indices), launched.pid)
 
+    def _hold(self, job: JobRecord, hold: Hold, why: str) -> JobRecord:
+        """Hold every rank of ``job`` at one step (``scheduler.jobs.Hold``): the furthest step
+        any rank reported, plus ``HOLD_LEAD_S`` of the fastest rank's steps. A job none of whose
+        processes uses the client is signalled at once (pause has nothing to act on there); a
+        job of one process obeys at its next step."""
+        members = self._jobs.members([job.id])[job.id]
+        running = [m for m in members if m.state is MemberState.RUNNING]
+        if not running and hold in (Hold.STOP, Hold.CANCEL):
+            self._launcher.terminate(job, grace_s=self._settings.cancel_grace_s)
+            return self._jobs.set_fields(job.id, hold=hold, hold_step=None, hold_reason=why)
+        step: int | None = None  # a single process obeys at its next step
+        if len(running) > 1 or hold is Hold.CHECKPOINT:  # a checkpoint is done once, at its step
+            furthest = max(m.steps for m in running)
+            fastest = max(m.steps_per_s or 0.0 for m in running)
+            step = furthest + math.ceil(fastest * HOLD_LEAD_S) + 1
+        log.info("job %d: %s at step %s (%s)", job.id, hold, step or "next", why)
+        fields: dict[str, Any] = {"hold": hold, "hold_step": step, "hold_reason": why}
+        if hold is Hold.PAUSE:
+            return self._jobs.transition(job.id, JobState.PAUSED, f"energy budget: {why}",
+                                         at=self._now(), **fields)
+        return self._jobs.set_fields(job.id, **fields)
+
     def _pause(self, job: JobRecord, why: str) -> None:
-        """The energy guard pauses a job: its client checkpoints and waits."""
-        self._jobs.transition(job.id, JobState.PAUSED, f"energy budget: {why}", at=self._now())
+        """The energy guard pauses a job: every rank checkpoints at one step and waits."""
+        self._hold(job, Hold.PAUSE, why)
         log.warning("job %d paused: %s", job.id, why)
 
     def _resume_for_budget(self, job: JobRecord, why: str) -> None:
         current = self._jobs.get(job.id)
         if current is not None and current.state == JobState.PAUSED:
-            self._jobs.transition(job.id, JobState.RUNNING, why, at=self._now())
+            self._jobs.transition(job.id, JobState.RUNNING, why, at=self._now(),
+                                  hold=None, hold_step=None, hold_reason=None)
             log.info("job %d resumed: %s", job.id, why)
 
     def _stop_for_budget(self, job: JobRecord, why: str) -> None:
-        """The energy guard stops a job: SIGTERM now, SIGKILL after the grace period."""
+        """The energy guard stops a job: every rank checkpoints and ends at one step; SIGTERM
+        for what is left after the grace period."""
         log.warning("job %d stopping: %s", job.id, why)
-        self._launcher.terminate(job, grace_s=self._settings.cancel_grace_s)
+        self._hold(job, Hold.STOP, f"energy budget: {why}")
 
     def _follow_activity(self) -> None:
         """On simulated GPUs, a job's GPUs are busy while its steps keep coming, else idle."""
@@ -480,9 +787,10 @@ class JobService:
         for job in self._active():
             live = self._live.get(job.id)
             stepping = live is not None and now - live.last_step_at < ACTIVITY_TIMEOUT_S
-            # A job being stopped or cancelled got SIGTERM: its GPU work ends with its loop.
-            ending = live is not None and (
-                live.cancel_reason is not None or self.budgets.stop_reason(job.id) is not None
+            # A job being stopped or cancelled ends its GPU work with its loop: at the held
+            # step, or at once when no process of it uses the client (SIGTERM).
+            ending = live is not None and job.hold in (Hold.STOP, Hold.CANCEL) and (
+                job.hold_step is None or live.steps >= job.hold_step
             )
             # A paused job's client learns of the pause at its next report and steps until
             # then: its GPU idles once its steps stop coming, not when the state changes, or
@@ -501,8 +809,10 @@ class JobService:
         return to_datetime(self._clock.now())
 
     def _job(self, job_id: int) -> JobRecord:
+        """Any job in the store: a run's ranks on this node report for a job another node
+        owns, and a user may act on a job from any node."""
         job = self._jobs.get(job_id)
-        if job is None or job.host != self._host:
+        if job is None:
             raise NotFoundError(f"no job {job_id}")
         return job
 
@@ -518,7 +828,9 @@ class JobService:
         return self._live.setdefault(job_id, _Live())
 
     def _active(self) -> list[JobRecord]:
-        return self._jobs.list(states=ACTIVE_STATES, host=self._host)
+        """Active jobs with work on this node, narrowed to this node's GPUs."""
+        jobs = self._jobs.list(states=ACTIVE_STATES, node=self._host)
+        return [job.on(self._host) for job in jobs]
 
     def _log_dir(self, job_id: int) -> Path:
         return self._settings.home / "jobs" / str(job_id)
@@ -579,17 +891,26 @@ class JobService:
         if job.started_at is not None and job.gpus:
             energy_j = mj_to_j(self._jobs.energy(job.id).energy_mj)
         if job.state in ACTIVE_STATES and job.gpus:
-            readings = []
-            for index in job.gpus:
+            readings: list[int | None] = []
+            for index in job.on(self._host).gpus:
                 try:
                     readings.append(self._backend.read(index).power_avg_mw)
                 except GpuError:
                     continue
+            remote = [g for g, h in zip(job.gpu_ids, job.gpu_hosts, strict=True)
+                      if h != self._host]
+            if remote:  # another node's GPUs: their latest samples in the store
+                readings += [r.power_avg_mw for r in self._store.latest_samples(remote).values()]
             known = [r for r in readings if r is not None]
             power_w = mw_to_w(sum(known)) if known else None
+        members = self._jobs.members([job.id])[job.id]
         latest = self._jobs.latest_progress(job.id)
+        steps, samples, tokens = (
+            (latest.steps or 0, latest.samples or 0, latest.tokens or 0) if latest else (0, 0, 0)
+        )
+        if members:  # exact: a run's totals over its members (the series may lag a report)
+            steps, samples, tokens = self._jobs.run_totals(job.id)
         rate = self._jobs.throughput(job.id)
-        tokens = (latest.tokens or 0) if latest else 0
         return JobView(
             id=job.id,
             name=job.name,
@@ -613,16 +934,32 @@ class JobService:
             exit_code=job.exit_code,
             end_reason=job.end_reason,
             deadline=job.deadline_at,
-            steps=(latest.steps or 0) if latest else 0,
-            samples=(latest.samples or 0) if latest else 0,
+            steps=steps,
+            samples=samples,
             tokens=tokens,
             power_w=power_w,
             energy_j=energy_j,
             tokens_per_s=rate.tokens_per_s if rate else None,
             samples_per_s=rate.samples_per_s if rate else None,
             j_per_token=energy_j / tokens if energy_j is not None and tokens else None,
+            node=job.host,
+            gpu_nodes=list(job.gpu_hosts),
+            run_key=job.run_key,
+            world_size=job.world_size,
+            hold=None if job.hold is None else job.hold.value,
+            hold_step=job.hold_step,
+            members=[_member_view(m) for m in members],
         )
 
 
 def _w(mw: int | None) -> float | None:
     return None if mw is None else mw_to_w(mw)
+
+
+def _member_view(m: MemberRecord) -> MemberView:
+    return MemberView(
+        id=m.id, node=m.host, rank=m.rank, local_rank=m.local_rank, world_size=m.world_size,
+        generation=m.generation, pid=m.pid, gpus=list(m.gpus), state=m.state.value,
+        joined_at=m.joined_at, ended_at=m.ended_at, end_reason=m.end_reason, steps=m.steps,
+        samples=m.samples, tokens=m.tokens, steps_per_s=m.steps_per_s, step_time_s=m.step_time_s,
+    )

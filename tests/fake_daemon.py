@@ -42,6 +42,7 @@ class FakeJob:
         default_factory=lambda: asdict(Directive(state="running"))
     )
     reports: list[dict[str, Any]] = field(default_factory=list)
+    joins: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _check_directive(fields: dict[str, Any]) -> None:
@@ -221,11 +222,22 @@ class FakeDaemon:
                 return 422, {"detail": f"mode must be one of {sorted(_MODES)}"}
             if body.get("on_exceed", "warn") not in _ON_EXCEED:
                 return 422, {"detail": f"on_exceed must be one of {sorted(_ON_EXCEED)}"}
-            job = FakeJob(id=self._next_id, name=body["name"], attach={**body, "peer_pid": pid})
-            job.directive.update(self.new_job_directive)
-            self._next_id += 1
-            self.jobs[job.id] = job
-            return 201, {"id": job.id, "name": job.name, "state": job.directive["state"]}
+            joined = {**body, "peer_pid": pid}
+            existing = [j for j in self.jobs.values()
+                        if j.id == body.get("job_id") or (
+                            body.get("run_key") and j.attach is not None
+                            and j.attach.get("run_key") == body["run_key"])]
+            if existing:  # a launched job's process, or another rank of a run
+                job = existing[0]
+            else:
+                job_id = body.get("job_id") or self._next_id
+                job = FakeJob(id=job_id, name=body["name"], attach=joined)
+                job.directive.update(self.new_job_directive)
+                self._next_id = max(self._next_id, job_id) + 1
+                self.jobs[job.id] = job
+            job.joins.append(joined)
+            return 201, {"id": job.id, "name": job.name, "state": job.directive["state"],
+                         "member_id": 1000 * job.id + len(job.joins)}
         match = _PROGRESS.match(path)
         if match is None:
             return 404, {"detail": f"no route {path}"}

@@ -79,6 +79,7 @@ def test_reports_are_batched_and_cumulative(
     assert reports[-1] | {"step_time_s": None} == {
         "steps": 300, "samples": 600, "tokens": 300 * 128, "step_time_s": None,
         "total_steps": None, "total_tokens": 10**6, "final": True,
+        "member": 1000 * attached.id + 1, "outcome": "ok",
     }
     timed = [r["step_time_s"] for r in reports if r["step_time_s"] is not None]
     assert timed and all(0.0004 < t < 0.5 for t in timed)
@@ -98,7 +99,7 @@ def test_gpu_ids_from_cuda_visible_devices(
     assert attached.attach is not None and attached.attach["gpu_ids"] == expected
 
 
-def test_launched_job_uses_its_id_and_does_not_attach(
+def test_launched_job_joins_its_own_job(
     daemon: FakeDaemon, sock_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     job_id = daemon.launch("queued-gpt")
@@ -108,8 +109,12 @@ def test_launched_job_uses_its_id_and_does_not_attach(
     with track(name="gpt", report_interval_s=FAST) as job:
         assert job.id == job_id
         run_steps(job, 20)
-    assert not any(path.endswith("/attach") for path, _, _ in daemon.requests)
+    # its process joins the job it was launched as (a member), and no other job is made
+    joins = [body for path, body, _ in daemon.requests if path.endswith("/attach")]
+    assert [body["job_id"] for body in joins] == [job_id]
+    assert list(daemon.jobs) == [job_id]
     assert daemon.reports(job_id)[-1]["tokens"] == 20 * 128
+    assert daemon.reports(job_id)[-1]["member"] == 1000 * job_id + 1
 
 
 def launched(daemon: FakeDaemon, monkeypatch: pytest.MonkeyPatch, **directive: object) -> int:
@@ -311,7 +316,8 @@ def test_client_does_not_import_torch() -> None:
         "import sys, scheduler.client\n"
         "ours = {m for m in sys.modules if m.split('.')[0] in "
         "('scheduler', 'energy', 'telemetry', 'reports')}\n"
-        "assert ours == {'scheduler', 'scheduler.client', 'scheduler.jobs'}, ours\n"
+        "assert ours == {'scheduler', 'scheduler.client', 'scheduler.jobs', 'scheduler.runs'}, "
+        "ours\n"
         "assert not {'torch', 'pydantic', 'sqlalchemy'} & set(sys.modules)"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -16,13 +16,17 @@ from scheduler.store.journal import (
     JournalStore,
     group_by_gpu,
 )
+from scheduler.store.members import MembershipError
 from scheduler.store.records import (
     DecisionRecord,
     JobEvent,
     JobRecord,
+    MemberRecord,
     NewJob,
+    NewMember,
     ProbeRecord,
     ProgressRecord,
+    RunTotals,
     SearchRecord,
     Throughput,
 )
@@ -41,9 +45,13 @@ __all__ = [
     "JournalEntryNotFoundError",
     "JournalStatus",
     "JournalStore",
+    "MemberRecord",
+    "MembershipError",
     "NewJob",
+    "NewMember",
     "ProbeRecord",
     "ProgressRecord",
+    "RunTotals",
     "SearchRecord",
     "Throughput",
     "group_by_gpu",

@@ -17,17 +17,30 @@ from enum import Enum
 from itertools import pairwise
 from typing import Any
 
-from sqlalchemy import Connection, Row, delete, select, update
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy import Connection, Row, delete, or_, select, update
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from energy.counters import EnergyResult, combine_methods
-from scheduler.jobs import JobState, Mode, OnExceed, can_transition
+from scheduler.jobs import Hold, JobState, MemberState, Mode, OnExceed, can_transition
+from scheduler.store import members as m
 from scheduler.store.history import ControlHistory
-from scheduler.store.records import JobEvent, JobRecord, NewJob, ProgressRecord, Throughput
+from scheduler.store.members import MembershipError
+from scheduler.store.records import (
+    JobEvent,
+    JobRecord,
+    MemberRecord,
+    NewJob,
+    NewMember,
+    ProgressRecord,
+    RunTotals,
+    Throughput,
+)
 from telemetry.store.errors import StoreError, write_error
 from telemetry.store.models import (
+    gpus_table,
     job_events_table,
     job_gpus_table,
+    job_members_table,
     job_progress_table,
     jobs_table,
     to_epoch_us,
@@ -71,6 +84,8 @@ def _check_fields(values: Mapping[str, Any]) -> dict[str, Any]:
             Mode(value)
         elif name == "on_exceed":
             OnExceed(value)
+        elif name == "hold" and value is not None:
+            Hold(value)
     return {name: _stored(value) for name, value in values.items()}
 
 
@@ -104,6 +119,15 @@ def _rate(pairs: Sequence[tuple[datetime, int | None]]) -> float | None:
     return gained / span_s
 
 
+def _member_end(state: JobState) -> MemberState:
+    """How a member still running ends when its job does."""
+    if state is JobState.COMPLETED:
+        return MemberState.COMPLETED
+    if state is JobState.FAILED:
+        return MemberState.FAILED
+    return MemberState.STOPPED
+
+
 class JobStore(ControlHistory):
     """Jobs in the store: ``JobStore(store)`` works through the telemetry ``Store``'s engine.
 
@@ -113,23 +137,27 @@ class JobStore(ControlHistory):
     # -- reading rows ----------------------------------------------------------------------------
 
     @staticmethod
-    def _gpus_of(conn: Connection, job_ids: Iterable[int]) -> dict[int, list[tuple[int, int]]]:
+    def _gpus_of(
+        conn: Connection, job_ids: Iterable[int]
+    ) -> dict[int, list[tuple[int, int, str]]]:
+        """``(index, store id, node)`` of each job's GPUs, by node then index."""
         ids = list(job_ids)
-        out: dict[int, list[tuple[int, int]]] = {job_id: [] for job_id in ids}
+        out: dict[int, list[tuple[int, int, str]]] = {job_id: [] for job_id in ids}
         if not ids:
             return out
         c = job_gpus_table.c
         rows = conn.execute(
-            select(c.job_id, c.gpu_index, c.gpu_id)
+            select(c.job_id, c.gpu_index, c.gpu_id, gpus_table.c.host)
+            .join(gpus_table, gpus_table.c.id == c.gpu_id)
             .where(c.job_id.in_(ids))
-            .order_by(c.job_id, c.gpu_index)
+            .order_by(c.job_id, gpus_table.c.host, c.gpu_index)
         )
-        for job_id, gpu_index, gpu_id in rows:
-            out[job_id].append((gpu_index, gpu_id))
+        for job_id, gpu_index, gpu_id, host in rows:
+            out[job_id].append((gpu_index, gpu_id, host))
         return out
 
     @staticmethod
-    def _record(row: Row[Any], gpus: Sequence[tuple[int, int]]) -> JobRecord:
+    def _record(row: Row[Any], gpus: Sequence[tuple[int, int, str]]) -> JobRecord:
         m = row._mapping
         requested = m["gpu_ids_requested"]
         return JobRecord(
@@ -165,9 +193,16 @@ class JobStore(ControlHistory):
             ended_at=m["ended_at"],
             exit_code=m["exit_code"],
             end_reason=m["end_reason"],
-            gpus=tuple(index for index, _ in gpus),
-            gpu_ids=tuple(gpu_id for _, gpu_id in gpus),
+            gpus=tuple(index for index, _, _ in gpus),
+            gpu_ids=tuple(gpu_id for _, gpu_id, _ in gpus),
             deadline_at=m["deadline_at"],
+            run_key=m["run_key"],
+            world_size=m["world_size"],
+            generation=m["generation"],
+            hold=None if m["hold"] is None else Hold(m["hold"]),
+            hold_step=m["hold_step"],
+            hold_reason=m["hold_reason"],
+            gpu_hosts=tuple(host for _, _, host in gpus),
         )
 
     def _get(self, conn: Connection, job_id: int) -> JobRecord | None:
@@ -203,23 +238,9 @@ class JobStore(ControlHistory):
         to_epoch_us(at)
         if new.gpu_count is not None and new.gpu_ids_requested is not None:
             raise ValueError("a job asks for a GPU count or for GPU ids, not both")
-        values = {f.name: _stored(getattr(new, f.name)) for f in fields(NewJob)}
-        values.update(state=JobState.QUEUED.value, submitted_at=at)
-        reason = "attached" if new.attached else "submitted"
         try:
             with write_transaction(self._engine) as conn:
-                result = conn.execute(jobs_table.insert().values(**values))
-                job_id = inserted_id(result)
-                conn.execute(
-                    job_events_table.insert().values(
-                        job_id=job_id,
-                        at=at,
-                        from_state=None,
-                        to_state=JobState.QUEUED.value,
-                        reason=reason,
-                    )
-                )
-                return self._require(conn, job_id)
+                return self._require(conn, self._insert(conn, new, at, JobState.QUEUED))
         except SQLAlchemyError as exc:
             raise write_error(f"creating job {new.name!r}", exc) from exc
 
@@ -234,8 +255,10 @@ class JobStore(ControlHistory):
         states: Iterable[JobState | str] | None = None,
         user: str | None = None,
         host: str | None = None,
+        node: str | None = None,
     ) -> builtins.list[JobRecord]:
-        """Jobs in any of ``states``, of ``user``, on ``host`` (each filter if given), by id."""
+        """Jobs in any of ``states``, of ``user``, owned by ``host``, and owned by or with a
+        running member on ``node`` (each filter if given), by id."""
         c = jobs_table.c
         query = select(jobs_table).order_by(c.id)
         if states is not None:
@@ -244,6 +267,12 @@ class JobStore(ControlHistory):
             query = query.where(c.user == user)
         if host is not None:
             query = query.where(c.host == host)
+        if node is not None:
+            mc = job_members_table.c
+            here = select(mc.job_id).where(
+                mc.host == node, mc.state == MemberState.RUNNING.value
+            )
+            query = query.where(or_(c.host == node, c.id.in_(here)))
         with self._engine.connect() as conn:
             rows = conn.execute(query).all()
             gpus = self._gpus_of(conn, (row.id for row in rows))
@@ -312,14 +341,15 @@ class JobStore(ControlHistory):
                 conn.execute(update(jobs_table).where(jobs_table.c.id == job_id).values(**auto))
                 if gpus is not None:
                     conn.execute(delete(job_gpus_table).where(job_gpus_table.c.job_id == job_id))
-                    if gpus:
-                        conn.execute(
-                            job_gpus_table.insert(),
-                            [
-                                {"job_id": job_id, "gpu_id": gpu_id, "gpu_index": index}
-                                for gpu_id, index in gpus
-                            ],
-                        )
+                    self._add_gpus(conn, job_id, gpus)
+                if to.terminal:  # its processes are gone, or going: none is running any more
+                    conn.execute(
+                        update(job_members_table)
+                        .where(job_members_table.c.job_id == job_id,
+                               job_members_table.c.state == MemberState.RUNNING.value)
+                        .values(state=_member_end(to).value, ended_at=at,
+                                end_reason=f"job {to}: {reason}")
+                    )
                 conn.execute(
                     job_events_table.insert().values(
                         job_id=job_id,
@@ -332,6 +362,21 @@ class JobStore(ControlHistory):
                 return self._require(conn, job_id)
         except SQLAlchemyError as exc:
             raise write_error(f"moving job {job_id} to {to}", exc) from exc
+
+    @staticmethod
+    def _add_gpus(conn: Connection, job_id: int, gpus: Sequence[tuple[int, int]]) -> None:
+        """Add ``(gpu_id, gpu_index)`` pairs to a job's GPUs (those it has already stay)."""
+        have = {
+            row[0] for row in conn.execute(
+                select(job_gpus_table.c.gpu_id).where(job_gpus_table.c.job_id == job_id)
+            )
+        }
+        new = [
+            {"job_id": job_id, "gpu_id": gpu_id, "gpu_index": index}
+            for gpu_id, index in dict(gpus).items() if gpu_id not in have
+        ]
+        if new:
+            conn.execute(job_gpus_table.insert(), new)
 
     def set_fields(self, job_id: int, **fields: Any) -> JobRecord:
         """Change columns of a job other than its state (budgets, ``mode_effective``, pid, ...).
@@ -374,6 +419,186 @@ class JobStore(ControlHistory):
                 )
                 for r in conn.execute(query)
             ]
+
+    # -- members ---------------------------------------------------------------------------------
+
+    def join_run(
+        self, new: NewJob, member: NewMember, *, gpus: Sequence[tuple[int, int]], at: datetime
+    ) -> tuple[JobRecord, MemberRecord]:
+        """A rank of a run joins the run's live job (``new.run_key``), which it creates if none.
+
+        The job is created ``running`` (as an attached job). Daemons on several nodes may race
+        to create it: one live job per run key is the store's rule, and the loser joins the
+        winner's job. Rank 0's node owns the job (``host``).
+
+        Args:
+            new: The job to create when the run has none (``run_key`` set).
+            member: The joining process.
+            gpus: ``(gpu_id, gpu_index)`` of the member's GPUs, added to the job's.
+            at: When (aware UTC).
+
+        Raises:
+            MembershipError: The member does not fit the run (see ``members.add_member``).
+            StoreWriteError: Nothing was written.
+        """
+        if new.run_key is None:
+            raise ValueError("join_run needs a run key")
+        to_epoch_us(at)
+        for attempt in range(2):
+            try:
+                with write_transaction(self._engine) as conn:
+                    job_id = self._live_run(conn, new.run_key, new.uid)
+                    if job_id is None:
+                        job_id = self._insert(conn, new, at, JobState.RUNNING)
+                    return self._join(conn, job_id, member, gpus, at)
+            except IntegrityError as exc:
+                if attempt:  # the other daemon's job is there now: the second try joins it
+                    raise write_error(f"joining run {new.run_key!r}", exc) from exc
+            except SQLAlchemyError as exc:
+                raise write_error(f"joining run {new.run_key!r}", exc) from exc
+        raise AssertionError("unreachable")
+
+    def join(
+        self, job_id: int, member: NewMember, *, gpus: Sequence[tuple[int, int]], at: datetime
+    ) -> tuple[JobRecord, MemberRecord]:
+        """A process joins an existing active job (a rank of a submitted job's command).
+
+        Raises:
+            JobNotFoundError: No such job.
+            MembershipError: The job is not active, or the member does not fit its run.
+            StoreWriteError: Nothing was written.
+        """
+        to_epoch_us(at)
+        try:
+            with write_transaction(self._engine) as conn:
+                return self._join(conn, job_id, member, gpus, at)
+        except SQLAlchemyError as exc:
+            raise write_error(f"joining job {job_id}", exc) from exc
+
+    def _live_run(self, conn: Connection, run_key: str, uid: int) -> int | None:
+        c = jobs_table.c
+        query = select(c.id, c.uid, c.user).where(c.run_key == run_key, c.ended_at.is_(None))
+        if self._engine.dialect.name != "sqlite":
+            query = query.with_for_update()
+        row = conn.execute(query).first()
+        if row is None:
+            return None
+        if row.uid != uid:
+            raise MembershipError(f"run {run_key!r} is job {row.id} of {row.user}, not yours")
+        return int(row.id)
+
+    def _insert(self, conn: Connection, new: NewJob, at: datetime, state: JobState) -> int:
+        """Insert a job and its creation event; an attached one goes on to ``state``."""
+        values = {f.name: _stored(getattr(new, f.name)) for f in fields(NewJob)}
+        values.update(state=JobState.QUEUED.value, submitted_at=at)
+        job_id = inserted_id(conn.execute(jobs_table.insert().values(**values)))
+        events: list[tuple[JobState | None, JobState, str]] = [
+            (None, JobState.QUEUED, "attached" if new.attached else "submitted")
+        ]
+        if state is not JobState.QUEUED:
+            events.append((JobState.QUEUED, state, "attached: already running"))
+            conn.execute(update(jobs_table).where(jobs_table.c.id == job_id)
+                         .values(state=state.value, started_at=at))
+        for from_state, to_state, reason in events:
+            conn.execute(job_events_table.insert().values(
+                job_id=job_id, at=at, from_state=None if from_state is None else from_state.value,
+                to_state=to_state.value, reason=reason,
+            ))
+        return job_id
+
+    def _join(
+        self, conn: Connection, job_id: int, member: NewMember,
+        gpus: Sequence[tuple[int, int]], at: datetime,
+    ) -> tuple[JobRecord, MemberRecord]:
+        query = select(jobs_table).where(jobs_table.c.id == job_id)
+        if self._engine.dialect.name != "sqlite":
+            query = query.with_for_update()
+        row = conn.execute(query).first()
+        if row is None:
+            raise JobNotFoundError(f"no job {job_id}")
+        state = JobState(row.state)
+        if state not in (JobState.RUNNING, JobState.PAUSED):
+            raise MembershipError(f"job {job_id} is {state}: only a running job takes members")
+        record = m.add_member(conn, job_id, row.generation, row.world_size, member, at=at)
+        self._add_gpus(conn, job_id, gpus)
+        if member.rank == 0 and row.host != member.host and row.attached:  # rank 0 owns a run
+            conn.execute(update(jobs_table).where(jobs_table.c.id == job_id)
+                         .values(host=member.host))
+        return self._require(conn, job_id), record
+
+    def members(self, job_ids: Iterable[int]) -> dict[int, builtins.list[MemberRecord]]:
+        """The members of each job (all generations), by rank."""
+        with self._engine.connect() as conn:
+            return m.members_of(conn, job_ids)
+
+    def member(self, member_id: int) -> MemberRecord | None:
+        with self._engine.connect() as conn:
+            row = conn.execute(
+                select(job_members_table).where(job_members_table.c.id == member_id)
+            ).first()
+        return None if row is None else m.member_record(row)
+
+    def run_totals(self, job_id: int) -> RunTotals:
+        """The job's progress over its members (``RunTotals``)."""
+        with self._engine.connect() as conn:
+            return m.run_totals(conn, job_id)
+
+    def report(
+        self,
+        member: MemberRecord,
+        *,
+        at: datetime,
+        steps: int,
+        samples: int,
+        tokens: int,
+        step_time_s: float | None = None,
+        steps_per_s: float | None = None,
+        log_progress: bool = True,
+    ) -> RunTotals:
+        """Store a member's cumulative totals; return the run's, which ``log_progress`` adds to
+        the job's progress series (``job_progress``) in the same transaction.
+
+        Raises:
+            ValueError: ``at`` is naive.
+            StoreWriteError: Nothing was written.
+        """
+        to_epoch_us(at)
+        try:
+            with write_transaction(self._engine) as conn:
+                m.record_report(conn, member.id, at=at, steps=steps, samples=samples,
+                                tokens=tokens, step_time_s=step_time_s, steps_per_s=steps_per_s)
+                totals = m.run_totals(conn, member.job_id)
+                if log_progress:
+                    conn.execute(job_progress_table.insert().values(
+                        job_id=member.job_id, at=at, steps=totals.steps, samples=totals.samples,
+                        tokens=totals.tokens,
+                    ))
+                return totals
+        except SQLAlchemyError as exc:
+            raise write_error(f"recording progress of job {member.job_id}", exc) from exc
+
+    def end_member(
+        self, member_id: int, state: MemberState, reason: str, *, at: datetime
+    ) -> bool:
+        """End a running member (``False``: it had already ended).
+
+        Raises:
+            StoreWriteError: Nothing was written.
+        """
+        to_epoch_us(at)
+        try:
+            with write_transaction(self._engine) as conn:
+                return m.end_member(conn, member_id, state, reason, at=at)
+        except SQLAlchemyError as exc:
+            raise write_error(f"ending member {member_id}", exc) from exc
+
+    def set_duty(self, job_id: int, host: str, duty: float | None) -> None:
+        """The pacing ``host`` asks of the job (soft mode), on its running members there."""
+        try:
+            with write_transaction(self._engine) as conn:
+                m.set_duty(conn, job_id, host, duty)
+        except SQLAlchemyError as exc:
+            raise write_error(f"setting the pacing of job {job_id}", exc) from exc
 
     # -- progress --------------------------------------------------------------------------------
 

@@ -6,12 +6,12 @@ Frozen dataclasses, in the job vocabulary of ``scheduler.jobs``; times are aware
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import NamedTuple
 
 from energy.optimizer import Knob
-from scheduler.jobs import JobState, Mode, OnExceed
+from scheduler.jobs import Hold, JobState, MemberState, Mode, OnExceed
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +39,8 @@ class NewJob:
         pid / pid_create_time: An attached job's process and its psutil ``create_time`` (s since
             the epoch).
         deadline_at: When the job must end (aware UTC), or ``None``.
+        run_key / world_size / generation: The distributed run the job is (``scheduler.runs``),
+            or ``None`` for a job that is not one.
     """
 
     name: str
@@ -63,6 +65,9 @@ class NewJob:
     pid: int | None = None
     pid_create_time: float | None = None
     deadline_at: datetime | None = None
+    run_key: str | None = None
+    world_size: int | None = None
+    generation: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +92,10 @@ class JobRecord:
         gpus: Assigned GPU indices, ascending (empty until placed).
         gpu_ids: The same GPUs' store ids (``gpus.id``), in the same order.
         deadline_at: When the job must end (aware UTC), or ``None``.
+        run_key / world_size / generation: As in ``NewJob``.
+        hold / hold_step / hold_reason: The collective action in force, the step every rank
+            takes it at, and why (``None``: none).
+        gpu_hosts: The node of each GPU in ``gpus`` (a run's GPUs may be on several nodes).
     """
 
     id: int
@@ -122,6 +131,96 @@ class JobRecord:
     gpus: tuple[int, ...] = ()
     gpu_ids: tuple[int, ...] = ()
     deadline_at: datetime | None = None
+    run_key: str | None = None
+    world_size: int | None = None
+    generation: int | None = None
+    hold: Hold | None = None
+    hold_step: int | None = None
+    hold_reason: str | None = None
+    gpu_hosts: tuple[str, ...] = ()
+
+    def on(self, host: str) -> JobRecord:
+        """The job as one node controls it: its GPUs narrowed to those on ``host``."""
+        keep = [i for i, h in enumerate(self.gpu_hosts) if h == host]
+        return replace(
+            self,
+            gpus=tuple(self.gpus[i] for i in keep),
+            gpu_ids=tuple(self.gpu_ids[i] for i in keep),
+            gpu_hosts=(host,) * len(keep),
+        )
+
+    def spans_nodes(self, host: str) -> bool:
+        """Whether some of the job's GPUs are on nodes other than ``host``."""
+        return any(h != host for h in self.gpu_hosts)
+
+
+@dataclass(frozen=True, slots=True)
+class NewMember:
+    """A process joining a job: a rank of a run, or the single process of a plain job.
+
+    Attributes:
+        host: Its node.
+        rank / local_rank / world_size / generation: Its place in the run (0, 0, 1, 0 alone).
+        pid / pid_create_time: The process and its psutil ``create_time``.
+        gpus: The GPU indices on ``host`` it uses (may be empty when unknown).
+    """
+
+    host: str
+    rank: int
+    local_rank: int
+    world_size: int
+    generation: int
+    pid: int
+    pid_create_time: float
+    gpus: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class MemberRecord:
+    """A stored member of a job (``job_members``): where it runs, what it reported, its state.
+
+    Attributes:
+        id / job_id: Store keys.
+        host / rank / local_rank / world_size / generation / pid / pid_create_time / gpus: As
+            in ``NewMember``.
+        state: ``running`` or how it ended; ``ended_at`` / ``end_reason`` once it has.
+        joined_at: When it joined.
+        reported_at: Its last progress report (``None``: none yet).
+        steps / samples / tokens: Its own cumulative totals.
+        step_time_s: Its latest mean step time, s; ``steps_per_s``: its recent step rate.
+        duty: The pacing its node asks of the run (soft mode), or ``None``.
+    """
+
+    id: int
+    job_id: int
+    host: str
+    rank: int
+    local_rank: int
+    world_size: int
+    generation: int
+    pid: int
+    pid_create_time: float
+    gpus: tuple[int, ...]
+    state: MemberState
+    joined_at: datetime
+    ended_at: datetime | None
+    end_reason: str | None
+    reported_at: datetime | None
+    steps: int
+    samples: int
+    tokens: int
+    step_time_s: float | None
+    steps_per_s: float | None
+    duty: float | None
+
+
+class RunTotals(NamedTuple):
+    """A job's progress over its members: samples and tokens summed, steps the fewest any
+    member has finished (the steps every rank has done)."""
+
+    steps: int
+    samples: int
+    tokens: int
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,6 +22,7 @@ from telemetry.store.migrate import (
     open_store,
     upgrade,
 )
+from telemetry.store.nodes import NodeRecord
 from telemetry.store.records import (
     BucketRecord,
     EnergySource,
@@ -43,6 +44,7 @@ __all__ = [
     "BucketRecord",
     "EnergySource",
     "GpuRecord",
+    "NodeRecord",
     "PowerPoint",
     "ProcessRecord",
     "RollupRecord",

@@ -268,6 +268,74 @@ class Job(Base):
     exit_code: Mapped[int | None] = mapped_column(Integer)
     end_reason: Mapped[str | None] = mapped_column(Text)
     deadline_at: Mapped[datetime | None] = mapped_column(UtcTimestamp)
+    # A distributed run: the launcher's identity of it (``torchrun:<run id>``, ...), its world
+    # size and elastic generation (restart count); NULL for a job that is not one.
+    run_key: Mapped[str | None] = mapped_column(String(255))
+    world_size: Mapped[int | None] = mapped_column(Integer)
+    generation: Mapped[int | None] = mapped_column(Integer)
+    # A collective action every rank takes at the same step: pause, stop, cancel or checkpoint
+    # (``scheduler.jobs.Hold``), the step it takes effect at, and why.
+    hold: Mapped[str | None] = mapped_column(String(16))
+    hold_step: Mapped[int | None] = mapped_column(BigInteger)
+    hold_reason: Mapped[str | None] = mapped_column(Text)
+
+
+# One live job per run: ranks that attach with the same run key join it, across daemons too.
+Index("uq_jobs_live_run_key", Job.run_key, unique=True,
+      sqlite_where=Job.ended_at.is_(None), postgresql_where=Job.ended_at.is_(None))
+
+
+class JobMember(Base):
+    """One process of a job: a rank of a distributed run, or the single process of a plain job.
+
+    ``steps``/``samples``/``tokens`` are the member's own cumulative totals as it last reported
+    them (a run's totals are their sums; its steps, the smallest); ``steps_per_s`` its recent step
+    rate; ``duty`` the pacing its node's soft controller asks (a run is paced at the lowest).
+    ``state`` is ``running``, ``completed`` (ended cleanly), ``failed`` or ``stopped``.
+    """
+
+    __tablename__ = "job_members"
+    __table_args__ = (
+        UniqueConstraint("job_id", "generation", "rank"),
+        Index(None, "host", "state"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(Integer, ForeignKey("jobs.id", ondelete="CASCADE"))
+    host: Mapped[str] = mapped_column(String(255))
+    rank: Mapped[int] = mapped_column(Integer)
+    local_rank: Mapped[int] = mapped_column(Integer)
+    world_size: Mapped[int] = mapped_column(Integer)
+    generation: Mapped[int] = mapped_column(Integer)
+    pid: Mapped[int] = mapped_column(Integer)
+    pid_create_time: Mapped[float] = mapped_column(Double)
+    gpus: Mapped[list[int]] = mapped_column(JSON)
+    state: Mapped[str] = mapped_column(String(16))
+    joined_at: Mapped[datetime] = mapped_column(UtcTimestamp)
+    ended_at: Mapped[datetime | None] = mapped_column(UtcTimestamp)
+    end_reason: Mapped[str | None] = mapped_column(Text)
+    reported_at: Mapped[datetime | None] = mapped_column(UtcTimestamp)
+    steps: Mapped[int] = mapped_column(BigInteger)
+    samples: Mapped[int] = mapped_column(BigInteger)
+    tokens: Mapped[int] = mapped_column(BigInteger)
+    step_time_s: Mapped[float | None] = mapped_column(Double)
+    steps_per_s: Mapped[float | None] = mapped_column(Double)
+    duty: Mapped[float | None] = mapped_column(Double)
+
+
+class NodeRow(Base):
+    """A node whose daemon writes to this store: its GPUs, version and last heartbeat."""
+
+    __tablename__ = "nodes"
+
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    gpu_count: Mapped[int] = mapped_column(Integer)
+    backend: Mapped[str] = mapped_column(String(32))
+    version: Mapped[str] = mapped_column(String(64))
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(UtcTimestamp)
+    heartbeat_at: Mapped[datetime] = mapped_column(UtcTimestamp)
+    stopped_at: Mapped[datetime | None] = mapped_column(UtcTimestamp)
 
 
 class JobGpu(Base):
@@ -314,6 +382,8 @@ jobs_table = cast(Table, Job.__table__)
 job_gpus_table = cast(Table, JobGpu.__table__)
 job_events_table = cast(Table, JobEventRow.__table__)
 job_progress_table = cast(Table, JobProgressRow.__table__)
+job_members_table = cast(Table, JobMember.__table__)
+nodes_table = cast(Table, NodeRow.__table__)
 
 
 class SettingsJournalRow(Base):

@@ -19,6 +19,7 @@ from energy.counters import DEFAULT_MAX_GAP_S, EnergyResult
 from telemetry.backends.base import GpuInfo, GpuReading
 from telemetry.store.errors import write_error
 from telemetry.store.models import to_epoch_us
+from telemetry.store.nodes import NodeRecord, heartbeat, list_nodes, node_stopped, register_node
 from telemetry.store.records import (
     BucketRecord,
     EnergySource,
@@ -89,6 +90,10 @@ class Store:
     ) -> list[SampleRecord]:
         """One GPU's samples with ``since <= sampled_at < until``, oldest first."""
         return self._samples.samples(gpu_id, since, until)
+
+    def latest_samples(self, gpu_ids: Sequence[int]) -> dict[int, SampleRecord]:
+        """Each GPU's latest stored sample (another node's GPUs too, in a shared store)."""
+        return self._samples.latest_samples(gpu_ids)
 
     def sample_count(
         self,
@@ -238,6 +243,28 @@ class Store:
         """One GPU's power over ``[since, until)`` in at most about ``max_points`` buckets (see
         ``Series.power_series``)."""
         return self._series.power_series(gpu_id, since, until, max_points=max_points)
+
+    # -- the nodes registry (``telemetry.store.nodes``) ----------------------------------------
+
+    def register_node(
+        self, *, name: str, gpu_count: int, backend: str, version: str, pid: int, at: datetime
+    ) -> None:
+        """Register a node as started at ``at``, overwriting its row if it had one (see
+        ``telemetry.store.nodes.register_node``)."""
+        register_node(self._engine, name=name, gpu_count=gpu_count, backend=backend,
+                      version=version, pid=pid, at=at)
+
+    def heartbeat(self, name: str, at: datetime) -> bool:
+        """Record a heartbeat of a node; whether it was registered and not stopped."""
+        return heartbeat(self._engine, name, at)
+
+    def node_stopped(self, name: str, at: datetime) -> bool:
+        """Mark a node stopped at ``at``; whether it was registered."""
+        return node_stopped(self._engine, name, at)
+
+    def nodes(self) -> list[NodeRecord]:
+        """Every registered node, by name (``NodeRecord.state`` tells up, down or stopped)."""
+        return list_nodes(self._engine)
 
     def close(self) -> None:
         """Close every pooled connection."""

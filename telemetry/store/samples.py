@@ -233,6 +233,22 @@ class Samples:
         with self._engine.connect() as conn:
             return [SampleRecord(*row) for row in conn.execute(query)]
 
+    def latest_samples(self, gpu_ids: Sequence[int]) -> dict[int, SampleRecord]:
+        """Each GPU's latest sample (GPUs without one are left out): one index probe each."""
+        c = samples_table.c
+        out: dict[int, SampleRecord] = {}
+        with self._engine.connect() as conn:
+            for gpu_id in gpu_ids:
+                row = conn.execute(
+                    select(c.gpu_id, c.sampled_at, *(c[name] for name in READING_FIELDS))
+                    .where(c.gpu_id == gpu_id)
+                    .order_by(c.sampled_at.desc(), c.id.desc())
+                    .limit(1)
+                ).first()
+                if row is not None:
+                    out[gpu_id] = SampleRecord(*row)
+        return out
+
     def sample_count(
         self,
         gpu_id: int | None = None,
