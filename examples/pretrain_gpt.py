@@ -12,6 +12,14 @@ a pause or stop saves ``--checkpoint`` first.
 
     python examples/pretrain_gpt.py                      # ~1M parameters, a few hundred steps
     python examples/pretrain_gpt.py --checkpoint ckpt.pt --resume --max-seconds 60
+    torchrun --standalone --nproc_per_node 4 examples/pretrain_gpt.py --batch-size 64
+
+Under torchrun (``WORLD_SIZE`` > 1) it trains with DistributedDataParallel: NCCL on
+``cuda:LOCAL_RANK``, else gloo on the CPU. ``--batch-size`` stays the global batch, so each rank
+takes ``batch_size // world_size`` sequences per step (it must divide) from its own shard of the
+corpus, and the micro-batch (flag or directive) splits that per-rank batch. Every rank reports
+its own tokens and samples to powertrain; the daemon sums them into one job. Only rank 0 prints
+and writes the checkpoint; every rank reads it on ``--resume``. See docs/distributed.md.
 
 Prints the loss and tokens/s every ``--log-every`` steps and ends with one ``done:`` line of
 ``key=value`` fields: steps, tokens, seconds, tokens_per_s, first_loss, loss, val_loss.
@@ -27,11 +35,15 @@ import random
 import sys
 import sysconfig
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as torch_dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from scheduler.client import JobStopped, track
 
@@ -126,13 +138,46 @@ def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in a torchrun launch; the defaults are a single process."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def enabled(self) -> bool:
+        """Whether this is one rank of several (DDP on)."""
+        return self.world_size > 1
+
+    @property
+    def main(self) -> bool:
+        """Whether this rank prints, evaluates and writes the checkpoint."""
+        return self.rank == 0
+
+
+def dist_from_env(env: Mapping[str, str]) -> Dist:
+    """The rank, local rank and world size torchrun sets; a single process without them."""
+    names = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
+    if not all(env.get(name, "").strip() for name in names):
+        return Dist()
+    try:
+        rank, local_rank, world_size = (int(env[name]) for name in names)
+    except ValueError:
+        raise SystemExit(f"error: RANK, LOCAL_RANK and WORLD_SIZE must be integers, not "
+                         f"{[env[name] for name in names]}") from None
+    return Dist(rank, local_rank, world_size) if world_size > 1 else Dist()
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=500, help="optimizer steps")
     parser.add_argument("--batch-size", type=int, default=16, help="global batch (sequences)")
     parser.add_argument("--micro-batch", type=int, default=None,
-                        help="sequences per forward/backward (default: the global batch); "
-                             "the daemon's micro-batch directive overrides it")
+                        help="sequences per forward/backward (default: the global batch, or "
+                             "under torchrun the rank's share of it); the daemon's micro-batch "
+                             "directive overrides it")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--dim", type=int, default=128)
@@ -158,19 +203,53 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--micro-batch must be positive")
     if args.resume and args.checkpoint is None:
         parser.error("--resume needs --checkpoint")
+    world_size = dist_from_env(os.environ).world_size
+    if args.batch_size < 1 or args.batch_size % world_size:
+        parser.error(f"--batch-size {args.batch_size} is the global batch: it must be a positive "
+                     f"multiple of the world size {world_size} (each rank takes an equal share)")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    torch.manual_seed(args.seed)
+    dist = dist_from_env(os.environ)
     cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
+    if not dist.enabled:
+        return train(args, dist, torch.device("cuda" if cuda else "cpu"))
+    # torchrun: MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE come from the environment (env://)
+    if cuda:
+        device = torch.device("cuda", dist.local_rank)
+        torch.cuda.set_device(device)
+        torch_dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        torch_dist.init_process_group("gloo")
+    try:
+        return train(args, dist, device)
+    finally:
+        torch_dist.destroy_process_group()
+
+
+def train(args: argparse.Namespace, dist: Dist, device: torch.device) -> int:
+    """The training run on ``device``; one rank of ``dist`` (its process group is up if enabled)."""
+
+    def say(message: str) -> None:  # rank 0 speaks for the run
+        if dist.main:
+            print(message, flush=True)
+
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    cuda = device.type == "cuda"
 
     corpus = load_corpus(int(args.data_mb * 1e6))
     split = int(len(corpus) * 0.95)
     data = torch.frombuffer(bytearray(corpus), dtype=torch.uint8).to(device)
-    train, val = data[:split], data[split:]
+    train_data, val = data[:split], data[split:]
+    # each rank draws its batches from its own contiguous shard (the whole split on one process)
+    shard = len(train_data) // dist.world_size
+    train_data = train_data[dist.rank * shard:(dist.rank + 1) * shard]
+    if len(train_data) <= args.seq_len + 1:
+        raise SystemExit(f"error: a training shard of {len(train_data)} bytes is too small for "
+                         f"--seq-len {args.seq_len}; raise --data-mb")
 
     model = GPT(args.layers, args.dim, args.heads, args.seq_len).to(device)
     decay = [p for p in model.parameters() if p.dim() == 2]
@@ -180,30 +259,54 @@ def main(argv: list[str] | None = None) -> int:
         lr=args.lr, betas=(0.9, 0.95), fused=cuda,
     )
     n_params = sum(p.numel() for p in model.parameters())
-    tokens_per_step = args.batch_size * args.seq_len
+    local_batch = args.batch_size // dist.world_size  # sequences this rank takes per step
+    tokens_per_step = args.batch_size * args.seq_len  # the global batch, all ranks
+    local_tokens = local_batch * args.seq_len  # what this rank processes (and reports) per step
     start_step = 0
-    if args.resume and args.checkpoint.exists():
+    if args.resume and args.checkpoint.exists():  # every rank reads the same checkpoint
         state = torch.load(args.checkpoint, map_location=device)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_step = int(state["step"])
-        print(f"resumed from {args.checkpoint} at step {start_step}")
-    print(f"model: {n_params / 1e6:.2f}M parameters, {args.layers} layers, dim {args.dim}; "
-          f"corpus {len(corpus) / 1e6:.1f} MB of stdlib sources; device {device}; "
-          f"batch {args.batch_size} x {args.seq_len} tokens", flush=True)
+        say(f"resumed from {args.checkpoint} at step {start_step}")
+    # DDP averages gradients over ranks in backward; the optimizer holds the same parameters
+    ddp = (DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
+           if dist.enabled else None)
+    net: nn.Module = model if ddp is None else ddp
+    ranks = (f" ({local_batch} per rank on {dist.world_size} ranks)" if dist.enabled else "")
+    say(f"model: {n_params / 1e6:.2f}M parameters, {args.layers} layers, dim {args.dim}; "
+        f"corpus {len(corpus) / 1e6:.1f} MB of stdlib sources; device {device}; "
+        f"batch {args.batch_size} x {args.seq_len} tokens{ranks}")
 
     done = {"step": start_step}  # completed steps, what a checkpoint records
 
     def save_checkpoint() -> None:
+        # Every rank calls this at the same step (the end of training, or a pause or stop, which
+        # powertrain has all ranks obey at one step boundary): rank 0 writes, the rest wait.
         if args.checkpoint is None:
             return
-        tmp = args.checkpoint.with_name(args.checkpoint.name + ".tmp")
-        # plain values only, so torch.load(weights_only=True) reads it back
-        plain_args = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "step": done["step"], "args": plain_args}, tmp)
-        os.replace(tmp, args.checkpoint)  # a crash never leaves half a checkpoint
-        print(f"checkpoint: step {done['step']} saved to {args.checkpoint}", flush=True)
+        if dist.main:
+            tmp = args.checkpoint.with_name(args.checkpoint.name + ".tmp")
+            # plain values only, so torch.load(weights_only=True) reads it back
+            plain_args = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+            # the bare model's state, so a single process can resume from a DDP checkpoint
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "step": done["step"], "args": plain_args}, tmp)
+            os.replace(tmp, args.checkpoint)  # a crash never leaves half a checkpoint
+            print(f"checkpoint: step {done['step']} saved to {args.checkpoint}", flush=True)
+        if dist.enabled:
+            torch_dist.barrier()  # no rank goes on (or exits) before the file is complete
+
+    def out_of_time(elapsed_s: float) -> bool:
+        # Rank 0's clock decides for all, so every rank stops at the same step.
+        if args.max_seconds is None:
+            return False
+        stop: bool = elapsed_s > args.max_seconds
+        if dist.enabled:
+            flag = torch.tensor([int(stop)], device=device)
+            torch_dist.broadcast(flag, src=0)
+            stop = bool(flag.item())
+        return stop
 
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cuda
                 else contextlib.nullcontext())
@@ -217,38 +320,48 @@ def main(argv: list[str] | None = None) -> int:
         with track(
             name=args.name,
             total_steps=args.steps,
-            total_tokens=args.steps * tokens_per_step,
+            total_tokens=args.steps * tokens_per_step,  # the job's plan: all ranks together
             checkpoint=save_checkpoint if args.checkpoint is not None else None,
             enabled=not args.no_powertrain,
             initial_steps=start_step,
-            initial_samples=start_step * args.batch_size,
-            initial_tokens=start_step * tokens_per_step,
+            initial_samples=start_step * local_batch,  # this rank's own totals so far
+            initial_tokens=start_step * local_tokens,
         ) as job:
+            # every rank runs the same steps: same start (one checkpoint), same end, same clock
             for step in range(start_step, args.steps):
-                elapsed_s = time.perf_counter() - t_start
-                if args.max_seconds is not None and elapsed_s > args.max_seconds:
-                    print(f"--max-seconds {args.max_seconds:g} reached at step {step}")
+                if out_of_time(time.perf_counter() - t_start):
+                    say(f"--max-seconds {args.max_seconds:g} reached at step {step}")
                     break
-                with job.step(tokens=tokens_per_step, samples=args.batch_size):
-                    micro = min(job.micro_batch or args.micro_batch or args.batch_size,
-                                args.batch_size)
-                    generator = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
-                    x, y = get_batch(train, args.batch_size, args.seq_len, generator)
+                with job.step(tokens=local_tokens, samples=local_batch):
+                    # a micro-batch splits this rank's share; ranks may split differently
+                    micro = min(job.micro_batch or args.micro_batch or local_batch, local_batch)
+                    seed = (args.seed * 1_000_003 + step) * dist.world_size + dist.rank
+                    generator = torch.Generator().manual_seed(seed)
+                    x, y = get_batch(train_data, local_batch, args.seq_len, generator)
                     for group in optimizer.param_groups:
                         group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
                     optimizer.zero_grad(set_to_none=True)
                     loss_sum = torch.zeros((), device=device)
-                    for i in range(0, args.batch_size, micro):
+                    for i in range(0, local_batch, micro):
                         xb, yb = x[i:i + micro], y[i:i + micro]
-                        with autocast:
-                            logits = model(xb)
-                        loss = F.cross_entropy(logits.float().view(-1, VOCAB), yb.reshape(-1))
-                        # weight by the chunk's share, so any split gives the same gradient
-                        weighted = loss * (xb.shape[0] / args.batch_size)
-                        weighted.backward()
+                        # DDP all-reduces gradients once, on the step's last micro-batch
+                        last_micro = i + micro >= local_batch
+                        sync = (ddp.no_sync() if ddp is not None and not last_micro
+                                else contextlib.nullcontext())
+                        with sync:
+                            with autocast:
+                                logits = net(xb)
+                            loss = F.cross_entropy(logits.float().view(-1, VOCAB),
+                                                   yb.reshape(-1))
+                            # weight by the chunk's share, so any split gives the same gradient
+                            weighted = loss * (xb.shape[0] / local_batch)
+                            weighted.backward()
                         loss_sum += weighted.detach()
                     nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                     optimizer.step()
+                    if dist.enabled:  # the global batch's loss, for the log
+                        torch_dist.all_reduce(loss_sum)
+                        loss_sum /= dist.world_size
                     last_loss = loss_sum.item()
                     done["step"] = step + 1
                 if first_loss is None:
@@ -258,15 +371,17 @@ def main(argv: list[str] | None = None) -> int:
                 if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
                     now = time.perf_counter()
                     logged_loss = sum(window_losses) / len(window_losses)
-                    print(f"step {step + 1}/{args.steps}  loss {logged_loss:.3f}"
-                          f"  tokens/s {tokens_window / (now - t_window):,.0f}"
-                          f"  micro_batch {micro}", flush=True)
+                    say(f"step {step + 1}/{args.steps}  loss {logged_loss:.3f}"
+                        f"  tokens/s {tokens_window / (now - t_window):,.0f}"
+                        f"  micro_batch {micro}")
                     window_losses, t_window, tokens_window = [], now, 0
     except JobStopped as stopped:
-        print(f"stopped by powertrain after step {done['step']}: {stopped.code}", flush=True)
+        say(f"stopped by powertrain after step {done['step']}: {stopped.code}")
         raise
     seconds = time.perf_counter() - t_start
     save_checkpoint()
+    if not dist.main:
+        return 0
 
     val_loss = float("nan")
     if args.eval_batches > 0:
@@ -280,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
                                               y.reshape(-1)).item())
         val_loss = sum(losses) / len(losses)
     steps_run = done["step"] - start_step
-    tokens = steps_run * tokens_per_step
+    tokens = steps_run * tokens_per_step  # global: all ranks
     # the last window's mean is a steadier "final loss" than one noisy step
     final_loss = (sum(window_losses) / len(window_losses) if window_losses
                   else logged_loss if not math.isnan(logged_loss) else last_loss)
@@ -289,7 +404,6 @@ def main(argv: list[str] | None = None) -> int:
           f"first_loss={first_loss if first_loss is not None else float('nan'):.4f} "
           f"loss={final_loss:.4f} val_loss={val_loss:.4f}", flush=True)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -9,6 +9,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -34,6 +35,22 @@ def run(*args: str, env: dict[str, str] | None = None, check: bool = True,
             if not k.startswith("POWERTRAIN_") and k != "CUDA_VISIBLE_DEVICES"}
     result = subprocess.run([sys.executable, str(SCRIPT), *TINY, *args], env=base | (env or {}),
                             capture_output=True, text=True, timeout=120)
+    if check:
+        assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def torchrun(*args: str, nproc: int = 2, env: dict[str, str] | None = None, check: bool = True,
+             ) -> subprocess.CompletedProcess[str]:
+    """The script under real torchrun (``--standalone``, gloo on the CPU), ``nproc`` ranks."""
+    launcher = ("POWERTRAIN_", "TORCHELASTIC_", "MASTER_")
+    base = {k: v for k, v in os.environ.items()
+            if not k.startswith(launcher) and k not in
+            {"CUDA_VISIBLE_DEVICES", "RANK", "LOCAL_RANK", "WORLD_SIZE"}}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node", str(nproc), str(SCRIPT), *TINY, *args]
+    result = subprocess.run(command, env=base | {"OMP_NUM_THREADS": "1"} | (env or {}),
+                            capture_output=True, text=True, timeout=180)
     if check:
         assert result.returncode == 0, result.stdout + result.stderr
     return result
@@ -82,4 +99,84 @@ def test_stop_checkpoints_then_resume_finishes(folder: Path) -> None:
 
     resumed = run("--checkpoint", str(ckpt), "--resume", "--no-powertrain")
     assert "resumed from" in resumed.stdout and "at step 1" in resumed.stdout
+    assert done_line(resumed.stdout)["steps"] == 29
+
+
+def test_ddp_under_torchrun_learns_and_only_rank_0_logs() -> None:
+    result = torchrun("--no-powertrain", "--micro-batch", "3")
+    done = done_line(result.stdout)  # exactly one done line: rank 0's
+    assert done["steps"] == 30 and done["tokens"] == 30 * 8 * 32  # --batch-size is global
+    assert done["loss"] < done["first_loss"] - 0.5, result.stdout
+    assert done["val_loss"] < done["first_loss"]
+    lines = result.stdout.splitlines()
+    assert sum(line.startswith("model: ") for line in lines) == 1
+    assert "(4 per rank on 2 ranks)" in result.stdout
+    assert [line.split()[1] for line in lines if line.startswith("step ")] == \
+        ["10/30", "20/30", "30/30"]
+    assert "micro_batch 3" in result.stdout
+
+
+def rank_finals(daemon: FakeDaemon) -> dict[tuple[int, object], dict[str, Any]]:
+    """Each reporting process's last progress body, keyed by (job, member): the ranks of a run
+    may join one job (then their reports name their member) or attach one job each."""
+    finals: dict[tuple[int, object], dict[str, Any]] = {}
+    for job in daemon.jobs.values():
+        for body in daemon.reports(job.id):
+            finals[job.id, body.get("member")] = body
+    return finals
+
+
+def test_ddp_ranks_each_report_their_own_share(folder: Path) -> None:
+    sock = folder / "d.sock"
+    with FakeDaemon(sock, micro_batch=2) as daemon:
+        result = torchrun("--name", "tiny-ddp", env={"POWERTRAIN_SOCKET": str(sock)})
+    assert "micro_batch 2" in result.stdout  # the directive splits each rank's batch of 4
+    done = done_line(result.stdout)
+    attaches = [body for path, body, _pid in daemon.requests if path == "/v1/jobs/attach"]
+    assert len(attaches) == 2 and all(body["name"] == "tiny-ddp" for body in attaches)
+    assert len({body["pid"] for body in attaches}) == 2  # one per rank process
+    finals = rank_finals(daemon)
+    assert len(finals) == 2, finals
+    for final in finals.values():
+        # each rank processed half the global batch: half the global tokens per step
+        assert final["final"] and final["steps"] == 30
+        assert final["tokens"] == 30 * 4 * 32 == done["tokens"] // 2
+        assert final["samples"] == 30 * 4
+
+
+def test_ddp_refuses_a_batch_the_world_size_does_not_divide() -> None:
+    result = torchrun("--no-powertrain", "--batch-size", "7", check=False)
+    assert result.returncode != 0
+    assert "--batch-size 7 is the global batch" in result.stderr
+    assert "multiple of the world size 2" in result.stderr
+    assert "done: " not in result.stdout
+
+
+def test_ddp_max_seconds_stops_every_rank_at_the_same_step(folder: Path) -> None:
+    sock = folder / "d.sock"
+    with FakeDaemon(sock) as daemon:
+        result = torchrun("--steps", "100000", "--log-every", "100000", "--max-seconds", "1",
+                          env={"POWERTRAIN_SOCKET": str(sock)})
+    assert "--max-seconds 1 reached at step" in result.stdout
+    steps = done_line(result.stdout)["steps"]
+    assert 0 < steps < 100000
+    finals = list(rank_finals(daemon).values())
+    assert len(finals) == 2 and all(final["final"] for final in finals)
+    assert {final["steps"] for final in finals} == {steps}  # rank 0's clock decided for both
+
+
+def test_ddp_stop_checkpoints_once_then_every_rank_resumes(folder: Path) -> None:
+    sock, ckpt = folder / "d.sock", folder / "gpt.pt"
+    with FakeDaemon(sock) as daemon:
+        job_id = daemon.launch()
+        daemon.set_directive(job_id, state="stopped", action="stop")
+        env = {"POWERTRAIN_SOCKET": str(sock), "POWERTRAIN_JOB_ID": str(job_id)}
+        stopped = torchrun("--checkpoint", str(ckpt), env=env, check=False)
+    assert stopped.returncode != 0, stopped.stdout + stopped.stderr
+    # both ranks obeyed at the same step; rank 0 alone wrote (and printed) the checkpoint
+    assert stopped.stdout.count("checkpoint: step 1 saved") == 1 and ckpt.exists()
+    assert [final["steps"] for final in rank_finals(daemon).values()] == [1, 1]
+
+    resumed = torchrun("--checkpoint", str(ckpt), "--resume", "--no-powertrain")
+    assert resumed.stdout.count("resumed from") == 1 and "at step 1" in resumed.stdout
     assert done_line(resumed.stdout)["steps"] == 29
