@@ -546,6 +546,8 @@ class BudgetLoop:
             self.budget_changed(job)
         if control.guard is None or control.forecast is None:
             return
+        if control.guard.state == "paused" and job.state == JobState.RUNNING:
+            control.guard.resume()  # resumed by hand, through this node or another
         control.forecast.declare(job.total_steps, job.total_tokens)
         forecast = control.forecast.update(obs.now_s, control.energy_j, progress.steps,
                                            progress.tokens)

@@ -291,6 +291,11 @@ def daemon(
                      "interpreter, its target and the system python3 that they can). Env: "
                      "POWERTRAIN_RUNNER_PYTHON."),
     ] = None,
+    node: Annotated[
+        str | None,
+        typer.Option("--node", help="This node's name in the store (default: the host name); "
+                     "daemons sharing one store need distinct names. Env: POWERTRAIN_NODE."),
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ) -> None:
     """Run the daemon in the foreground (systemd style): sample GPUs, run jobs, serve the API.
@@ -314,6 +319,7 @@ def daemon(
         node_cap_w=node_cap_w,
         runner_python=runner_python,
         dry_run=dry_run or None,
+        node=node,
     )
     check_backend_options(settings)  # before the store is opened or created
     setup_logging(verbose)
@@ -331,7 +337,7 @@ def daemon(
                 store.close()
                 raise
             log.info(why)
-            return Daemon(settings, gpus, store).run()
+            return Daemon(settings, gpus, store, host=settings.node).run()
 
     try:
         code = guarded(run)

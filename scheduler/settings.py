@@ -49,6 +49,8 @@ class Settings(BaseSettings):
         runner_python: Interpreter that runs each job's small runner process; every job's user
             must be able to execute it. Default: chosen at daemon start
             (``scheduler.launcher.choose_runner_python``).
+        node: This node's name in the store (its GPUs, jobs, members and rollups are filed under
+            it); default the host name. Distinct daemons on one store need distinct names.
     """
 
     model_config = SettingsConfigDict(env_prefix="POWERTRAIN_", extra="ignore")
@@ -73,6 +75,9 @@ class Settings(BaseSettings):
     control_interval_s: float = Field(default=1.0, gt=0, le=60)
     runner_python: str | None = None
     dry_run: bool = False
+    node: str | None = Field(
+        default=None, min_length=1, max_length=255, pattern=r"^[^\x00-\x1f\x7f]+$"
+    )
 
     @field_validator("flush_interval_s", "retention_days", "node_cap_w", "cancel_grace_s")
     @classmethod

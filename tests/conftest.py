@@ -14,10 +14,15 @@ import os
 import shutil
 import subprocess
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import Engine, text
+from sqlalchemy.engine import make_url
+
+from telemetry.store import make_engine
 
 REPO = Path(__file__).resolve().parents[1]
 PG_ENV = "POWERTRAIN_TEST_PG_URL"
@@ -80,3 +85,32 @@ def sock_dir() -> Iterator[Path]:
     path.chmod(0o755)
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def _pg_admin() -> Iterator[Engine]:
+    url = os.environ.get(PG_ENV)
+    if not url:
+        message = f"{PG_ENV} is not set: `source .ci/postgres.sh` starts a PostgreSQL for tests"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"CI=true but {message}", pytrace=False)
+        pytest.skip(message)
+    engine = make_engine(url, isolation_level="AUTOCOMMIT")
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture
+def pg_url(_pg_admin: Engine) -> Iterator[str]:
+    """A URL to a fresh, empty PostgreSQL schema of this test's own (dropped afterwards)."""
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    with _pg_admin.connect() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    url = make_url(os.environ[PG_ENV]).update_query_dict({"options": f"-csearch_path={schema}"})
+    try:
+        yield url.render_as_string(hide_password=False)
+    finally:
+        with _pg_admin.connect() as conn:
+            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))

@@ -28,7 +28,7 @@ from telemetry.backends.simulated import SimulatedBackend
 from telemetry.clock import VirtualClock, to_datetime
 from telemetry.sampler import BatchWriter, Sampler
 from telemetry.store import Store, open_store
-from tests.store.conftest import _pg_admin, store_url  # noqa: F401  (fixtures)
+from tests.store.conftest import store_url  # noqa: F401  (a fixture)
 
 TICK_S = 1.0
 
