@@ -90,7 +90,7 @@ SimMode = Mode | Literal["none"]
 """A job's ``scheduler.jobs.Mode`` (or its name), or ``none``: no wattage budget."""
 
 HOST = "sim"
-"""The node's name in the store."""
+"""The node's name in the store (unless given: several nodes may share one store)."""
 
 SAMPLE_HZ = 10
 """Samples per second of virtual time (the daemon's default ``interval_ms`` of 100)."""
@@ -129,6 +129,9 @@ class JobSpec:
             ``sleep``, which needs ``max_s`` to end).
         submit: Submitted and placed by the service (``powertrain submit``) instead of attached.
         report_interval_s: Seconds between the client's progress reports.
+        run_key / rank / world_size: A rank of a distributed run (``scheduler.runs``): the ranks
+            of one run, on one node or several, join one job. A rank steps on its own here (the
+            simulator has no collectives).
     """
 
     name: str
@@ -151,6 +154,9 @@ class JobSpec:
     submit: bool = False
 
     report_interval_s: float = 1.0
+    run_key: str | None = None
+    rank: int = 0
+    world_size: int = 1
 
     def __post_init__(self) -> None:
         if self.mode == "none" and self.budget_w is not None:
@@ -226,6 +232,7 @@ class SimJob:
         )
         self._node = node
         self.id: int | None = None
+        self.member_id: int | None = None
         self.gpus: tuple[int, ...] = spec.gpus if isinstance(spec.gpus, tuple) else ()
         # The process.
         self.started_at: float | None = None
@@ -292,7 +299,7 @@ class SimJob:
         """The settings journal's entries of this job, oldest first."""
         if self.id is None:
             return []
-        return JournalStore(self._node.store).entries(HOST, job_id=self.id)
+        return JournalStore(self._node.store).entries(self._node.host, job_id=self.id)
 
     # -- the process and its client --------------------------------------------------------
 
@@ -325,9 +332,10 @@ class SimJob:
             name=spec.name, pid=os.getpid(), gpu_ids=list(self.gpus),
             total_steps=spec.total_steps, total_tokens=total_tokens, watts=spec.budget_w,
             energy_wh=spec.energy_budget_wh, mode="auto" if spec.mode == "none" else spec.mode,
-            on_exceed=spec.on_exceed,
+            on_exceed=spec.on_exceed, run_key=spec.run_key, rank=spec.rank,
+            local_rank=spec.rank, world_size=spec.world_size,
         ))
-        self.id = view.id
+        self.id, self.member_id = view.id, view.member_id
         if spec.priority:
             node.service.update(node.caller, view.id, UpdateRequest(priority=spec.priority))
 
@@ -341,6 +349,7 @@ class SimJob:
             steps=self.steps, samples=self.samples, tokens=self.tokens,
             step_time_s=(self._busy_s - self._sent[1]) / new_steps if new_steps > 0 else None,
             total_steps=spec.total_steps, total_tokens=total_tokens, final=final,
+            member=self.member_id,
         ))
         self._sent = (self.steps, self._busy_s)
         self.directive = _parse_directive(asdict(answer))
@@ -506,6 +515,8 @@ class SimNode:
         dry_run: The daemon's ``--dry-run``.
         home: The daemon's home (store, job folders); a temporary folder removed by ``close``
             when None.
+        host: The node's name in the store.
+        store_url: The store (several nodes may share one); default a SQLite file in ``home``.
     """
 
     def __init__(
@@ -518,7 +529,10 @@ class SimNode:
         permission_denied: bool = False,
         dry_run: bool = False,
         home: Path | None = None,
+        host: str = HOST,
+        store_url: str | None = None,
     ) -> None:
+        self.host = host
         self.clock = VirtualClock()
         self.t0 = self.clock.now()
         self._gpu_job: dict[int, SimJob] = {}
@@ -530,11 +544,11 @@ class SimNode:
         tmp = None if home is not None else Path(tempfile.mkdtemp(prefix="simnode-"))
         self.home = home if home is not None else tmp
         assert self.home is not None
-        self.store: Store = open_store(f"sqlite:///{self.home / 'powertrain.db'}")
+        self.store: Store = open_store(store_url or f"sqlite:///{self.home / 'powertrain.db'}")
         # Closed (and a temporary home removed) by ``close``, or when the node is collected.
         self._close = weakref.finalize(self, _close, self.store, tmp)
         self.gpu_ids = self.store.register_gpus(
-            self.backend.devices(), host=HOST, backend=self.backend.name,
+            self.backend.devices(), host=host, backend=self.backend.name,
             seen_at=to_datetime(self.t0),
         )
         self.settings = Settings(home=self.home, node_cap_w=node_cap_w, dry_run=dry_run)
@@ -558,7 +572,8 @@ class SimNode:
         self.writer = BatchWriter(self.store, max_rows=self.settings.buffer_max_rows)
         self.sampler = Sampler(self.backend, self.gpu_ids, self.writer, clock=self.clock)
         self.service = JobService(self.settings, self.store, self.backend, self.gpu_ids,
-                                  host=HOST, readings=self.sampler, launcher=_SimLauncher(self),
+                                  host=self.host, readings=self.sampler,
+                                  launcher=_SimLauncher(self),
                                   sim=SimulatedGpus(self.backend), clock=self.clock)
         self.recovered = self.service.actuators.recover()
 

@@ -115,6 +115,7 @@ class _JobControl:
     remote: dict[int, tuple[float, int | None]] = field(default_factory=dict)
     budget_wh: float | None = None
     followed: bool = False  # another node owns the run and takes its energy decisions
+    following: tuple[Knob, int] | None = None  # the owner's optimiser setting applied here
     last_s: float | None = None
     #: (tick time, ``energy_j`` then) of the last ticks, to read the energy at a report's time.
     energy_at: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=32))
@@ -424,6 +425,9 @@ class BudgetLoop:
         if control.optimising is not None:
             self._drive_optimiser(job, control, obs, progress)
             return
+        if control.followed and job.knob is not None and job.knob_setting is not None:
+            self._follow_setting(job, control, obs, (job.knob, job.knob_setting))
+            return
         if obs.budget_w is None:
             if control.controller is not None:
                 self._apply(job, control, control.controller.undo(obs))
@@ -595,9 +599,36 @@ class BudgetLoop:
         self, job: JobRecord, control: _JobControl, obs: Observation, progress: Progress
     ) -> None:
         """One tick of the job's optimiser; the settings it asks for are decided here."""
-        assert control.optimising is not None
-        control.optimising.drive(job.gpus, obs, progress.reports, control.energy_at,
-                                 lambda decision: self._decide(job, control, decision))
+        opt = control.optimising
+        assert opt is not None
+        opt.drive(job.gpus, obs, progress.reports, control.energy_at,
+                  lambda decision: self._decide(job, control, decision))
+        # The run's other nodes apply the same setting to their GPUs of it.
+        if opt.applied is not None and (job.knob, job.knob_setting) != (opt.space.knob,
+                                                                        opt.applied):
+            self._jobs.set_fields(job.id, knob=opt.space.knob, knob_setting=opt.applied)
+
+    def _follow_setting(
+        self, job: JobRecord, control: _JobControl, obs: Observation, setting: tuple[Knob, int]
+    ) -> None:
+        """Apply the setting the run's owner node's optimiser holds it at, on this node's GPUs
+        of it (in place of this node's own wattage controller)."""
+        if control.following == setting:
+            return
+        knob, value = setting
+        commands: list[Command] = [
+            SetPowerLimit(i, value) if knob is Knob.POWER_LIMIT else LockClocks(i, value)
+            for i in job.gpus
+        ]
+        shown = f"{mw_to_w(value):g} W" if knob is Knob.POWER_LIMIT else f"{value} MHz"
+        self._decide(job, control, Decision(
+            at_s=obs.now_s, source="optimizer", what=f"{knob.replace('_', ' ')} {shown}",
+            why=f"the energy optimiser of node {job.host}, which owns the run",
+            commands=tuple(commands), power_before_w=obs.mean_power_w(),
+            steps_per_s_before=obs.steps_per_s,
+        ))
+        control.following = setting
+        control.controller = None  # the owner's setting replaces this node's own control
 
 
 def _arm_energy(control: _JobControl, job: JobRecord) -> None:

@@ -93,13 +93,16 @@ def run_identity(env: Mapping[str, str]) -> RunIdentity | None:
     set. A world of one is still a run (``torchrun --nproc_per_node 1``).
 
     Raises:
-        ValueError: A rank variable is not an integer, or the rank is outside the world.
+        ValueError: A rank variable is not an integer, a rank comes without its world size,
+            or the rank is outside the world.
     """
     key = _run_key(env)
     if key is None:
         return None
     for rank_name, local_name, world_name in _RANK_VARIABLES:
         rank, world = _int(env, rank_name), _int(env, world_name)
+        if rank is not None and world is None:
+            raise ValueError(f"{rank_name}={rank} is set but {world_name} is not")
         if rank is None or world is None:
             continue
         local = _int(env, local_name)

@@ -1,6 +1,7 @@
-"""Distributed runs: jobs gain a run key (one live job per key), world size, generation and a
-collective hold (action, step, reason); job_members holds each process of a job (rank, node, pid,
-GPUs, its own totals); nodes holds each daemon's node and heartbeat.
+"""Distributed runs: jobs gain a run key (one live job per key), world size, generation, a
+collective hold (action, step, reason) and the setting its owner's optimiser holds it at (knob,
+knob_setting); job_members holds each process of a job (rank, node, pid, GPUs, its own totals);
+nodes holds each daemon's node and heartbeat.
 
 Revision ID: 0009
 Revises: 0008
@@ -30,6 +31,8 @@ _JOB_COLUMNS = (
     sa.Column("hold", sa.String(length=16), nullable=True),
     sa.Column("hold_step", sa.BigInteger(), nullable=True),
     sa.Column("hold_reason", sa.Text(), nullable=True),
+    sa.Column("knob", sa.String(length=16), nullable=True),
+    sa.Column("knob_setting", sa.Integer(), nullable=True),
 )
 
 

@@ -21,6 +21,7 @@ from sqlalchemy import Connection, Row, delete, or_, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from energy.counters import EnergyResult, combine_methods
+from energy.optimizer import Knob
 from scheduler.jobs import Hold, JobState, MemberState, Mode, OnExceed, can_transition
 from scheduler.store import members as m
 from scheduler.store.history import ControlHistory
@@ -120,12 +121,9 @@ def _rate(pairs: Sequence[tuple[datetime, int | None]]) -> float | None:
 
 
 def _member_end(state: JobState) -> MemberState:
-    """How a member still running ends when its job does."""
-    if state is JobState.COMPLETED:
-        return MemberState.COMPLETED
-    if state is JobState.FAILED:
-        return MemberState.FAILED
-    return MemberState.STOPPED
+    """How a member still running ends when its job does: stopped, unless the job completed
+    (a rank of a failed run is not the one that failed)."""
+    return MemberState.COMPLETED if state is JobState.COMPLETED else MemberState.STOPPED
 
 
 class JobStore(ControlHistory):
@@ -202,6 +200,8 @@ class JobStore(ControlHistory):
             hold=None if m["hold"] is None else Hold(m["hold"]),
             hold_step=m["hold_step"],
             hold_reason=m["hold_reason"],
+            knob=None if m["knob"] is None else Knob(m["knob"]),
+            knob_setting=m["knob_setting"],
             gpu_hosts=tuple(host for _, _, host in gpus),
         )
 

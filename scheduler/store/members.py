@@ -58,7 +58,8 @@ def add_member(
     conn: Connection, job_id: int, job_generation: int | None, job_world: int | None,
     new: NewMember, *, at: datetime,
 ) -> MemberRecord:
-    """Insert a member after checking it fits the run (the caller holds the job's row).
+    """Insert a member after checking it fits the run (the caller holds the job's row); the
+    same process joining again gets its member back.
 
     Raises:
         MembershipError: Its rank is already a live member of this generation, its world size
@@ -86,6 +87,9 @@ def add_member(
     ).first()
     if same is not None:
         held = member_record(same)
+        if (held.state is MemberState.RUNNING and (held.host, held.pid) == (new.host, new.pid)
+                and abs(held.pid_create_time - new.pid_create_time) < 1.0):
+            return held  # the same process again (its first answer was lost): already in
         raise MembershipError(
             f"rank {new.rank} of job {job_id} is already taken by pid {held.pid} on "
             f"{held.host} ({held.state})"

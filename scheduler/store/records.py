@@ -95,6 +95,8 @@ class JobRecord:
         run_key / world_size / generation: As in ``NewJob``.
         hold / hold_step / hold_reason: The collective action in force, the step every rank
             takes it at, and why (``None``: none).
+        knob / knob_setting: The setting the owner node's energy optimiser holds a run at (mW
+            or MHz), for the run's other nodes to apply; ``None``: none.
         gpu_hosts: The node of each GPU in ``gpus`` (a run's GPUs may be on several nodes).
     """
 
@@ -137,6 +139,8 @@ class JobRecord:
     hold: Hold | None = None
     hold_step: int | None = None
     hold_reason: str | None = None
+    knob: Knob | None = None
+    knob_setting: int | None = None
     gpu_hosts: tuple[str, ...] = ()
 
     def on(self, host: str) -> JobRecord:

@@ -278,6 +278,10 @@ class Job(Base):
     hold: Mapped[str | None] = mapped_column(String(16))
     hold_step: Mapped[int | None] = mapped_column(BigInteger)
     hold_reason: Mapped[str | None] = mapped_column(Text)
+    # The setting the owner node's energy optimiser holds the run at, which the other nodes
+    # apply to their GPUs of it: ``power_limit`` (mW) or ``sm_clocks`` (MHz).
+    knob: Mapped[str | None] = mapped_column(String(16))
+    knob_setting: Mapped[int | None] = mapped_column(Integer)
 
 
 # One live job per run: ranks that attach with the same run key join it, across daemons too.

@@ -98,6 +98,16 @@ def test_a_rank_taken_twice_and_a_world_that_changes_are_refused(store: Store) -
         jobs.join(job.id, rank(1, "a"), gpus=[], at=T0)
 
 
+def test_the_same_process_joining_again_gets_its_member_back(store: Store) -> None:
+    """A client whose first attach answer was lost (a timeout) attaches again: same member."""
+    jobs = JobStore(store)
+    ids = {"a": gpus_of(store, "a")}
+    job, first = join(jobs, ids, 0, "a")
+    again_job, again = join(jobs, ids, 0, "a")
+    assert (again_job.id, again.id) == (job.id, first.id)
+    assert len(jobs.members([job.id])[job.id]) == 1
+
+
 def test_a_run_key_names_a_new_job_once_the_last_has_ended(store: Store) -> None:
     jobs = JobStore(store)
     ids = {"a": gpus_of(store, "a")}
