@@ -15,6 +15,7 @@ from html import escape
 from energy.units import g_to_kg, j_to_wh
 from reports.optimizer import summary_lines
 from reports.queries import IDLE_KEY, Report, ReportRow
+from reports.ranks import RunRanks
 from reports.render import (
     fmt_energy,
     fmt_num,
@@ -35,6 +36,7 @@ _CSS = """
 body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 24px auto;
        max-width: 1180px; color: #1d1d1f; padding: 0 16px; }
 h1 { font-size: 24px; margin-bottom: 4px; } h2 { font-size: 18px; margin-top: 32px; }
+h3 { font-size: 15px; margin: 20px 0 4px; }
 .sub { color: #666; margin-top: 0; }
 .cards { display: flex; flex-wrap: wrap; gap: 12px; margin: 16px 0; }
 .card { border: 1px solid #ddd; border-radius: 8px; padding: 10px 16px; min-width: 150px; }
@@ -144,6 +146,40 @@ def _jobs_table(report: Report) -> str:
     return "".join(out)
 
 
+def _ranks_table(ranks: RunRanks) -> str:
+    """A distributed run's ranks: node, own steps, step rate (an ended rank's last known) and
+    state, the slowest marked."""
+    slowest = None if ranks.view is None else ranks.view.slowest_rank
+    out = ["<table><thead><tr><th>Rank</th><th>Node</th><th>GPUs</th>"
+           '<th class="n">Steps</th><th class="n">Steps/s</th><th>State</th>'
+           "</tr></thead><tbody>"]
+    for m in ranks.members:
+        cells = [
+            (f"{m.rank} (slowest)" if m.rank == slowest else str(m.rank), False),
+            (m.host, False),
+            (", ".join(str(g) for g in m.gpus) or "-", False),
+            (fmt_num(m.steps), True),
+            (fmt_num(m.steps_per_s, 2), True),
+            (m.state, False),
+        ]
+        out.append("<tr>" + "".join(
+            f'<td class="{"n" if n else ""}">{_e(v)}</td>' for v, n in cells) + "</tr>")
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
+def _ranks_section(report: Report) -> str:
+    if not report.ranks:
+        return ""
+    out = ["<h2>Ranks of distributed runs</h2>"]
+    for job_id in sorted(report.ranks):
+        ranks = report.ranks[job_id]
+        job = report.jobs.get(job_id)
+        name = f"Job {job_id}" + (f" ({job.name})" if job else "")
+        out.append(f"<h3>{_e(name)}</h3><p>{_e(ranks.sentence())}</p>{_ranks_table(ranks)}")
+    return "".join(out)
+
+
 def render_html(report: Report, charts: Mapping[str, bytes], *, title: str = "") -> str:
     """The whole report as one HTML document.
 
@@ -173,6 +209,8 @@ def render_html(report: Report, charts: Mapping[str, bytes], *, title: str = "")
     if optimised:
         jobs_section += "<h2>Energy optimiser</h2>" + "".join(
             f"<p>{_e(line.strip())}</p>" for line in optimised)
+    jobs_section += _ranks_section(report)
+    on_node = "" if report.request.node is None else f" of node {report.request.node}"
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; "
@@ -180,7 +218,7 @@ def render_html(report: Report, charts: Mapping[str, bytes], *, title: str = "")
         f"<meta name=\"viewport\" content=\"width=device-width\"><title>{_e(page_title)}</title>"
         f"<style>{_CSS}</style></head><body>"
         f"<h1>{_e(page_title)}</h1>"
-        f"<p class=\"sub\">{s.n_jobs} job(s) on {s.n_gpus} GPU(s); generated "
+        f"<p class=\"sub\">{s.n_jobs} job(s) on {s.n_gpus} GPU(s){_e(on_node)}; generated "
         f"{_e(_time(datetime.now(UTC)))} UTC by powertrain</p>"
         f'<div class="cards">{_cards(report)}</div>'
         f"<ul>{facts}</ul>"

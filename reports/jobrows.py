@@ -1,4 +1,5 @@
-"""Read-only queries on the job tables for reports: jobs and their GPUs, progress, searches.
+"""Read-only queries on the job tables for reports: jobs and their GPUs, progress, members,
+searches.
 
 The schema is telemetry's (``telemetry.store.models``); the rows are the scheduler's, and reports
 read them here as plain data (states as strings) without importing the scheduler. Nothing here
@@ -18,6 +19,7 @@ from energy.optimizer import Knob
 from telemetry.store import Store
 from telemetry.store.models import (
     job_gpus_table,
+    job_members_table,
     job_progress_table,
     jobs_table,
     optimizer_probes_table,
@@ -70,6 +72,38 @@ class ProgressAt:
     steps: int | None
     samples: int | None
     tokens: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class MemberRow:
+    """A process of a job (a rank of a distributed run) as reports show it.
+
+    Attributes:
+        job_id / host: The job, and the member's node.
+        rank / local_rank / world_size / generation: Its place in the run.
+        gpus: The GPU indices on ``host`` it used.
+        state: ``running``, ``completed``, ``failed`` or ``stopped``.
+        steps / samples / tokens: Its own cumulative totals.
+        step_time_s / steps_per_s: Its recent step time and rate while it ran (for an ended
+            member, the last known); ``None``: not reported.
+        joined_at / ended_at: Aware UTC; ``ended_at`` ``None``: still running.
+    """
+
+    job_id: int
+    host: str
+    rank: int
+    local_rank: int
+    world_size: int
+    generation: int
+    gpus: tuple[int, ...]
+    state: str
+    steps: int
+    samples: int
+    tokens: int
+    step_time_s: float | None
+    steps_per_s: float | None
+    joined_at: datetime
+    ended_at: datetime | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,6 +264,33 @@ def progress_at_us(store: Store, queries: Sequence[tuple[int, int]]) -> list[Pro
             )
             for i, steps, samples, tokens in conn.exec_driver_sql(sql).all():
                 out[int(i)] = ProgressAt(steps, samples, tokens)
+    return out
+
+
+def members(store: Store, job_ids: Iterable[int]) -> dict[int, list[MemberRow]]:
+    """The members of these jobs (all generations), by job id, in generation then rank order
+    (jobs without members are left out)."""
+    ids = sorted(set(job_ids))
+    if not ids:
+        return {}
+    c = job_members_table.c
+    query = (
+        select(c.job_id, c.host, c.rank, c.local_rank, c.world_size, c.generation, c.gpus,
+               c.state, c.steps, c.samples, c.tokens, c.step_time_s, c.steps_per_s,
+               c.joined_at, c.ended_at)
+        .where(c.job_id.in_(ids))
+        .order_by(c.job_id, c.generation, c.rank)
+    )
+    out: dict[int, list[MemberRow]] = {}
+    with store.engine.connect() as conn:
+        for r in conn.execute(query):
+            out.setdefault(r.job_id, []).append(MemberRow(
+                job_id=r.job_id, host=r.host, rank=r.rank, local_rank=r.local_rank,
+                world_size=r.world_size, generation=r.generation, gpus=tuple(r.gpus or ()),
+                state=r.state, steps=r.steps, samples=r.samples, tokens=r.tokens,
+                step_time_s=r.step_time_s, steps_per_s=r.steps_per_s, joined_at=r.joined_at,
+                ended_at=r.ended_at,
+            ))
     return out
 
 

@@ -3,8 +3,9 @@
 ``build_report`` reads each GPU's energy between breakpoints (job starts and ends, rate changes,
 period boundaries) with ``Store.segment_energy_us`` (raw samples for short ranges; for long ones,
 rollups: one energy mark per job edge, so the cost grows with the jobs reported, not with the
-samples stored), hands it to ``energy.accounting`` for attribution, and adds the jobs' progress.
-``timeline`` and ``job_life`` read the series behind the charts.
+samples stored), hands it to ``energy.accounting`` for attribution, and adds the jobs' progress
+and, for distributed runs, their ranks (``reports.ranks``). ``timeline`` and ``job_life`` read the
+series behind the charts.
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ from energy.accounting import (
 from energy.cost import Rate
 from energy.units import j_to_kwh, mj_to_j, mw_to_w, s_to_us, us_to_s
 from reports import jobrows
-from reports.jobrows import JobRow
+from reports.jobrows import JobRow, MemberRow, ProgressAt
 from reports.optimizer import OptimizerSummary, summarise_search
+from reports.ranks import RunRanks, run_ranks
 from telemetry.store import RAW_MAX_SPAN_S, GpuRecord, Store
 from telemetry.store.models import from_epoch_us, to_epoch_us
 
@@ -72,6 +74,11 @@ class ReportRequest:
             from the first GPU's registration until ``now``.
         by: Grouping: ``job``, ``gpu``, ``user``, ``day`` or ``hour`` (UTC periods).
         job_id / user / gpu_index: Filters (one job; one user's jobs; GPUs with this index).
+        node: Only the GPUs of this node (``gpus.host``); the defaults of ``since`` and
+            ``until`` then come from its GPUs. A run with GPUs on several nodes is reported
+            with its energy on this node's GPUs, and its samples and tokens in the share its
+            members on this node reported (of the run's GPUs, without member totals); its
+            steps are the run's, which every rank takes.
         price: Electricity price per kWh (flat or time of use); ``None``: no cost column.
         co2: Carbon intensity in gCO2/kWh (constant or series); ``None``: no CO2 column.
         now: The current time (aware UTC); the wall clock if ``None``.
@@ -84,6 +91,7 @@ class ReportRequest:
     job_id: int | None = None
     user: str | None = None
     gpu_index: int | None = None
+    node: str | None = None
     price: Rate | None = None
     co2: Rate | None = None
     now: datetime | None = None
@@ -107,7 +115,8 @@ class ReportRow:
         cost: In the price's currency; ``co2_g``: grams of CO2.
         method: How the energy was found: ``counter``, ``trapezoid``, ``mixed``, ``none``.
         start / end: The group's time (aware UTC).
-        extra: Per-kind fields (job: name, user, gpus, state, budgets; gpu: host, index, name).
+        extra: Per-kind fields (job: name, user, gpus, state, budgets, the optimiser's searches,
+            ``ranks`` of a distributed run; gpu: host, index, name).
     """
 
     key: str
@@ -198,8 +207,10 @@ class Summary:
 
 @dataclass(frozen=True, slots=True)
 class Report:
-    """A computed report: the request, summary, rows, what the charts need, and the energy
-    optimiser's searches of the reported jobs (by job id)."""
+    """A computed report: the request, summary, rows, what the charts need, the energy
+    optimiser's searches of the reported jobs and the ranks of their distributed runs (by job
+    id), and each job's share of its run's samples and tokens in the report (below 1 only for a
+    run reported on one of its nodes: see ``ReportRequest.node``)."""
 
     request: ReportRequest
     summary: Summary
@@ -208,6 +219,8 @@ class Report:
     gpus: dict[int, GpuRecord]
     spans: list[JobSpan]
     optimizer: dict[int, list[OptimizerSummary]] = field(default_factory=dict)
+    ranks: dict[int, RunRanks] = field(default_factory=dict)
+    work_share: dict[int, float] = field(default_factory=dict)
 
 
 def _gpu_key(gpu: GpuRecord, multi_host: bool) -> str:
@@ -240,10 +253,12 @@ def build_report(store: Store, request: ReportRequest) -> Report:
 
     Raises:
         UnknownJobError: ``job_id`` names no job.
-        ReportInputError: ``since`` is not before ``until``, or no GPU has ``gpu_index``.
+        ReportInputError: ``since`` is not before ``until``, no GPU has ``gpu_index``, or the
+            store has no GPU of ``node``.
     """
     now = request.now or datetime.now(UTC)
-    gpus = {g.id: g for g in store.gpus()}
+    store_gpus = {g.id: g for g in store.gpus()}
+    gpus = store_gpus if request.node is None else _node_gpus(store_gpus, request.node)
     multi_host = len({g.host for g in gpus.values()}) > 1
     all_jobs = {j.id: j for j in jobrows.jobs(store, started=True)}
     job: JobRow | None = None
@@ -268,7 +283,8 @@ def build_report(store: Store, request: ReportRequest) -> Report:
     if request.gpu_index is not None:
         selected = {i: g for i, g in gpus.items() if g.index == request.gpu_index}
         if not selected:
-            raise ReportInputError(f"no GPU with index {request.gpu_index} in the store")
+            where = "in the store" if request.node is None else f"on node {request.node}"
+            raise ReportInputError(f"no GPU with index {request.gpu_index} {where}")
     if job is not None:
         selected = {i: g for i, g in selected.items() if i in job.gpu_ids}
 
@@ -349,16 +365,27 @@ def build_report(store: Store, request: ReportRequest) -> Report:
     queries = [(job_id, round(s_to_us(t))) for job_id in reported_jobs for t in times[job_id]]
     answers = iter(jobrows.progress_at_us(store, queries))
     progress = {job_id: [next(answers) for _ in times[job_id]] for job_id in reported_jobs}
+    members = jobrows.members(store, reported_jobs)
+    work_share: dict[int, float] = {}
+    if request.node is not None:
+        for job_id in reported_jobs:
+            share = _node_share(all_jobs[job_id], members.get(job_id, []), store_gpus,
+                                request.node)
+            if share < 1.0:
+                work_share[job_id] = share
+    # the work the report counts: a run's samples and tokens in this node's share
+    work = {job_id: [_scaled(p, work_share[job_id]) for p in ps] if job_id in work_share else ps
+            for job_id, ps in progress.items()}
 
     rows, groups = _rows(request, shares, all_jobs, selected, multi_host, job_span, times,
-                         progress, since_s, until_s)
+                         work, since_s, until_s)
 
     totals = merge(groups.values())
     energy_j = totals.energy_j if totals else 0.0
     idle_j = totals.idle_j if totals else 0.0
     tokens: int | None = None
     for job_id in reported_jobs:
-        tokens = _add(tokens, _tokens_delta(progress[job_id][0], progress[job_id][-1])[2])
+        tokens = _add(tokens, _tokens_delta(work[job_id][0], work[job_id][-1])[2])
     summary = Summary(
         since=since,
         until=until,
@@ -383,12 +410,54 @@ def build_report(store: Store, request: ReportRequest) -> Report:
         n_gpus=len(selected),
     )
     optimizer = _optimizer_summaries(store, progress)
+    ranks = {job_id: view for job_id, ms in members.items()
+             if (view := run_ranks(ms)) is not None}
     if request.by == "job":
-        rows = [replace(row, extra={**row.extra, "optimizer": [
-            o.to_json() for o in optimizer.get(int(row.key), [])]})
-            if row.key != IDLE_KEY else row for row in rows]
+        rows = [replace(row, extra={
+            **row.extra,
+            "optimizer": [o.to_json() for o in optimizer.get(int(row.key), [])],
+            "ranks": ranks[int(row.key)].to_json() if int(row.key) in ranks else None,
+        }) if row.key != IDLE_KEY else row for row in rows]
     return Report(request, summary, rows, {i: all_jobs[i] for i in reported_jobs}, selected,
-                  spans, optimizer)
+                  spans, optimizer, ranks, work_share)
+
+
+def _node_gpus(gpus: dict[int, GpuRecord], node: str) -> dict[int, GpuRecord]:
+    """The GPUs of ``node``.
+
+    Raises:
+        ReportInputError: None of the store's GPUs is on ``node`` (the message names those
+            that are).
+    """
+    mine = {i: g for i, g in gpus.items() if g.host == node}
+    if not mine:
+        known = sorted({g.host for g in gpus.values()})
+        have = f"the nodes with GPUs are {', '.join(known)}" if known else "it has no GPU yet"
+        raise ReportInputError(f"no GPU of node {node!r} in the store: {have}")
+    return mine
+
+
+def _node_share(
+    job: JobRow, members: Sequence[MemberRow], gpus: dict[int, GpuRecord], node: str
+) -> float:
+    """The share of a job's samples and tokens done on ``node``: its members' there over all
+    its members' (tokens, else samples), else its GPUs' there over all its GPUs."""
+    for totals in ([(m.host, m.tokens) for m in members], [(m.host, m.samples) for m in members]):
+        total = sum(t for _, t in totals)
+        if total > 0:
+            return sum(t for host, t in totals if host == node) / total
+    if not job.gpu_ids:
+        return 1.0
+    return sum(1 for g in job.gpu_ids if g in gpus and gpus[g].host == node) / len(job.gpu_ids)
+
+
+def _scaled(p: ProgressAt, share: float) -> ProgressAt:
+    """Progress with samples and tokens in ``share`` (steps are every rank's)."""
+
+    def part(v: int | None) -> int | None:
+        return None if v is None else round(v * share)
+
+    return ProgressAt(p.steps, part(p.samples), part(p.tokens))
 
 
 def _optimizer_summaries(
@@ -641,6 +710,7 @@ def job_life(
         reports = list(latest_at.values())
         if len(reports) < 2:
             continue
+        share = report.work_share.get(job_id, 1.0)  # a run's tokens on the report's node
         step = max(1, math.ceil(len(reports) / max_points))
         kept = reports[::step]
         if kept[-1] is not reports[-1]:
@@ -655,7 +725,7 @@ def job_life(
         cum_tokens = 0
         for k in range(n):
             dt = ts[k + 1] - ts[k]
-            d_tokens = (kept[k + 1].tokens or 0) - (kept[k].tokens or 0)
+            d_tokens = round(((kept[k + 1].tokens or 0) - (kept[k].tokens or 0)) * share)
             if dt <= 0 or d_tokens < 0:
                 continue
             cum_j += window_j[k]

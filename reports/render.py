@@ -16,6 +16,7 @@ from rich.text import Text
 from energy.units import g_to_kg, j_to_kj, j_to_kwh, j_to_wh
 from reports.optimizer import OptimizerSummary, summary_lines
 from reports.queries import Report, ReportRow
+from reports.ranks import RANK_FIELDS
 
 CSV_FIELDS = (
     "key", "label", "energy_j", "energy_kwh", "idle_j", "shared_j", "mean_power_w",
@@ -73,23 +74,38 @@ def to_json(report: Report) -> str:
     return "[\n" + ",\n".join(encode(row) for row in rows) + "\n]\n"
 
 
+def _flat(data: dict[str, Any]) -> dict[str, Any]:
+    """A row's fields with an object's flattened into ``name_field`` columns (``ranks`` into
+    ``ranks_members``, ``ranks_spread``, ...) and lists joined by spaces."""
+    out: dict[str, Any] = {}
+    for name, value in data.items():
+        if isinstance(value, dict):
+            out.update(_flat({f"{name}_{k}": v for k, v in value.items()}))
+        elif isinstance(value, list):
+            out[name] = " ".join(str(v) for v in value)
+        else:
+            out[name] = value
+    return out
+
+
 def to_csv(report: Report) -> str:
-    """The rows as CSV with a header (the ``--csv`` output); extra per-kind fields appended
-    (not the energy optimiser's searches, which are nested: see ``--json``)."""
+    """The rows as CSV with a header (the ``--csv`` output); extra per-kind fields appended,
+    a distributed run's ``ranks`` as ``ranks_...`` columns (not the energy optimiser's
+    searches, which are nested: see ``--json``)."""
     extras: list[str] = []
+    flat = []
     for row in report.rows:
-        for name in row.extra:
-            if name not in extras and name not in CSV_FIELDS and name != "optimizer":
-                extras.append(name)
+        data = row.to_json()
+        data.pop("optimizer", None)
+        if "ranks" in data and data["ranks"] is None:  # the same columns for every job row
+            data["ranks"] = dict.fromkeys(RANK_FIELDS)
+        data = _flat(data)
+        flat.append(data)
+        extras.extend(name for name in data if name not in extras and name not in CSV_FIELDS)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=[*CSV_FIELDS, *extras], lineterminator="\n")
     writer.writeheader()
-    for row in report.rows:
-        data = row.to_json()
-        for name in extras:
-            value = data.get(name)
-            if isinstance(value, list):
-                data[name] = " ".join(str(v) for v in value)
+    for data in flat:
         writer.writerow({k: "" if data.get(k) is None else data.get(k) for k in writer.fieldnames})
     return buffer.getvalue()
 
@@ -104,6 +120,8 @@ def _title(report: Report) -> str:
         filters.append(f"job {r.job_id}")
     if r.user is not None:
         filters.append(f"user {r.user}")
+    if r.node is not None:
+        filters.append(f"node {r.node}")
     if r.gpu_index is not None:
         filters.append(f"GPU {r.gpu_index}")
     suffix = f" ({', '.join(filters)})" if filters else ""
@@ -160,6 +178,7 @@ def table(report: Report) -> Group:
         t.add_row(*_cells(row, by, has_cost, has_co2))
     lines = [Text(f"{label}: {value}") for label, value in headline(report)]
     optimised = [Text(line) for line in summary_lines(optimizer_summaries(report))]
+    optimised += [Text(line) for line in rank_lines(report)]
     rules = [
         Text(f"Attribution: {report.summary.attribution_rule}", style="dim"),
         Text(f"Source: {report.summary.source_rule}", style="dim"),
@@ -167,6 +186,11 @@ def table(report: Report) -> Group:
              "users, GPUs and idle; the period for days and hours).", style="dim"),
     ]
     return Group(*lines, t, *optimised, *rules)
+
+
+def rank_lines(report: Report) -> list[str]:
+    """One line per distributed run in the report: its ranks and straggler view, by job id."""
+    return [report.ranks[job_id].sentence() for job_id in sorted(report.ranks)]
 
 
 def optimizer_summaries(report: Report) -> list[OptimizerSummary]:

@@ -117,6 +117,10 @@ def report(
     user: Annotated[str | None, typer.Option("--user", help="Only this user's jobs.")] = None,
     gpu: Annotated[int | None, typer.Option("--gpu", help="Only the GPU with this index.")]
     = None,
+    node: Annotated[str | None, typer.Option(
+        "--node", help="Only this node's GPUs (its daemon's --node name), when several daemons "
+        "share the store. A run on several nodes counts its energy on this node's GPUs and the "
+        "tokens its ranks here reported.")] = None,
     since: Annotated[str | None, typer.Option(
         "--since", help="Start: ISO 8601 (naive = UTC) or relative (24h, 7d, 30m).")] = None,
     until: Annotated[str | None, typer.Option(
@@ -149,7 +153,8 @@ def report(
     """Where the energy went: per job, GPU, user, day or hour, with cost, CO2 and J/token.
 
     Short ranges (up to 6 h) read raw samples; longer ones read rollups. A shared GPU's energy is
-    split evenly among its jobs; energy of GPUs without a job is reported as idle.
+    split evenly among its jobs; energy of GPUs without a job is reported as idle. A distributed
+    run's ranks are shown with its slowest rank and how far the ranks' step rates spread.
     """
     now = datetime.now(UTC)
     try:
@@ -181,7 +186,7 @@ def report(
 
     by_value: By = by  # narrowed by the BY_CHOICES check above
     request = ReportRequest(since=since_t, until=until_t, by=by_value, job_id=job, user=user,
-                            gpu_index=gpu, price=price, co2=co2, now=now)
+                            gpu_index=gpu, node=node, price=price, co2=co2, now=now)
     try:
         store = open_store(url)
     except SchemaOutdatedError as exc:

@@ -647,8 +647,13 @@ class JobService:
         elif job.hold is Hold.STOP or any(m.state is MemberState.STOPPED for m in current):
             self._end(job, JobState.STOPPED, job.hold_reason or "stopped")
         else:
-            joined = f"{len(current)} of {world}" if len(current) < world else f"all {world}"
-            self._end(job, JobState.COMPLETED, f"{joined} ranks ended cleanly")
+            if world == 1:
+                why = "its process ended cleanly"
+            elif len(current) < world:
+                why = f"{len(current)} of {world} ranks ended cleanly (the others never joined)"
+            else:
+                why = f"all {world} ranks ended cleanly"
+            self._end(job, JobState.COMPLETED, why)
 
     def _enforce_stop(self, job: JobRecord, members: Sequence[MemberRecord]) -> None:
         """Ranks that have not stopped at the held step in time get SIGTERM (SIGKILL later)."""

@@ -371,3 +371,20 @@ def test_checkpoint_of_a_job_without_members_or_not_running_is_an_error(
     done = cli(node.socket, "cancel", str(plain))
     assert done.returncode == 0, done.stderr
     node.wait_state(plain, "cancelled")
+
+
+def test_a_single_attached_process_that_ends_cleanly_completes(node: Node, spawn: Spawn) -> None:
+    """Not a run: one process attaches, says it ended cleanly, exits: the job is completed (it
+    used to end ``failed``, "the attached process ended")."""
+    proc = spawn()
+    response = node.attach(proc, run_key=None, world=1)
+    assert response.status_code == 201, response.text
+    view = response.json()
+    assert view["run_key"] is None and [m["rank"] for m in view["members"]] == [0]
+    assert node.report(view["id"], view["member_id"], 5, final=True,
+                       outcome="ok").status_code == 200
+    proc.kill()
+    proc.wait(10)
+    done = node.wait_state(view["id"], "completed")
+    assert done["end_reason"] == "its process ended cleanly"
+    assert done["steps"] == 5 and done["members"][0]["state"] == "completed"

@@ -4,6 +4,9 @@ GPUs are sampled at 1 Hz through the real ``Sampler`` and ``BatchWriter`` into a
 go through ``JobStore`` (created, running on their GPUs, completed). The truth is the simulator's
 noiseless ``true_energy_mj`` read at every job start and end.
 
+Several nodes sharing one store (``Rig.add_node``) are more simulated GPUs registered under another
+host, sampled on the same clock.
+
 A driver reload (the energy counter restarting from zero) is not something the simulator models:
 ``ReloadingBackend`` wraps it and, from ``reload(index)`` on, reports that GPU's counter minus its
 value at the reload, exactly what NVML shows after the driver is reloaded. Power readings and the
@@ -69,23 +72,33 @@ class RigJob:
 
 
 class Rig:
-    """GPUs, a sampler and jobs on a virtual clock; ``run`` moves time and samples."""
+    """GPUs, a sampler and jobs on a virtual clock; ``run`` moves time and samples (on the
+    nodes added with ``add_node`` too)."""
 
-    def __init__(self, store: Store, gpus: int) -> None:
+    def __init__(self, store: Store, gpus: int, *, host: str = "test",
+                 clock: VirtualClock | None = None, seed: int = 0) -> None:
         self.store = store
-        self.clock = VirtualClock()
-        self.sim = SimulatedBackend(gpus=gpus, clock=self.clock)
+        self.host = host
+        self.clock = clock or VirtualClock()
+        self.sim = SimulatedBackend(gpus=gpus, clock=self.clock, seed=seed)
         self.backend = ReloadingBackend(self.sim)
         self.start = self.now()
         self.gpu_ids = store.register_gpus(
-            self.sim.devices(), host="test", backend="simulated", seen_at=self.start
+            self.sim.devices(), host=host, backend="simulated", seen_at=self.start
         )
         self.writer = BatchWriter(store)
         self.sampler = Sampler(self.backend, self.gpu_ids, self.writer,  # type: ignore[arg-type]
                                clock=self.clock)
         self.jobs: list[RigJob] = []
         self.paused: set[int] = set()
+        self.nodes: list[Rig] = []
         self._last_progress = self.clock.now()
+
+    def add_node(self, host: str, gpus: int) -> Rig:
+        """Another node on the same store and clock, sampled by this rig's ``run``."""
+        node = Rig(self.store, gpus, host=host, clock=self.clock, seed=len(self.nodes) + 1)
+        self.nodes.append(node)
+        return node
 
     def now(self) -> datetime:
         return to_datetime(self.clock.now())
@@ -93,16 +106,20 @@ class Rig:
     def run(self, seconds: float, *, sample: bool = True) -> None:
         """Tick once per second (unless ``sample`` is false: a gap), reporting progress every
         10 s for running jobs."""
+        rigs = [self, *self.nodes]
         end = self.clock.now() + seconds
         while self.clock.now() < end - 1e-9:
             if sample:
-                self.sampler.tick()
+                for rig in rigs:
+                    rig.sampler.tick()
             step = min(TICK_S, end - self.clock.now())
             self.clock.advance(step)
             if self.clock.now() - self._last_progress >= 10.0 - 1e-9:
-                self._report_progress()
+                for rig in rigs:
+                    rig._report_progress()
                 self._last_progress = self.clock.now()
-        self.writer.flush()
+        for rig in rigs:
+            rig.writer.flush()
 
     def _report_progress(self) -> None:
         t = self.clock.now()
@@ -116,7 +133,7 @@ class Rig:
                   tokens_per_s: float = 10_000.0, watts: float | None = None) -> RigJob:
         record = JobStore(self.store).create(
             NewJob(name=name, user=user, uid=1000, gid=1000, argv=("python", "train.py"),
-                   cwd="/tmp", host="test", gpu_count=len(gpus), watts_per_gpu=watts),
+                   cwd="/tmp", host=self.host, gpu_count=len(gpus), watts_per_gpu=watts),
             at=self.now(),
         )
         JobStore(self.store).transition(record.id, JobState.RUNNING, "placed", at=self.now(),

@@ -159,6 +159,8 @@ def test_html_is_self_contained_and_escapes_user_text(store_file: Path, tmp_path
         (["--html", "/nonexistent-dir/r.html"], "cannot write HTML report"),
         (["--co2-csv", "/nonexistent.csv"], "--co2-csv"),
         (["--gpu", "7"], "no GPU with index 7"),
+        (["--node", "gpu-9"], "no GPU of node 'gpu-9' in the store: the nodes with GPUs are test"),
+        (["--node", "test", "--gpu", "7"], "no GPU with index 7 on node test"),
     ],
 )
 def test_bad_input_is_one_line_and_a_non_zero_exit(
@@ -169,6 +171,25 @@ def test_bad_input_is_one_line_and_a_non_zero_exit(
     err = result.stderr.strip()  # type: ignore[attr-defined]
     assert message in err and len(err.splitlines()) == 1, err
     assert "Traceback" not in result.output  # type: ignore[attr-defined]
+
+
+def test_a_node_filter_in_every_output(store_file: Path, tmp_path: Path) -> None:
+    """One node in the store: its report is the whole store's, in JSON, CSV, table and HTML."""
+    whole = json.loads(invoke(*db(store_file), "--json").stdout)  # type: ignore[attr-defined]
+    result = invoke(*db(store_file), "--node", "test", "--json")
+    assert result.exit_code == 0, result.output  # type: ignore[attr-defined]
+    rows = json.loads(result.stdout)  # type: ignore[attr-defined]
+    assert [(r["key"], r["energy_j"]) for r in rows] == [(r["key"], r["energy_j"]) for r in whole]
+    assert all(r["ranks"] is None for r in rows if r["key"] != "idle")
+    out = tmp_path / "r.csv"
+    result = invoke(*db(store_file), "--node", "test", "--csv", "-o", str(out), "--html",
+                    str(tmp_path / "r.html"))
+    assert result.exit_code == 0, result.output  # type: ignore[attr-defined]
+    header = out.read_text().splitlines()[0].split(",")
+    assert "ranks_slowest_rank" in header and "ranks_spread" in header and "ranks" not in header
+    assert "GPU(s) of node test; generated" in (tmp_path / "r.html").read_text()
+    text = invoke(*db(store_file), "--node", "test").stdout  # type: ignore[attr-defined]
+    assert "(node test)" in text
 
 
 def test_unwritable_outputs_leave_nothing_behind(store_file: Path, tmp_path: Path) -> None:
