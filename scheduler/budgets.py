@@ -116,6 +116,7 @@ class _JobControl:
     budget_wh: float | None = None
     followed: bool = False  # another node owns the run and takes its energy decisions
     following: tuple[Knob, int] | None = None  # the owner's optimiser setting applied here
+    gpus: tuple[int, ...] = ()  # the GPUs the controller was made for
     last_s: float | None = None
     #: (tick time, ``energy_j`` then) of the last ticks, to read the energy at a report's time.
     energy_at: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=32))
@@ -428,12 +429,17 @@ class BudgetLoop:
         if control.followed and job.knob is not None and job.knob_setting is not None:
             self._follow_setting(job, control, obs, (job.knob, job.knob_setting))
             return
+        if control.controller is not None and control.gpus != job.gpus:
+            # A rank joined with its GPUs (the ranks of a run join one by one): the controller
+            # starts again on the job's GPUs as they are now.
+            control.controller = None
         if obs.budget_w is None:
             if control.controller is not None:
                 self._apply(job, control, control.controller.undo(obs))
                 control.controller = None
             return
         if control.controller is None:
+            control.gpus = job.gpus
             control.choice = self._choose(job)
             control.controller = make_controller(control.choice.mode)
             self._jobs.set_fields(job.id, mode_effective=control.choice.mode,

@@ -239,3 +239,21 @@ def test_a_submitted_jobs_declared_steps_reach_its_energy_forecast(node: SimNode
     warnings = [d for d in job.decisions if d.source == "energy"]
     assert [d.what for d in warnings] == ["warn"]
     assert "(steps)" in warnings[0].why
+
+
+def test_a_rank_that_joins_a_run_later_is_held_to_the_budget_too(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The ranks of a run join one by one: the run's GPUs on the node grow after its wattage
+    controller started, and the controller takes the new GPU in (it failed on it before)."""
+    caplog.set_level(logging.WARNING)
+    with SimNode(gpus=2) as node:
+        run = {"run_key": "run:late", "world_size": 2, "mode": "hw", "budget_w": 300.0}
+        first = node.add_job(JobSpec("run", gpus=(0,), rank=0, **run))  # type: ignore[arg-type]
+        late = node.add_job(JobSpec("run", gpus=(1,), rank=1, start_s=10.0,
+                                    **run))  # type: ignore[arg-type]
+        node.run(60.0)
+        assert first.id == late.id
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+        for index in (0, 1):
+            assert node.gpu_power_w(index, 30.0, 59.0) <= 300.0 * 1.02, index
