@@ -13,7 +13,7 @@ import os
 import signal
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -544,10 +544,15 @@ class JobService:
         """Reap ended jobs, follow their members, place and launch waiting jobs, hold budgets,
         and keep simulated GPUs in step."""
         with self._lock:
-            self._reap()
-            self._follow_members()
-            self._place()
+            self._launcher.kill_overdue(self._clock.now())
             here = self._jobs.list(states=ACTIVE_STATES, node=self._host)
+            members = self._jobs.members(job.id for job in here)
+            reaped = self._reap(here, members)
+            changed = self._follow_members(here, members, skip=reaped) or bool(reaped)
+            changed = self._place(None if changed else here) or changed
+            if changed:  # read again what ended or started
+                here = self._jobs.list(states=ACTIVE_STATES, node=self._host)
+                members = self._jobs.members(job.id for job in here)
             active = [job.on(self._host) for job in here]
             followed = {job.id for job in here if job.host != self._host}
             remote = {
@@ -560,8 +565,9 @@ class JobService:
             self._controlled = {job.id for job in here}
             self.budgets.tick(active, {j.id: self._live_of(j.id).progress for j in active},
                               followed=followed, remote_gpus=remote)
-            self._share_duty(here)
-            self._follow_activity()
+            self._share_duty(here, members)
+            if not isinstance(self._sim, NoSimulation):  # the budget loop may have held a job
+                self._follow_activity(self._active())
 
     def _release(self, job_id: int, why: str) -> None:
         """This node no longer holds ``job_id``: forget its control and undo its settings."""
@@ -570,14 +576,15 @@ class JobService:
         self.budgets.forget(job_id)
         self.actuators.undo_job(job_id, f"job {job_id}: {why}")
 
-    def _reap(self) -> None:
-        """End the jobs whose process is gone: a launched job's runner, or an attached job's
-        process that never joined as a member (the members of the others decide)."""
-        self._launcher.kill_overdue(self._clock.now())
-        jobs = self._jobs.list(states=ACTIVE_STATES, host=self._host)
-        members = self._jobs.members(j.id for j in jobs if j.attached)
+    def _reap(
+        self, jobs: Sequence[JobRecord], members: Mapping[int, Sequence[MemberRecord]]
+    ) -> set[int]:
+        """End the jobs of this node whose process is gone: a launched job's runner, or an
+        attached job's process that never joined as a member (the members of the others
+        decide). The ids of those that ended."""
+        ended: set[int] = set()
         for job in jobs:
-            if job.attached and members.get(job.id):
+            if job.host != self._host or (job.attached and members.get(job.id)):
                 continue
             status = self._launcher.poll(job)
             if status.running:
@@ -594,6 +601,8 @@ class JobService:
             else:
                 state, reason = JobState.FAILED, f"exited with status {status.exit_code}"
             self._end(job, state, reason, exit_code=status.exit_code)
+            ended.add(job.id)
+        return ended
 
     def _end(self, job: JobRecord, state: JobState, reason: str, **fields: Any) -> None:
         self._jobs.transition(job.id, state, reason, at=self._now(), **fields)
@@ -602,30 +611,34 @@ class JobService:
         self._controlled.discard(job.id)
         log.info("job %d %s: %s", job.id, state, reason)
 
-    def _follow_members(self) -> None:
+    def _follow_members(
+        self, jobs: Sequence[JobRecord], members: Mapping[int, Sequence[MemberRecord]],
+        *, skip: set[int],
+    ) -> bool:
         """Check this node's members are alive; end the runs this node owns whose members have
-        all ended; SIGTERM ranks that a stop has waited on too long."""
-        jobs = self._jobs.list(states=ACTIVE_STATES, node=self._host)
-        if not jobs:
-            return
-        members = self._jobs.members(job.id for job in jobs)
+        all ended; SIGTERM ranks that a stop has waited on too long. Whether a run ended."""
         now = self._now()
+        gone = False
+        jobs = [job for job in jobs if job.id not in skip]  # reaped this tick
         for job in jobs:
-            for m in members[job.id]:
+            for m in members.get(job.id, ()):
                 if (m.host == self._host and m.state is MemberState.RUNNING
                         and matching_process(m.pid, m.pid_create_time) is None):
                     why = f"pid {m.pid} ended without saying it was done"
-                    self._jobs.end_member(m.id, MemberState.FAILED, why, at=now)
+                    gone = self._jobs.end_member(m.id, MemberState.FAILED, why, at=now) or gone
                     self._rates.pop(m.id, None)
                     log.warning("job %d: rank %d on %s: %s", job.id, m.rank, m.host, why)
             if job.hold in (Hold.STOP, Hold.CANCEL):
-                self._enforce_stop(job, members[job.id])
-        members = self._jobs.members(j.id for j in jobs if j.attached and j.host == self._host)
-        for job in jobs:
-            if members.get(job.id):
-                self._settle_run(job, members[job.id])
+                self._enforce_stop(job, members.get(job.id, ()))
+        owned = [j for j in jobs if j.attached and j.host == self._host and members.get(j.id)]
+        if gone:
+            members = self._jobs.members(j.id for j in owned)
+        ended = False
+        for job in owned:
+            ended = self._settle_run(job, members[job.id]) or ended
+        return ended
 
-    def _settle_run(self, job: JobRecord, members: Sequence[MemberRecord]) -> None:
+    def _settle_run(self, job: JobRecord, members: Sequence[MemberRecord]) -> bool:
         """End an attached run once its members have: failed when one failed, else completed
         (or stopped, cancelled as held) when every rank has ended."""
         generation = max(m.generation for m in members)
@@ -634,14 +647,14 @@ class JobService:
         if failed is not None:
             self._end(job, JobState.FAILED,
                       f"rank {failed.rank} on {failed.host} failed: {failed.end_reason}")
-            return
+            return True
         if any(m.state is MemberState.RUNNING for m in current):
-            return
+            return False
         world = current[0].world_size
         if len(current) < world:
             last = max(m.ended_at for m in current if m.ended_at is not None)
             if (self._now() - last).total_seconds() < JOIN_GRACE_S:
-                return
+                return False
         if job.hold is Hold.CANCEL:
             self._end(job, JobState.CANCELLED, job.hold_reason or "cancelled")
         elif job.hold is Hold.STOP or any(m.state is MemberState.STOPPED for m in current):
@@ -654,6 +667,7 @@ class JobService:
             else:
                 why = f"all {world} ranks ended cleanly"
             self._end(job, JobState.COMPLETED, why)
+        return True
 
     def _enforce_stop(self, job: JobRecord, members: Sequence[MemberRecord]) -> None:
         """Ranks that have not stopped at the held step in time get SIGTERM (SIGKILL later)."""
@@ -677,28 +691,32 @@ class JobService:
                                 job.id, m.rank, m.pid)
         live.terminate_at = now_s + self._settings.cancel_grace_s  # again if it ignores it
 
-    def _share_duty(self, jobs: Sequence[JobRecord]) -> None:
+    def _share_duty(
+        self, jobs: Sequence[JobRecord], members: Mapping[int, Sequence[MemberRecord]]
+    ) -> None:
         """A run on several nodes is paced at the lowest duty any node's controller asks: each
-        node writes its own on its members, and reads the others'."""
-        spread = [job for job in jobs if job.spans_nodes(self._host)]
-        if not spread:
-            return
-        members = self._jobs.members(job.id for job in spread)
-        for job in spread:
+        node writes its own on its members, and reads the others' (as of this tick's start)."""
+        for job in jobs:
+            if not job.spans_nodes(self._host):
+                continue
             live = self._live_of(job.id)
             duty = self.actuators.directives(job.id).duty
             if duty != live.duty_shared:
                 self._jobs.set_duty(job.id, self._host, duty)
                 live.duty_shared = duty
-            duties = [m.duty for m in members[job.id]
+            duties = [m.duty for m in members.get(job.id, ())
                       if m.duty is not None and m.state is MemberState.RUNNING]
+            if duty < 1.0:
+                duties.append(duty)
             self._run_duty[job.id] = min(duties, default=1.0)
 
-    def _place(self) -> None:
+    def _place(self, here: Sequence[JobRecord] | None) -> bool:
+        """Launch the waiting jobs that placement lets start (``here``: this node's active jobs,
+        if known). Whether one was launched."""
         waiting_jobs = self._jobs.list(states=[JobState.QUEUED], host=self._host)
         if not waiting_jobs:
-            return
-        active = self._active()
+            return False
+        active = self._active() if here is None else [job.on(self._host) for job in here]
         busy = frozenset(i for j in active for i in j.gpus)
         running_w = sum(self._budget_w(j.watts_per_gpu, j.gpus) for j in active)
         waiting = [
@@ -712,6 +730,7 @@ class JobService:
             for j in waiting_jobs
         ]
         by_id = {j.id: j for j in waiting_jobs}
+        launched = False
         for placement in plan(
             waiting,
             self._slots(busy=busy),
@@ -720,6 +739,8 @@ class JobService:
             now=self._now(),
         ):
             self._launch(by_id[placement.job_id], placement.gpu_indices)
+            launched = True
+        return launched
 
     def _launch(self, job: JobRecord, indices: tuple[int, ...]) -> None:
         now = self._now()
@@ -785,11 +806,11 @@ class JobService:
         log.warning("job %d stopping: %s", job.id, why)
         self._hold(job, Hold.STOP, f"energy budget: {why}")
 
-    def _follow_activity(self) -> None:
+    def _follow_activity(self, active: Sequence[JobRecord]) -> None:
         """On simulated GPUs, a job's GPUs are busy while its steps keep coming, else idle."""
         now = self._clock.now()
         busy: dict[int, Load] = {}
-        for job in self._active():
+        for job in active:
             live = self._live.get(job.id)
             stepping = live is not None and now - live.last_step_at < ACTIVITY_TIMEOUT_S
             # A job being stopped or cancelled ends its GPU work with its loop: at the held

@@ -42,21 +42,21 @@ def test_two_nodes_share_one_store_for_ten_minutes(
     pg_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING)
-    a = SimNode(gpus=3, host="node-a", store_url=pg_url, seed=1)
-    b = SimNode(gpus=3, host="node-b", store_url=pg_url, seed=2)
+    a = SimNode(gpus=2, host="node-a", store_url=pg_url, seed=1)
+    b = SimNode(gpus=2, host="node-b", store_url=pg_url, seed=2)
     try:
         # A run with one rank on each node, handed to the energy optimiser by its budget
-        # (``slow``); and a job of each node's own, held to 300 W.
+        # (``slow``). Its ranks report every 2 s (the client's default is 1 s): the test is
+        # about the store, and half the reports take half the time.
         run = {"run_key": "run:two-nodes", "world_size": 2, "total_steps": 10**6,
-               "energy_budget_wh": 1.0, "on_exceed": "slow"}
+               "energy_budget_wh": 1.0, "on_exceed": "slow", "report_interval_s": 2.0}
         rank0 = a.add_job(JobSpec("run", gpus=(0,), rank=0, **run))  # type: ignore[arg-type]
         rank1 = b.add_job(JobSpec("run", gpus=(0,), rank=1, **run))  # type: ignore[arg-type]
-        own = {n: n.add_job(JobSpec(f"own-{n.host}", gpus=(1,), mode="hw", budget_w=300.0))
-               for n in (a, b)}
         # A run held to 300 W per GPU by pacing (soft mode): each node's controller asks its
         # own duty, and both ranks are paced at the lower.
-        soft = {"run_key": "run:soft", "world_size": 2, "mode": "soft", "budget_w": 300.0}
-        paced = [n.add_job(JobSpec("soft", gpus=(2,), rank=r, **soft))  # type: ignore[arg-type]
+        soft = {"run_key": "run:soft", "world_size": 2, "mode": "soft", "budget_w": 300.0,
+                "report_interval_s": 2.0}
+        paced = [n.add_job(JobSpec("soft", gpus=(1,), rank=r, **soft))  # type: ignore[arg-type]
                  for r, n in enumerate((a, b))]
         for second in range(MINUTES * 60):
             a.run(1.0)
@@ -85,16 +85,12 @@ def test_two_nodes_share_one_store_for_ten_minutes(
         assert limits["node-b"][-1] == limits["node-a"][-1] == job.knob_setting
         followed = [d for d in jobs.decisions(job.id) if "node node-a, which owns" in d.why]
         assert followed, "node b recorded why it set its GPU"
-        # Each node's own job held its budget on its own GPU.
-        for n, sim in own.items():
-            stats = n.stats(sim, limit_w=300.0)
-            assert stats.within_share >= 0.95, (n.host, stats)
 
         # The paced run: one duty for both ranks, and both GPUs at or under the budget.
         duties = [p.directive.duty for p in paced]
         assert duties[0] < 1.0 and duties[0] == pytest.approx(duties[1], abs=0.02), duties
         for n in (a, b):
-            assert n.gpu_power_w(2, 300.0, n.now_s - 1.0) <= 300.0 * 1.03, n.host
+            assert n.gpu_power_w(1, 300.0, n.now_s - 1.0) <= 300.0 * 1.03, n.host
 
         # Rollups per node: every GPU of both nodes is rolled up, each by its own node.
         for n in (a, b):
