@@ -1,7 +1,8 @@
 """A run's members through the real daemon's API: ranks joining one job, the joins and reports
 that would corrupt a run (refused, with a reason, and nothing written), and how a run ends.
 
-Every test runs a real `powertrain daemon` on simulated GPUs and talks to it over its Unix
+The tests share one real `powertrain daemon` on simulated GPUs (each test's runs have keys of
+their own, and its log lines are those written since it began) and talk to it over its Unix
 socket. The members are real processes (children of this test that sleep), attached by pid;
 the reports are sent from this test process, which runs as root: an admin, so it may report
 for a member whose pid is not its own (``Caller.admin`` in ``scheduler.api``).
@@ -10,8 +11,11 @@ for a member whose pid is not its own (``Caller.admin`` in ``scheduler.api``).
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+import tempfile
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +41,12 @@ class Node:
     daemon: DaemonProcess
     socket: Path
     http: httpx.Client
+    tag: str  # this test's own: its run keys end with it
+    log_from: int  # where this test's part of the daemon's log begins
+
+    def key(self, run_key: str) -> str:
+        """``run_key`` made this test's own (the daemon is shared by the module's tests)."""
+        return f"{run_key}@{self.tag}"
 
     def job(self, job_id: int) -> dict[str, Any]:
         response = self.http.get(f"/v1/jobs/{job_id}")
@@ -55,8 +65,9 @@ class Node:
                **extra: Any) -> httpx.Response:
         body: dict[str, Any] = {
             "name": "ranks", "pid": proc if isinstance(proc, int) else proc.pid,
-            "run_key": run_key, "rank": rank, "local_rank": rank, "world_size": world,
-            "generation": generation, "gpu_ids": [rank % 4],
+            "run_key": None if run_key is None else self.key(run_key), "rank": rank,
+            "local_rank": rank, "world_size": world, "generation": generation,
+            "gpu_ids": [rank % 4],
         }
         return self.http.post("/v1/jobs/attach", json=body | extra)
 
@@ -71,20 +82,33 @@ class Node:
         return self.job(job_id)
 
     def warnings(self) -> list[str]:
-        return [line for line in self.daemon.log().splitlines() if " WARNING " in line]
+        """The daemon's warnings since this test began."""
+        return [line for line in self.daemon.log()[self.log_from:].splitlines()
+                if " WARNING " in line]
+
+
+@pytest.fixture(scope="module")
+def daemon() -> Iterator[tuple[DaemonProcess, Path]]:
+    folder = Path(tempfile.mkdtemp(prefix="pt-members-"))
+    folder.chmod(0o755)
+    socket = folder / "api.sock"
+    started = start_daemon(folder / "home", socket)
+    try:
+        yield started, socket
+    finally:
+        assert started.terminate() == 0, started.log()
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture
-def node(tmp_path: Path, sock_dir: Path) -> Iterator[Node]:
-    socket = sock_dir / "api.sock"
-    daemon = start_daemon(tmp_path, socket)
+def node(daemon: tuple[DaemonProcess, Path]) -> Iterator[Node]:
+    process, socket = daemon
     http = httpx.Client(transport=httpx.HTTPTransport(uds=str(socket)),
                         base_url="http://powertrain", timeout=30)
     try:
-        yield Node(daemon, socket, http)
+        yield Node(process, socket, http, uuid.uuid4().hex[:8], len(process.log()))
     finally:
         http.close()
-        assert daemon.terminate() == 0, daemon.log()
 
 
 @pytest.fixture
@@ -151,7 +175,7 @@ def test_two_ranks_of_a_run_join_one_job(node: Node, spawn: Spawn) -> None:
     job_id, ranks = join_run(node, spawn, run_key="torchrun:3f2a")
     view = node.job(job_id)
     assert view["state"] == "running" and view["attached"]
-    assert view["run_key"] == "torchrun:3f2a" and view["world_size"] == 2
+    assert view["run_key"] == node.key("torchrun:3f2a") and view["world_size"] == 2
     assert sorted(view["gpus"]) == [0, 1]
     members = view["members"]
     assert [(m["id"], m["rank"], m["local_rank"], m["pid"], m["gpus"], m["state"])
