@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PACKAGES := energy scheduler telemetry reports
 
-.PHONY: demo test lint typecheck unit bench clean
+.PHONY: demo test test-cluster lint typecheck unit bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,9 +27,13 @@ typecheck: $(STAMP)
 # Tests run on every core (pytest-xdist); the ten slowest are listed at the end. A PostgreSQL
 # server is started for the run when its binaries are installed (tests/conftest.py).
 unit: $(STAMP)
-	$(BIN)/pytest -q -n auto --durations=10
+	$(BIN)/pytest -q -n auto --durations=10 -m 'not cluster'
 
 test: lint typecheck unit
+
+# Several nodes on one store: daemons on one PostgreSQL, a run spread over them.
+test-cluster: $(STAMP)
+	$(BIN)/pytest -q -n auto --durations=10 -m cluster
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,postgres,torch,bench]'

@@ -144,6 +144,7 @@ def test_a_submitted_torchrun_run_of_four_ranks_is_one_job(
     assert ranks.returncode == 0 and "4 members" in ranks.stdout, ranks.stdout + ranks.stderr
 
 
+@pytest.mark.cluster
 def test_a_run_over_two_nodes_on_one_postgresql_store(
     pg_url: str, tmp_path: Path, sock_dir: Path
 ) -> None:

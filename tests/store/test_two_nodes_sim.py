@@ -38,6 +38,7 @@ def report_energy_j(store: Store, host: str, since_s: float, node: SimNode) -> f
     return sum(row.energy_j for row in report.rows)
 
 
+@pytest.mark.cluster
 def test_two_nodes_share_one_store_for_ten_minutes(
     pg_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
