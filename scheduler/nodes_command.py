@@ -11,57 +11,30 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
 from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
-from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 
+from scheduler.store_access import (
+    EXIT_ERROR,
+    EXIT_USAGE,
+    UsageError,
+    fail,
+    open_or_fail,
+    reason,
+    store_url,
+)
 from telemetry.store import (
     NodeRecord,
-    SchemaOutdatedError,
-    StoreError,
-    default_url,
-    open_store,
 )
 from telemetry.store.nodes import NodeState
 
-EXIT_ERROR = 1
-EXIT_USAGE = 2
-
 _STATE_STYLE: dict[NodeState, str] = {"up": "green", "down": "bold red", "stopped": "dim"}
-
-
-class NodesUsageError(ValueError):
-    """A command-line value that cannot be used (the message is the one line shown)."""
-
-
-def _store_url(db: str | None, home: Path | None) -> str:
-    # the same resolution as the daemon's settings (options, then POWERTRAIN_DB/_HOME)
-    url = default_url(db, home)
-    if url.startswith("sqlite:///"):
-        path = Path(url.removeprefix("sqlite:///"))
-        if not path.is_file():
-            raise NodesUsageError(
-                f"no store at {path}: run the daemon first, or name one with --db/--home"
-            )
-    return url
-
-
-def _fail(message: str, code: int) -> NoReturn:
-    Console(stderr=True).print(f"[bold red]error:[/] {escape(message)}", highlight=False,
-                               soft_wrap=True)
-    raise typer.Exit(code)
-
-
-def _reason(exc: Exception) -> str:
-    """A database failure's cause on one line (the driver's message, without SQLAlchemy's
-    statement and background link)."""
-    cause = exc.orig if isinstance(exc, DBAPIError) else exc
-    return " ".join(str(cause).split()) or type(exc).__name__
 
 
 def age(seconds: float) -> str:
@@ -125,19 +98,11 @@ def _now() -> datetime:
 
 
 def _read_nodes(url: str) -> list[NodeRecord]:
-    try:
-        store = open_store(url)
-    except SchemaOutdatedError as exc:
-        _fail(str(exc), EXIT_ERROR)
-    except ArgumentError as exc:  # no URL, or no driver for it
-        _fail(f"cannot open the store: {_reason(exc)} (--db takes a SQLAlchemy URL, such as "
-              "sqlite:////path/to/powertrain.db)", EXIT_ERROR)
-    except (StoreError, SQLAlchemyError, OSError, ValueError) as exc:
-        _fail(f"cannot open the store: {_reason(exc)}", EXIT_ERROR)
+    store = open_or_fail(url)
     try:
         return store.nodes()
     except SQLAlchemyError as exc:
-        _fail(f"cannot read the nodes: {_reason(exc)}", EXIT_ERROR)
+        fail(f"cannot read the nodes: {reason(exc)}", EXIT_ERROR)
     finally:
         store.close()
 
@@ -163,9 +128,9 @@ def nodes(
     Ages are judged by this machine's clock: keep the nodes' clocks in sync.
     """
     try:
-        url = _store_url(db, home)
-    except NodesUsageError as exc:
-        _fail(str(exc), EXIT_USAGE)
+        url = store_url(db, home)
+    except UsageError as exc:
+        fail(str(exc), EXIT_USAGE)
     found = _read_nodes(url)
     now = _now()
     if as_json:

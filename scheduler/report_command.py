@@ -14,11 +14,10 @@ import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 
 from energy.cost import FlatRate, Rate, parse_series, parse_time_of_use
 from energy.times import parse_when
@@ -33,14 +32,8 @@ from reports.queries import (
     build_report,
 )
 from reports.render import table, to_csv, to_json
-from telemetry.store import SchemaOutdatedError, StoreError, default_url, open_store
-
-EXIT_ERROR = 1
-EXIT_USAGE = 2
-
-
-class ReportUsageError(ValueError):
-    """A command-line value that cannot be used (the message is the one line shown)."""
+from scheduler.store_access import EXIT_ERROR, EXIT_USAGE, fail, open_or_fail, store_url
+from scheduler.store_access import UsageError as ReportUsageError
 
 
 def _when(text: str, now: datetime) -> datetime:
@@ -72,18 +65,6 @@ def _writable_dir(path: Path) -> None:
         raise ReportUsageError(f"cannot write charts to {path}: {target} is not writable")
 
 
-def _store_url(db: str | None, home: Path | None) -> str:
-    # the same resolution as the daemon's settings (options, then POWERTRAIN_DB/_HOME)
-    url = default_url(db, home)
-    if url.startswith("sqlite:///"):
-        path = Path(url.removeprefix("sqlite:///"))
-        if not path.is_file():
-            raise ReportUsageError(
-                f"no store at {path}: run the daemon first, or name one with --db/--home"
-            )
-    return url
-
-
 def _rate(
     value: float | None, path: Path | None, parse: Callable[[str], Rate], flat_opt: str,
     file_opt: str,
@@ -103,12 +84,6 @@ def _rate(
         except ValueError as exc:
             raise ReportUsageError(f"{file_opt} {path}: {exc}") from None
     return None
-
-
-def _fail(message: str, code: int) -> NoReturn:
-    Console(stderr=True).print(f"[bold red]error:[/] {escape(message)}", highlight=False,
-                               soft_wrap=True)
-    raise typer.Exit(code)
 
 
 def report(
@@ -180,26 +155,21 @@ def report(
             _writable_file(html, "HTML report")
         if png is not None:
             _writable_dir(png)
-        url = _store_url(db, home)
+        url = store_url(db, home)
     except ReportUsageError as exc:
-        _fail(str(exc), EXIT_USAGE)
+        fail(str(exc), EXIT_USAGE)
 
     by_value: By = by  # narrowed by the BY_CHOICES check above
     request = ReportRequest(since=since_t, until=until_t, by=by_value, job_id=job, user=user,
                             gpu_index=gpu, node=node, price=price, co2=co2, now=now)
-    try:
-        store = open_store(url)
-    except SchemaOutdatedError as exc:
-        _fail(str(exc), EXIT_ERROR)
-    except (StoreError, OSError, ValueError) as exc:
-        _fail(f"cannot open the store: {exc}", EXIT_ERROR)
+    store = open_or_fail(url)
     try:
         try:
             result = build_report(store, request)
         except UnknownJobError as exc:
-            _fail(str(exc.args[0]), EXIT_ERROR)
+            fail(str(exc.args[0]), EXIT_ERROR)
         except ReportInputError as exc:
-            _fail(str(exc), EXIT_USAGE)
+            fail(str(exc), EXIT_USAGE)
         charts = render_charts(store, result) if (html or png) else {}
     finally:
         store.close()
@@ -221,7 +191,7 @@ def report(
             png.mkdir(exist_ok=True)
         write_files(files)
     except OSError as exc:
-        _fail(f"cannot write {getattr(exc, 'filename', None) or 'output'}: "
+        fail(f"cannot write {getattr(exc, 'filename', None) or 'output'}: "
               f"{exc.strerror or exc}", EXIT_ERROR)
 
     console = Console()

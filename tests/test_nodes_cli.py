@@ -129,7 +129,8 @@ def test_an_empty_registry(run: CliRunner, tmp_path: Path) -> None:
 def test_a_bad_store_is_one_error_line(
     run: CliRunner, tmp_path: Path, db: str, code: int, says: str
 ) -> None:
-    for args in (["nodes"], ["nodes", "--json"]):
+    # report and nodes open the store the same way (scheduler/store_access.py)
+    for args in (["nodes"], ["nodes", "--json"], ["report"], ["report", "--json"]):
         result = run.invoke(app, [*args, "--db", db.format(tmp=tmp_path)])
         assert result.exit_code == code, result.output
         assert says in one_error_line(result.stderr)
