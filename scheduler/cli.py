@@ -622,9 +622,8 @@ def jobs(
 ) -> None:
     """List jobs: state, GPUs, budget, power now, throughput and energy so far.
 
-    A distributed run is one job whose members are its ranks: its tokens and samples are their
-    sums, its steps the steps every rank has finished.
-    """
+    A distributed run is one job whose members are its ranks: its tokens and samples are their sums, its steps the steps every rank has finished.
+    """  # noqa: E501 - Rich keeps a docstring's line breaks: one paragraph, one line
     if ranks and job_id is None:
         fail("--ranks needs a JOB id", EXIT_USAGE)
     if job_id is not None:
@@ -715,9 +714,7 @@ def cancel(
     job_id: Annotated[int, typer.Argument(help="Job id.")],
     socket: SocketOpt = None,
 ) -> None:
-    """Cancel a job: a queued one at once. A running one's ranks stop together at one step
-    (those using the client); what is left then gets SIGTERM, and SIGKILL after the grace
-    period."""
+    """Cancel a job: a queued one at once. A running one's ranks stop together at one step (those using the client); what is left then gets SIGTERM, and SIGKILL after the grace period."""  # noqa: E501 - one paragraph, one line (Rich keeps line breaks)
     job = talk(socket, lambda c: c.cancel(job_id))
     if job["state"] == "cancelled":
         out.print(f"job {job_id} cancelled")
