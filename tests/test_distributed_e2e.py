@@ -3,8 +3,10 @@ real daemons on simulated GPUs, and, for two nodes, one real PostgreSQL store.""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -40,12 +42,25 @@ def torchrun(*args: str, nproc: int, env: dict[str, str], nodes: tuple[int, int]
                 "127.0.0.1", "--master_port", str(port)]
     clean = {k: v for k, v in os.environ.items()
              if not k.startswith(("POWERTRAIN_", "TORCHELASTIC_", "CUDA_"))}
+    # a session of its own: a failed test kills the ranks with their agent (kill_run)
     return subprocess.Popen([*cmd, str(DDP), *args], env=clean | env, cwd=REPO, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def kill_run(proc: subprocess.Popen[str]) -> None:
+    """Kill torchrun and every rank it started (they would outlive it, stepping on)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(30)
 
 
 def finish(proc: subprocess.Popen[str], timeout_s: float = 180) -> str:
-    out, _ = proc.communicate(timeout=timeout_s)
+    try:
+        out, _ = proc.communicate(timeout=timeout_s)
+    finally:
+        if proc.poll() is None:
+            kill_run(proc)
     assert proc.returncode == 0, out
     return out
 
@@ -235,8 +250,7 @@ def test_a_run_over_two_nodes_on_one_postgresql_store(
         assert sorted(int(p.read_text()) for p in out.glob("rank*.done")) == [stop_at] * 4
     finally:
         for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
+            kill_run(proc)  # the ranks too, whether torchrun ended or not
         for daemon in daemons.values():
             if daemon.proc.poll() is None:
                 daemon.terminate()

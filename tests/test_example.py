@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -49,8 +50,17 @@ def torchrun(*args: str, nproc: int = 2, env: dict[str, str] | None = None, chec
             {"CUDA_VISIBLE_DEVICES", "RANK", "LOCAL_RANK", "WORLD_SIZE"}}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc_per_node", str(nproc), str(SCRIPT), *TINY, *args]
-    result = subprocess.run(command, env=base | {"OMP_NUM_THREADS": "1"} | (env or {}),
-                            capture_output=True, text=True, timeout=180)
+    # a session of its own, killed whole if it overruns: the ranks would outlive torchrun
+    with subprocess.Popen(command, env=base | {"OMP_NUM_THREADS": "1"} | (env or {}),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=180)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    result = subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
     if check:
         assert result.returncode == 0, result.stdout + result.stderr
     return result
