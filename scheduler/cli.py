@@ -195,11 +195,16 @@ def guarded(action: Callable[[], T]) -> T:
 
 
 def setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+    """Log to stderr: timestamped lines, or, when stderr is the journal (under systemd), lines
+    with their syslog priority and no time of their own (``scheduler.systemd``)."""
+    from scheduler.systemd import JournalFormatter, to_journal
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        JournalFormatter() if to_journal()
+        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
 

@@ -28,6 +28,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import make_url
 
 from energy.units import ms_to_s
+from scheduler import systemd
 from scheduler.api import ApiServer, bind_socket, create_app
 from scheduler.launcher import choose_runner_python
 from scheduler.service import JobService
@@ -236,8 +237,12 @@ class Daemon:
         previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             self.start()
+            # Type=notify: systemd counts the daemon started once it samples and serves.
+            systemd.notify(f"READY=1\nSTATUS=sampling {len(self.gpu_ids)} GPUs of node "
+                           f"{self.host}; API on {self.settings.socket_path}")
             while not wake.wait(0.5):
                 pass
+            systemd.notify("STOPPING=1")
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
