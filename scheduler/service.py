@@ -74,8 +74,6 @@ furthest step reported: a rank learns of it at its next report (within its one-s
 interval) after having stepped on since its last one, and a rank on another node a control tick
 later still."""
 
-HOLD_GRACE_S = 30.0
-"""Ranks that have not ended this long after a stop or cancel was held get SIGTERM."""
 
 JOIN_GRACE_S = 30.0
 """A run whose every member has ended cleanly but that fewer ranks joined than its world size
@@ -97,7 +95,8 @@ class _Live:
     steps: int = 0
     progress: Progress = field(default_factory=Progress)
     logged_s: float = -math.inf  # when this node last added to the job's progress series
-    terminate_at: float | None = None  # when ranks still running after a stop get SIGTERM
+    terminate_at: float | None = None  # when ranks still running after a stop get a signal
+    signalled: bool = False  # SIGTERM went to them: the next is SIGKILL
     step_time_s: dict[int, float] = field(default_factory=dict)  # member id -> its step time
     duty_shared: float | None = None  # the pacing this node last wrote for the run
 
@@ -639,19 +638,21 @@ class JobService:
         return ended
 
     def _settle_run(self, job: JobRecord, members: Sequence[MemberRecord]) -> bool:
-        """End an attached run once its members have: failed when one failed, else completed
-        (or stopped, cancelled as held) when every rank has ended."""
+        """End an attached run once its members have: cancelled or stopped as held once every
+        rank has ended (however it ended: a rank that had to be killed too); else failed when
+        one failed, completed when every rank has ended cleanly."""
         generation = max(m.generation for m in members)
         current = [m for m in members if m.generation == generation]
+        held = job.hold in (Hold.CANCEL, Hold.STOP)
         failed = next((m for m in current if m.state is MemberState.FAILED), None)
-        if failed is not None:
+        if failed is not None and not held:
             self._end(job, JobState.FAILED,
                       f"rank {failed.rank} on {failed.host} failed: {failed.end_reason}")
             return True
         if any(m.state is MemberState.RUNNING for m in current):
             return False
         world = current[0].world_size
-        if len(current) < world:
+        if len(current) < world and not held:
             last = max(m.ended_at for m in current if m.ended_at is not None)
             if (self._now() - last).total_seconds() < JOIN_GRACE_S:
                 return False
@@ -670,26 +671,28 @@ class JobService:
         return True
 
     def _enforce_stop(self, job: JobRecord, members: Sequence[MemberRecord]) -> None:
-        """Ranks that have not stopped at the held step in time get SIGTERM (SIGKILL later)."""
+        """Ranks that have not stopped at the held step in time (``HOLD_LEAD_S`` to reach it,
+        then the grace period) get SIGTERM, and SIGKILL a grace period later."""
         live = self._live_of(job.id)
         now_s = self._clock.now()
+        grace_s = self._settings.cancel_grace_s
         if live.terminate_at is None:
-            live.terminate_at = now_s + HOLD_LEAD_S + (
-                HOLD_GRACE_S if any(m.state is MemberState.RUNNING for m in members) else 0.0
-            )
+            live.terminate_at = now_s + HOLD_LEAD_S + grace_s
         if now_s < live.terminate_at:
             return
         if job.host == self._host and not job.attached:
-            self._launcher.terminate(job, grace_s=self._settings.cancel_grace_s)
+            self._launcher.terminate(job, grace_s=grace_s)  # the runner's session; it escalates
             return
+        how = signal.SIGKILL if live.signalled else signal.SIGTERM
         for m in members:
             mine = m.host == self._host and m.state is MemberState.RUNNING
             if mine and matching_process(m.pid, m.pid_create_time) is not None:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(m.pid, signal.SIGTERM)
-                    log.warning("job %d: rank %d (pid %d) had not stopped: SIGTERM",
-                                job.id, m.rank, m.pid)
-        live.terminate_at = now_s + self._settings.cancel_grace_s  # again if it ignores it
+                    os.kill(m.pid, how)
+                    log.warning("job %d: rank %d (pid %d) had not stopped: %s", job.id,
+                                m.rank, m.pid, how.name)
+        live.signalled = True
+        live.terminate_at = now_s + grace_s
 
     def _share_duty(
         self, jobs: Sequence[JobRecord], members: Mapping[int, Sequence[MemberRecord]]

@@ -29,6 +29,7 @@ from tests.daemon_proc import DaemonProcess, cli, start_daemon, submit
 pytestmark = pytest.mark.slow
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(60)"]
+STUBBORN = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
 # What a refused request must leave as it was.
 KEPT = ("state", "run_key", "world_size", "gpus", "steps", "samples", "tokens", "members",
         "hold", "hold_step")
@@ -92,7 +93,8 @@ def daemon() -> Iterator[tuple[DaemonProcess, Path]]:
     folder = Path(tempfile.mkdtemp(prefix="pt-members-"))
     folder.chmod(0o755)
     socket = folder / "api.sock"
-    started = start_daemon(folder / "home", socket)
+    # a short grace period: a cancelled run's ranks that do not stop are signalled soon
+    started = start_daemon(folder / "home", socket, POWERTRAIN_CANCEL_GRACE_S="1")
     try:
         yield started, socket
     finally:
@@ -412,3 +414,28 @@ def test_a_single_attached_process_that_ends_cleanly_completes(node: Node, spawn
     done = node.wait_state(view["id"], "completed")
     assert done["end_reason"] == "its process ended cleanly"
     assert done["steps"] == 5 and done["members"][0]["state"] == "completed"
+
+
+def test_cancelling_a_run_whose_ranks_do_not_obey_ends_it_cancelled(
+    node: Node, spawn: Spawn
+) -> None:
+    """Ranks that never reach the held step (these never report; one ignores SIGTERM) get
+    SIGTERM once the step's lead and the grace period have passed, then SIGKILL; the run ends
+    ``cancelled``, not ``failed``, though its ranks had to be killed."""
+    job_id, ranks = join_run(node, spawn, run_key="run:cancel")
+    stubborn = subprocess.Popen([sys.executable, "-c", STUBBORN])
+    try:
+        response = node.attach(stubborn, 0, world=1, run_key="run:stubborn")
+        assert response.status_code == 201, response.text
+        stubborn_job = response.json()["id"]
+        for job in (job_id, stubborn_job):
+            done = cli(node.socket, "cancel", str(job))
+            assert done.returncode == 0, done.stderr
+        assert node.wait_state(job_id, "cancelled")["end_reason"] == "cancelled by root"
+        assert node.wait_state(stubborn_job, "cancelled")["members"][0]["state"] == "failed"
+        assert all(proc.wait(10) is not None for proc, _ in ranks)
+        assert stubborn.wait(10) == -9, "SIGTERM was ignored: SIGKILL followed"
+        assert_warned(node, f"job {stubborn_job}", "had not stopped: SIGKILL")
+    finally:
+        if stubborn.poll() is None:
+            stubborn.kill()
