@@ -45,7 +45,7 @@ from scheduler.control import (
     make_controller,
 )
 from scheduler.jobs import JobState, Mode
-from scheduler.optimising import Optimising, start_optimising
+from scheduler.optimising import Optimising, setting_decision, start_optimising
 from scheduler.store import JobRecord, JobStore
 from telemetry.backends.base import BackendCapabilities, GpuInfo, GpuReading
 from telemetry.clock import Clock, to_datetime
@@ -622,16 +622,9 @@ class BudgetLoop:
         if control.following == setting:
             return
         knob, value = setting
-        commands: list[Command] = [
-            SetPowerLimit(i, value) if knob is Knob.POWER_LIMIT else LockClocks(i, value)
-            for i in job.gpus
-        ]
-        shown = f"{mw_to_w(value):g} W" if knob is Knob.POWER_LIMIT else f"{value} MHz"
-        self._decide(job, control, Decision(
-            at_s=obs.now_s, source="optimizer", what=f"{knob.replace('_', ' ')} {shown}",
+        self._decide(job, control, setting_decision(
+            knob, value, job.gpus, obs,
             why=f"the energy optimiser of node {job.host}, which owns the run",
-            commands=tuple(commands), power_before_w=obs.mean_power_w(),
-            steps_per_s_before=obs.steps_per_s,
         ))
         control.following = setting
         control.controller = None  # the owner's setting replaces this node's own control

@@ -229,24 +229,29 @@ class Optimising:
     ) -> None:
         assert self.optimizer is not None
         value = self.optimizer.setting
-        commands: list[Command] = []
-        for index in gpus:
-            if self.space.knob is Knob.POWER_LIMIT:
-                commands.append(SetPowerLimit(index, value))
-            else:
-                commands.append(LockClocks(index, value))
-        power_limit = self.space.knob is Knob.POWER_LIMIT
-        unit = "W" if power_limit else "MHz"
-        shown = mw_to_w(value) if power_limit else value
         state = type(self.optimizer.state).__name__.lower()
-        decide(Decision(
-            at_s=obs.now_s, source="optimizer",
-            what=f"{self.space.knob.replace('_', ' ')} {shown:g} {unit}",
+        decide(setting_decision(
+            self.space.knob, value, gpus, obs,
             why=f"energy optimiser ({self.optimizer.objective.name}, {state})",
-            commands=tuple(commands), power_before_w=obs.mean_power_w(),
-            steps_per_s_before=obs.steps_per_s,
         ))
         self.applied, self.applied_at, self.mark = value, obs.now_s, None
+
+
+def setting_decision(
+    knob: Knob, value: int, gpus: Sequence[int], obs: Observation, *, why: str
+) -> Decision:
+    """The decision that puts ``gpus`` at an optimiser setting: a power limit (``value`` mW) or
+    locked SM clocks (MHz). The owner node's optimiser decides it; the run's other nodes apply
+    the same setting to their GPUs of the run."""
+    commands: tuple[Command, ...] = tuple(
+        SetPowerLimit(index, value) if knob is Knob.POWER_LIMIT else LockClocks(index, value)
+        for index in gpus
+    )
+    shown = f"{mw_to_w(value):g} W" if knob is Knob.POWER_LIMIT else f"{value:g} MHz"
+    return Decision(
+        at_s=obs.now_s, source="optimizer", what=f"{knob.replace('_', ' ')} {shown}", why=why,
+        commands=commands, power_before_w=obs.mean_power_w(), steps_per_s_before=obs.steps_per_s,
+    )
 
 
 def grid_step(span: int, least: int) -> int:

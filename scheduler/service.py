@@ -364,11 +364,12 @@ class JobService:
             member = self._reporting_member(caller, job, req)
             if job.state in ACTIVE_STATES and member.state is MemberState.RUNNING:
                 self._record_progress(job, member, req)
-                if req.total_steps or req.total_tokens:
-                    declared = {"total_steps": req.total_steps, "total_tokens": req.total_tokens}
-                    job = self._jobs.set_fields(
-                        job.id, **{k: v for k, v in declared.items() if v is not None}
-                    )
+                # every report repeats the declared totals: written when they change
+                declared = {"total_steps": req.total_steps, "total_tokens": req.total_tokens}
+                changed = {k: v for k, v in declared.items()
+                           if v is not None and v != getattr(job, k)}
+                if changed:
+                    job = self._jobs.set_fields(job.id, **changed)
                 if req.final:
                     self._member_said_it_ended(job, member, req.outcome)
             return self._directive(job)
@@ -588,11 +589,9 @@ class JobService:
             status = self._launcher.poll(job)
             if status.running:
                 continue
-            if job.hold is Hold.CANCEL:
-                state, reason = JobState.CANCELLED, job.hold_reason or "cancelled"
-            elif job.hold is Hold.STOP or self.budgets.stop_reason(job.id) is not None:
-                state = JobState.STOPPED
-                reason = job.hold_reason or self.budgets.stop_reason(job.id) or "stopped"
+            held = self._held_end(job)
+            if held is not None:
+                state, reason = held
             elif status.exit_code == 0:
                 state, reason = JobState.COMPLETED, "exited with status 0"
             elif status.exit_code is None:
@@ -656,10 +655,11 @@ class JobService:
             last = max(m.ended_at for m in current if m.ended_at is not None)
             if (self._now() - last).total_seconds() < JOIN_GRACE_S:
                 return False
-        if job.hold is Hold.CANCEL:
-            self._end(job, JobState.CANCELLED, job.hold_reason or "cancelled")
-        elif job.hold is Hold.STOP or any(m.state is MemberState.STOPPED for m in current):
-            self._end(job, JobState.STOPPED, job.hold_reason or "stopped")
+        ended = self._held_end(job)
+        if ended is None and any(m.state is MemberState.STOPPED for m in current):
+            ended = JobState.STOPPED, "stopped"
+        if ended is not None:
+            self._end(job, *ended)
         else:
             if world == 1:
                 why = "its process ended cleanly"
@@ -669,6 +669,15 @@ class JobService:
                 why = f"all {world} ranks ended cleanly"
             self._end(job, JobState.COMPLETED, why)
         return True
+
+    def _held_end(self, job: JobRecord) -> tuple[JobState, str] | None:
+        """How a job that was cancelled or stopped ends, and why; ``None`` when it was not."""
+        if job.hold is Hold.CANCEL:
+            return JobState.CANCELLED, job.hold_reason or "cancelled"
+        stop_reason = self.budgets.stop_reason(job.id)
+        if job.hold is Hold.STOP or stop_reason is not None:
+            return JobState.STOPPED, job.hold_reason or stop_reason or "stopped"
+        return None
 
     def _enforce_stop(self, job: JobRecord, members: Sequence[MemberRecord]) -> None:
         """Ranks that have not stopped at the held step in time (``HOLD_LEAD_S`` to reach it,
@@ -933,12 +942,14 @@ class JobService:
             known = [r for r in readings if r is not None]
             power_w = mw_to_w(sum(known)) if known else None
         members = self._jobs.members([job.id])[job.id]
-        latest = self._jobs.latest_progress(job.id)
-        steps, samples, tokens = (
-            (latest.steps or 0, latest.samples or 0, latest.tokens or 0) if latest else (0, 0, 0)
-        )
         if members:  # exact: a run's totals over its members (the series may lag a report)
             steps, samples, tokens = self._jobs.run_totals(job.id)
+        else:
+            latest = self._jobs.latest_progress(job.id)
+            steps, samples, tokens = (
+                (latest.steps or 0, latest.samples or 0, latest.tokens or 0) if latest
+                else (0, 0, 0)
+            )
         rate = self._jobs.throughput(job.id)
         return JobView(
             id=job.id,
