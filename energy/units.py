@@ -20,9 +20,11 @@ __all__ = [
     "j_to_kwh",
     "j_to_mj",
     "j_to_wh",
+    "mhz_to_hz",
     "mj_to_j",
     "ms_to_s",
     "mw_to_w",
+    "pct_to_ratio",
     "s_to_us",
     "us_to_s",
     "w_to_mw",
@@ -93,3 +95,13 @@ def ms_to_s(ms: float) -> float:
 def g_to_kg(g: float) -> float:
     """Grams (of CO2) to kilograms."""
     return g / 1000
+
+
+def mhz_to_hz(mhz: float) -> float:
+    """Megahertz (NVML's clocks) to hertz (Prometheus's base unit)."""
+    return mhz * 1e6
+
+
+def pct_to_ratio(pct: float) -> float:
+    """Percent (NVML's utilisation) to a ratio in [0, 1] (Prometheus's base unit)."""
+    return pct / 100

@@ -1,8 +1,12 @@
-"""The daemon's HTTP API on a Unix socket; callers are known by the kernel, not by what they say.
+"""The daemon's HTTP API, on a Unix socket and optionally over TCP.
 
-Each connection's peer credentials (``SO_PEERCRED``: pid, uid, gid) are read once when it is
-accepted and handed to the handlers through the ASGI scope, so no request field can claim to be
-someone else. The service's refusals (``scheduler.errors``) become HTTP status codes here.
+On the socket, callers are known by the kernel, not by what they say: each connection's peer
+credentials (``SO_PEERCRED``: pid, uid, gid) are read once when it is accepted and handed to the
+handlers through the ASGI scope, so no request field can claim to be someone else. A connection
+without them (TCP) must show a token (``Authorization: Bearer``; ``scheduler.store.tokens``),
+which acts as its user within its scope: reads need ``read``, every change ``submit``, and an
+``admin`` token may do what root or the admin group may. The service's refusals
+(``scheduler.errors``) become HTTP status codes here.
 """
 
 from __future__ import annotations
@@ -25,25 +29,35 @@ import uvicorn
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import SQLAlchemyError
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from scheduler.errors import Caller, ConflictError, ForbiddenError, NotFoundError
 from scheduler.jobs import Directive
 from scheduler.schemas import (
+    AllocationEndRequest,
+    AllocationRequest,
     AttachRequest,
+    JobEnergy,
     JobView,
     LogChunk,
     NodeUpdate,
     ProgressReport,
+    SettingView,
     SubmitRequest,
     UpdateRequest,
 )
+from scheduler.store.tokens import Scope, TokenRecord
 
 log = logging.getLogger(__name__)
 
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _SCOPE_KEY = "powertrain.peer"
 _T = TypeVar("_T")
+_READS = frozenset({"GET", "HEAD"})
+
+TokenCheck = Callable[[str], TokenRecord | None]
+"""The valid token a presented one is, or ``None`` (``TokenStore.verify``)."""
 
 
 class JobsApi(Protocol):
@@ -68,6 +82,11 @@ class JobsApi(Protocol):
     ) -> LogChunk: ...
     def gpus(self) -> list[dict[str, Any]]: ...
     def set_node(self, caller: Caller, req: NodeUpdate) -> dict[str, Any]: ...
+    def register_allocation(self, caller: Caller, req: AllocationRequest) -> JobView: ...
+    def end_allocation(self, caller: Caller, req: AllocationEndRequest) -> JobView: ...
+    def job_settings(self, job_id: int) -> list[SettingView]: ...
+    def job_energy(self, job_id: int) -> JobEnergy: ...
+    def node(self) -> dict[str, Any]: ...
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
@@ -123,23 +142,67 @@ def _user_name(uid: int) -> str:
 
 
 def _caller(request: Request) -> Caller:
-    """The connection's peer, from the credentials the protocol put in the scope."""
+    """The connection's peer, from the credentials the protocol put in the scope; without
+    them (TCP), the user of the request's token."""
     creds = request.scope.get(_SCOPE_KEY)
     if creds is None:
-        raise HTTPException(401, "no peer credentials: connect through the Unix socket")
+        return _token_caller(request)
     pid, uid, gid = creds
     admin = _is_admin(uid, gid, request.app.state.admin_group)
     return Caller(pid, uid, gid, _user_name(uid), admin)
 
 
+def _token_caller(request: Request) -> Caller:
+    check: TokenCheck | None = request.app.state.tokens
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if check is None or scheme.lower() != "bearer" or not token.strip():
+        raise HTTPException(
+            401, "a token is needed: send 'Authorization: Bearer TOKEN' (the CLI takes it from "
+            "POWERTRAIN_TOKEN; `powertrain token create` makes one)",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    try:
+        record = check(token.strip())
+    except SQLAlchemyError as exc:
+        log.error("checking a token failed: %s", exc)
+        raise HTTPException(503, "cannot check the token now: the store is unavailable") from None
+    if record is None:
+        raise HTTPException(401, "the token is not valid: unknown or revoked",
+                            headers={"WWW-Authenticate": "Bearer"})
+    needed = Scope.READ if request.method in _READS else Scope.SUBMIT
+    if not record.scope.allows(needed):
+        raise HTTPException(
+            403, f"token {record.prefix}… has scope {record.scope.value}: {request.method} "
+            f"{request.url.path} needs scope {needed.value}",
+        )
+    try:
+        account = pwd.getpwnam(record.user)
+    except KeyError:
+        raise HTTPException(
+            403, f"the token's user {record.user} has no account on this node"
+        ) from None
+    return Caller(None, account.pw_uid, account.pw_gid, record.user,
+                  record.scope is Scope.ADMIN)
+
+
 Who = Annotated[Caller, Depends(_caller)]
 
 
-def create_app(service: JobsApi, *, admin_group: str | None = None) -> FastAPI:
-    """The API as an ASGI app; ``service`` does the work, the app checks input and identity."""
+def create_app(
+    service: JobsApi, *, admin_group: str | None = None, tokens: TokenCheck | None = None
+) -> FastAPI:
+    """The API as an ASGI app; ``service`` does the work, the app checks input and identity.
+
+    Args:
+        service: The job service.
+        admin_group: Whose members the socket treats as admins.
+        tokens: Checks the tokens of connections without peer credentials (TCP); without it,
+            every such request is refused.
+    """
     app = FastAPI(title="powertrain daemon API", version="1", docs_url=None, redoc_url=None)
 
     app.state.admin_group = admin_group
+    app.state.tokens = tokens
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -220,9 +283,29 @@ def create_app(service: JobsApi, *, admin_group: str | None = None) -> FastAPI:
     ) -> LogChunk:
         return call(lambda: service.log_chunk(who, job_id, stream, offset, limit))
 
+    @app.get("/v1/node")
+    def node_power(who: Who) -> dict[str, Any]:
+        return service.node()
+
     @app.put("/v1/node")
     def node(req: NodeUpdate, who: Who) -> dict[str, Any]:
         return call(lambda: service.set_node(who, req))
+
+    @app.get("/v1/jobs/{job_id}/settings")
+    def job_settings(job_id: int, who: Who) -> list[SettingView]:
+        return call(lambda: service.job_settings(job_id))
+
+    @app.get("/v1/jobs/{job_id}/energy")
+    def job_energy(job_id: int, who: Who) -> JobEnergy:
+        return call(lambda: service.job_energy(job_id))
+
+    @app.post("/v1/allocations", status_code=201)
+    def register_allocation(req: AllocationRequest, who: Who) -> JobView:
+        return call(lambda: service.register_allocation(who, req))
+
+    @app.post("/v1/allocations/end")
+    def end_allocation(req: AllocationEndRequest, who: Who) -> JobView:
+        return call(lambda: service.end_allocation(who, req))
 
     return app
 
@@ -260,6 +343,24 @@ def bind_socket(path: Path, *, group: str | None = None) -> socket.socket:
     return sock
 
 
+def bind_tcp(host: str, port: int) -> socket.socket:
+    """Bind and listen on ``host:port`` (IPv4 or IPv6) for the API over TCP.
+
+    Raises:
+        OSError: The address is in use or not this machine's.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return sock
+
+
 class _Server(uvicorn.Server):
     """uvicorn's server, waking once a second rather than ten times to see whether to stop.
 
@@ -288,20 +389,34 @@ class _Server(uvicorn.Server):
 
 
 class ApiServer:
-    """Serves the app on a bound Unix socket from a background thread."""
+    """Serves the app from a background thread on a bound socket: a Unix socket, whose
+    connections carry their peer's credentials, or a TCP one (HTTPS with ``tls``: certificate
+    and key files), whose requests need a token."""
 
-    def __init__(self, app: FastAPI, sock: socket.socket) -> None:
+    def __init__(
+        self, app: FastAPI, sock: socket.socket, *, tls: tuple[Path, Path] | None = None
+    ) -> None:
+        unix = sock.family == socket.AF_UNIX
         config = uvicorn.Config(
             app,
-            http=_PeerCredProtocol,
+            http=_PeerCredProtocol if unix else H11Protocol,
             lifespan="off",
             log_level="warning",
             access_log=False,
             timeout_graceful_shutdown=2,
+            ssl_certfile=tls[0] if tls else None,
+            ssl_keyfile=tls[1] if tls else None,
         )
+        if tls:
+            try:  # a certificate or key that cannot be used fails here, not in the thread
+                config.load()
+            except OSError as exc:  # ssl.SSLError is one
+                why = getattr(exc, "reason", None) or exc.strerror or str(exc)
+                raise OSError(f"cannot use the TLS certificate {tls[0]} with the key {tls[1]}: "
+                              f"{why}") from None
         self._server = _Server(config)
         self._sock = sock
-        self._path = Path(sock.getsockname())
+        self._path = Path(sock.getsockname()) if unix else None
         self._thread = threading.Thread(target=self._run, name="api", daemon=True)
 
     def _run(self) -> None:
@@ -313,6 +428,8 @@ class ApiServer:
     def stop(self) -> None:
         self._server.should_exit = True
         self._server.wake()
-        self._thread.join(timeout=10)
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
         self._sock.close()
-        self._path.unlink(missing_ok=True)
+        if self._path is not None:
+            self._path.unlink(missing_ok=True)

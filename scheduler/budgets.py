@@ -212,6 +212,16 @@ class BudgetLoop:
         control = self._controls.get(job_id)
         return control.stop_reason if control else None
 
+    def job_figures(self, job_id: int) -> tuple[float | None, Observation | None]:
+        """A job's energy so far as this loop adds it up, J (``None`` before its first tick, or
+        where another node owns the run and counts its energy), and its last observation
+        (``None`` before its first tick)."""
+        control = self._controls.get(job_id)
+        if control is None:
+            return None, None
+        energy_j = None if control.followed or control.last_s is None else control.energy_j
+        return energy_j, control.last_obs
+
     def duty(self, job_id: int) -> float:
         """The share of wall time the job's loop may compute (1.0: not paced)."""
         control = self._controls.get(job_id)

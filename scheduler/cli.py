@@ -301,6 +301,32 @@ def daemon(
         typer.Option("--node", help="This node's name in the store (default: the host name); "
                      "daemons sharing one store need distinct names. Env: POWERTRAIN_NODE."),
     ] = None,
+    listen: Annotated[
+        str | None,
+        typer.Option("--listen", help="Also serve the API over TCP at HOST:PORT ([::1]:PORT for "
+                     "IPv6), every request with a token (`powertrain token create`); plain HTTP "
+                     "unless --tls-cert and --tls-key are given. Env: POWERTRAIN_LISTEN."),
+    ] = None,
+    tls_cert: Annotated[
+        Path | None,
+        typer.Option("--tls-cert", help="Certificate chain (PEM) for HTTPS on --listen."),
+    ] = None,
+    tls_key: Annotated[
+        Path | None,
+        typer.Option("--tls-key", help="Private key (PEM) of --tls-cert."),
+    ] = None,
+    metrics_address: Annotated[
+        str | None,
+        typer.Option("--metrics-address", help="Serve Prometheus metrics at "
+                     "http://HOST:PORT/metrics ([::1]:PORT for IPv6; suggested port 9488; "
+                     "docs/metrics.md). Default: off. Env: POWERTRAIN_METRICS_ADDRESS."),
+    ] = None,
+    ray_address: Annotated[
+        str | None,
+        typer.Option("--ray-address", help="Keep this node's `watts` in the Ray cluster at "
+                     "HOST:PORT equal to its power headroom (needs powertrain[ray]; "
+                     "docs/ray.md). Default: off. Env: POWERTRAIN_RAY_ADDRESS."),
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ) -> None:
     """Run the daemon in the foreground (systemd style): sample GPUs, run jobs, serve the API.
@@ -325,6 +351,11 @@ def daemon(
         runner_python=runner_python,
         dry_run=dry_run or None,
         node=node,
+        listen=listen,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        metrics_address=metrics_address,
+        ray_address=ray_address,
     )
     check_backend_options(settings)  # before the store is opened or created
     setup_logging(verbose)
@@ -501,20 +532,31 @@ SocketOpt = Annotated[
     Path | None,
     typer.Option("--socket", help="The daemon's API socket. Env: POWERTRAIN_SOCKET."),
 ]
+UrlOpt = Annotated[
+    str | None,
+    typer.Option("--url", help="Talk to a daemon over TCP (started with --listen) at "
+                 "http(s)://HOST:PORT, with the token in POWERTRAIN_TOKEN. Env: POWERTRAIN_URL."),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 
 
-def daemon_client(socket: Path | None, home: Path | None = None) -> DaemonClient:
+def daemon_client(socket: Path | None, url: str | None) -> DaemonClient:
+    """A client of the daemon at ``url`` (with ``POWERTRAIN_TOKEN``), else on its socket."""
     from scheduler.apiclient import DaemonClient
 
-    return DaemonClient(build_settings(socket=socket, home=home).socket_path)
+    settings = build_settings(socket=socket, url=url)
+    try:
+        return DaemonClient(settings.socket_path, url=settings.url,
+                            token=os.environ.get("POWERTRAIN_TOKEN"), ca_cert=settings.ca_cert)
+    except (ValueError, OSError) as exc:  # no token; a CA file that cannot be read
+        fail(str(exc), EXIT_USAGE)
 
 
-def talk(socket: Path | None, action: Callable[[DaemonClient], T]) -> T:
+def talk(socket: Path | None, url: str | None, action: Callable[[DaemonClient], T]) -> T:
     """Run ``action`` against the daemon; its refusals become one line and exit 1."""
     from scheduler.apiclient import DaemonError
 
-    with daemon_client(socket) as client:
+    with daemon_client(socket, url) as client:
         try:
             return action(client)
         except DaemonError as exc:
@@ -575,6 +617,7 @@ def submit(
                      "cost, throughput (within --watts) or slowdown."),
     ] = None,
     socket: SocketOpt = None,
+    url: UrlOpt = None,
 ) -> None:
     """Queue a training command under budgets; print the job id alone on stdout.
 
@@ -603,7 +646,7 @@ def submit(
         )
     except ValidationError as exc:
         invalid(exc)
-    job = talk(socket, lambda c: c.submit(req.model_dump(mode="json")))
+    job = talk(socket, url, lambda c: c.submit(req.model_dump(mode="json")))
     typer.echo(job["id"])
 
 
@@ -624,6 +667,7 @@ def jobs(
     ] = False,
     as_json: JsonOpt = False,
     socket: SocketOpt = None,
+    url: UrlOpt = None,
 ) -> None:
     """List jobs: state, GPUs, budget, power now, throughput and energy so far.
 
@@ -632,13 +676,13 @@ def jobs(
     if ranks and job_id is None:
         fail("--ranks needs a JOB id", EXIT_USAGE)
     if job_id is not None:
-        job = talk(socket, lambda c: c.job(job_id))
+        job = talk(socket, url, lambda c: c.job(job_id))
         if ranks:
             _print_ranks(job, as_json)
             return
         rows = [job]
     else:
-        rows = talk(socket, lambda c: c.jobs(include_ended=all_jobs))
+        rows = talk(socket, url, lambda c: c.jobs(include_ended=all_jobs))
     if as_json:
         typer.echo(json.dumps(rows if job_id is None else rows[0], indent=2))
         return
@@ -718,9 +762,10 @@ def _print_ranks(job: dict[str, Any], as_json: bool) -> None:
 def cancel(
     job_id: Annotated[int, typer.Argument(help="Job id.")],
     socket: SocketOpt = None,
+    url: UrlOpt = None,
 ) -> None:
     """Cancel a job: a queued one at once. A running one's ranks stop together at one step (those using the client); what is left then gets SIGTERM, and SIGKILL after the grace period."""  # noqa: E501 - one paragraph, one line (Rich keeps line breaks)
-    job = talk(socket, lambda c: c.cancel(job_id))
+    job = talk(socket, url, lambda c: c.cancel(job_id))
     if job["state"] == "cancelled":
         out.print(f"job {job_id} cancelled")
     elif job.get("hold_step") is not None:
@@ -733,9 +778,10 @@ def cancel(
 def checkpoint(
     job_id: Annotated[int, typer.Argument(help="Job id.")],
     socket: SocketOpt = None,
+    url: UrlOpt = None,
 ) -> None:
     """Have every rank of a running job call its checkpoint hook at one step, and go on."""
-    job = talk(socket, lambda c: c.checkpoint(job_id))
+    job = talk(socket, url, lambda c: c.checkpoint(job_id))
     out.print(f"job {job_id}: every rank checkpoints at step {job['hold_step']}")
 
 
@@ -743,9 +789,10 @@ def checkpoint(
 def resume(
     job_id: Annotated[int, typer.Argument(help="Job id.")],
     socket: SocketOpt = None,
+    url: UrlOpt = None,
 ) -> None:
     """Let a paused job run again."""
-    job = talk(socket, lambda c: c.resume(job_id))
+    job = talk(socket, url, lambda c: c.resume(job_id))
     out.print(f"job {job_id} {job['state']}")
 
 
@@ -757,6 +804,7 @@ def budget(
         float | None, typer.Option("--energy-wh", help="New energy budget, Wh.")
     ] = None,
     socket: SocketOpt = None,
+    url: UrlOpt = None,
 ) -> None:
     """Change a job's budgets."""
     from scheduler.schemas import UpdateRequest
@@ -767,7 +815,7 @@ def budget(
         req = UpdateRequest(watts=watts, energy_wh=energy_wh)
     except ValidationError as exc:
         invalid(exc)
-    job = talk(socket, lambda c: c.update(job_id, req.model_dump(exclude_none=True)))
+    job = talk(socket, url, lambda c: c.update(job_id, req.model_dump(exclude_none=True)))
     out.print(
         f"job {job_id}: {_fmt(job['watts'], '{:.0f} W/GPU')}, {_fmt(job['energy_wh'], '{:.1f} Wh')}"
     )
@@ -781,11 +829,12 @@ def logs(
     ] = False,
     stderr: Annotated[bool, typer.Option("--stderr", help="The job's stderr.")] = False,
     socket: SocketOpt = None,
+    url: UrlOpt = None,
 ) -> None:
     """Print a job's output (stdout, or --stderr)."""
     stream = "stderr" if stderr else "stdout"
     offset = 0
-    with daemon_client(socket) as client:
+    with daemon_client(socket, url) as client:
         from scheduler.apiclient import DaemonError
 
         try:
@@ -874,22 +923,22 @@ def demo(
     guarded(lambda: run_demo(home=home, steps=steps, console=out))
 
 
-def _register_report() -> None:
+def _register_command_modules() -> None:
+    """The commands kept in modules of their own: the store's readers and the command groups."""
+    from scheduler.cluster.slurm import slurm
+    from scheduler.cluster_command import cluster
+    from scheduler.nodes_command import nodes
+    from scheduler.ray_command import ray
     from scheduler.report_command import report
+    from scheduler.tokens_command import tokens
 
     app.command("report")(report)
-
-
-_register_report()
-
-
-def _register_nodes() -> None:
-    from scheduler.nodes_command import nodes
-
     app.command("nodes")(nodes)
+    for name, group in (("token", tokens), ("cluster", cluster), ("ray", ray), ("slurm", slurm)):
+        app.add_typer(group, name=name)
 
 
-_register_nodes()
+_register_command_modules()
 
 
 def main() -> None:

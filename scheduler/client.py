@@ -10,7 +10,8 @@ A plain loop::
             with job.step(tokens=batch.numel(), samples=batch.shape[0]):
                 train_step(batch, micro_batch=job.micro_batch or default_micro_batch)
 
-Framework callbacks call :meth:`Job.on_step` once per optimizer step instead; see its docstring.
+Framework callbacks call :meth:`Job.on_step` once per optimizer step instead; powertrain ships
+them for Hugging Face and Lightning (``scheduler.callbacks``).
 
 The daemon is never needed for training to go on: when it is absent or dies, the client logs one
 warning, keeps counting, and retries in the background. Progress is reported as cumulative totals,
@@ -109,7 +110,9 @@ def _visible_gpu_ids(run: RunIdentity | None = None) -> list[int] | None:
     """GPU indices from ``CUDA_VISIBLE_DEVICES`` when it is a list of integers, else ``None``.
 
     A rank of a run whose node's ranks share the list, one GPU each (as many GPUs as local
-    ranks: torchrun's and ``mpirun``'s usual layout), uses the one at its local rank.
+    ranks: torchrun's and ``mpirun``'s usual layout), uses the one at its local rank. Inside a
+    Slurm job, whose list Slurm numbers from 0 when it confines the job to its GPUs, the node's
+    own indices of the same GPUs (``SLURM_STEP_GPUS``, else ``SLURM_JOB_GPUS``) stand for it.
     """
     raw = os.environ.get("CUDA_VISIBLE_DEVICES")
     if not raw or not raw.strip():
@@ -118,6 +121,13 @@ def _visible_gpu_ids(run: RunIdentity | None = None) -> list[int] | None:
         visible = [int(part) for part in raw.split(",")]
     except ValueError:  # UUIDs or MIG names: the daemon finds the GPUs from the pid instead
         return None
+    slurm = os.environ.get("SLURM_STEP_GPUS") or os.environ.get("SLURM_JOB_GPUS") or ""
+    try:
+        node_indices = [int(part) for part in slurm.split(",")] if slurm.strip() else []
+    except ValueError:
+        node_indices = []
+    if len(node_indices) == len(visible):  # the same GPUs (a narrower list is the script's)
+        visible = node_indices
     local_world = next(
         (os.environ[name] for name in ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE",
                                         "MPI_LOCALNRANKS") if os.environ.get(name)), None,
@@ -428,21 +438,11 @@ class Job:
         """Record one finished optimizer step from a framework callback.
 
         Without ``step_time_s`` the step's time is the wall time since the previous call (or since
-        :meth:`start`), not counting this client's own sleeps. Call it once per optimizer step::
-
-            class PowertrainCallback(lightning.pytorch.Callback):
-                def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-                    # Lightning calls this per batch; with gradient accumulation, count only
-                    # the batches that end an optimizer step.
-                    job.on_step(tokens=batch["input_ids"].numel(), samples=len(batch["input_ids"]))
-
-            class PowertrainHFCallback(transformers.TrainerCallback):
-                def on_step_end(self, args, state, control, **kwargs):
-                    batch = args.per_device_train_batch_size * args.gradient_accumulation_steps
-                    job.on_step(tokens=batch * seq_len, samples=batch)
-
-        with ``job = track(name=...).start()`` before ``trainer.fit``/``trainer.train()`` and
-        ``job.close()`` after (or the whole run inside ``with track(...) as job:``).
+        :meth:`start`), not counting this client's own sleeps. Call it once per optimizer step,
+        with the tokens and samples of all its micro-batches, between :meth:`start` and
+        :meth:`close`. The Hugging Face and Lightning callbacks that do this are shipped:
+        ``scheduler.callbacks.hf`` and ``scheduler.callbacks.lightning`` (the ``hf`` and
+        ``lightning`` extras).
 
         Args:
             tokens: Tokens the step processed.

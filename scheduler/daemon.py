@@ -29,11 +29,16 @@ from sqlalchemy import make_url
 
 from energy.units import ms_to_s
 from scheduler import systemd
-from scheduler.api import ApiServer, bind_socket, create_app
+from scheduler.api import ApiServer, bind_socket, bind_tcp, create_app
+from scheduler.cluster.cap import TICK_S as CLUSTER_TICK_S
+from scheduler.cluster.cap import ClusterCap
+from scheduler.cluster.ray.supervise import ReserveProcess
 from scheduler.launcher import choose_runner_python
+from scheduler.metrics import DaemonHealth, GpuEnergy, MetricsServer, PowertrainCollector
 from scheduler.service import JobService
 from scheduler.settings import Settings
 from scheduler.sim_adapter import sim_adapter_for
+from scheduler.store.tokens import TokenStore
 from telemetry.backends.base import GpuBackend
 from telemetry.sampler import BatchWriter, Sampler
 from telemetry.store import Store
@@ -43,6 +48,7 @@ log = logging.getLogger(__name__)
 
 ROLLUP_INTERVAL_S = 60.0
 RETENTION_INTERVAL_S = 3600.0
+RAY_CHECK_INTERVAL_S = 5.0
 
 
 def package_version() -> str:
@@ -142,12 +148,19 @@ class Daemon:
         self.host = host or socket.gethostname()
         self.gpu_ids = store.register_gpus(backend.devices(), host=self.host, backend=backend.name)
         self.writer = BatchWriter(store, max_rows=settings.buffer_max_rows)
+        self.health = DaemonHealth()
+        # With metrics, each GPU's energy counter goes on from what the store holds.
+        self.energy = (GpuEnergy.from_store(store, self.gpu_ids)
+                       if settings.metrics_address else None)
         # The control loop observes the sampler's latest readings: a reading is fresh for two
         # sampling periods, and never less than a second (one control interval at the default).
         self.sampler = Sampler(backend, self.gpu_ids, self.writer,
-                               fresh_s=max(1.0, ms_to_s(2 * settings.interval_ms)))
+                               fresh_s=max(1.0, ms_to_s(2 * settings.interval_ms)),
+                               observer=self.energy)
+        self.cluster = ClusterCap(store, self.host)
         self.service = JobService(settings, store, backend, self.gpu_ids, host=self.host,
-                                  readings=self.sampler, sim=sim_adapter_for(backend))
+                                  readings=self.sampler, sim=sim_adapter_for(backend),
+                                  cluster=self.cluster)
         for entry in self.service.actuators.recover():
             log.warning(
                 "recovery: GPU %d %s for job %s, left by a previous daemon: %s",
@@ -156,11 +169,29 @@ class Daemon:
                 entry.job_id,
                 entry.status,
             )
-        self._api = ApiServer(
-            create_app(self.service, admin_group=settings.admin_group),
-            bind_socket(settings.socket_path, group=settings.socket_group),
+        self.metrics = None if self.energy is None else MetricsServer(
+            settings.metrics_address or "", PowertrainCollector(
+                node=self.host, infos={d.index: d for d in backend.devices()},
+                readings=self.sampler, energy=self.energy, writer_stats=self.writer.stats,
+                running_jobs=self.service.running_jobs, health=self.health,
+                version=package_version(), backend=backend.name,
+            ),
         )
+        app = create_app(self.service, admin_group=settings.admin_group,
+                         tokens=TokenStore(store.engine).verify)
+        unix = bind_socket(settings.socket_path, group=settings.socket_group)
+        self._apis = [ApiServer(app, unix)]
+        if settings.listen_address is not None:
+            try:
+                self._apis.append(ApiServer(app, bind_tcp(*settings.listen_address),
+                                            tls=settings.tls))
+            except BaseException:
+                self._apis[0].stop()
+                raise
         self._stopped = threading.Event()
+        # With a Ray address, a child process keeps this node's reservation in Ray (docs/ray.md).
+        self._ray = (ReserveProcess(settings.ray_address, settings.socket_path)
+                     if settings.ray_address else None)
         self._sampling = Ticker(self.sampler.tick, ms_to_s(settings.interval_ms), "sampler")
         self._scheduler = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(max_workers=4)},
@@ -169,39 +200,66 @@ class Daemon:
         )
 
     def start(self) -> None:
-        """Register the node, schedule the jobs and start the scheduler's thread."""
+        """Register the node, schedule the jobs and start the scheduler's thread.
+
+        Raises:
+            OSError: The metrics address could not be bound.
+        """
+        if self.metrics is not None:
+            self.metrics.start()  # first: an address in use stops the start here
+            log.info("Prometheus metrics on http://%s/metrics", self.metrics.address)
         self._guard(self._register_node)()  # if it fails, the first heartbeat registers it
         every = self._scheduler.add_job
         now = datetime.now(UTC)
-        every(self.writer.flush, "interval", seconds=self.settings.flush_interval_s, id="flush")
+        timed = self.health.timed
+        every(timed("flush", self.writer.flush), "interval",
+              seconds=self.settings.flush_interval_s, id="flush")
         every(
-            self._guard(self.service.tick),
+            self._guard(timed("control", self.service.tick)),
             "interval",
             seconds=self.settings.control_interval_s,
             id="control",
             next_run_time=now,
         )
-        every(self._guard(self._rollup), "interval", seconds=ROLLUP_INTERVAL_S, id="rollup")
-        every(self._guard(self._heartbeat), "interval", seconds=HEARTBEAT_INTERVAL_S,
-              id="heartbeat")
+        every(self._guard(timed("rollup", self._rollup)), "interval",
+              seconds=ROLLUP_INTERVAL_S, id="rollup")
+        every(self._guard(timed("heartbeat", self._heartbeat)), "interval",
+              seconds=HEARTBEAT_INTERVAL_S, id="heartbeat")
+        every(self._guard(timed("cluster", self.cluster.tick)), "interval",
+              seconds=CLUSTER_TICK_S, id="cluster", next_run_time=now)
         every(
-            self._guard(self._retention),
+            self._guard(timed("retention", self._retention)),
             "interval",
             seconds=RETENTION_INTERVAL_S,
             id="retention",
             next_run_time=now,
         )
+        if self._ray is not None:
+            every(self._guard(self._ray.check), "interval", seconds=RAY_CHECK_INTERVAL_S,
+                  id="ray")
         # Sampling first: the control job's first tick observes the sampler's readings.
         self._sampling.start()
         self._scheduler.start()
-        self._api.start()
+        for api in self._apis:
+            api.start()
+        if self._ray is not None:
+            self._ray.check()  # after the API: the child reads the node's headroom there
         log.info(
             "sampling %d GPUs every %d ms into %s; API on %s",
             len(self.gpu_ids),
             self.settings.interval_ms,
             make_url(self.settings.db_url).render_as_string(hide_password=True),
-            self.settings.socket_path,
+            self.api_where,
         )
+
+    @property
+    def api_where(self) -> str:
+        """Where the API is served, for people."""
+        where = str(self.settings.socket_path)
+        if self.settings.listen is not None:
+            scheme = "https" if self.settings.tls else "http"
+            where += f" and {scheme}://{self.settings.listen} (with tokens)"
+        return where
 
     def stop(self) -> None:
         """Stop scheduling, write what is buffered, roll up, mark the node stopped, and release
@@ -209,10 +267,16 @@ class Daemon:
         if self._stopped.is_set():
             return
         self._stopped.set()
-        self._api.stop()
+        if self._ray is not None:
+            self._ray.stop()  # its reservation stays in Ray while the jobs go on
+        for api in self._apis:
+            api.stop()
+        if self.metrics is not None:
+            self.metrics.stop()
         self._sampling.stop()
         if self._scheduler.running:
             self._scheduler.shutdown(wait=True)
+        self._guard(self.cluster.stop)()  # another node leads at once
         self.service.actuators.undo_all("daemon stopped")
         self.writer.flush()
         self._guard(self._rollup)()
@@ -239,7 +303,7 @@ class Daemon:
             self.start()
             # Type=notify: systemd counts the daemon started once it samples and serves.
             systemd.notify(f"READY=1\nSTATUS=sampling {len(self.gpu_ids)} GPUs of node "
-                           f"{self.host}; API on {self.settings.socket_path}")
+                           f"{self.host}; API on {self.api_where}")
             while not wake.wait(0.5):
                 pass
             systemd.notify("STOPPING=1")

@@ -12,15 +12,17 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True, slots=True)
 class Caller:
-    """Who is asking, as the kernel says (``SO_PEERCRED`` on the API's socket).
+    """Who is asking, as the kernel says (``SO_PEERCRED`` on the API's socket), or as a token
+    says (the API over TCP).
 
     Attributes:
-        pid / uid / gid: From ``SO_PEERCRED`` when the connection was made.
+        pid / uid / gid: From ``SO_PEERCRED`` when the connection was made; for a token, its
+            user's ids on this node and no pid (a token speaks for a user, not a process).
         user: Login name of ``uid`` (the uid as text if it has none).
-        admin: root, or a member of the configured admin group.
+        admin: root, or a member of the configured admin group, or an ``admin`` token.
     """
 
-    pid: int
+    pid: int | None
     uid: int
     gid: int
     user: str

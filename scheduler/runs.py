@@ -18,6 +18,11 @@ named by its launcher's identity, the same in every process of it and different 
 An elastic restart (torchrun's ``TORCHELASTIC_RESTART_COUNT``) starts a new generation of the same
 run, which may have another world size.
 
+A Slurm job whose prolog registered it (``powertrain slurm prolog``, ``scheduler.cluster.slurm``)
+is a job of its own before any rank starts, keyed ``slurm:<job id>`` (``slurm_allocation_key``);
+the ranks of its steps (``slurm:<job id>.<step id>``) join it, each step a generation of its own
+(``slurm_step_of``).
+
 Standard library only: the training client imports this module.
 """
 
@@ -26,7 +31,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-__all__ = ["RunIdentity", "run_identity"]
+__all__ = [
+    "RunIdentity",
+    "is_allocation_key",
+    "run_identity",
+    "slurm_allocation_key",
+    "slurm_step_of",
+]
 
 # (rank, local rank, world size) variables, most specific launcher first.
 _RANK_VARIABLES = (
@@ -115,3 +126,26 @@ def run_identity(env: Mapping[str, str]) -> RunIdentity | None:
     if key.startswith("run:"):  # named by hand, no launcher: one process
         return RunIdentity(key, 0, 0, 1)
     return None
+
+
+def slurm_allocation_key(job_id: int | str) -> str:
+    """The run key of Slurm job ``job_id``'s allocation: the job its prolog registers."""
+    return f"slurm:{job_id}"
+
+
+def is_allocation_key(key: str | None) -> bool:
+    """Whether ``key`` names a Slurm job's allocation (``slurm:<job id>``), not a run of ranks."""
+    if key is None or not key.startswith("slurm:"):
+        return False
+    return key.removeprefix("slurm:").isdigit()
+
+
+def slurm_step_of(key: str | None) -> tuple[str, int] | None:
+    """The allocation and step of a ``srun`` step's run key (``slurm:<job id>.<step id>``):
+    ``(slurm_allocation_key(job id), step id)``; ``None`` for any other key."""
+    if key is None or not key.startswith("slurm:"):
+        return None
+    job, dot, step = key.removeprefix("slurm:").partition(".")
+    if not dot or not job.isdigit() or not step.isdigit():
+        return None
+    return slurm_allocation_key(job), int(step)

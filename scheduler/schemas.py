@@ -108,6 +108,38 @@ class AttachRequest(_Request):
         return self
 
 
+class AllocationRequest(_Request):
+    """A Slurm job registering its GPUs and budgets before it starts (``powertrain slurm
+    prolog``; root or the admin group only): a job of ``user``, running on ``gpu_ids`` with no
+    process of its own yet, whose ranks join it. The prolog of each of its nodes sends its own
+    GPUs; all of them make one job."""
+
+    slurm_job: Annotated[int, Field(ge=1)]
+    name: JobName
+    user: Annotated[str, Field(min_length=1, max_length=255), AfterValidator(_one_line)]
+    gpu_ids: Annotated[list[GpuIndex], Field(min_length=1)]
+    cwd: Annotated[str, Field(min_length=1, pattern=r"^/"), AfterValidator(_no_nul)] | None = None
+    watts: Watts | None = None
+    energy_wh: WattHours | None = None
+    mode: Mode = Mode.AUTO
+    on_exceed: OnExceed = OnExceed.WARN
+
+    @model_validator(mode="after")
+    def _distinct_gpus(self) -> Self:
+        if len(set(self.gpu_ids)) != len(self.gpu_ids):
+            raise ValueError(f"gpu_ids repeats a GPU: {self.gpu_ids}")
+        return self
+
+
+class AllocationEndRequest(_Request):
+    """A Slurm job has ended (``powertrain slurm epilog``; root or the admin group only): its
+    job ends in ``state`` and every GPU setting made for it on this node is undone."""
+
+    slurm_job: Annotated[int, Field(ge=1)]
+    state: Literal["completed", "failed", "cancelled"]
+    reason: Annotated[str, Field(min_length=1, max_length=500), AfterValidator(_one_line)]
+
+
 class ProgressReport(_Request):
     """Cumulative totals since the job began, sent by the client about once a second."""
 
@@ -203,6 +235,34 @@ class JobView(BaseModel):
     hold_step: int | None = None
     members: list[MemberView] = Field(default_factory=list)
     member_id: int | None = None
+
+
+class SettingView(BaseModel):
+    """A GPU setting powertrain may have in force for a job on this node (an outstanding entry
+    of the settings journal): ``what`` in words (``power limit 300 W``), ``status`` ``pending``,
+    ``applied`` or ``undo_failed``; ``dry_run``: nothing was really set."""
+
+    gpu: int
+    setting: str
+    what: str
+    status: str
+    dry_run: bool
+    applied_at: datetime | None
+
+
+class JobEnergy(BaseModel):
+    """A job's GPU energy as ``powertrain report --job`` counts it: its GPUs' energy over its
+    span, J. ``complete``: the job has ended and every one of its GPUs has a stored
+    sample at or after its end, so the figure is final; ``method`` as in reports (``counter``,
+    ``trapezoid``, ``mixed``, ``none``)."""
+
+    job: int
+    energy_j: float
+    method: str
+    complete: bool
+    gpus: int
+    started_at: datetime | None
+    ended_at: datetime | None
 
 
 class LogChunk(BaseModel):

@@ -10,6 +10,7 @@ import contextlib
 import logging
 import math
 import os
+import pwd
 import signal
 import threading
 from collections import deque
@@ -17,13 +18,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import psutil
 
 from energy.units import mj_to_j, mw_to_w
+from reports.queries import ReportInputError, ReportRequest, build_report
 from scheduler.actuators import Actuators
 from scheduler.budgets import BudgetLoop, Progress
+from scheduler.cluster.ray.headroom import HeldPower, claim_env, headroom, ray_claim
 from scheduler.errors import Caller, ConflictError, ForbiddenError, NotFoundError
 from scheduler.jobs import (
     ACTIVE_STATES,
@@ -36,13 +39,18 @@ from scheduler.jobs import (
 )
 from scheduler.launcher import Launcher, matching_process
 from scheduler.placement import GpuSlot, Waiting, check_request, plan
+from scheduler.runs import is_allocation_key, slurm_allocation_key, slurm_step_of
 from scheduler.schemas import (
+    AllocationEndRequest,
+    AllocationRequest,
     AttachRequest,
+    JobEnergy,
     JobView,
     LogChunk,
     MemberView,
     NodeUpdate,
     ProgressReport,
+    SettingView,
     SubmitRequest,
     UpdateRequest,
 )
@@ -51,6 +59,7 @@ from scheduler.sim_adapter import Load, NoSimulation, SimAdapter
 from scheduler.store import (
     JobRecord,
     JobStore,
+    JournalStore,
     MemberRecord,
     MembershipError,
     NewJob,
@@ -101,6 +110,41 @@ class _Live:
     duty_shared: float | None = None  # the pacing this node last wrote for the run
 
 
+@dataclass(frozen=True, slots=True)
+class RunningJob:
+    """A job active on this node as the last control tick left it: what ``/metrics`` shows
+    (``scheduler.metrics``), kept in memory so that a scrape reads neither the store nor a GPU.
+
+    Attributes:
+        id / name / user / state / mode / mode_effective / on_exceed: As in its ``JobRecord``
+            (the states and modes as their names).
+        owner: This node owns the job (takes its energy decisions): ``energy_j``, ``tokens``
+            and ``energy_budget_wh`` are the run's, from this node only.
+        gpus: Its GPUs on this node.
+        power_w: 1 s average power summed over those GPUs, W (``None``: none readable).
+        budget_w: The wattage budget in force per GPU (the node-cap guard may hold it under the
+            job's own), W; ``None``: none.
+        energy_j: Its energy so far as the budget loop adds it up, J (``None`` off its owner).
+        energy_budget_wh: Its energy budget, Wh.
+        tokens: The run's tokens as last reported to this node.
+    """
+
+    id: int
+    name: str
+    user: str
+    state: str
+    mode: str
+    mode_effective: str | None
+    on_exceed: str
+    owner: bool
+    gpus: tuple[int, ...]
+    power_w: float | None
+    budget_w: float | None
+    energy_j: float | None
+    energy_budget_wh: float | None
+    tokens: int
+
+
 @dataclass(slots=True)
 class _MemberRate:
     """A member's recent reports (clock time, steps), for its step rate."""
@@ -115,6 +159,13 @@ class _MemberRate:
         self.reports.append((now_s, steps))
         (t0, s0), (t1, s1) = self.reports[0], self.reports[-1]
         return (s1 - s0) / (t1 - t0) if t1 > t0 else None
+
+
+class ClusterShares(Protocol):
+    """This node's part of the cluster cap, as the leader last divided it."""
+
+    def node_cap_w(self) -> float | None: ...
+    def job_watts(self, job_id: int) -> float | None: ...
 
 
 class JobService:
@@ -132,6 +183,8 @@ class JobService:
         sim: What only simulated GPUs need (their load follows the jobs; the ``slowdown``
             directive); ``NoSimulation`` by default, for real GPUs.
         clock: Time source.
+        cluster: This node's part of the cluster cap (``scheduler.cluster.cap``): a node cap and
+            per-job watts, held as the lower of them and the node's and jobs' own.
     """
 
     def __init__(
@@ -147,6 +200,7 @@ class JobService:
         launcher: Launcher | None = None,
         sim: SimAdapter | None = None,
         clock: Clock | None = None,
+        cluster: ClusterShares | None = None,
     ) -> None:
         self._settings = settings
         self._store = store
@@ -169,11 +223,17 @@ class JobService:
         self._run_duty: dict[int, float] = {}  # job id -> the lowest pacing any node asks
         self._controlled: set[int] = set()  # jobs the budget loop held last tick
         self._infos: dict[int, GpuInfo] = {d.index: d for d in backend.devices()}
+        # Each GPU's idle power for Ray's headroom (``node``): the backend's, else as last read free
+        self._idle_known = {c.index: c.idle_power_mw for c in backend.capabilities().gpus}
+        self._idle_seen: dict[int, float] = {}
         self._sim = sim or NoSimulation()
+        self._running: tuple[RunningJob, ...] = ()  # the last tick's snapshot (running_jobs)
+        self._running_lock = threading.Lock()
         for job in self._active():
             # Adopted jobs count as stepping until their clients report again.
             self._live_of(job.id).last_step_at = self._clock.now()
             self._sim.adopt(job.gpus)
+        self._cluster = cluster
         default_cap_w = sum(mw_to_w(d.max_limit_mw or 0) for d in self._infos.values())
         # Placement always checks against a cap (by default the sum of the maximum limits); the
         # run-time guard only holds one that is set: the default is the cards' own limits.
@@ -181,7 +241,7 @@ class JobService:
         self._cap_set = settings.node_cap_w is not None
         self.budgets = BudgetLoop(
             backend.capabilities(), self._jobs, self.actuators, self._infos, readings=readings,
-            node_cap=lambda: self.node_cap_w if self._cap_set else None,
+            node_cap=self._held_node_cap,
             clock=self._clock, on_pause=self._pause, on_resume=self._resume_for_budget,
             on_stop=self._stop_for_budget, remote_samples=store.latest_samples,
         )
@@ -205,7 +265,7 @@ class JobService:
             gid=caller.gid,
             argv=tuple(req.argv),
             cwd=req.cwd,
-            env=dict(req.env),
+            env=claim_env(req.env, caller.pid, _started_at(caller.pid)),  # Ray's, or none
             host=self._host,
             gpu_count=None if req.gpu_ids else (req.gpus or 1),
             gpu_ids_requested=tuple(req.gpu_ids) if req.gpu_ids else None,
@@ -228,6 +288,8 @@ class JobService:
         run (every rank with the same ``run_key`` joins one job), or a process of a submitted
         job (``job_id``). The answer's ``member_id`` names the process in its reports."""
         pid = req.pid or caller.pid
+        if pid is None:
+            raise ValueError("pid: required over TCP (a token names no process of its own)")
         try:
             proc = psutil.Process(pid)
             uid, create_time = proc.uids().real, proc.create_time()
@@ -267,6 +329,8 @@ class JobService:
                 if req.job_id is not None:
                     self._owned(caller, req.job_id, "join")
                     job, joined = self._jobs.join(req.job_id, member, gpus=gpus, at=now)
+                elif (held := self._allocation_for(caller, req.run_key, indices)) is not None:
+                    job, joined = self._join_allocation(held, member, req.run_key)
                 elif req.run_key is not None:
                     job, joined = self._jobs.join_run(new, member, gpus=gpus, at=now)
                 else:
@@ -282,6 +346,136 @@ class JobService:
                  joined.rank, joined.world_size, pid, job.user, list(joined.gpus))
         return self._view(job).model_copy(update={"member_id": joined.id})
 
+    def _allocation_for(
+        self, caller: Caller, run_key: str | None, indices: Sequence[int]
+    ) -> JobRecord | None:
+        """The active Slurm allocation a process joins: its step's (``slurm:<job>.<step>``),
+        else the one holding its GPUs on this node (a batch script, or ranks another launcher
+        started inside the job); ``None``: none, the process attaches as any other.
+
+        Raises:
+            ForbiddenError: That allocation is another user's.
+        """
+        job: JobRecord | None = None
+        step = slurm_step_of(run_key)
+        if step is not None:
+            job = self._jobs.latest_run(step[0])
+            if job is not None and job.state not in ACTIVE_STATES:
+                job = None
+        if job is None and indices:
+            job = next((
+                j for j in self._jobs.list(states=ACTIVE_STATES)
+                if is_allocation_key(j.run_key) and set(indices) & set(j.on(self._host).gpus)
+            ), None)
+        if job is not None and caller.uid != job.uid and not caller.admin:
+            raise ForbiddenError(
+                f"GPUs {list(job.on(self._host).gpus)} belong to job {job.id} "
+                f"({job.run_key}) of {job.user}"
+            )
+        return job
+
+    def _join_allocation(
+        self, job: JobRecord, member: NewMember, run_key: str | None
+    ) -> tuple[JobRecord, MemberRecord]:
+        """A process joins a Slurm allocation: on the allocation's GPUs of this node (those it
+        names among them, else all), in its step's generation (step ``s`` is generation
+        ``s + 1``; 0 for processes outside any step, such as the batch script)."""
+        local = job.on(self._host).gpus
+        mine = tuple(i for i in member.gpus if i in local) or local
+        step = slurm_step_of(run_key)
+        generation = step[1] + 1 if step is not None and step[0] == job.run_key else (
+            member.generation)
+        return self._jobs.join(job.id, replace(member, gpus=mine, generation=generation),
+                               gpus=[], at=self._now())
+
+    def register_allocation(self, caller: Caller, req: AllocationRequest) -> JobView:
+        """Register a Slurm job before it starts (its prolog): a job of ``req.user`` running on
+        ``req.gpu_ids`` under its budgets, with no process of its own; the control loop holds
+        its budgets from its next tick, and its ranks join it. Registering again (the prolog of
+        another of its nodes, or the same one re-run) adds GPUs to the same job. An allocation
+        still holding one of these GPUs had its epilog lost: it ends here, failed."""
+        if not caller.admin:
+            raise ForbiddenError("only root or the admin group may register a Slurm job")
+        try:
+            account = pwd.getpwnam(req.user)
+        except KeyError:
+            raise ValueError(f"user: no user {req.user!r} on this node") from None
+        indices = sorted(req.gpu_ids)
+        unknown = sorted(set(indices) - set(self._infos))
+        if unknown:
+            raise ValueError(
+                f"gpu_ids: no GPU {unknown} on this node (GPUs: 0..{len(self._infos) - 1})"
+            )
+        check_request(tuple(indices), req.watts, self._slots(busy=frozenset()))
+        key = slurm_allocation_key(req.slurm_job)
+        new = NewJob(
+            name=req.name, user=account.pw_name, uid=account.pw_uid, gid=account.pw_gid,
+            argv=(), cwd=req.cwd or account.pw_dir, host=self._host,
+            gpu_ids_requested=tuple(indices), watts_per_gpu=req.watts,
+            energy_budget_wh=req.energy_wh, mode=req.mode, on_exceed=req.on_exceed,
+            attached=True, run_key=key,
+        )
+        with self._lock:
+            for stale in self._jobs.list(states=ACTIVE_STATES):
+                taken = set(stale.on(self._host).gpus) & set(indices)
+                if stale.run_key != key and is_allocation_key(stale.run_key) and taken:
+                    self._end(stale, JobState.FAILED, f"its GPUs {sorted(taken)} went to Slurm "
+                              f"job {req.slurm_job}: its epilog never reached the daemon")
+            try:
+                job = self._jobs.open_run(
+                    new, gpus=[(self._gpu_ids[i], i) for i in indices], at=self._now()
+                )
+            except MembershipError as exc:
+                raise ConflictError(str(exc)) from None
+        log.info("job %d: Slurm job %d of %s on GPUs %s (%s W/GPU, %s Wh)", job.id,
+                 req.slurm_job, job.user, indices, req.watts, req.energy_wh)
+        return self._view(job)
+
+    def end_allocation(self, caller: Caller, req: AllocationEndRequest) -> JobView:
+        """End a Slurm job's job (its epilog) in ``req.state`` and undo every GPU setting made
+        for it on this node. Ending it again changes nothing and undoes again (nothing is left
+        behind either way)."""
+        if not caller.admin:
+            raise ForbiddenError("only root or the admin group may end a Slurm job")
+        with self._lock:
+            job = self._jobs.latest_run(slurm_allocation_key(req.slurm_job))
+            if job is None:
+                raise NotFoundError(f"no job for Slurm job {req.slurm_job}")
+            if job.state in TERMINAL_STATES:
+                self.actuators.undo_job(job.id, f"job {job.id}: Slurm job {req.slurm_job} ended")
+            else:
+                self._end(job, JobState(req.state), req.reason)
+            job = self._job(job.id)
+        return self._view(job)
+
+    def job_settings(self, job_id: int) -> list[SettingView]:
+        """The GPU settings powertrain may have in force for a job on this node (its
+        outstanding settings-journal entries)."""
+        self._job(job_id)
+        return [
+            SettingView(gpu=e.gpu_index, setting=e.setting.value, what=e.describe(),
+                        status=e.status.value, dry_run=e.dry_run, applied_at=e.applied_at)
+            for e in JournalStore(self._store).outstanding(self._host, job_id=job_id)
+        ]
+
+    def job_energy(self, job_id: int) -> JobEnergy:
+        """A job's GPU energy as ``powertrain report --job`` counts it, and whether it is final
+        (``JobEnergy``)."""
+        job = self._job(job_id)
+        try:
+            report = build_report(self._store, ReportRequest(job_id=job.id))
+        except ReportInputError:  # no span yet: it has just started
+            report = None
+        row = next((r for r in report.rows if r.key == str(job.id)), None) if report else None
+        complete = False
+        if job.ended_at is not None:
+            latest = self._store.latest_samples(list(job.gpu_ids))
+            complete = all(g in latest and latest[g].sampled_at >= job.ended_at
+                           for g in job.gpu_ids)
+        return JobEnergy(job=job.id, energy_j=row.energy_j if row else 0.0,
+                         method=row.method if row else "none", complete=complete,
+                         gpus=len(job.gpu_ids), started_at=job.started_at, ended_at=job.ended_at)
+
     def list_jobs(self, *, include_ended: bool) -> list[JobView]:
         """This node's jobs: queued and active ones, or all with ``include_ended``."""
         states = None if include_ended else QUEUED_AND_ACTIVE
@@ -295,6 +489,10 @@ class JobService:
         (SIGKILL after the grace period)."""
         with self._lock:
             job = self._owned(caller, job_id, "cancel")
+            if is_allocation_key(job.run_key) and job.state in ACTIVE_STATES:
+                slurm_job = (job.run_key or "").removeprefix("slurm:")
+                raise ConflictError(f"job {job_id} is Slurm job {slurm_job}: `scancel "
+                                    f"{slurm_job}` ends it")
             reason = f"cancelled by {caller.user}"
             if job.state == JobState.QUEUED:
                 job = self._jobs.transition(job.id, JobState.CANCELLED, reason, at=self._now())
@@ -386,7 +584,9 @@ class JobService:
                     f"member {req.member} of job {job.id} runs on {member.host}: it reports to "
                     "that node's daemon"
                 )
-            if member.pid != caller.pid and not caller.admin:
+            speaks_for = (member.pid == caller.pid
+                          or (caller.pid is None and caller.uid == job.uid))  # a token: its user
+            if not speaks_for and not caller.admin:
                 raise ForbiddenError(
                     f"member {req.member} of job {job.id} is pid {member.pid}, not you "
                     f"(pid {caller.pid})"
@@ -401,6 +601,8 @@ class JobService:
                 f"job {job.id} belongs to {job.user}: only {job.user} or an admin may report "
                 "progress for it"
             )
+        if caller.pid is None:
+            raise ConflictError(f"a report over TCP names its member of job {job.id} (member)")
         if members or job.state not in ACTIVE_STATES:
             raise ConflictError(
                 f"pid {caller.pid} is not a member of job {job.id}: a process joins a job "
@@ -538,6 +740,45 @@ class JobService:
         log.info("node power cap set to %.0f W by %s", req.node_cap_w, caller.user)
         return {"node_cap_w": self.node_cap_w}
 
+    def node(self) -> dict[str, Any]:
+        """This node's power (``GET /v1/node``): its cap, and under ``ray`` what Ray may place
+        here beside the jobs outside Ray (``scheduler.cluster.ray.headroom``)."""
+        with self._lock:
+            active = self._active()
+            jobs = [
+                HeldPower(job.gpus, self._budget_w(job.watts_per_gpu, job.gpus),
+                          self._ray_w(job))
+                for job in active
+            ]
+            busy = {i for job in active for i in job.gpus}
+            room = headroom(
+                cap_w=self.node_cap_w,
+                max_limits_w={i: mw_to_w(d.max_limit_mw or 0) for i, d in self._infos.items()},
+                idle_w={i: self._steady_idle_w(i, busy=i in busy) for i in self._infos},
+                jobs=jobs,
+            )
+        return {"node": self._host, "gpus": len(self._infos), "node_cap_w": self.node_cap_w,
+                "cap_set": self._cap_set, "ray": room.as_json()}
+
+    def _ray_w(self, job: JobRecord) -> float | None:
+        """The watts Ray holds for ``job``: those its submission claimed, while the Ray worker
+        that submitted it lives (its task waits on the job); else ``None``."""
+        claim = ray_claim(job.env)
+        if claim is None or matching_process(claim.pid, claim.create_time) is None:
+            return None
+        return claim.watts
+
+    def _steady_idle_w(self, index: int, *, busy: bool) -> float:
+        """A GPU's idle power for Ray's headroom: the backend's figure where it knows one (a
+        simulated GPU), else its reading now while no job holds it, else its last such reading
+        (its minimum limit before any)."""
+        known = self._idle_known.get(index)
+        if known is not None:
+            return mw_to_w(known)
+        if not busy:
+            self._idle_seen[index] = self._idle_power_w(index)
+        return self._idle_seen.get(index, mw_to_w(self._infos[index].min_limit_mw or 0))
+
     # -- the control loop ------------------------------------------------------------------------
 
     def tick(self) -> None:
@@ -553,7 +794,7 @@ class JobService:
             if changed:  # read again what ended or started
                 here = self._jobs.list(states=ACTIVE_STATES, node=self._host)
                 members = self._jobs.members(job.id for job in here)
-            active = [job.on(self._host) for job in here]
+            active = [self._within_cluster(job.on(self._host)) for job in here]
             followed = {job.id for job in here if job.host != self._host}
             remote = {
                 job.id: [g for g, h in zip(job.gpu_ids, job.gpu_hosts, strict=True)
@@ -568,6 +809,48 @@ class JobService:
             self._share_duty(here, members)
             if not isinstance(self._sim, NoSimulation):  # the budget loop may have held a job
                 self._follow_activity(self._active())
+            self._snapshot(active)
+
+    def _held_node_cap(self) -> float | None:
+        """The node cap held at run time: the lower of the node's own (when set) and its share
+        of the cluster cap."""
+        caps = [self.node_cap_w] if self._cap_set else []
+        if self._cluster is not None and (share := self._cluster.node_cap_w()) is not None:
+            caps.append(share)
+        return min(caps, default=None)
+
+    def _within_cluster(self, job: JobRecord) -> JobRecord:
+        """``job`` with its budget lowered to its share of the cluster cap, if that is lower."""
+        share = None if self._cluster is None else self._cluster.job_watts(job.id)
+        if share is None or (job.watts_per_gpu is not None and job.watts_per_gpu <= share):
+            return job
+        return replace(job, watts_per_gpu=share)
+
+    def running_jobs(self) -> tuple[RunningJob, ...]:
+        """The jobs active on this node as the last control tick left them (memory only: for
+        ``/metrics``, which must not wait for a tick or read the store)."""
+        with self._running_lock:
+            return self._running
+
+    def _snapshot(self, active: Sequence[JobRecord]) -> None:
+        """Keep what ``running_jobs`` shows: the budget loop's figures and the jobs' progress."""
+        running = []
+        for job in active:
+            energy_j, obs = self.budgets.job_figures(job.id)
+            powers = [g.power_avg_mw for g in obs.gpus if g.power_avg_mw is not None] if obs else []
+            live = self._live.get(job.id)
+            running.append(RunningJob(
+                id=job.id, name=job.name, user=job.user, state=job.state.value,
+                mode=job.mode.value,
+                mode_effective=job.mode_effective.value if job.mode_effective else None,
+                on_exceed=job.on_exceed.value, owner=job.host == self._host, gpus=job.gpus,
+                power_w=mw_to_w(sum(powers)) if powers else None,
+                budget_w=obs.budget_w if obs else job.watts_per_gpu,
+                energy_j=energy_j, energy_budget_wh=job.energy_budget_wh,
+                tokens=live.progress.tokens if live else 0,
+            ))
+        with self._running_lock:
+            self._running = tuple(running)
 
     def _release(self, job_id: int, why: str) -> None:
         """This node no longer holds ``job_id``: forget its control and undo its settings."""
@@ -585,6 +868,8 @@ class JobService:
         ended: set[int] = set()
         for job in jobs:
             if job.host != self._host or (job.attached and members.get(job.id)):
+                continue
+            if is_allocation_key(job.run_key):  # no process of its own: its epilog ends it
                 continue
             status = self._launcher.poll(job)
             if status.running:
@@ -628,7 +913,8 @@ class JobService:
                     log.warning("job %d: rank %d on %s: %s", job.id, m.rank, m.host, why)
             if job.hold in (Hold.STOP, Hold.CANCEL):
                 self._enforce_stop(job, members.get(job.id, ()))
-        owned = [j for j in jobs if j.attached and j.host == self._host and members.get(j.id)]
+        owned = [j for j in jobs if j.attached and j.host == self._host and members.get(j.id)
+                 and not is_allocation_key(j.run_key)]  # a Slurm job ends at its epilog
         if gone:
             members = self._jobs.members(j.id for j in owned)
         ended = False
@@ -990,6 +1276,16 @@ class JobService:
             hold_step=job.hold_step,
             members=[_member_view(m) for m in members],
         )
+
+
+def _started_at(pid: int | None) -> float | None:
+    """When process ``pid`` started (s since the epoch), or ``None`` (no pid; gone)."""
+    if pid is None:
+        return None
+    try:
+        return float(psutil.Process(pid).create_time())
+    except psutil.Error:
+        return None
 
 
 def _w(mw: int | None) -> float | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from telemetry.backends.choose import BackendKind
@@ -13,6 +13,22 @@ from telemetry.paths import default_home, default_url
 
 BackendName = BackendKind
 """Which GPUs: the backend kinds ``telemetry.backends.choose`` opens."""
+
+
+def host_port(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[V6]:PORT`` for IPv6) as (host, port).
+
+    Raises:
+        ValueError: Not of that form, or the port is not 1-65535.
+    """
+    host, sep, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        host = ""  # an IPv6 address without brackets is ambiguous
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected HOST:PORT (or [IPv6]:PORT), got {text!r}")
+    return host, int(port)
 
 
 class Settings(BaseSettings):
@@ -51,6 +67,26 @@ class Settings(BaseSettings):
             (``scheduler.launcher.choose_runner_python``).
         node: This node's name in the store (its GPUs, jobs, members and rollups are filed under
             it); default the host name. Distinct daemons on one store need distinct names.
+        listen: ``HOST:PORT`` where the daemon also serves its API over TCP, every request with
+            a token (``[::1]:PORT`` for IPv6); unset, the API is on the Unix socket only.
+        tls_cert / tls_key: Certificate chain and private key (PEM) for HTTPS on ``listen``.
+        url: For the CLI: talk to the daemon at this ``http(s)://HOST:PORT`` instead of the
+            socket, with the token in ``POWERTRAIN_TOKEN``.
+        ca_cert: For the CLI over HTTPS: the CA (PEM) to trust for the daemon's certificate,
+            beside the system's.
+        metrics_address: ``HOST:PORT`` where the daemon serves Prometheus metrics at
+            ``/metrics`` (``[::1]:PORT`` for IPv6; docs/metrics.md suggests port 9488); unset,
+            no metrics are served.
+        ray_address: The Ray cluster (``HOST:PORT`` of its head) in which the daemon keeps its
+            node's ``watts`` equal to its headroom (docs/ray.md); unset, the daemon leaves Ray
+            alone.
+        slurm_default: For ``powertrain slurm prolog``: the budgets of every Slurm job, in the
+            comment's syntax (``powertrain:watts=400,mode=auto``); a job's comment overrides
+            them one by one (docs/slurm.md). Unset, a job without budgets in its comment has none.
+        slurm_strict: For ``powertrain slurm prolog``: a job whose budgets cannot be registered
+            or applied (the daemon is down, refuses, or is too slow) fails the prolog, and Slurm
+            drains the node and requeues the job; off (the default), the job runs without them
+            and the prolog says why in the job's AdminComment and its log.
     """
 
     model_config = SettingsConfigDict(env_prefix="POWERTRAIN_", extra="ignore")
@@ -78,6 +114,15 @@ class Settings(BaseSettings):
     node: str | None = Field(
         default=None, min_length=1, max_length=255, pattern=r"^[^\x00-\x1f\x7f]+$"
     )
+    listen: str | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    url: str | None = None
+    ca_cert: Path | None = None
+    metrics_address: str | None = None
+    ray_address: str | None = Field(default=None, min_length=1, pattern=r"^[^\s\x00-\x1f\x7f]+$")
+    slurm_default: str | None = None
+    slurm_strict: bool = False
 
     @field_validator("flush_interval_s", "retention_days", "node_cap_w", "cancel_grace_s")
     @classmethod
@@ -93,6 +138,60 @@ class Settings(BaseSettings):
             from telemetry.backends.profiles import get_sku
 
             get_sku(value)  # its ValueError names the known SKUs
+        return value
+
+    @field_validator("listen")
+    @classmethod
+    def _address(cls, value: str | None) -> str | None:
+        if value is not None:
+            host_port(value)
+        return value
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            scheme, sep, rest = value.partition("://")
+            if scheme not in ("http", "https") or not sep or not rest.strip("/"):
+                raise ValueError(f"expected http://HOST:PORT or https://HOST:PORT, got {value!r}")
+            return value.rstrip("/")
+        return value
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Settings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: give both or neither")
+        if self.tls_cert is not None and self.listen is None:
+            raise ValueError("tls_cert and tls_key serve the API over TCP: give listen too")
+        return self
+
+    @property
+    def listen_address(self) -> tuple[str, int] | None:
+        """``listen`` as (host, port), or ``None``."""
+        return None if self.listen is None else host_port(self.listen)
+
+    @property
+    def tls(self) -> tuple[Path, Path] | None:
+        """(certificate, key) for HTTPS on ``listen``, or ``None`` for plain HTTP."""
+        if self.tls_cert is None or self.tls_key is None:
+            return None
+        return self.tls_cert, self.tls_key
+
+    @field_validator("slurm_default")
+    @classmethod
+    def _budget_words(cls, value: str | None) -> str | None:
+        if value is not None and value.strip():
+            from scheduler.cluster.budgets import parse_budgets
+
+            parse_budgets(value)  # its ValueError names what is wrong
+            return value.strip()
+        return None
+
+    @field_validator("metrics_address")
+    @classmethod
+    def _metrics_address(cls, value: str | None) -> str | None:
+        if value is not None:
+            host_port(value)
         return value
 
     @property

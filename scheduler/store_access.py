@@ -8,6 +8,10 @@ file that is not a store, a schema older than this powertrain.
 
 from __future__ import annotations
 
+import os
+import pwd
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NoReturn
 
@@ -67,3 +71,26 @@ def open_or_fail(url: str) -> Store:
              "sqlite:////path/to/powertrain.db)", EXIT_ERROR)
     except (StoreError, SQLAlchemyError, OSError, ValueError) as exc:
         fail(f"cannot open the store: {reason(exc)}", EXIT_ERROR)
+
+
+@contextmanager
+def opened_store(db: str | None, home: Path | None) -> Iterator[Store]:
+    """The store named by ``--db``/``--home`` (one ``error:`` line and an exit when it cannot
+    be opened), closed after the block."""
+    try:
+        url = store_url(db, home)
+    except UsageError as exc:
+        fail(str(exc), EXIT_USAGE)
+    store = open_or_fail(url)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+def who_am_i() -> str:
+    """This process's login name (its uid as text when it has none)."""
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return str(os.getuid())

@@ -40,6 +40,13 @@ class LatestReadings(Protocol):
         ...
 
 
+class ReadingObserver(Protocol):
+    """Told of every reading as the sampler takes it (``scheduler.metrics.GpuEnergy`` adds up
+    each GPU's energy from them). Called on the sampling thread: it must be quick."""
+
+    def observe(self, index: int, reading: GpuReading) -> None: ...
+
+
 @dataclass(slots=True)
 class _GpuHealth:
     failures: int = 0
@@ -58,6 +65,7 @@ class Sampler:
         backoff_initial_s / backoff_max_s: Retry delay of a failing GPU, doubling per failure.
         fresh_s: ``latest`` leaves out readings older than this (a stalled sampling thread must
             not pass an old reading off as the GPU's state).
+        observer: Told of every reading, in the order taken (``None``: nobody).
     """
 
     def __init__(
@@ -70,8 +78,10 @@ class Sampler:
         backoff_initial_s: float = 0.5,
         backoff_max_s: float = 30.0,
         fresh_s: float = 1.0,
+        observer: ReadingObserver | None = None,
     ) -> None:
         self._backend = backend
+        self._observer = observer
         self._gpu_ids = dict(gpu_ids)
         self._writer = writer
         self._clock = clock or WallClock()
@@ -112,6 +122,8 @@ class Sampler:
                 continue
             with self._latest_lock:
                 self._latest[index] = (self._clock.now(), reading)
+            if self._observer is not None:
+                self._observer.observe(index, reading)
             if health.failures:
                 log.warning("GPU %d answers again after %d failed reads", index, health.failures)
                 self._health[index] = _GpuHealth()

@@ -32,6 +32,7 @@ PG_ENV = "POWERTRAIN_TEST_PG_URL"
 OPTIONAL_SERVERS = {
     "PostgreSQL": (f"{PG_ENV} is not set", "apt-get install postgresql"),
     "Chromium": ("chromium is not installed", "apt-get install chromium"),
+    "Slurm": ("Slurm is not installed", "bash .ci/slurm.sh"),
 }
 
 _pg_stop: list[str] = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -74,11 +75,34 @@ TINY = ["--layers", "2", "--dim", "64", "--heads", "2", "--seq-len", "64", "--ba
         "--data-mb", "1", "--log-every", "10", "--eval-batches", "2"]
 
 
+def free_port() -> int:
+    """A TCP port on the loopback that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def cli(socket: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "scheduler", args[0], "--socket", str(socket), *args[1:]],
         capture_output=True, text=True, cwd=REPO, timeout=60,
     )
+
+
+def powertrain(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``powertrain ARGS`` with no POWERTRAIN_* setting of the caller's, only ``env``."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("POWERTRAIN_")}
+    return subprocess.run([sys.executable, "-m", "scheduler", *args], capture_output=True,
+                          text=True, cwd=REPO, timeout=60, env=clean | (env or {}))
+
+
+def make_token(home: Path, user: str, scope: str) -> dict[str, Any]:
+    """A token made by ``powertrain token create --json`` (with the token itself)."""
+    done = powertrain("token", "create", "--home", str(home), "--user", user, "--scope", scope,
+                      "--json")
+    assert done.returncode == 0, done.stderr
+    made: dict[str, Any] = json.loads(done.stdout)
+    return made
 
 
 def submit(socket: Path, *args: str) -> int:

@@ -7,7 +7,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ import pytest
 
 from scheduler.store import JobStore
 from telemetry.store import open_store
-from tests.daemon_proc import REPO, DaemonProcess, cli, start_daemon, submit
+from tests.daemon_proc import REPO, DaemonProcess, cli, free_port, start_daemon, submit
 
 pytest.importorskip("torch")
 pytestmark = pytest.mark.slow
@@ -97,12 +96,6 @@ def daemon_gpus(sock: Path) -> list[dict[str, Any]]:
                       base_url="http://powertrain") as http:
         rows: list[dict[str, Any]] = http.get("/v1/gpus").json()
     return rows
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def check_completed_run(view: dict[str, Any], steps: int, out: Path) -> None:

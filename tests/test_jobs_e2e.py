@@ -11,7 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,9 @@ from tests.daemon_proc import (
     TINY,
     DaemonProcess,
     cli,
+    free_port,
     jobs,
+    make_token,
     start_daemon,
     submit,
     wait_until,
@@ -224,34 +226,66 @@ def test_a_user_cannot_touch_another_users_job_but_root_can(
         daemon = start_daemon(tmp_path, socket, "--socket-group", USERS_GROUP, python=python,
                               cwd=checkout)
         try:
-            _users_and_root(daemon, socket)
+            assert socket.stat().st_mode & 0o777 == 0o660
+            _users_and_root(daemon, socket, lambda user, *request: as_user(user, socket, *request))
         finally:
             assert daemon.terminate() == 0, daemon.log()
     assert "will not start" not in daemon.log()
 
 
-def _users_and_root(daemon: DaemonProcess, socket: Path) -> None:
-    assert socket.stat().st_mode & 0o777 == 0o660
+@pytest.mark.skipif(os.geteuid() != 0, reason="creating users and running jobs as them needs root")
+def test_the_same_ownership_rules_hold_over_tcp_with_each_users_token(
+    tmp_path: Path, sock_dir: Path, closed_checkout: tuple[str, Path]
+) -> None:
+    """Alice's and Bob's tokens act as Alice and Bob (their jobs run as them), root's admin
+    token as root; the refusals are the socket's."""
+    python, checkout = closed_checkout
+    socket, port = sock_dir / "api.sock", free_port()
+    with machine_users(ALICE, BOB, group=USERS_GROUP):
+        daemon = start_daemon(tmp_path, socket, "--listen", f"127.0.0.1:{port}", python=python,
+                              cwd=checkout)
+        try:
+            tokens = {user: make_token(tmp_path, user, scope)["token"]
+                      for user, scope in ((ALICE, "submit"), (BOB, "submit"), ("root", "admin"))}
+
+            def over_tcp(user: str, method: str, url: str, body: str = "") -> dict[str, Any]:
+                answer = httpx.request(
+                    method, f"http://127.0.0.1:{port}{url}", content=body or None, timeout=10,
+                    headers={"Authorization": f"Bearer {tokens[user]}",
+                             "content-type": "application/json"},
+                )
+                return {"status": answer.status_code, "body": answer.json()}
+
+            _users_and_root(daemon, socket, over_tcp)
+        finally:
+            assert daemon.terminate() == 0, daemon.log()
+
+
+Speak = Callable[..., dict[str, Any]]
+"""``speak(user, method, url, body="")``: one request as ``user``; its status and JSON body."""
+
+
+def _users_and_root(daemon: DaemonProcess, socket: Path, speak: Speak) -> None:
     body = json.dumps({"argv": ["sleep", "60"], "cwd": "/tmp", "watts": 300})
-    made = as_user(ALICE, socket, "POST", "/v1/jobs", body)
+    made = speak(ALICE, "POST", "/v1/jobs", body)
     assert made["status"] == 201 and made["body"]["user"] == ALICE
     job_id = made["body"]["id"]
     wait_until(daemon, lambda: jobs(socket)[job_id]["state"] == "running", timeout_s=30)
     pid = jobs(socket)[job_id]["pid"]
     assert pwd.getpwuid(os.stat(f"/proc/{pid}").st_uid).pw_name == ALICE
 
-    seen = as_user(BOB, socket, "GET", "/v1/jobs")
+    seen = speak(BOB, "GET", "/v1/jobs")
     assert [j["id"] for j in seen["body"]] == [job_id]  # everyone sees every job
     for method, url, change in (("POST", f"/v1/jobs/{job_id}/cancel", ""),
                                 ("PATCH", f"/v1/jobs/{job_id}", '{"watts": 250}')):
-        refused = as_user(BOB, socket, method, url, change)
+        refused = speak(BOB, method, url, change)
         assert refused["status"] == 403 and ALICE in refused["body"]["detail"]
     assert jobs(socket)[job_id]["watts"] == 300
 
-    changed = as_user(ALICE, socket, "PATCH", f"/v1/jobs/{job_id}", '{"watts": 250}')
+    changed = speak(ALICE, "PATCH", f"/v1/jobs/{job_id}", '{"watts": 250}')
     assert changed["status"] == 200 and changed["body"]["watts"] == 250
-    by_root = cli(socket, "cancel", str(job_id))
-    assert by_root.returncode == 0, by_root.stderr
+    by_root = speak("root", "POST", f"/v1/jobs/{job_id}/cancel")
+    assert by_root["status"] == 200, by_root
     wait_until(daemon, lambda: jobs(socket)[job_id]["state"] == "cancelled", timeout_s=30)
 
 

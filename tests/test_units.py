@@ -11,9 +11,11 @@ from energy.units import (
     j_to_kwh,
     j_to_mj,
     j_to_wh,
+    mhz_to_hz,
     mj_to_j,
     ms_to_s,
     mw_to_w,
+    pct_to_ratio,
     s_to_us,
     us_to_s,
     w_to_mw,
@@ -42,6 +44,8 @@ def test_helpers_are_bit_for_bit_the_inline_expressions() -> None:
         assert j_to_mj(x) == x * 1000.0
         assert wh_to_j(x) == x * 3600
         assert s_to_us(x) == x * 1e6
+        assert mhz_to_hz(x) == x * 1e6
+        assert pct_to_ratio(x) == x / 100
         # callers round: round(w_to_mw(w)) is the int round(w * 1000) was
         assert round(w_to_mw(x)) == round(x * 1000)
         assert round(s_to_us(x)) == round(x * 1e6)

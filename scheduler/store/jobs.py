@@ -10,12 +10,12 @@ span, read from the telemetry ``Store``.
 from __future__ import annotations
 
 import builtins
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import fields
 from datetime import datetime, timedelta
 from enum import Enum
 from itertools import pairwise
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Row, delete, or_, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
@@ -23,6 +23,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from energy.counters import EnergyResult, combine_methods
 from energy.optimizer import Knob
 from scheduler.jobs import Hold, JobState, MemberState, Mode, OnExceed, can_transition
+from scheduler.runs import is_allocation_key
 from scheduler.store import members as m
 from scheduler.store.history import ControlHistory
 from scheduler.store.members import MembershipError
@@ -47,6 +48,8 @@ from telemetry.store.models import (
     to_epoch_us,
 )
 from telemetry.store.sql import inserted_id, write_transaction
+
+_T = TypeVar("_T")
 
 
 class JobNotFoundError(StoreError, LookupError):
@@ -441,8 +444,35 @@ class JobStore(ControlHistory):
             MembershipError: The member does not fit the run (see ``members.add_member``).
             StoreWriteError: Nothing was written.
         """
+        return self._in_live_run(
+            new, at, "joining", lambda conn, job_id: self._join(conn, job_id, member, gpus, at)
+        )
+
+    def open_run(
+        self, new: NewJob, *, gpus: Sequence[tuple[int, int]], at: datetime
+    ) -> JobRecord:
+        """The live job of ``new.run_key`` with ``gpus`` added, created ``running`` if none: a
+        job that has its GPUs before any process joins it (a Slurm job's allocation, registered
+        by the prolog of each of its nodes). Daemons racing to create it end with one job.
+
+        Raises:
+            MembershipError: The run's live job belongs to another user.
+            StoreWriteError: Nothing was written.
+        """
+        def add_gpus(conn: Connection, job_id: int) -> JobRecord:
+            self._add_gpus(conn, job_id, gpus)
+            return self._require(conn, job_id)
+
+        return self._in_live_run(new, at, "opening", add_gpus)
+
+    def _in_live_run(
+        self, new: NewJob, at: datetime, doing: str, then: Callable[[Connection, int], _T]
+    ) -> _T:
+        """``then(conn, job_id)`` on the live job of ``new.run_key``, created ``running`` in the
+        same transaction if there is none. When another daemon created it first (the unique
+        live run key), the second try finds its job."""
         if new.run_key is None:
-            raise ValueError("join_run needs a run key")
+            raise ValueError(f"{doing} a run needs a run key")
         to_epoch_us(at)
         for attempt in range(2):
             try:
@@ -450,13 +480,22 @@ class JobStore(ControlHistory):
                     job_id = self._live_run(conn, new.run_key, new.uid)
                     if job_id is None:
                         job_id = self._insert(conn, new, at, JobState.RUNNING)
-                    return self._join(conn, job_id, member, gpus, at)
+                    return then(conn, job_id)
             except IntegrityError as exc:
-                if attempt:  # the other daemon's job is there now: the second try joins it
-                    raise write_error(f"joining run {new.run_key!r}", exc) from exc
+                if attempt:
+                    raise write_error(f"{doing} run {new.run_key!r}", exc) from exc
             except SQLAlchemyError as exc:
-                raise write_error(f"joining run {new.run_key!r}", exc) from exc
+                raise write_error(f"{doing} run {new.run_key!r}", exc) from exc
         raise AssertionError("unreachable")
+
+    def latest_run(self, run_key: str) -> JobRecord | None:
+        """The job of ``run_key``: the live one, else the one that ended last (``None``: none)."""
+        c = jobs_table.c
+        query = (select(jobs_table).where(c.run_key == run_key)
+                 .order_by(c.ended_at.is_not(None), c.id.desc()).limit(1))
+        with self._engine.connect() as conn:
+            row = conn.execute(query).first()
+            return None if row is None else self._record(row, self._gpus_of(conn, [row.id])[row.id])
 
     def join(
         self, job_id: int, member: NewMember, *, gpus: Sequence[tuple[int, int]], at: datetime
@@ -519,7 +558,8 @@ class JobStore(ControlHistory):
         state = JobState(row.state)
         if state not in (JobState.RUNNING, JobState.PAUSED):
             raise MembershipError(f"job {job_id} is {state}: only a running job takes members")
-        record = m.add_member(conn, job_id, row.generation, row.world_size, member, at=at)
+        record = m.add_member(conn, job_id, row.generation, row.world_size, member, at=at,
+                              steps=is_allocation_key(row.run_key))
         self._add_gpus(conn, job_id, gpus)
         if member.rank == 0 and row.host != member.host and row.attached:  # rank 0 owns a run
             conn.execute(update(jobs_table).where(jobs_table.c.id == job_id)

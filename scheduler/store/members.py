@@ -56,10 +56,14 @@ def members_of(conn: Connection, job_ids: Iterable[int]) -> dict[int, list[Membe
 
 def add_member(
     conn: Connection, job_id: int, job_generation: int | None, job_world: int | None,
-    new: NewMember, *, at: datetime,
+    new: NewMember, *, at: datetime, steps: bool = False,
 ) -> MemberRecord:
     """Insert a member after checking it fits the run (the caller holds the job's row); the
     same process joining again gets its member back.
+
+    With ``steps`` (a Slurm allocation, whose generations are its steps) generations live side
+    by side: a newer one replaces no member, an older one may still join, and a world size is
+    checked against the members of its own generation.
 
     Raises:
         MembershipError: Its rank is already a live member of this generation, its world size
@@ -67,6 +71,12 @@ def add_member(
             the run's.
     """
     generation = job_generation or 0
+    if steps:
+        peer = conn.execute(
+            select(_m.world_size).where(_m.job_id == job_id, _m.generation == new.generation)
+            .limit(1)
+        ).first()
+        job_world, generation = (None if peer is None else peer[0]), new.generation
     if new.generation < generation:
         raise MembershipError(
             f"rank {new.rank} is from elastic generation {new.generation}, but job {job_id} is at "
@@ -102,10 +112,11 @@ def add_member(
             .values(state=MemberState.STOPPED.value, ended_at=at,
                     end_reason=f"replaced by elastic generation {new.generation}")
         )
-    conn.execute(
-        update(jobs_table).where(jobs_table.c.id == job_id)
-        .values(generation=new.generation, world_size=new.world_size)
-    )
+    if not steps or new.generation >= (job_generation or 0):
+        conn.execute(
+            update(jobs_table).where(jobs_table.c.id == job_id)
+            .values(generation=new.generation, world_size=new.world_size)
+        )
     result = conn.execute(job_members_table.insert().values(
         job_id=job_id, host=new.host, rank=new.rank, local_rank=new.local_rank,
         world_size=new.world_size, generation=new.generation, pid=new.pid,

@@ -342,6 +342,52 @@ class NodeRow(Base):
     stopped_at: Mapped[datetime | None] = mapped_column(UtcTimestamp)
 
 
+
+class ApiTokenRow(Base):
+    """A token for the daemon's TCP API: who it acts as and what it may do, kept only as its
+    SHA-256 digest (``scheduler/store/tokens.py``)."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    user: Mapped[str] = mapped_column(String(255))
+    scope: Mapped[str] = mapped_column(String(16))
+    digest: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))
+    note: Mapped[str | None] = mapped_column(Text)
+    created_by: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(UtcTimestamp)
+    revoked_at: Mapped[datetime | None] = mapped_column(UtcTimestamp)
+
+
+class ClusterStateRow(Base):
+    """The cluster's one power cap and its leader's lease (one row, ``id`` 1)."""
+
+    __tablename__ = "cluster_state"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    cap_w: Mapped[float | None] = mapped_column(Double)
+    set_by: Mapped[str | None] = mapped_column(String(255))
+    set_at: Mapped[datetime | None] = mapped_column(UtcTimestamp)
+    leader: Mapped[str | None] = mapped_column(String(255))
+    leader_since: Mapped[datetime | None] = mapped_column(UtcTimestamp)
+    lease_until: Mapped[datetime | None] = mapped_column(UtcTimestamp)
+    term: Mapped[int] = mapped_column(BigInteger)
+    divided_at: Mapped[datetime | None] = mapped_column(UtcTimestamp)
+
+
+class ClusterShareRow(Base):
+    """What the cluster cap's leader gave a node (``job_id`` 0: the node's cap) or a job."""
+
+    __tablename__ = "cluster_shares"
+
+    node: Mapped[str] = mapped_column(String(255), primary_key=True)
+    job_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    watts: Mapped[float] = mapped_column(Double)
+    expected_w: Mapped[float] = mapped_column(Double)
+    rate_rel: Mapped[float | None] = mapped_column(Double)
+    term: Mapped[int] = mapped_column(BigInteger)
+
 class JobGpu(Base):
     """A GPU assigned to a job (kept after the job ends, for energy and reports)."""
 
@@ -388,6 +434,9 @@ job_events_table = cast(Table, JobEventRow.__table__)
 job_progress_table = cast(Table, JobProgressRow.__table__)
 job_members_table = cast(Table, JobMember.__table__)
 nodes_table = cast(Table, NodeRow.__table__)
+api_tokens_table = cast(Table, ApiTokenRow.__table__)
+cluster_state_table = cast(Table, ClusterStateRow.__table__)
+cluster_shares_table = cast(Table, ClusterShareRow.__table__)
 
 
 class SettingsJournalRow(Base):
