@@ -6,6 +6,7 @@ Lightning's ranks), and what the data fed."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -23,7 +24,7 @@ import httpx
 import pytest
 
 from tests.daemon_proc import REPO, DaemonProcess, start_daemon
-from tests.jobs.tiny_lm import TinyLMData
+from tests.jobs.tiny_lm import ACCUMULATE, BATCH, TinyLMData
 
 STEP_S = 0.05
 """The pause a slowed run adds after each step: time for the daemon to act, little CPU."""
@@ -148,3 +149,23 @@ def fed(samples: int, epochs: int) -> tuple[int, int]:
     data = TinyLMData(samples)
     tokens = sum(int(data[i]["attention_mask"].sum()) for i in range(samples))
     return tokens * epochs, samples * epochs
+
+
+def check_ddp_run(node: Node, name: str, key_prefix: str, out: Path) -> None:
+    """Both ranks of a 2-rank run of 2 epochs wrote what they trained to ``out``; the daemon
+    has one completed job ``name`` whose steps, tokens and samples are the framework's, and
+    whose two members each ran every step on a GPU of their own."""
+    done = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert {d["world_size"] for d in done} == {2}
+    (steps,) = {d["global_step"] for d in done}
+    # 16 samples over 2 ranks, BATCH a micro-batch, ACCUMULATE micro-batches a step
+    assert steps == 2 * 16 // (2 * BATCH * ACCUMULATE)
+    node.wait(lambda: node.job(name)["state"] != "running", "the run to end")
+    view = node.job(name)
+    assert view["state"] == "completed", view["end_reason"]
+    assert view["world_size"] == 2 and view["run_key"].startswith(key_prefix)
+    tokens, samples = fed(16, epochs=2)  # every sample once an epoch, on one rank or the other
+    assert (view["steps"], view["tokens"], view["samples"]) == (steps, tokens, samples)
+    members = sorted(view["members"], key=lambda m: m["rank"])
+    assert [(m["rank"], m["gpus"], m["steps"], m["state"]) for m in members] == [
+        (0, [0], steps, "completed"), (1, [1], steps, "completed")]

@@ -9,14 +9,20 @@ pytest-xdist worker collects every module, and the import costs seconds of CPU.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.callbacks.conftest import STEP_S, Node, Training, fed, finish, ranks
+from tests.callbacks.conftest import (
+    STEP_S,
+    Node,
+    Training,
+    check_ddp_run,
+    finish,
+    ranks,
+)
 from tests.jobs.tiny_lm import ACCUMULATE, BATCH, SEQ_LEN, TinyLMData
 
 pytestmark = pytest.mark.slow
@@ -37,20 +43,7 @@ def test_a_two_rank_ddp_run_under_torchrun_is_one_job_with_what_every_rank_train
                  "--epochs", "2", "--tokens", "non_padding",
                  env={"POWERTRAIN_SOCKET": str(node.socket), "CUDA_VISIBLE_DEVICES": "0,1"})
     finish(proc)
-    done = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert {d["world_size"] for d in done} == {2}
-    (steps,) = {d["global_step"] for d in done}
-    # 16 samples over 2 ranks, 2 a micro-batch, 2 micro-batches a step: 2 steps an epoch
-    assert steps == 2 * 16 // (2 * BATCH * ACCUMULATE)
-    node.wait(lambda: node.job("hf-ddp")["state"] != "running", "the run to end")
-    view = node.job("hf-ddp")
-    assert view["state"] == "completed", view["end_reason"]
-    assert view["world_size"] == 2 and view["run_key"].startswith("torchrun:")
-    tokens, samples = fed(16, epochs=2)  # every sample once an epoch, on one rank or the other
-    assert (view["steps"], view["tokens"], view["samples"]) == (steps, tokens, samples)
-    members = sorted(view["members"], key=lambda m: m["rank"])
-    assert [(m["rank"], m["gpus"], m["steps"], m["state"]) for m in members] == [
-        (0, [0], steps, "completed"), (1, [1], steps, "completed")]
+    check_ddp_run(node, "hf-ddp", "torchrun:", out)
 
 
 def test_pause_checkpoint_and_cancel_go_through_the_trainers_checkpoints(
