@@ -54,7 +54,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/daemon_overhead.py --json bench/results/daemon_overhead.json
 	$(BIN)/python bench/metrics.py --json bench/results/metrics.json
 	$(BIN)/python bench/calibrate_sim.py --json bench/results/calibrate_sim.json
-	$(BIN)/python bench/optimizer.py --json bench/results/optimizer.json
+	$(BIN)/python bench/optimizer.py --seeds 0-9 --workers 2 --json bench/results/optimizer.json
+	$(BIN)/python bench/optimizer.py --joint --json bench/results/optimizer_joint.json
 	$(BIN)/python bench/budget.py --json bench/results/budget.json
 	$(BIN)/python bench/client_overhead.py --json bench/results/client_overhead.json
 	$(BIN)/python bench/report_scale.py --json bench/results/report_scale.json

@@ -21,9 +21,23 @@ they measure that setting further and may revise the choice (``rv``: revisions):
 run them at that setting anyway, as Zeus's job runs at its choice.
 
 Usage: ``python bench/optimizer.py [--trace FILE|NAME ...] [--eta 0.5] [--epochs 100]
-[--json PATH]`` (``--trace`` takes files or bundled trace names; default: ``a40 p100``).
-Writes ``bench/results/optimizer.txt`` (the table) and ``bench/results/optimizer.json``.
-``--write-synthetic PATH`` writes a held-out trace of another curve shape to check generalisation.
+[--seeds 0-9] [--workers 2] [--json PATH]`` (``--trace`` takes files or bundled trace names;
+default: ``a40 p100``). Writes ``bench/results/optimizer.txt`` (the table) and
+``bench/results/optimizer.json`` (one row per job, policy and seed). With ``--seeds``, the tables
+are the first seed's, and the robustness targets are judged over every workload-seed (a workload:
+one GPU's dataset/network, its batch sizes summed): ours at or below zeus's total cost on at
+least 99 % of them, mean regret under 1 %, profiling energy at most half of zeus's.
+``--write-synthetic PATH [--shape physical|flat]`` writes a held-out trace of another curve shape
+(``flat``: memory-bound curves with bumps as large as their slope) to check generalisation.
+
+``--joint`` is the micro-batch lever: one job per workload at a fixed global batch (gradient
+accumulation keeps it), trained in micro-batches the trace measured (``joint_job_shape``), under
+``max`` (the job's own micro-batch at the top limit), ``zeus`` and ``ours`` (the power limit at
+the job's own micro-batch), ``ours_joint`` (``energy.optimizer.JointOptimizer``: micro-batch and
+limit) and ``oracle_joint`` (the best pair on the noise-free curves); one row per (trace,
+workload, policy) in ``bench/results/optimizer_joint.json``, with ``micro_batch``,
+``power_limit_w``, ``energy_per_sample_j``, ``time_per_sample_s`` and ``profiling_energy_j``.
+It runs on any trace file of the same format.
 
 Steps per epoch come from the public training-set sizes (``telemetry.backends.replay``); an
 unknown dataset counts 100,000 samples per epoch. The replay's noise is a function of the seed
@@ -42,6 +56,7 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -50,8 +65,21 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench._zeus import make_zeus, real_zeus_problem, zeus_version  # noqa: E402
-from energy.optimizer import EnergyOptimizer, SearchConfig, SettingSpace, ZeusCost  # noqa: E402
-from telemetry.backends.replay import ReplayBackend, TraceCurve, load_trace  # noqa: E402
+from energy.optimizer import (  # noqa: E402
+    EnergyOptimizer,
+    JointOptimizer,
+    SearchConfig,
+    SettingSpace,
+    ZeusCost,
+)
+from telemetry.backends.replay import (  # noqa: E402
+    ReplayBackend,
+    ReplayNoise,
+    TraceCurve,
+    load_trace,
+    micro_batches_of,
+    steps_per_epoch,
+)
 from telemetry.backends.traces import resolve_trace  # noqa: E402
 from telemetry.clock import VirtualClock  # noqa: E402
 
@@ -82,6 +110,7 @@ class Run:
     steps: int
     note: str = ""
     revisions: int = 0
+    seed: int = 0
 
 
 @dataclass(slots=True)
@@ -244,6 +273,7 @@ def run_curve(
             cost=cost, regret=cost / oracle_cost - 1.0, profiling_energy_j=prof_e,
             profiling_time_s=prof_t, zeus_is_reimplementation=not use_package, limit_mw=limit,
             probes=probes, steps=info_job.total_steps, note=note, revisions=revisions,
+            seed=seed,
         ))
     return runs
 
@@ -390,8 +420,300 @@ def seed_line(seed: int, runs: Sequence[Run]) -> str:
     )
 
 
-def write_synthetic_trace(path: Path, seed: int = 12345) -> None:
-    """A held-out trace in the same format, from a curve shape the real traces do not have.
+def robustness(runs: Sequence[Run]) -> tuple[list[str], bool]:
+    """Acceptance over every seed: ours at or below zeus's total cost on at least 99 % of
+    workload-seeds, mean regret under 1 %, profiling energy at most half of zeus's (over all
+    jobs, and over the jobs where zeus finished profiling)."""
+    by_wl: dict[tuple[int, str, str], dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    for r in runs:
+        by_wl[(r.seed, r.gpu, r.workload)][r.policy] += r.cost
+    misses = sorted(k for k, c in by_wl.items() if c["ours"] > c["zeus"])
+    ours = [r for r in runs if r.policy == "ours"]
+    zeus = {(r.seed, r.trace, r.workload, r.batch_size): r for r in runs if r.policy == "zeus"}
+    fin = [r for r in ours if not zeus[(r.seed, r.trace, r.workload, r.batch_size)].note]
+    prof = sum(r.profiling_energy_j for r in ours) / sum(
+        z.profiling_energy_j for z in zeus.values())
+    prof_f = sum(r.profiling_energy_j for r in fin) / max(1e-9, sum(
+        zeus[(r.seed, r.trace, r.workload, r.batch_size)].profiling_energy_j for r in fin))
+    regret = statistics.fmean(r.regret for r in ours)
+    seeds = sorted({r.seed for r in runs})
+    share = 1.0 - len(misses) / len(by_wl)
+    cost_ok, regret_ok, prof_ok = share >= 0.99, regret < 0.01, prof <= 0.5 and prof_f <= 0.5
+    lines = [
+        f"Robustness over seeds {', '.join(map(str, seeds))} ({len(by_wl)} workload-seeds, "
+        f"{len(ours)} jobs):",
+        f"  [{'PASS' if cost_ok else 'FAIL'}] ours at or below zeus's total cost on "
+        f"{len(by_wl) - len(misses)}/{len(by_wl)} workload-seeds ({100 * share:.1f}%, target "
+        ">= 99%)" + ("; above: " + ", ".join(
+            f"seed {sd} {g} {w} {_pct(by_wl[(sd, g, w)]['ours'] / by_wl[(sd, g, w)]['zeus'] - 1)}"
+            for sd, g, w in misses) if misses else ""),
+        f"  [{'PASS' if regret_ok else 'FAIL'}] mean regret ours {_pct(regret)} (zeus "
+        f"{_pct(statistics.fmean(z.regret for z in zeus.values()))}; target < 1%); max "
+        f"regret ours {_pct(max(r.regret for r in ours))}, zeus "
+        f"{_pct(max(z.regret for z in zeus.values()))}",
+        f"  [{'PASS' if prof_ok else 'FAIL'}] profiling energy ours / zeus {prof:.2f} over all "
+        f"jobs, {prof_f:.2f} over those where zeus finished profiling (target <= 0.5)",
+    ]
+    return lines, cost_ok and regret_ok and prof_ok
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``0-9``, ``0,3,5`` or a mix (``0-2,7``): the seeds, in order, without repeats."""
+    seeds: list[int] = []
+    for part in text.split(","):
+        lo, _, hi = part.strip().partition("-")
+        try:
+            first, last = int(lo), int(hi or lo)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a seed list: {text!r}") from None
+        if first < 0 or last < first:
+            raise argparse.ArgumentTypeError(f"not a seed range: {part!r}")
+        seeds += [s for s in range(first, last + 1) if s not in seeds]
+    return seeds
+
+
+def run_seed(
+    paths: Sequence[Path], eta: float, epochs: int, seed: int, use_package: bool
+) -> list[Run]:
+    """Every policy on every curve of the trace files, with one seed of the replay's noise."""
+    runs: list[Run] = []
+    for path in paths:
+        for curve in load_trace(path):
+            runs += run_curve(path, curve, eta, epochs, seed, use_package)
+    return runs
+
+
+def _run_seed_args(args: tuple[Sequence[Path], float, int, int, bool]) -> list[Run]:
+    return run_seed(*args)
+
+
+# -- the micro-batch lever (--joint) ---------------------------------------------------------------
+
+JOINT_POLICIES = ("max", "zeus", "ours", "ours_joint", "oracle_joint")
+
+#: Zeus's profiling window (warm-up and measurement) must fit in an epoch: a global batch leaves
+#: at least this many steps per epoch.
+MIN_STEPS_PER_EPOCH = 60
+
+
+@dataclass(frozen=True, slots=True)
+class JointRun:
+    """One policy's job in ``--joint``: a workload at a fixed global batch, trained in
+    micro-batches. Energies in J, times in s; per sample over the whole job (profiling
+    included)."""
+
+    trace: str
+    gpu: str
+    workload: str
+    policy: str
+    global_batch: int
+    default_micro_batch: int
+    micro_batch: int
+    power_limit_w: float
+    energy_per_sample_j: float
+    time_per_sample_s: float
+    profiling_energy_j: float
+    cost: float
+    regret: float
+    seed: int
+    note: str = ""
+
+
+def joint_job_shape(
+    curves: Sequence[TraceCurve], workload: str
+) -> tuple[int, int, tuple[int, ...]]:
+    """A workload's job in ``--joint``: its global batch, its own micro-batch, and the
+    micro-batches it allows.
+
+    The global batch is the largest batch size the trace measured whose epoch still holds
+    ``MIN_STEPS_PER_EPOCH`` steps (the trace's largest when none does); the micro-batches are
+    the measured batch sizes that divide it (they ran, so they fit); the job's own is the largest
+    of them at most a quarter of the global batch (four micro-batches accumulated), else the
+    smallest.
+    """
+    named = [c for c in curves if c.workload == workload]
+    optimizer = named[0].optimizer
+    sizes = sorted({c.batch_size for c in named if c.optimizer == optimizer})
+    dataset = named[0].dataset
+    fits = [b for b in sizes if steps_per_epoch(dataset, b) >= MIN_STEPS_PER_EPOCH]
+    global_batch = fits[-1] if fits else sizes[-1]
+    allowed = micro_batches_of(curves, workload, global_batch, optimizer)
+    quarter = [m for m in allowed if 4 * m <= global_batch]
+    return global_batch, quarter[-1] if quarter else allowed[0], allowed
+
+
+def _new_joint_job(
+    path: Path, curve: TraceCurve, global_batch: int, micro_batch: int, epochs: int, seed: int,
+    noise: ReplayNoise | None = None,
+) -> _Job:
+    clock = VirtualClock()
+    backend = ReplayBackend(
+        path, curve.workload, global_batch, optimizer=curve.optimizer, clock=clock, seed=seed,
+        gpu_name=curve.gpu, micro_batch=micro_batch, noise=noise,
+    )
+    spe = backend.steps_per_epoch
+    return _Job(backend, clock, epochs * spe, spe)
+
+
+def oracle_joint(
+    path: Path, curve: TraceCurve, global_batch: int, default: int, eta: float,
+    max_power_w: float,
+) -> tuple[int, int]:
+    """The micro-batch and limit (1 W grid) with the least cost per step on the noise-free
+    curves."""
+    job = _new_joint_job(path, curve, global_batch, default, 1, 0, ReplayNoise.off())
+    b = job.backend
+    info = b.devices()[0]
+    assert info.min_limit_mw is not None and info.max_limit_mw is not None
+    best, best_cost = (default, info.max_limit_mw), math.inf
+    for m in b.micro_batches():
+        b.set_micro_batch(m)
+        for w in range(info.max_limit_mw // 1000, info.min_limit_mw // 1000 - 1, -1):
+            b.set_power_limit(0, w * 1000)
+            c = b.step_time_s() * (eta * b.power_w() + (1.0 - eta) * max_power_w)
+            if c < best_cost - 1e-12:
+                best, best_cost = (m, w * 1000), c
+    return best
+
+
+def _run_joint(
+    job: _Job, eta: float, max_power_w: float, default: int
+) -> tuple[float, int, str]:
+    info = job.backend.devices()[0]
+    assert info.min_limit_mw is not None and info.max_limit_mw is not None
+    opt = JointOptimizer(
+        SettingSpace.power_limits(info.min_limit_mw, info.max_limit_mw),
+        ZeusCost(eta, max_power_w), job.backend.micro_batches(), default,
+    )
+    while job.remaining > 0:
+        job.set_limit(opt.setting)
+        if job.backend.micro_batch != opt.micro_batch:
+            job.backend.set_micro_batch(opt.micro_batch)  # at a step boundary
+        if not opt.done:
+            steps = 1
+        elif opt.settled:
+            steps = job.to_epoch_end()
+        else:
+            steps = min(opt.steps_wanted, job.to_epoch_end())
+        dt, de = job.run(steps)
+        opt.observe(steps, dt, de)
+    res = opt.result
+    note = res.reason if res is not None else "the job ended before the search finished"
+    return opt.profiling_energy_j, opt.setting, note
+
+
+def run_joint_workload(
+    path: Path, curves: Sequence[TraceCurve], workload: str, eta: float, epochs: int, seed: int,
+    use_package: bool,
+) -> list[JointRun]:
+    """Every ``--joint`` policy on one workload of a trace."""
+    curve = next(c for c in curves if c.workload == workload)
+    global_batch, default, _ = joint_job_shape(curves, workload)
+    probe_job = _new_joint_job(path, curve, global_batch, default, epochs, seed)
+    info = probe_job.backend.devices()[0]
+    assert info.max_limit_mw is not None
+    max_power_w = info.max_limit_mw / 1000.0
+    oracle = oracle_joint(path, curve, global_batch, default, eta, max_power_w)
+    out: dict[str, tuple[float, float, float, int, int, str]] = {}
+    for policy in JOINT_POLICIES:
+        job = _new_joint_job(path, curve, global_batch, default, epochs, seed)
+        e0, t0 = job.backend.energy_mj(0), job.clock.now()
+        prof, note, limit = 0.0, "", info.max_limit_mw
+        if policy == "max":
+            _run_fixed(job, limit)
+        elif policy == "oracle_joint":
+            job.backend.set_micro_batch(oracle[0])
+            _run_fixed(job, limit := oracle[1])
+        elif policy == "zeus":  # its limit as chosen: zeus puts the maximum back at the end
+            prof, _, limit, _, note = _run_zeus(job, eta, use_package)
+        elif policy == "ours":
+            prof, _, limit, _, note, _ = _run_ours(job, eta, max_power_w, None)
+        else:
+            prof, limit, note = _run_joint(job, eta, max_power_w, default)
+        energy = (job.backend.energy_mj(0) - e0) / 1000.0
+        out[policy] = (energy, job.clock.now() - t0, prof, job.backend.micro_batch, limit, note)
+    samples = probe_job.total_steps * global_batch
+    oracle_cost = _cost(out["oracle_joint"][0], out["oracle_joint"][1], eta, max_power_w)
+    return [
+        JointRun(
+            trace=path.name, gpu=curve.gpu, workload=workload, policy=policy,
+            global_batch=global_batch, default_micro_batch=default, micro_batch=m,
+            power_limit_w=limit / 1000.0, energy_per_sample_j=energy / samples,
+            time_per_sample_s=elapsed / samples, profiling_energy_j=prof,
+            cost=_cost(energy, elapsed, eta, max_power_w),
+            regret=_cost(energy, elapsed, eta, max_power_w) / oracle_cost - 1.0, seed=seed,
+            note=note,
+        )
+        for policy, (energy, elapsed, prof, m, limit, note) in out.items()
+    ]
+
+
+def summarise_joint(runs: Sequence[JointRun], eta: float, epochs: int,
+                    zeus_label: str) -> tuple[str, bool]:
+    """``--joint``'s table and whether its targets were met: ours_joint saves more energy per
+    sample than ours (median over workloads) and is within 1 % of oracle_joint (mean regret)."""
+    by_wl: dict[tuple[str, str], dict[str, JointRun]] = defaultdict(dict)
+    for r in runs:
+        by_wl[(r.gpu, r.workload)][r.policy] = r
+    lines = [
+        f"Micro-batch and power limit, jointly: eta = {eta}, {epochs} epochs per job, one job per "
+        "workload at a fixed global batch (gradient accumulation keeps it)",
+        f"zeus: {zeus_label}",
+        "",
+        "mb = micro-batch (own: the job's own), W = power limit; saved = energy per sample "
+        "against max; regret against oracle_joint's cost:",
+        f"{'gpu':5} {'workload':32} {'global':>6} {'own':>5} | "
+        + " | ".join(f"{p:>12} {'mb':>5} {'W':>4} {'saved':>7} {'regret':>7}"
+                     for p in JOINT_POLICIES[1:]),
+    ]
+    for (gpu, wl), pol in sorted(by_wl.items()):
+        m = pol["max"]
+        lines.append(
+            f"{gpu:5} {wl:32} {m.global_batch:6d} {m.default_micro_batch:5d} | "
+            + " | ".join(
+                f"{'':>12} {pol[p].micro_batch:5d} {pol[p].power_limit_w:4.0f} "
+                f"{_pct(1 - pol[p].energy_per_sample_j / m.energy_per_sample_j):>7} "
+                f"{_pct(pol[p].regret):>7}" for p in JOINT_POLICIES[1:])
+        )
+
+    def median_saved(policy: str) -> float:
+        return statistics.median(1 - p[policy].energy_per_sample_j / p["max"].energy_per_sample_j
+                                 for p in by_wl.values())
+
+    saved = {p: median_saved(p) for p in JOINT_POLICIES[1:]}
+    regret = {p: statistics.fmean(v[p].regret for v in by_wl.values()) for p in JOINT_POLICIES}
+    slow = {p: statistics.median(v[p].time_per_sample_s / v["max"].time_per_sample_s - 1
+                                 for v in by_wl.values()) for p in JOINT_POLICIES[1:]}
+    saves_more = saved["ours_joint"] > saved["ours"]
+    close = regret["ours_joint"] < 0.01
+    moved = sum(v["ours_joint"].micro_batch != v["ours_joint"].default_micro_batch
+                for v in by_wl.values())
+    prof = {p: sum(v[p].profiling_energy_j for v in by_wl.values()) for p in JOINT_POLICIES}
+    lines += [
+        "",
+        f"Overall ({len(by_wl)} workloads):",
+        "  median energy saved per sample against max: "
+        + ", ".join(f"{p} {_pct(saved[p])}" for p in JOINT_POLICIES[1:]),
+        "  median time per sample against max: "
+        + ", ".join(f"{p} {_pct(slow[p])}" for p in JOINT_POLICIES[1:]),
+        "  mean regret against oracle_joint: "
+        + ", ".join(f"{p} {_pct(regret[p])}" for p in JOINT_POLICIES),
+        f"  ours_joint moved the micro-batch on {moved}/{len(by_wl)} workloads; profiling "
+        f"energy ours_joint / ours {prof['ours_joint'] / max(1e-9, prof['ours']):.2f}, "
+        f"ours_joint / zeus {prof['ours_joint'] / max(1e-9, prof['zeus']):.2f}",
+        "",
+        "Acceptance:",
+        f"  [{'PASS' if saves_more else 'FAIL'}] ours_joint saves more energy per sample than "
+        f"ours (median {_pct(saved['ours_joint'])} against {_pct(saved['ours'])})",
+        f"  [{'PASS' if close else 'FAIL'}] ours_joint within 1% of oracle_joint (mean regret "
+        f"{_pct(regret['ours_joint'])})",
+    ]
+    return "\n".join(lines) + "\n", saves_more and close
+
+
+def write_synthetic_trace(path: Path, seed: int = 12345, shape: str = "physical") -> None:
+    """A held-out trace in the same format, from a curve shape the real traces do not have
+    (``shape="flat"``: ``write_flat_trace``'s flat, rough curves instead).
 
     An imaginary 700 W GPU ("SYN700", limits 200-700 W in 50 W steps, not Zeus's 25 W grid),
     after the simulator's model: ``P(f) = P_static + a P_dyn (f/f_max)^k`` and
@@ -400,6 +722,9 @@ def write_synthetic_trace(path: Path, seed: int = 12345) -> None:
     every time and power (the real traces have such noise). Nothing here is fitted to the
     A40/P100 traces; it checks that the optimiser is not tuned to them.
     """
+    if shape == "flat":
+        write_flat_trace(path, seed)
+        return
     rng = random.Random(seed)
     rows = ["dataset,network,batch_size,optimizer,power_limit,time_per_epoch,average_power"]
     for w in range(8):
@@ -416,6 +741,33 @@ def write_synthetic_trace(path: Path, seed: int = 12345) -> None:
                 t = t_max * (c / f + 1 - c) * rng.gauss(1.0, 0.015)
                 p = max(p_static, power) * rng.gauss(1.0, 0.015)
                 rows.append(f"synth{w},net{w},{batch_size},sgd,{limit},{t:.3f},{p:.3f}")
+    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+
+
+def write_flat_trace(path: Path, seed: int = 12345) -> None:
+    """A held-out trace of flat, rough curves, where a top-down walk is easily fooled.
+
+    An imaginary 300 W GPU ("FLAT", limits 100-300 W in 25 W steps) running memory-bound
+    workloads: the same model as ``write_synthetic_trace`` with a compute share ``c`` of at most
+    0.15, so the step time hardly changes with the limit until the clock floor near the bottom,
+    and 3 % run-to-run noise on every time and power (twice the other synthetic trace's), so the
+    measured curve has bumps as large as its slope.
+    """
+    rng = random.Random(seed)
+    rows = ["dataset,network,batch_size,optimizer,power_limit,time_per_epoch,average_power"]
+    for w in range(8):
+        p_static = rng.uniform(60.0, 110.0)
+        p_dyn = rng.uniform(150.0, 230.0)
+        k = rng.uniform(2.3, 3.2)
+        c = rng.uniform(0.0, 0.15)
+        for batch_size in (32, 128, 512):
+            t_max = rng.uniform(50.0, 1500.0) * (512 / batch_size) ** 0.3
+            for limit in range(100, 301, 25):
+                power = min(float(limit) * rng.uniform(0.9, 0.97), p_static + p_dyn)
+                f = max(0.15, ((power - p_static) / p_dyn) ** (1 / k)) if power > p_static else 0.15
+                t = t_max * (c / f + 1 - c) * rng.gauss(1.0, 0.03)
+                p = max(p_static, power) * rng.gauss(1.0, 0.03)
+                rows.append(f"flat{w},net{w},{batch_size},sgd,{limit},{t:.3f},{p:.3f}")
     path.write_text("\n".join(rows) + "\n", encoding="utf-8")
 
 
@@ -439,6 +791,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the replayed noise")
     parser.add_argument("--more-seeds", type=int, nargs="*", default=[], metavar="SEED",
                         help="also run these seeds and add one acceptance line per seed")
+    parser.add_argument("--seeds", type=parse_seeds, metavar="LIST",
+                        help="run every seed of a list (0-9, 0,3,5): the tables for the first, "
+                             "one line per seed, and the robustness targets over all of them")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="processes that run seeds side by side (default 1)")
     parser.add_argument("--zeus", choices=("auto", "package", "reimplementation"),
                         default="auto", help="the zeus package if it runs (auto), or which")
     parser.add_argument("--json", type=Path, default=RESULTS / "optimizer.json",
@@ -447,11 +804,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="where to write the human-readable table")
     parser.add_argument("--strict", action="store_true",
                         help="exit 1 when an acceptance target is missed")
+    parser.add_argument("--joint", action="store_true",
+                        help="the micro-batch lever: one job per workload at a fixed global "
+                             "batch, policies max, zeus, ours, ours_joint, oracle_joint "
+                             "(writes bench/results/optimizer_joint.json/.txt by default)")
     parser.add_argument("--write-synthetic", type=Path, metavar="PATH",
                         help="write a held-out synthetic trace (another curve shape) and exit")
+    parser.add_argument("--shape", choices=("physical", "flat"), default="physical",
+                        help="the synthetic trace's curves: the simulator's model, or flat and "
+                             "rough (memory-bound, 3%% run-to-run noise)")
     args = parser.parse_args(argv)
     if args.write_synthetic is not None:
-        write_synthetic_trace(args.write_synthetic)
+        write_synthetic_trace(args.write_synthetic, shape=args.shape)
         print(f"wrote {args.write_synthetic}")
         return 0
     if not 0.0 <= args.eta <= 1.0 or args.epochs < 1:
@@ -468,21 +832,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
 
     started = time.perf_counter()
-    runs: list[Run] = []
-    for path in args.trace:
-        for curve in load_trace(path):
-            runs += run_curve(path, curve, args.eta, args.epochs, args.seed, use_package)
+    if args.joint:
+        return _main_joint(args, use_package, zeus_label, started)
+    seeds = args.seeds or [args.seed, *(s for s in args.more_seeds if s != args.seed)]
+    jobs = [(args.trace, args.eta, args.epochs, seed, use_package) for seed in seeds]
+    if args.workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(min(args.workers, len(jobs))) as pool:
+            per_seed = list(pool.map(_run_seed_args, jobs))
+    else:
+        per_seed = [_run_seed_args(job) for job in jobs]
+    runs = per_seed[0]
     table, ok = summarise(runs, args.eta, args.epochs, zeus_label)
-    if args.more_seeds:
-        lines = ["", "Per seed (the tables above are seed "
-                 f"{args.seed}; the replay's noise differs by seed):", seed_line(args.seed, runs)]
-        for seed in args.more_seeds:
-            seed_runs: list[Run] = []
-            for path in args.trace:
-                for curve in load_trace(path):
-                    seed_runs += run_curve(path, curve, args.eta, args.epochs, seed, use_package)
-            lines.append(seed_line(seed, seed_runs))
+    if len(seeds) > 1:
+        lines = ["", f"Per seed (the tables above are seed {seeds[0]}; the replay's noise "
+                 "differs by seed):"]
+        lines += [seed_line(seed, seed_runs) for seed, seed_runs in zip(seeds, per_seed,
+                                                                          strict=True)]
+        robust, robust_ok = robustness([r for seed_runs in per_seed for r in seed_runs])
+        lines += ["", *robust]
         table += "\n".join(lines) + "\n"
+        ok = ok and robust_ok
+        runs = [r for seed_runs in per_seed for r in seed_runs]
     table += f"\n(simulated in {time.perf_counter() - started:.0f} s of wall time)\n"
     print(table, end="")
     for out in (args.table, args.json):
@@ -491,6 +861,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.json.write_text(
         json.dumps([asdict(r) for r in runs], indent=1) + "\n", encoding="utf-8"
     )
+    return 0 if ok or not args.strict else 1
+
+
+def _main_joint(
+    args: argparse.Namespace, use_package: bool, zeus_label: str, started: float
+) -> int:
+    json_path = args.json if args.json != RESULTS / "optimizer.json" else (
+        RESULTS / "optimizer_joint.json")
+    table_path = args.table if args.table != RESULTS / "optimizer.txt" else (
+        RESULTS / "optimizer_joint.txt")
+    runs: list[JointRun] = []
+    for seed in args.seeds or [args.seed]:
+        for path in args.trace:
+            curves = load_trace(path)
+            for workload in sorted({c.workload for c in curves}):
+                runs += run_joint_workload(path, curves, workload, args.eta, args.epochs, seed,
+                                           use_package)
+    first = [r for r in runs if r.seed == runs[0].seed]
+    table, ok = summarise_joint(first, args.eta, args.epochs, zeus_label)
+    table += f"\n(simulated in {time.perf_counter() - started:.0f} s of wall time)\n"
+    print(table, end="")
+    for out in (table_path, json_path):
+        out.parent.mkdir(parents=True, exist_ok=True)
+    table_path.write_text(table, encoding="utf-8")
+    json_path.write_text(json.dumps([asdict(r) for r in runs], indent=1) + "\n",
+                         encoding="utf-8")
     return 0 if ok or not args.strict else 1
 
 

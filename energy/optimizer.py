@@ -17,10 +17,18 @@ Done), but it probes less and more carefully:
 * It walks the candidate settings from the top down, as Zeus does, and stops once the curve has
   turned: a probe whose cap binds (its power fell below the unconstrained power) and scores worse
   than the best by more than noise and ``rise_tol``, or whose secant with the probe above it
-  extrapolates past that margin, ends the walk. Energy-time curves are convex below their
-  optimum, so the secant is a lower bound of what lies further down, and the slow, costly probes
-  at the bottom are never taken. Where the cap does not bind, a probe costs what running the job
-  costs, so the walk goes on.
+  extrapolates past that margin, turns it. Energy-time curves are convex below their optimum
+  where they are smooth, so the secant is a lower bound of what lies further down, and the slow,
+  costly settings at the bottom get one short probe at most. Where the cap does not bind, a
+  probe costs what running the job costs, so the walk goes on.
+* A turn is not trusted on a curve whose shape is uncertain: flat against its noise (a step
+  time that hardly moves with the setting) or rough (a measured curve with bumps as large as its
+  slope), where one probe can look turned and the curve still falls to the bottom. A turn
+  stands only when the probe below it is clearly worse too, no probe so far lies clearly above
+  the chord of its neighbours (``rough_tol``), and the gap below, checked at its middle and at
+  the bottom, is clearly worse as well; otherwise the walk sweeps every candidate left, with
+  probes that end as soon as they are clearly worse. A rise steeper than any bump
+  (``steep_tol``) stands at once.
 * A probe's first window ends as soon as it is clearly worse than the best so far (``z``
   standard errors, from the step-to-step spread pooled over the search); measuring it longer
   would only cost energy. Once the walk stops, the search races: the best against the
@@ -28,7 +36,9 @@ Done), but it probes less and more carefully:
   average, were the challenger in fact better), measuring whichever of the two is less
   precise. It stops when that expected loss is negligible or a step budget proportional to the
   number of candidates is spent: near-ties get steps only while the choice can still matter,
-  and a clear winner ends the search early.
+  and a clear winner ends the search early. Once the job runs at its choice, an unsettled race
+  goes on past that budget as the job runs (``race_share``, ``race_extension``): on a flat curve
+  every setting is a near-tie, and a long job pays for a wrong choice longest.
 * ``MostThroughput`` under a wattage budget bisects the candidates for the highest setting whose
   measured power fits (throughput rises and power rises with the setting), starting at the
   budget itself for power limits.
@@ -409,7 +419,12 @@ class SearchConfig:
             below ``loss_tol`` (relative to the best score) or the budget is spent: steps go to
             near-ties only while the choice can still matter.
         z: Standard errors that make two scores "clearly different".
-        rise_tol: Relative margin above the best score that ends the walk down (with ``z``).
+        rise_tol: Relative margin above the best score that turns the walk down (with ``z``).
+        rough_tol: A probe more than this (relative to the best score) and ``z`` standard
+            errors above the chord of its two neighbours on the grid makes the curve rough: no
+            turn is trusted, and the walk sweeps every candidate.
+        steep_tol: A turning probe more than this above the best (relative) is a rise no bump
+            makes: the turn stands at once, without the probes that confirm a milder one.
         bind_drop / bind_share: A cap binds when the power drawn fell by ``bind_drop`` (relative,
             against the top probe) and, for a power limit, reaches ``bind_share`` of the limit.
         monitor_s / monitor_min_steps: Length of the windows that watch throughput once done.
@@ -419,6 +434,9 @@ class SearchConfig:
             monitoring windows add to the held setting's probe, and once it is measured over
             ``revise_ratio`` times as many steps as another probe that scores better, the job
             moves there (after a warm-up). 0 revisions keeps the first choice.
+        race_extension / race_share: Once done, a race still unsettled when the budget is spent
+            may spend ``race_share`` of the steps measured at the held setting more, up to
+            ``race_extension`` times the budget (0 keeps to the budget).
     """
 
     wait_steps: int = 1
@@ -431,6 +449,8 @@ class SearchConfig:
     loss_tol: float = 0.0005
     z: float = 3.0
     rise_tol: float = 0.05
+    rough_tol: float = 0.02
+    steep_tol: float = 0.25
     bind_share: float = 0.8
     bind_drop: float = 0.05
     monitor_s: float = 60.0
@@ -439,6 +459,8 @@ class SearchConfig:
     shift_windows: int = 2
     revisions: int = 5
     revise_ratio: float = 4.0
+    race_extension: float = 0.5
+    race_share: float = 0.01
 
     def __post_init__(self) -> None:
         if self.wait_steps < 0 or self.warmup_steps < 0 or self.warmup_s < 0:
@@ -453,6 +475,11 @@ class SearchConfig:
             raise ValueError("monitor windows, shift windows and shift tolerance must be positive")
         if self.revisions < 0 or self.revise_ratio < 1:
             raise ValueError("need revisions >= 0 and revise_ratio >= 1")
+        if min(self.rough_tol, self.steep_tol, self.race_extension) < 0 or not (
+            0 <= self.race_share <= 1
+        ):
+            raise ValueError("need rough_tol, steep_tol, race_extension >= 0 and 0 <= race_share "
+                             "<= 1")
 
 
 @dataclass(slots=True)
@@ -703,6 +730,16 @@ class EnergyOptimizer:
         self._budget_steps = self.config.budget_steps_per_candidate * len(self._candidates)
         self._stop_reason = ""
         self._bisect_first = True
+        #: The walk's latest setting (the bottom check is not on the walk).
+        self._walked = self._candidates[0]
+        #: Settings below a turn still to probe before it stands (``_gap_checks``).
+        self._checks: list[int] = []
+        #: The bottom did not confirm a turn: walk every candidate left, and why.
+        self._sweep = False
+        self._sweep_reason = ""
+        #: A turn seen at the walk's latest probe (which the probe below must confirm), or
+        #: the confirmed turn while the gap below is checked.
+        self._turn = ""
         if self.config.wait_steps == 0:
             self._start_search()
 
@@ -875,6 +912,11 @@ class EnergyOptimizer:
         self._spent = 0
         self._stop_reason = ""
         self._bisect_first = True
+        self._walked = self._candidates[0]
+        self._checks = []
+        self._sweep = False
+        self._sweep_reason = ""
+        self._turn = ""
         self.setting = self._candidates[0]
         self.state = Warmup(self.setting)
 
@@ -1015,15 +1057,23 @@ class EnergyOptimizer:
             return best_probe, ""
         return challenger, ""
 
-    def _race_window_for(self, pick: Probe, warmups: int) -> int | None:
+    def _race_window_for(self, pick: Probe, warmups: int, held: int | None = None) -> int | None:
         """Steps to measure ``pick`` for, within what is left of the budget once ``warmups``
         warm-ups are paid (None: too few).
 
         A window is at least as long as the warm-up it costs (fast steps need many to fill
-        ``warmup_s``), so that switching settings does not eat the budget.
+        ``warmup_s``), so that switching settings does not eat the budget. Once the search is
+        done (``held``: the setting the job holds), an unsettled race may go on past the budget
+        as the job runs: ``race_share`` of the steps measured at the held setting, up to
+        ``race_extension`` times the budget more (near-ties are where the choice is uncertain,
+        and a long job pays for a wrong one longest).
         """
         cfg = self.config
-        left = self._budget_steps - self._spent - warmups * cfg.warmup_steps
+        budget = self._budget_steps
+        if held is not None and held in self._windows:
+            budget += min(round(cfg.race_extension * self._budget_steps),
+                          math.floor(cfg.race_share * self._windows[held][0].steps))
+        left = budget - self._spent - warmups * cfg.warmup_steps
         if left < cfg.min_measure_steps:
             return None
         warmup = max(cfg.warmup_steps, math.ceil(cfg.warmup_s / max(pick.step_time_s, 1e-9)))
@@ -1072,56 +1122,159 @@ class EnergyOptimizer:
         return probe.power_w <= top.power_w * (1.0 - max(cfg.bind_drop, noise))
 
     def _next_descend(self) -> tuple[int | None, str]:
+        """The walk's next setting, or None and why it stops.
+
+        The walk stops early only on a turn that the curve's shape makes certain. Energy-time
+        curves are convex where they are smooth, so a probe that binds and scores clearly worse
+        than the best (or whose secant predicts the next one will) means that nothing below is
+        better. But a curve that is flat against its noise (a step time that hardly moves with
+        the setting) or rough (measured run to run, with bumps of a few percent) can look turned
+        at one probe and still fall further down. So a turn stands only when
+
+        * the probe below it is clearly worse than the best too (one bump is not a turn);
+        * no probe so far lies clearly above the chord of its neighbours (a rough curve);
+        * the gap below is clearly worse as well, checked at its middle and at the bottom of
+          the range (``_gap_checks``).
+
+        When one of these fails, the walk goes on down every candidate left without stopping
+        early (a sweep, as Zeus's, but with probes that end as soon as they are clearly worse).
+        """
         cfg = self.config
         last = self._probes[-1]
-        idx = self._candidates.index(last.setting)
-        if idx + 1 >= len(self._candidates):
-            return None, "every candidate down to the minimum was probed"
-        nxt = self._candidates[idx + 1]
-        if self.objective.nothing_below(last, self._top(), cfg.z):
-            return None, f"no setting below {last.setting} can meet the constraints"
+        if self._checks and last.setting == self._checks[0]:
+            self._checks.pop(0)
+            best = self._best()
+            score = self._score(last)
+            if best is not None and score is not None and score <= self._margin(best, last):
+                self._checks = []
+                self._sweep = True
+                self._sweep_reason = (
+                    f"{self._turn}, but {last.setting} below scores "
+                    f"{score / best[1] - 1:+.1%} against the best: the curve is too flat or "
+                    "rough to stop early")
+            elif self._checks:
+                return self._checks[0], ""
+            else:
+                return None, f"{self._turn}; the settings checked below are clearly worse"
+        below = [c for c in self._candidates[self._candidates.index(self._walked) + 1:]
+                 if c not in self._windows]
+        if not below:
+            reason = "every candidate down to the minimum was probed"
+            return None, f"{self._sweep_reason}; {reason}" if self._sweep else reason
+        nxt = below[0]
+        walked = next(p for p in self._probes if p.setting == self._walked)
+        if self.objective.nothing_below(walked, self._top(), cfg.z):
+            return None, f"no setting below {walked.setting} can meet the constraints"
+        if not self._sweep:
+            pending, self._turn = self._turn, ""
+            turn = self._turned(walked, nxt)
+            if turn and self._steep(walked):
+                return None, f"{turn}: too steep a rise for a bump"
+            if turn and pending and turn.startswith("past"):
+                self._turn = f"{pending}, and {turn}"
+                rough = self._rough()
+                if rough:
+                    self._sweep = True
+                    self._sweep_reason = f"{self._turn}, but {rough}: the turn may be noise"
+                else:
+                    self._checks = self._gap_checks(below)
+                    if not self._checks:
+                        return None, self._turn
+                    return self._checks[0], ""
+            elif turn:
+                # One probe is not a turn: a rough curve may rise at one setting and fall
+                # again below it. The probe below must be clearly worse too.
+                self._turn = turn
+        self._walked = nxt
+        return nxt, ""
+
+    @staticmethod
+    def _gap_checks(gap: Sequence[int]) -> list[int]:
+        """The settings that check a gap of unprobed candidates below a turn (highest first):
+        its middle, when at least two lie between it and the bottom, then the bottom."""
+        if not gap:
+            return []
+        checks = [gap[len(gap) // 2]] if len(gap) >= 3 else []
+        return [*checks, gap[-1]]
+
+    def _steep(self, probe: Probe) -> bool:
+        """Whether ``probe`` scores more than ``steep_tol`` above the best: a rise no bump of a
+        rough curve makes, so the turn stands without the probes that would confirm it."""
+        best = self._best()
+        score = self._score(probe)
+        return best is not None and score is not None and score > best[1] * (
+            1.0 + self.config.steep_tol)
+
+    def _rough(self) -> str:
+        """Why the measured curve is too rough to trust a turn (a probe clearly above the chord
+        of its neighbours on the grid: energy-time curves are convex where they are smooth);
+        empty when it is not."""
+        cfg = self.config
         best = self._best()
         if best is None:
-            return nxt, ""
+            return ""
+        probes = sorted((p for p in self._probes if self._score(p) is not None),
+                        key=lambda p: p.setting)
+        for a, b, c in zip(probes, probes[1:], probes[2:], strict=False):
+            ia, ib, ic = (self._candidates.index(p.setting) for p in (a, b, c))
+            if ia != ib + 1 or ib != ic + 1:
+                continue  # not neighbours on the grid
+            sa, sb, sc = (self._score(p) or 0.0 for p in (a, b, c))
+            w = (b.setting - a.setting) / (c.setting - a.setting)
+            chord = sa + w * (sc - sa)
+            sd = math.sqrt((sb * self._rse(b)) ** 2 + ((1 - w) * sa * self._rse(a)) ** 2
+                           + (w * sc * self._rse(c)) ** 2)
+            bump = sb - chord
+            if bump > max(cfg.rough_tol * best[1], cfg.z * sd):
+                return (f"{b.setting} lies {bump / best[1]:+.1%} above the chord of its "
+                        "neighbours")
+        return ""
+
+    def _margin(self, best: tuple[Probe, float], probe: Probe) -> float:
+        """The score above which ``probe`` is clearly worse than the best: by ``rise_tol`` and
+        by ``z`` standard errors of the two."""
+        cfg = self.config
         best_probe, best_score = best
-        best_rse = self._rse(best_probe)
+        score = self._score(probe) or best_score
+        rse = math.hypot(score * self._rse(probe) / best_score, self._rse(best_probe))
+        return best_score * (1.0 + max(cfg.rise_tol, cfg.z * rse))
 
-        def margin(sd: float) -> float:
-            """The score that is clearly worse than the best, for one of standard error sd."""
-            rse = math.hypot(sd / best_score, best_rse)
-            return best_score * (1.0 + max(cfg.rise_tol, cfg.z * rse))
+    def _turned(self, last: Probe, nxt: int) -> str:
+        """Why the curve has turned at ``last``, the walk's latest probe, with ``nxt`` the
+        setting below it; empty when it has not.
 
+        It has turned when ``last`` binds and scores clearly worse than the best, or when the
+        secant through it and the walk's probe above it, both binding, extrapolates to ``nxt``
+        clearly worse than the best (on a convex curve the secant bounds what lies below).
+        """
+        best = self._best()
+        if best is None:
+            return ""
+        best_score = best[1]
         last_score = self._score(last)
-        if (
-            last_score is not None
-            and self._binds(last)
-            and last_score > margin(last_score * self._rse(last))
-        ):
-            return None, (
-                f"past the optimum: {last.setting} binds and scores "
-                f"{last_score / best_score - 1:+.1%} against the best"
-            )
-        if len(self._probes) >= 2:
-            prev = self._probes[-2]
-            prev_score = self._score(prev)
-            if (
-                last_score is not None
-                and prev_score is not None
-                and self._binds(prev)
-                and self._binds(last)
-                and prev.setting > last.setting
-            ):
-                # predicted = last + r (last - prev): its error grows with the lever arm r.
-                r = (last.setting - nxt) / (prev.setting - last.setting)
-                predicted = last_score + r * (last_score - prev_score)
-                sd = math.hypot((1.0 + r) * last_score * self._rse(last),
-                                r * prev_score * self._rse(prev))
-                if predicted > margin(sd):
-                    return None, (
-                        f"the curve has turned: {nxt} extrapolates to "
-                        f"{predicted / best_score - 1:+.1%} against the best"
-                    )
-        return nxt, ""
+        if last_score is None or not self._binds(last):
+            return ""
+        if last_score > self._margin(best, last):
+            return (f"past the optimum: {last.setting} binds and scores "
+                    f"{last_score / best_score - 1:+.1%} against the best")
+        above = [p for p in self._probes if p.setting > last.setting]
+        if not above:
+            return ""
+        prev = min(above, key=lambda p: p.setting)
+        prev_score = self._score(prev)
+        if prev_score is None or not self._binds(prev):
+            return ""
+        # predicted = last + r (last - prev): its error grows with the lever arm r.
+        r = (last.setting - nxt) / (prev.setting - last.setting)
+        predicted = last_score + r * (last_score - prev_score)
+        sd = math.hypot((1.0 + r) * last_score * self._rse(last),
+                        r * prev_score * self._rse(prev))
+        cfg = self.config
+        rse = math.hypot(sd / best_score, self._rse(best[0]))
+        if predicted > best_score * (1.0 + max(cfg.rise_tol, cfg.z * rse)):
+            return (f"the curve has turned: {nxt} extrapolates to "
+                    f"{predicted / best_score - 1:+.1%} against the best")
+        return ""
 
     def _next_bisect(self) -> tuple[int | None, str]:
         """Highest feasible candidate, by bisection over candidate indices."""
@@ -1300,9 +1453,379 @@ class EnergyOptimizer:
         pick, _ = self._race()
         if pick is None or best is None or pick is best[0] or best[0].setting != st.setting:
             return
-        window = self._race_window_for(pick, 2)  # there, and back to the held setting
+        window = self._race_window_for(pick, 2, st.setting)  # there, and back
         if window is None:
             return
         self._race_window = window
         self.setting = pick.setting
         self.state = Verifying(pick.setting, st)
+
+
+# -- the micro-batch lever ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class JointResult:
+    """A joint search of micro-batch and setting: what it chose and what finding it cost.
+
+    Attributes:
+        micro_batch: The chosen micro-batch (samples per micro-batch; the global batch stays).
+        default_micro_batch: The job's own micro-batch.
+        setting: The chosen setting (mW or MHz).
+        feasible: Whether the choice meets the objective's constraints.
+        micro_batch_probes: What each micro-batch measured: at the top setting first, then the
+            chosen micro-batch's neighbours at the chosen setting (``Probe.setting`` holds the
+            micro-batch).
+        search: The setting search at the chosen micro-batch (the latest one).
+        profiling_steps / profiling_time_s / profiling_energy_j: What every probe cost,
+            micro-batch probes and setting searches together.
+        reason: Why the micro-batch was chosen, in words.
+    """
+
+    micro_batch: int
+    default_micro_batch: int
+    setting: int
+    feasible: bool
+    micro_batch_probes: tuple[Probe, ...]
+    search: SearchResult | None
+    profiling_steps: int
+    profiling_time_s: float
+    profiling_energy_j: float
+    reason: str
+
+
+class JointOptimizer:
+    """Searches a job's micro-batch jointly with its power limit or locked clock.
+
+    At a fixed global batch (gradient accumulation keeps it), a larger micro-batch amortises
+    the fixed costs of each micro-batch (kernel launches, the optimizer's reads of the weights,
+    synchronisation) until the GPU's occupancy or memory saturates: energy and time per sample
+    fall, then flatten or rise. The setting's curve depends on the micro-batch too, but the two
+    levers act mostly apart, so the search takes them in turn, in the same windows as
+    ``EnergyOptimizer``:
+
+    1. At the top setting, from the job's own micro-batch, it walks up the allowed micro-batches
+       while each one scores better than the best so far (an out-of-memory report ends the walk
+       up: ``out_of_memory``), then, when going up did not pay, down the same way.
+    2. At the best micro-batch, ``EnergyOptimizer`` searches the setting.
+    3. At that setting, it measures the chosen micro-batch's neighbours; one that scores clearly
+       better than the (longer measured) choice replaces it, and a short search of the
+       settings around the chosen one follows at it.
+
+    Then it holds the choice, and the setting search goes on as ``EnergyOptimizer``'s does
+    (revisions, a new search after a throughput shift). A micro-batch change takes effect at a
+    step boundary: the driver applies ``micro_batch`` before the next step it runs, and the first
+    steps after a change are a discarded warm-up, as after a setting change. Scores are per
+    optimizer step, which at a fixed global batch is per sample.
+
+    Drive it as ``EnergyOptimizer``, and apply ``micro_batch`` too::
+
+        opt = JointOptimizer(space, LeastEnergy(), micro_batches=(8, 16, 32), default=16)
+        while job.running:
+            gpu.set_power_limit(0, opt.setting); job.micro_batch = opt.micro_batch
+            steps = opt.steps_wanted
+            opt.observe(steps, *job.run(steps))
+
+    Args:
+        space: The settings to search.
+        objective: What to minimise (any ``Objective``); the slowdown objective's reference is
+            the job's own micro-batch at the top setting.
+        micro_batches: The micro-batches the job allows (divisors of its global batch that fit
+            its memory).
+        default: The job's own micro-batch, one of them.
+        config: Measurement and stopping parameters (the setting search's too).
+    """
+
+    def __init__(
+        self,
+        space: SettingSpace,
+        objective: Objective,
+        micro_batches: Sequence[int],
+        default: int,
+        config: SearchConfig | None = None,
+    ) -> None:
+        allowed = sorted(set(micro_batches))
+        if not allowed or allowed[0] < 1:
+            raise ValueError(f"need positive micro-batches, got {list(micro_batches)}")
+        if default not in allowed:
+            raise ValueError(f"the default micro-batch {default} is not one of {allowed}")
+        self.space = space
+        self.objective = objective
+        self.config = config if config is not None else SearchConfig()
+        self.default_micro_batch = default
+        self.micro_batch = default
+        self.setting = space.candidates()[0]
+        self._allowed = allowed
+        self._phase: Literal["wait", "micro", "setting", "check", "held"] = "wait"
+        self._wait_left = self.config.wait_steps
+        self._warmup = _Window()
+        self._window = _Window()
+        #: Micro-batch probes at the top setting, in the order taken; then the checks.
+        self._probes: list[Probe] = []
+        self._checks: list[Probe] = []
+        self._going_up = True
+        self._to_check: list[int] = []
+        self._checked = False
+        self._chosen = default
+        self._inner: EnergyOptimizer | None = None
+        self._searches: list[EnergyOptimizer] = []
+        self._own = _Window()  # what the micro-batch probes and checks cost
+        self._reason = ""
+        if self._wait_left <= 0:
+            self._phase = "micro"
+
+    # -- what the driver reads -----------------------------------------------------------------
+
+    @property
+    def done(self) -> bool:
+        """Whether the micro-batch and the setting are chosen and held."""
+        return self._phase == "held" and self._inner is not None and self._inner.done
+
+    @property
+    def settled(self) -> bool:
+        """Whether the choice can no longer be revised (see ``EnergyOptimizer.settled``)."""
+        return self.done and self._inner is not None and self._inner.settled
+
+    @property
+    def steps_wanted(self) -> int:
+        """Steps to run before the next ``observe``."""
+        if self._phase == "wait":
+            return max(1, self._wait_left)
+        if self._phase in ("micro", "check"):
+            if not self._warmed_up():
+                return self._warmup_left()
+            return 1
+        assert self._inner is not None
+        return self._inner.steps_wanted
+
+    @property
+    def allowed(self) -> tuple[int, ...]:
+        """The micro-batches still allowed (an out-of-memory report removes the larger ones)."""
+        return tuple(self._allowed)
+
+    @property
+    def profiling_steps(self) -> int:
+        """Steps spent in warm-ups and probes, micro-batches and settings."""
+        return self._own.steps + sum(s.profiling_steps for s in self._searches)
+
+    @property
+    def profiling_time_s(self) -> float:
+        """Seconds spent in warm-ups and probes."""
+        return self._own.time_s + sum(s.profiling_time_s for s in self._searches)
+
+    @property
+    def profiling_energy_j(self) -> float:
+        """Joules spent in warm-ups and probes."""
+        return self._own.energy_j + sum(s.profiling_energy_j for s in self._searches)
+
+    @property
+    def result(self) -> JointResult | None:
+        """The choice so far: None before the setting search has a result."""
+        search = self._inner.result if self._inner is not None else None
+        if search is None:
+            return None
+        return JointResult(
+            micro_batch=self.micro_batch, default_micro_batch=self.default_micro_batch,
+            setting=search.setting, feasible=search.feasible,
+            micro_batch_probes=(*self._probes, *self._checks), search=search,
+            profiling_steps=self.profiling_steps, profiling_time_s=self.profiling_time_s,
+            profiling_energy_j=self.profiling_energy_j, reason=self._reason,
+        )
+
+    # -- what the driver calls -------------------------------------------------------------------
+
+    def observe(self, steps: int, time_s: float, energy_j: float) -> int:
+        """Report ``steps`` steps run at ``setting`` and ``micro_batch`` (see
+        ``EnergyOptimizer.observe``). Returns the setting to use from now on."""
+        if steps < 1 or time_s <= 0 or energy_j < 0:
+            raise ValueError(
+                f"need steps >= 1, time_s > 0, energy_j >= 0; got {steps}, {time_s}, {energy_j}"
+            )
+        if self._phase == "wait":
+            self._wait_left -= steps
+            if self._wait_left <= 0:
+                self._phase = "micro"
+        elif self._phase in ("micro", "check"):
+            self._own.add(steps, time_s, energy_j)
+            if not self._warmed_up():
+                self._warmup.add(steps, time_s, energy_j)
+            else:
+                self._window.add(steps, time_s, energy_j)
+                if self._window_decided():
+                    self._record()
+        else:
+            assert self._inner is not None
+            self._inner.observe(steps, time_s, energy_j)
+            self.setting = self._inner.setting
+            if self._phase == "setting" and self._inner.done:
+                self._start_checks()
+        return self.setting
+
+    def out_of_memory(self) -> None:
+        """The job ran out of memory at ``micro_batch``: it and every larger one are dropped,
+        and the search goes on at a smaller one.
+
+        Raises:
+            ValueError: Not even the smallest allowed micro-batch fits.
+        """
+        fits = [m for m in self._allowed if m < self.micro_batch]
+        if not fits:
+            raise ValueError(f"micro-batch {self.micro_batch} is the smallest allowed, and it "
+                             "does not fit")
+        self._allowed = fits
+        self._reason += f"{'; ' if self._reason else ''}{self.micro_batch} ran out of memory"
+        self._warmup, self._window = _Window(), _Window()
+        if self._phase == "micro":
+            self._next_micro()  # going up, there is no larger one now
+        elif self._phase == "check":
+            self._next_check()
+        else:  # the chosen micro-batch itself: fall back to the best that fits, search again
+            self._phase = "micro"
+            self._going_up = False
+            self._probes = [p for p in self._probes if p.setting < self.micro_batch]
+            self._next_micro()
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _warmed_up(self) -> bool:
+        cfg = self.config
+        return self._warmup.steps >= cfg.warmup_steps and self._warmup.time_s >= cfg.warmup_s
+
+    def _warmup_left(self) -> int:
+        cfg, w = self.config, self._warmup
+        need = cfg.warmup_steps - w.steps
+        if w.steps and w.time_s < cfg.warmup_s:
+            need = max(need, math.ceil((cfg.warmup_s - w.time_s) * w.steps / w.time_s))
+        return max(1, need)
+
+    def _reference(self) -> Probe | None:
+        """The slowdown objective's reference: the job's own micro-batch at the top setting."""
+        return next((p for p in self._probes if p.setting == self.default_micro_batch),
+                    self._probes[0] if self._probes else None)
+
+    def _score(self, probe: Probe) -> float | None:
+        ref = self._reference()
+        return self.objective.score(probe, ref if ref is not None else probe)
+
+    def _best(self, probes: Sequence[Probe]) -> tuple[Probe, float] | None:
+        scored = [(p, s) for p in probes if (s := self._score(p)) is not None]
+        return min(scored, key=lambda ps: ps[1]) if scored else None
+
+    def _window_decided(self) -> bool:
+        """A micro-batch probe ends at ``screen_steps``, or from ``min_measure_steps`` on as soon
+        as it is clearly worse than the best so far."""
+        cfg, w = self.config, self._window
+        if w.steps >= cfg.screen_steps:
+            return True
+        if w.steps < cfg.min_measure_steps:
+            return False
+        probe = w.probe(self.micro_batch, self._warmup)
+        held = self._held_probe() if self._phase == "check" else None
+        best = self._best(self._probes if held is None else [held])
+        score = self._score(probe)
+        if best is None or score is None:
+            return score is None and best is not None
+        rse = math.hypot(_finite(self.objective.score_rse(probe)),
+                         _finite(self.objective.score_rse(best[0])))
+        return score > best[1] * (1.0 + cfg.z * rse)
+
+    def _record(self) -> None:
+        probe = self._window.probe(self.micro_batch, self._warmup)
+        self._warmup, self._window = _Window(), _Window()
+        if self._phase == "micro":
+            self._probes.append(probe)
+            self._next_micro()
+        else:
+            self._checks.append(probe)
+            self._judge_check(probe)
+
+    def _next_micro(self) -> None:
+        """After a micro-batch probe at the top setting: the next micro-batch, or the setting
+        search at the best one."""
+        measured = {p.setting for p in self._probes}
+        best = self._best(self._probes)
+        last = self._probes[-1] if self._probes else None
+        improving = last is not None and best is not None and best[0] is last
+        if self._going_up:
+            up = [m for m in self._allowed if m > (last.setting if last else self.micro_batch)
+                  and m not in measured]
+            if up and (improving or last is None):
+                self.micro_batch = up[0]
+                return
+            self._going_up = False
+            # Going up paid: the walk down from the job's own micro-batch would not.
+            if best is not None and best[0].setting > self.default_micro_batch:
+                return self._start_setting_search(best[0].setting, "larger micro-batches")
+            last = None  # the walk down starts at the job's own micro-batch
+        below = [m for m in self._allowed if m < (last.setting if last else
+                                                   self.default_micro_batch)
+                 and m not in measured]
+        if below and (last is None or improving):
+            self.micro_batch = below[-1]
+            return
+        if best is None:
+            return self._start_setting_search(self.default_micro_batch, "nothing met the "
+                                              "constraints at the top setting")
+        self._start_setting_search(best[0].setting, "smaller micro-batches"
+                                   if best[0].setting < self.default_micro_batch else "")
+
+    def _start_setting_search(self, micro_batch: int, why: str) -> None:
+        if micro_batch == self.default_micro_batch:
+            said = f"the job's own micro-batch, {micro_batch}, scores best at the top setting"
+        else:
+            said = (f"micro-batch {micro_batch} scores best at the top setting ({why} "
+                    "amortise more)")
+        self._reason += f"{'; ' if self._reason else ''}{said}"
+        self.micro_batch = micro_batch
+        self._new_search(self.space)
+
+    def _new_search(self, space: SettingSpace) -> None:
+        self._inner = EnergyOptimizer(space, self.objective, replace(self.config, wait_steps=0))
+        self._searches.append(self._inner)
+        self.setting = self._inner.setting
+        self._phase = "setting"
+
+    def _start_checks(self) -> None:
+        """The setting search is done: measure the chosen micro-batch's neighbours there."""
+        if self._checked:
+            self._phase = "held"
+            return
+        self._checked = True
+        i = self._allowed.index(self.micro_batch)
+        self._to_check = [m for m in (self._allowed[i + 1] if i + 1 < len(self._allowed) else 0,
+                                      self._allowed[i - 1] if i > 0 else 0) if m]
+        self._chosen = self.micro_batch
+        self._phase = "check"
+        self._next_check()
+
+    def _held_probe(self) -> Probe | None:
+        res = self._inner.result if self._inner is not None else None
+        if res is None:
+            return None
+        return next((p for p in res.probes if p.setting == res.setting), None)
+
+    def _next_check(self) -> None:
+        if self._to_check:
+            self.micro_batch = self._to_check.pop(0)
+        else:
+            self.micro_batch = self._chosen
+            self._phase = "held"
+
+    def _judge_check(self, probe: Probe) -> None:
+        """A neighbour measured at the chosen setting: keep it when it scores clearly better
+        than the choice, and search the settings around the chosen one at it."""
+        held = self._held_probe()
+        score, held_score = self._score(probe), (self._score(held) if held else None)
+        if score is not None and held is not None and held_score is not None:
+            rse = math.hypot(_finite(self.objective.score_rse(probe)),
+                             _finite(self.objective.score_rse(held)))
+            if score < held_score * (1.0 - self.config.z * rse):
+                self._reason += (f"; at the chosen setting, micro-batch {probe.setting} scores "
+                                 f"{score / held_score - 1:+.1%} against {self._chosen}")
+                self._to_check = []
+                step, value = self.space.step, self.setting
+                self._new_search(SettingSpace(
+                    self.space.knob, max(self.space.min_value, value - step),
+                    min(self.space.max_value, value + step), step))
+                return
+        self._next_check()

@@ -12,6 +12,16 @@ power actually drawn and never goes back.
 What the traces do not carry is emulated and documented as such: SM clocks (a locked clock acts
 as the power limit at the same position of its range, see ``ReplayBackend``), temperature,
 utilisation and memory.
+
+**Micro-batches.** A trace measures every batch size of a workload on the same dataset at every
+power limit, so time per epoch and energy per epoch are comparable across batch sizes. A job with
+a global batch ``G`` trained in micro-batches of ``m`` (``G / m`` micro-batches per optimizer step,
+gradients accumulated) is played from the curve measured at batch size ``m``: an optimizer step
+takes ``G / m`` of that curve's iterations, at its power. The approximation: the trace's
+iterations each include an optimizer update, which gradient accumulation does once per ``G``
+samples, so the replay charges the update ``G / m`` times instead of once; it overstates the time
+and energy of small micro-batches by the update's share of an iteration (the traces do not
+separate it), and never favours them.
 """
 
 from __future__ import annotations
@@ -51,6 +61,7 @@ __all__ = [
     "default_curve",
     "gpu_name_from_path",
     "load_trace",
+    "micro_batches_of",
     "steps_per_epoch",
 ]
 
@@ -230,6 +241,28 @@ def _pick_curve(
     )
 
 
+def micro_batches_of(
+    curves: Sequence[TraceCurve], workload: str, global_batch: int, optimizer: str | None = None
+) -> tuple[int, ...]:
+    """The micro-batches a job of ``global_batch`` can train ``workload`` in on a trace: the
+    batch sizes measured for it (they ran, so they fit the GPU's memory) that divide the global
+    batch, ascending.
+
+    Args:
+        curves: A trace's curves (``load_trace``).
+        workload: ``dataset/network``, ``dataset`` or ``network``.
+        global_batch: Samples per optimizer step.
+        optimizer: The trace's optimizer column, when a workload has several.
+    """
+    if global_batch < 1:
+        raise ValueError(f"the global batch must be positive, got {global_batch}")
+    return tuple(sorted({
+        c.batch_size for c in curves
+        if workload in (c.workload, c.dataset, c.network) and optimizer in (None, c.optimizer)
+        and global_batch % c.batch_size == 0
+    }))
+
+
 def default_curve(
     trace: str | os.PathLike[str], workload: str | None = None, batch_size: int | None = None
 ) -> tuple[str, int]:
@@ -385,7 +418,12 @@ class ReplayBackend:
         trace: A bundled trace name (``a40``, any case) or a trace file (see ``load_trace`` and
             ``telemetry.backends.traces.resolve_trace``).
         workload: ``dataset/network`` (or a ``dataset`` or ``network`` name that is unique).
-        batch_size: Batch size of the curve to play.
+        batch_size: Batch size of the curve to play; with ``micro_batch``, the job's global
+            batch (samples per optimizer step), which the trace need not have measured.
+        micro_batch: Samples per micro-batch (gradient accumulation over ``batch_size /
+            micro_batch`` of them; see the module's doc), a measured batch size that divides
+            ``batch_size``; default ``batch_size`` (no accumulation). ``set_micro_batch``
+            changes it.
         gpus: Number of GPUs.
         clock: Time source (default: the wall clock). With a ``VirtualClock``, ``run_steps``
             moves it.
@@ -416,6 +454,7 @@ class ReplayBackend:
         samples_per_epoch: int | None = None,
         noise: ReplayNoise | None = None,
         gpu_name: str | None = None,
+        micro_batch: int | None = None,
     ) -> None:
         if gpus < 1:
             raise ValueError(f"a replay backend needs at least one GPU, got {gpus}")
@@ -425,16 +464,23 @@ class ReplayBackend:
         self._clock: Clock = clock if clock is not None else WallClock()
         self._noise = noise if noise is not None else ReplayNoise()
         self._lock = threading.RLock()
-        self.curve = _pick_curve(self._curves, workload, batch_size, optimizer)
-        # One noise stream per (seed, curve): jobs of different workloads are different runs,
-        # and do not share one draw of noise.
+        #: Samples per optimizer step, and per micro-batch (the curve played).
+        self.global_batch = batch_size
+        self.micro_batch = batch_size if micro_batch is None else micro_batch
+        if self.micro_batch < 1 or batch_size % self.micro_batch:
+            raise ValueError(f"micro-batch {self.micro_batch} does not divide the global batch "
+                             f"{batch_size}")
+        self.curve = _pick_curve(self._curves, workload, self.micro_batch, optimizer)
+        # One noise stream per (seed, job): jobs of different workloads are different runs,
+        # and do not share one draw of noise; a job keeps its stream across micro-batches.
         c = self.curve
         self._seed = int.from_bytes(hashlib.sha256(
-            f"{seed}|{self._path.name}|{c.gpu}|{c.workload}|{c.batch_size}|{c.optimizer}".encode()
+            f"{seed}|{self._path.name}|{c.gpu}|{c.workload}|{batch_size}|{c.optimizer}".encode()
         ).digest()[:8], "big")
         self.steps_per_epoch = steps_per_epoch(
-            self.curve.dataset, self.curve.batch_size, samples_per_epoch
+            self.curve.dataset, batch_size, samples_per_epoch
         )
+        self._epochs_per_step = self._step_share()
         min_w = min(c.limits_w[0] for c in self._curves)
         max_w = max(c.limits_w[-1] for c in self._curves)
         gpu = self.curve.gpu
@@ -569,13 +615,43 @@ class ReplayBackend:
     # -- driving a replayed job --------------------------------------------------------------------
 
     def epoch_time_s(self, index: int = 0) -> float:
-        """Seconds per epoch at the current setting, without noise (the trace's value)."""
+        """Seconds per epoch at the current setting and micro-batch, without noise (the trace's
+        value)."""
         with self._lock:
             return self._operating_point(self._device(index))[0]
 
     def step_time_s(self, index: int = 0) -> float:
-        """Seconds per training step at the current setting, without noise."""
-        return self.epoch_time_s(index) / self.steps_per_epoch
+        """Seconds per training (optimizer) step at the current setting, without noise."""
+        with self._lock:
+            return self.epoch_time_s(index) * self._epochs_per_step
+
+    def micro_batches(self) -> tuple[int, ...]:
+        """The micro-batches this job can use (``micro_batches_of``), ascending."""
+        c = self.curve
+        return micro_batches_of(self._curves, c.workload, self.global_batch, c.optimizer)
+
+    def set_micro_batch(self, micro_batch: int) -> None:
+        """Train in micro-batches of ``micro_batch`` from the next step on (the global batch
+        stays; the operating point moves to that batch size's curve).
+
+        Raises:
+            InvalidSettingError: Not one of ``micro_batches()`` (the message lists them).
+        """
+        allowed = self.micro_batches()
+        if micro_batch not in allowed:
+            raise InvalidSettingError(
+                f"micro-batch {micro_batch} is not one of {', '.join(map(str, allowed))} "
+                f"(measured batch sizes that divide the global batch {self.global_batch})"
+            )
+        with self._lock:
+            c = self.curve
+            curve = _pick_curve(self._curves, c.workload, micro_batch, c.optimizer)
+            for dev in self._devices:
+                self._integrate(dev)
+            self.curve, self.micro_batch = curve, micro_batch
+            self._epochs_per_step = self._step_share()
+            for dev in self._devices:
+                dev.drawn_w = self._operating_point(dev)[1] * dev.fluctuation
 
     def power_w(self, index: int = 0) -> float:
         """Average power (W) at the current setting, without noise (the trace's value)."""
@@ -608,8 +684,8 @@ class ReplayBackend:
             duration_s = 0.0
             for dev in self._devices:
                 self._integrate(dev)
-                step_s, power_w = self._operating_point(dev)
-                step_s /= self.steps_per_epoch
+                epoch_s, power_w = self._operating_point(dev)
+                step_s = epoch_s * self._epochs_per_step
                 # The mean of n steps' noises, each of spread cv: spread cv / sqrt(n).
                 t0, p0 = dev.noise.at(dev.steps_run)
                 t1, p1 = dev.noise.at(dev.steps_run + steps)
@@ -644,13 +720,24 @@ class ReplayBackend:
             for dev in self._devices:
                 self._integrate(dev)
             self.curve = curve
+            self.global_batch = self.micro_batch = batch_size
             self.steps_per_epoch = steps_per_epoch(
                 curve.dataset, curve.batch_size, self._samples_per_epoch
             )
+            self._epochs_per_step = self._step_share()
             for dev in self._devices:
                 dev.drawn_w = self._operating_point(dev)[1] * dev.fluctuation
 
     # -- internals -----------------------------------------------------------------------------
+
+    def _step_share(self) -> float:
+        """Epochs of the played curve per optimizer step: ``G / m`` iterations of a batch of
+        ``m``, each ``1 / steps_per_epoch(m)`` of an epoch (``1 / steps_per_epoch`` without
+        accumulation, as before micro-batches)."""
+        if self.micro_batch == self.global_batch:
+            return 1.0 / self.steps_per_epoch
+        iterations = steps_per_epoch(self.curve.dataset, self.micro_batch, self._samples_per_epoch)
+        return (self.global_batch // self.micro_batch) / iterations
 
     def _device(self, index: int) -> _Device:
         if not 0 <= index < len(self._devices):
