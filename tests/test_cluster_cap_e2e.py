@@ -4,6 +4,7 @@ killed another leads within 10 s while the cap holds throughout."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 import sys
@@ -13,6 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from telemetry.store import open_store
@@ -109,6 +111,10 @@ def test_one_cap_over_two_nodes_survives_its_leader(
     finally:
         for d in alive:
             d.terminate()
+        for proc in psutil.process_iter(["cmdline"]):  # jobs outlive their daemons
+            if str(gate) in (proc.info["cmdline"] or []):
+                with contextlib.suppress(psutil.Error):
+                    proc.kill()
     logs = "".join(d.log() for d in daemons.values())
     assert "cluster cap: this node leads" in logs
 
