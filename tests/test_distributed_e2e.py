@@ -120,6 +120,7 @@ def node(tmp_path: Path, sock_dir: Path) -> Iterator[tuple[DaemonProcess, Path]]
         assert daemon.terminate() == 0, daemon.log()
 
 
+@pytest.mark.distributed
 def test_an_attached_torchrun_run_of_four_ranks_is_one_job(
     node: tuple[DaemonProcess, Path], tmp_path: Path
 ) -> None:
@@ -136,6 +137,7 @@ def test_an_attached_torchrun_run_of_four_ranks_is_one_job(
     assert view["gpus"] == [0, 1, 2, 3]
 
 
+@pytest.mark.distributed
 def test_a_submitted_torchrun_run_of_four_ranks_is_one_job(
     node: tuple[DaemonProcess, Path], tmp_path: Path
 ) -> None:

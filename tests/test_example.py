@@ -156,6 +156,7 @@ def test_ddp_refuses_a_batch_the_world_size_does_not_divide() -> None:
     assert "done: " not in result.stdout
 
 
+@pytest.mark.distributed
 def test_ddp_stop_checkpoints_once_then_every_rank_resumes(folder: Path) -> None:
     sock, ckpt = folder / "d.sock", folder / "gpt.pt"
     with FakeDaemon(sock) as daemon:

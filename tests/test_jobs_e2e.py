@@ -47,16 +47,16 @@ def test_two_example_jobs_train_and_are_accounted(tmp_path: Path, sock_dir: Path
     try:
         python = sys.executable
         first = submit(socket, "--name", "gpt-a", "--watts", "400", "--", python, str(EXAMPLE),
-                       *TINY, "--steps", "60")
+                       *TINY, "--steps", "40")
         second = submit(socket, "--name", "gpt-b", "--gpus", "2", "--watts", "300", "--", python,
-                        str(EXAMPLE), *TINY, "--steps", "60", "--seed", "1")
+                        str(EXAMPLE), *TINY, "--steps", "40", "--seed", "1")
         wait_until(daemon, lambda: all(j["state"] == "completed" for j in jobs(socket).values()),
                    timeout_s=240)
         listed = jobs(socket)
         for job_id in (first, second):
             view = listed[job_id]
             assert view["exit_code"] == 0
-            assert view["tokens"] == 60 * 8 * 64
+            assert view["tokens"] == 40 * 8 * 64
             assert view["tokens_per_s"] and view["tokens_per_s"] > 0
             assert view["energy_j"] and view["energy_j"] > 0
             assert view["j_per_token"] == pytest.approx(view["energy_j"] / view["tokens"])

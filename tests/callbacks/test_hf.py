@@ -34,6 +34,7 @@ def checkpoints(out: Path) -> list[int]:
                   for p in out.glob("checkpoint-*/trainer_state.json"))
 
 
+@pytest.mark.distributed
 def test_a_two_rank_ddp_run_under_torchrun_is_one_job_with_what_every_rank_trained(
     node: Node, tmp_path: Path
 ) -> None:

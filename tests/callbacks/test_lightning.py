@@ -36,6 +36,7 @@ def checkpoints(folder: Path) -> list[int]:
                   for p in folder.glob("powertrain-step=*.ckpt"))
 
 
+@pytest.mark.distributed
 def test_a_two_rank_ddp_run_started_by_lightning_is_one_job_with_what_every_rank_trained(
     node: Node, tmp_path: Path
 ) -> None:
