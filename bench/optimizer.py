@@ -153,6 +153,16 @@ def _new_job(path: Path, curve: TraceCurve, epochs: int, seed: int) -> _Job:
     return _Job(backend, clock, epochs * spe, spe)
 
 
+def _steps_to_run(opt: EnergyOptimizer | JointOptimizer, job: _Job) -> int:
+    """Like Zeus's callbacks: every step while searching; once done, the optimiser's monitoring
+    windows (cut at epoch ends), whole epochs when it can no longer revise."""
+    if not opt.done:
+        return 1
+    if opt.settled:
+        return job.to_epoch_end()
+    return min(opt.steps_wanted, job.to_epoch_end())
+
+
 def oracle_limit_mw(curve: TraceCurve, eta: float, max_power_w: float) -> int:
     """The limit (1 W grid) with the least cost per epoch on the noise-free trace curve."""
     lo, hi = round(curve.limits_w[0]), round(curve.limits_w[-1])
@@ -183,14 +193,7 @@ def _run_ours(
     )
     while job.remaining > 0:
         job.set_limit(opt.setting)
-        # Like Zeus's callbacks: every step while searching; once done, the optimiser's
-        # monitoring windows (cut at epoch ends), whole epochs when it can no longer revise.
-        if not opt.done:
-            steps = 1
-        elif opt.settled:
-            steps = job.to_epoch_end()
-        else:
-            steps = min(opt.steps_wanted, job.to_epoch_end())
+        steps = _steps_to_run(opt, job)
         dt, de = job.run(steps)
         opt.observe(steps, dt, de)
     res = opt.result
@@ -589,12 +592,7 @@ def _run_joint(
         job.set_limit(opt.setting)
         if job.backend.micro_batch != opt.micro_batch:
             job.backend.set_micro_batch(opt.micro_batch)  # at a step boundary
-        if not opt.done:
-            steps = 1
-        elif opt.settled:
-            steps = job.to_epoch_end()
-        else:
-            steps = min(opt.steps_wanted, job.to_epoch_end())
+        steps = _steps_to_run(opt, job)
         dt, de = job.run(steps)
         opt.observe(steps, dt, de)
     res = opt.result
