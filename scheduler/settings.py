@@ -140,7 +140,7 @@ class Settings(BaseSettings):
             get_sku(value)  # its ValueError names the known SKUs
         return value
 
-    @field_validator("listen")
+    @field_validator("listen", "metrics_address")
     @classmethod
     def _address(cls, value: str | None) -> str | None:
         if value is not None:
@@ -186,13 +186,6 @@ class Settings(BaseSettings):
             parse_budgets(value)  # its ValueError names what is wrong
             return value.strip()
         return None
-
-    @field_validator("metrics_address")
-    @classmethod
-    def _metrics_address(cls, value: str | None) -> str | None:
-        if value is not None:
-            host_port(value)
-        return value
 
     @property
     def db_url(self) -> str:
