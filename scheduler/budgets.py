@@ -74,6 +74,10 @@ class Progress:
 
     reports: deque[tuple[float, int, int]] = field(default_factory=lambda: deque(maxlen=256))
     step_time_s: float | None = None
+    #: The micro-batches the loop allows and its own one, as its client declares them
+    #: (``Observation.micro_batches`` / ``default_micro_batch``).
+    micro_batches: tuple[int, ...] = ()
+    default_micro_batch: int | None = None
 
     def add(self, now_s: float, steps: int, tokens: int, step_time_s: float | None) -> None:
         self.reports.append((now_s, steps, tokens))
@@ -419,7 +423,8 @@ class BudgetLoop:
         return Observation(
             now_s=now_s, gpus=tuple(gpus), budget_w=job.watts_per_gpu, steps_per_s=steps_per_s,
             tokens_per_s=tokens_per_s, step_time_s=step_s, pace_s=pace_s,
-            micro_batch=control.micro_batch,
+            micro_batch=control.micro_batch, micro_batches=progress.micro_batches,
+            default_micro_batch=progress.default_micro_batch,
         )
 
     def _actuators_locked(self, index: int) -> int | None:

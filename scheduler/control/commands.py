@@ -147,6 +147,11 @@ class Observation:
             first step.
         pace_s: The pace the client obeys now, s.
         micro_batch: The micro-batch directive in force (None: the loop's own).
+        micro_batches: The micro-batches the job's loop allows (divisors of its global batch
+            that fit its memory), ascending, as its client declared them; empty when it declared
+            none (its micro-batch is not a lever then).
+        default_micro_batch: The loop's own micro-batch (what ``micro_batch=None`` means); None
+            when undeclared.
     """
 
     now_s: float
@@ -157,6 +162,8 @@ class Observation:
     step_time_s: float | None = None
     pace_s: float = 0.0
     micro_batch: int | None = None
+    micro_batches: tuple[int, ...] = ()
+    default_micro_batch: int | None = None
 
     def mean_power_w(self) -> float | None:
         """Mean 1 s average power of the job's readable GPUs, W (None: none readable)."""
