@@ -10,9 +10,23 @@ model), the median absolute error and the worst case, and overall medians at the
 The GPU name comes from the file name and maps to a SKU profile (``telemetry/backends/profiles``)
 when one is known; otherwise the fit is generic (power-limit range from the file, nominal clocks).
 
+**Micro-batch term.** Every (dataset, network) family runs the same epoch at several batch sizes,
+so time and energy per epoch are comparable across them. Per family, ``fit_micro_batch`` fits the
+micro-batch term (overhead batch ``m_h``, activity exponent ``beta``; ``energy.gpu_model``) to the
+per-batch-size fits' time and power at ``f_max`` (which use every power limit). The report gives
+the term's own error there, and the end-to-end error at every measured limit of the family's
+reference workload (the fit at its middle batch size ``m0``, the lower median of the measured ones)
+run at micro-batches ``m / m0`` times its own. Approximation: each trace iteration includes one
+optimizer update, which gradient accumulation does once per global batch, so the fitted overhead
+includes the update and overstates the cost of small micro-batches. The generic ``training``
+workload takes the median over families of the overhead share at ``m0``, ``m_h / (m0 + m_h)``,
+and the median ``beta``; each fitted workload ``<SKU>/<dataset>/<network>/bs<m>`` takes its family's
+``beta`` and ``m_h / (m + m_h)``.
+
     python bench/calibrate_sim.py                  # every bundled trace (a40, p100)
     python bench/calibrate_sim.py --trace x.csv --json out.json  # or --trace a40
     python bench/calibrate_sim.py --write-profiles # update profiles/skus.json, workloads.json
+    python bench/calibrate_sim.py --write-micro-batch  # only the micro-batch terms, workloads.json
 """
 
 from __future__ import annotations
@@ -35,8 +49,13 @@ if str(REPO) not in sys.path:
 from energy.gpu_model import (  # noqa: E402
     GpuModel,
     MeasuredPoint,
+    MicroBatchFit,
+    MicroBatchPoint,
     WorkloadModel,
+    at_micro_batch,
     fit_gpu,
+    fit_micro_batch,
+    power_at_clock_w,
     relative_errors,
 )
 from telemetry.backends.profiles import (  # noqa: E402
@@ -83,6 +102,56 @@ class GroupResult:
             "gpu": self.gpu,
             "workload": self.name,
             "batch_size": self.batch_size,
+            "time_err_median": round(statistics.median(t), 5),
+            "power_err_median": round(statistics.median(p), 5),
+            "time_err_max": round(max(t), 5),
+            "power_err_max": round(max(p), 5),
+        }
+
+
+@dataclass(frozen=True)
+class FamilyResult:
+    """Micro-batch fit of one (GPU, dataset, network) over its batch sizes."""
+
+    gpu: str
+    sku: str
+    dataset: str
+    network: str
+    fit: MicroBatchFit
+    reference_batch: int
+    batch_sizes: list[int]
+    #: The term against the per-batch-size fits at f_max (time, power), per batch size.
+    term_errs: list[tuple[float, float]]
+    #: End to end: the reference workload scaled to each batch size against every measured point.
+    time_errs: list[float]
+    power_errs: list[float]
+
+    @property
+    def name(self) -> str:
+        return f"{self.dataset}/{self.network}"
+
+    @property
+    def overhead_share(self) -> float:
+        """``o`` at the reference batch size."""
+        return self.fit.overhead_share(self.reference_batch)
+
+    def summary(self) -> dict[str, Any]:
+        tt = [abs(e[0]) for e in self.term_errs]
+        tp = [abs(e[1]) for e in self.term_errs]
+        t = [abs(e) for e in self.time_errs]
+        p = [abs(e) for e in self.power_errs]
+        return {
+            "gpu": self.gpu,
+            "workload": self.name,
+            "batch_sizes": self.batch_sizes,
+            "reference_batch": self.reference_batch,
+            "overhead_batch": round(self.fit.overhead_batch, 4),
+            "micro_batch_overhead": round(self.overhead_share, 5),
+            "micro_batch_activity_exp": round(self.fit.activity_exp, 5),
+            "term_time_err_median": round(statistics.median(tt), 5),
+            "term_power_err_median": round(statistics.median(tp), 5),
+            "term_time_err_max": round(max(tt), 5),
+            "term_power_err_max": round(max(tp), 5),
             "time_err_median": round(statistics.median(t), 5),
             "power_err_median": round(statistics.median(p), 5),
             "time_err_max": round(max(t), 5),
@@ -193,6 +262,86 @@ def calibrate_file(path: Path) -> tuple[SkuProfile, GpuModel, list[GroupResult]]
     return sku, g, results
 
 
+def calibrate_micro_batch(
+    path: Path, g: GpuModel, results: list[GroupResult]
+) -> list[FamilyResult]:
+    """Fit the micro-batch term per (dataset, network) of one file (see the module's doc)."""
+    groups = load_groups(path)
+    families: dict[tuple[str, str], list[GroupResult]] = defaultdict(list)
+    for r in results:
+        families[(r.dataset, r.network)].append(r)
+    out: list[FamilyResult] = []
+    for (dataset, network), members in sorted(families.items()):
+        members = sorted(members, key=lambda r: r.batch_size)
+        if len(members) < 2:
+            continue
+        points = [
+            MicroBatchPoint(
+                batch_size=float(r.batch_size),
+                time_s=r.workload.step_time_s,
+                power_w=power_at_clock_w(g, r.workload.activity, g.sm_clock_max_mhz),
+            )
+            for r in members
+        ]
+        fit = fit_micro_batch(points, g)
+        term_errs = []
+        for pt in points:
+            t, w = fit.predict(g, pt.batch_size)
+            term_errs.append((t / pt.time_s - 1.0, w / pt.power_w - 1.0))
+        ref = members[(len(members) - 1) // 2]
+        m0 = ref.batch_size
+        ref_wl = replace(
+            ref.workload,
+            micro_batch_overhead=fit.overhead_share(m0),
+            micro_batch_activity_exp=fit.activity_exp,
+        )
+        time_errs: list[float] = []
+        power_errs: list[float] = []
+        for r in members:
+            scaled = at_micro_batch(ref_wl, r.batch_size / m0)
+            for et, ep in relative_errors(g, scaled, groups[(dataset, network, r.batch_size)]):
+                time_errs.append(et)
+                power_errs.append(ep)
+        out.append(
+            FamilyResult(
+                gpu=ref.gpu,
+                sku=ref.sku,
+                dataset=dataset,
+                network=network,
+                fit=fit,
+                reference_batch=m0,
+                batch_sizes=[r.batch_size for r in members],
+                term_errs=term_errs,
+                time_errs=time_errs,
+                power_errs=power_errs,
+            )
+        )
+    return out
+
+
+def print_families(families: list[FamilyResult]) -> None:
+    for f in families:
+        s = f.summary()
+        print(
+            f"micro-batch {f.name}: m_h {f.fit.overhead_batch:.4g} samples, beta "
+            f"{f.fit.activity_exp:.3f}, o {f.overhead_share:.3f} at bs{f.reference_batch} | term "
+            f"vs fits at f_max median |err| time {s['term_time_err_median']:.1%} power "
+            f"{s['term_power_err_median']:.1%} | end to end (bs{f.reference_batch} scaled, every "
+            f"limit) median time {s['time_err_median']:.1%} power {s['power_err_median']:.1%}, "
+            f"worst time {s['time_err_max']:.1%} power {s['power_err_max']:.1%}"
+        )
+        print("   batch   " + " ".join(f"{b:>6d}" for b in f.batch_sizes))
+        print("   time    " + " ".join(f"{e[0]:>+6.1%}" for e in f.term_errs))
+        print("   power   " + " ".join(f"{e[1]:>+6.1%}" for e in f.term_errs))
+
+
+def training_micro_batch(families: list[FamilyResult]) -> tuple[float, float]:
+    """The generic workload's (overhead share, activity exponent): medians over the families."""
+    o = statistics.median(f.overhead_share for f in families)
+    beta = statistics.median(f.fit.activity_exp for f in families)
+    return round(o, 4), round(beta, 4)
+
+
 def print_results(results: list[GroupResult]) -> None:
     for r in results:
         s = r.summary()
@@ -240,7 +389,47 @@ def _fitted_workload(sku: SkuProfile, path: Path, r: GroupResult) -> Workload:
     )
 
 
-def write_profiles(fitted: list[tuple[Path, SkuProfile, GpuModel, list[GroupResult]]]) -> None:
+def _set_micro_batch(workloads_raw: dict[str, Any], families: list[FamilyResult]) -> None:
+    """Write the micro-batch terms into ``workloads.json`` entries (training and fitted ones)."""
+
+    def put(entry: dict[str, Any], o: float, beta: float) -> dict[str, Any]:
+        # Keep the file's key order: the two terms follow ``ripple``.
+        entry = {k: v for k, v in entry.items() if not k.startswith("micro_batch_")}
+        out: dict[str, Any] = {}
+        for k, v in entry.items():
+            out[k] = v
+            if k == "ripple":
+                out["micro_batch_overhead"] = o
+                out["micro_batch_activity_exp"] = beta
+        out.setdefault("micro_batch_overhead", o)
+        out.setdefault("micro_batch_activity_exp", beta)
+        return out
+
+    for f in families:
+        for bs in f.batch_sizes:
+            key = f"{f.sku}/{f.name}/bs{bs}"
+            if key in workloads_raw:
+                workloads_raw[key] = put(
+                    workloads_raw[key],
+                    round(f.fit.overhead_share(bs), 5),
+                    round(f.fit.activity_exp, 5),
+                )
+    if "training" in workloads_raw and families:
+        workloads_raw["training"] = put(workloads_raw["training"], *training_micro_batch(families))
+
+
+def write_micro_batch(families: list[FamilyResult]) -> None:
+    """Update only the micro-batch terms in workloads.json (the other fitted values stay)."""
+    workloads_raw: dict[str, Any] = json.loads(WORKLOADS_PATH.read_text(encoding="utf-8"))
+    _set_micro_batch(workloads_raw, families)
+    WORKLOADS_PATH.write_text(json.dumps(workloads_raw, indent=2) + "\n", encoding="utf-8")
+    print(f"\nwrote the micro-batch terms into {WORKLOADS_PATH.relative_to(REPO)}")
+
+
+def write_profiles(
+    fitted: list[tuple[Path, SkuProfile, GpuModel, list[GroupResult]]],
+    families: list[FamilyResult],
+) -> None:
     """Update skus.json (fitted static power and k) and workloads.json (fitted workloads)."""
     skus_raw: dict[str, Any] = json.loads(SKUS_PATH.read_text(encoding="utf-8"))
     workloads_raw: dict[str, Any] = json.loads(WORKLOADS_PATH.read_text(encoding="utf-8"))
@@ -258,6 +447,7 @@ def write_profiles(fitted: list[tuple[Path, SkuProfile, GpuModel, list[GroupResu
         for r in results:
             wl = _fitted_workload(sku, path, r)
             workloads_raw[wl.name] = workload_to_json(wl)
+    _set_micro_batch(workloads_raw, families)
     ordered = {"training": workloads_raw.pop("training")} if "training" in workloads_raw else {}
     ordered.update(sorted(workloads_raw.items()))
     SKUS_PATH.write_text(json.dumps(skus_raw, indent=2) + "\n", encoding="utf-8")
@@ -289,6 +479,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="update telemetry/backends/profiles/{skus,workloads}.json with the fit",
     )
+    parser.add_argument(
+        "--write-micro-batch",
+        action="store_true",
+        help="update only the micro-batch terms in telemetry/backends/profiles/workloads.json",
+    )
     args = parser.parse_args(argv)
     traces: list[Path] = args.trace or list(bundled_trace_paths().values())
     if not traces:
@@ -296,12 +491,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     fitted = []
     all_results: list[GroupResult] = []
+    all_families: list[FamilyResult] = []
     for path in traces:
         sku, g, results = calibrate_file(path)
         print_results(results)
         overall(results, f"{path.name} ({sku.name})")
+        families = calibrate_micro_batch(path, g, results)
+        print_families(families)
         fitted.append((path, sku, g, results))
         all_results += results
+        all_families += families
     print()
     med_t, med_p = overall(all_results, "OVERALL")
     met = med_t <= TARGET_MEDIAN_ERROR and med_p <= TARGET_MEDIAN_ERROR
@@ -309,14 +508,37 @@ def main(argv: list[str] | None = None) -> int:
         f"target (median |err| <= {TARGET_MEDIAN_ERROR:.0%} for time and power): "
         f"{'met' if met else 'NOT met'}"
     )
+    micro: dict[str, Any] = {}
+    if all_families:
+        o, beta = training_micro_batch(all_families)
+        fam = [f.summary() for f in all_families]
+        medians = (
+            "term_time_err_median",
+            "term_power_err_median",
+            "time_err_median",
+            "power_err_median",
+        )
+        micro = {
+            "training": {"micro_batch_overhead": o, "micro_batch_activity_exp": beta},
+            **{key: round(statistics.median(f[key] for f in fam), 5) for key in medians},
+            "families": fam,
+        }
+        print(
+            f"micro-batch term over {len(fam)} families: median of per-family medians, term vs "
+            f"fits at f_max time {micro['term_time_err_median']:.1%} power "
+            f"{micro['term_power_err_median']:.1%}; end to end time "
+            f"{micro['time_err_median']:.1%} power {micro['power_err_median']:.1%}; "
+            f"'training' takes o = {o:g} (median at the middle batch sizes), beta = {beta:g}"
+        )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(
-            json.dumps([r.summary() for r in all_results], indent=2) + "\n", encoding="utf-8"
-        )
+        doc = {"workloads": [r.summary() for r in all_results], "micro_batch": micro}
+        args.json.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
         print(f"wrote {args.json}")
     if args.write_profiles:
-        write_profiles(fitted)
+        write_profiles(fitted, all_families)
+    elif args.write_micro_batch:
+        write_micro_batch(all_families)
     return 0
 
 

@@ -11,8 +11,30 @@ show. When not even ``f_min`` fits, the GPU stays at ``f_min`` and draws ``P(f_m
 do the same: the limit cannot be met). A step's time is
 ``t(f) = t_max * (c * f_max / f + (1 - c))``.
 
+**Micro-batches.** At a fixed global batch, a job that trains in micro-batches ``s`` times its own
+(``s < 1``: more gradient accumulation) does the same work per optimizer step in ``1/s`` times as
+many micro-batches. Each micro-batch pays a fixed overhead (kernel launches, host work, the
+optimizer update the traces include in every iteration) on top of per-sample work, so with ``o`` the
+overhead's share of the time at the job's own micro-batch::
+
+    T(s) = o / s + (1 - o)            (time per global step, relative; T(1) = 1)
+    A(s) = T(s) ** (-beta)            (activity, relative; A(1) = 1)
+
+The dynamic power follows the throughput (samples per second, ``1/T``) to the power ``beta``:
+``beta = 1`` is a fixed dynamic energy per sample with no dynamic power while the overhead runs,
+``beta = 0`` a power that does not depend on the micro-batch. Activity rises with the micro-batch
+and saturates at ``(1 - o) ** -beta``. In absolute terms the per-sample time is
+``tau_inf * (1 + m_h / m)`` for micro-batch ``m``, ``m_h`` being the micro-batch at which overhead
+and work take equal time, so ``o = m_h / (m + m_h)``; ``at_micro_batch`` re-expresses ``o`` at the
+new micro-batch, so scaling by ``s1`` then ``s2`` is scaling by ``s1 * s2``. The compute share ``c``
+is held (the overhead slows with the clock as the work does). ``o = 0`` makes the term vanish.
+
 ``fit_workload`` and ``fit_gpu`` fit these parameters to measured (power limit, time, average power)
-points. They import scipy inside the function: the daemon uses this module without scipy.
+points; ``fit_micro_batch`` fits ``m_h`` and ``beta`` to one workload's time and power at ``f_max``
+for several micro-batches (in the traces, from ``fit_gpu``'s per-batch-size fits: every batch size
+of a dataset runs the same epoch, and each iteration there includes one optimizer update, so a
+fitted overhead includes the update and overstates the cost of accumulation). They import scipy
+inside the function: the daemon uses this module without scipy.
 """
 
 from __future__ import annotations
@@ -26,13 +48,19 @@ __all__ = [
     "FitResult",
     "GpuModel",
     "MeasuredPoint",
+    "MicroBatchFit",
+    "MicroBatchPoint",
     "OperatingPoint",
     "WorkloadModel",
+    "at_micro_batch",
     "clock_under_limit_mhz",
     "energy_per_step_j",
     "fit_gpu",
+    "fit_micro_batch",
     "fit_workload",
     "least_energy_clock_mhz",
+    "micro_batch_activity_factor",
+    "micro_batch_time_factor",
     "operating_point",
     "power_at_clock_w",
     "predict",
@@ -77,12 +105,18 @@ class WorkloadModel:
             at ``f_max``, s.
         ripple: ``r``: the power peak is ``(1 + r)`` times the average; a power limit holds the
             peak, not the average.
+        micro_batch_overhead: ``o``: share of the step time that is per-micro-batch overhead at
+            the workload's own micro-batch, 0..1 (0: no micro-batch term).
+        micro_batch_activity_exp: ``beta``: activity follows throughput to this power across
+            micro-batches (``A(s) = T(s) ** -beta``).
     """
 
     activity: float
     compute_share: float
     step_time_s: float
     ripple: float
+    micro_batch_overhead: float = 0.0
+    micro_batch_activity_exp: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,6 +294,55 @@ def relative_errors(
     return out
 
 
+def _check_scale(scale: float) -> None:
+    if not (math.isfinite(scale) and scale > 0.0):
+        raise ValueError(f"micro-batch scale must be a finite positive number, got {scale}")
+
+
+def micro_batch_time_factor(workload: WorkloadModel, scale: float) -> float:
+    """``T(s) = o / s + (1 - o)``: time per global step at micro-batches ``scale`` times the
+    workload's own, relative to its own (1 at ``scale = 1``).
+
+    Raises:
+        ValueError: ``scale`` is not a finite positive number.
+    """
+    _check_scale(scale)
+    o = workload.micro_batch_overhead
+    return o / scale + (1.0 - o)
+
+
+def micro_batch_activity_factor(workload: WorkloadModel, scale: float) -> float:
+    """``A(s) = T(s) ** -beta``: activity at micro-batches ``scale`` times the workload's own,
+    relative to its own (1 at ``scale = 1``).
+
+    Raises:
+        ValueError: ``scale`` is not a finite positive number.
+    """
+    return float(micro_batch_time_factor(workload, scale) ** -workload.micro_batch_activity_exp)
+
+
+def at_micro_batch(workload: WorkloadModel, scale: float) -> WorkloadModel:
+    """The workload run at micro-batches ``scale`` times its own (global batch unchanged).
+
+    Step time is multiplied by ``T(s)`` and activity by ``A(s)``; the overhead share is
+    re-expressed at the new micro-batch (``o' = (o / s) / T(s)``), so the result scales on
+    consistently. ``scale = 1`` returns ``workload`` itself.
+
+    Raises:
+        ValueError: ``scale`` is not a finite positive number.
+    """
+    _check_scale(scale)
+    if scale == 1.0 or workload.micro_batch_overhead == 0.0:
+        return workload
+    t = micro_batch_time_factor(workload, scale)
+    return replace(
+        workload,
+        activity=workload.activity * t**-workload.micro_batch_activity_exp,
+        step_time_s=workload.step_time_s * t,
+        micro_batch_overhead=workload.micro_batch_overhead / scale / t,
+    )
+
+
 # --- fitting -------------------------------------------------------------------------------------
 
 #: Bounds of the fitted workload parameters: activity, compute share, ripple.
@@ -314,6 +397,108 @@ def _smooth_residuals(
     out.append((r - _PRIOR_RIPPLE[0]) * _PRIOR_RIPPLE[1])
     out.append((c - _PRIOR_COMPUTE[0]) * _PRIOR_COMPUTE[1])
     return out
+
+
+@dataclass(frozen=True, slots=True)
+class MicroBatchPoint:
+    """A workload's time and busy power at ``f_max`` at one micro-batch (same work throughout).
+
+    Attributes:
+        batch_size: Samples per micro-batch.
+        time_s: Time of the unit of work (an epoch in the traces) at ``f_max``, s.
+        power_w: Average busy power at ``f_max``, W.
+    """
+
+    batch_size: float
+    time_s: float
+    power_w: float
+
+
+@dataclass(frozen=True, slots=True)
+class MicroBatchFit:
+    """The result of ``fit_micro_batch``.
+
+    Attributes:
+        overhead_batch: ``m_h``: micro-batch at which per-micro-batch overhead takes as long as
+            the per-sample work, samples.
+        activity_exp: ``beta``.
+        time_floor_s: Time of the unit of work with no overhead (``m`` unbounded), s.
+        activity_max: Activity with no overhead (the saturation value).
+    """
+
+    overhead_batch: float
+    activity_exp: float
+    time_floor_s: float
+    activity_max: float
+
+    def overhead_share(self, batch_size: float) -> float:
+        """``o = m_h / (m + m_h)``: the overhead's share of the time at micro-batch ``m``."""
+        return self.overhead_batch / (batch_size + self.overhead_batch)
+
+    def predict(self, gpu: GpuModel, batch_size: float) -> tuple[float, float]:
+        """(time s, busy power W) at ``f_max`` at micro-batch ``batch_size``."""
+        u = batch_size / (batch_size + self.overhead_batch)
+        time = self.time_floor_s / u
+        activity = self.activity_max * u**self.activity_exp
+        return time, power_at_clock_w(gpu, activity, gpu.sm_clock_max_mhz)
+
+
+#: Weak prior on ``beta``: 1 (dynamic energy per sample fixed) where the data cannot see it (a
+#: workload whose overhead is negligible at every measured micro-batch).
+_PRIOR_BETA = (1.0, 0.05)
+_BETA_BOUNDS = (0.0, 3.0)
+
+
+def fit_micro_batch(points: Sequence[MicroBatchPoint], gpu: GpuModel) -> MicroBatchFit:
+    """Fit the micro-batch term (``m_h``, ``beta``) to one workload's time and power at ``f_max``.
+
+    Time is ``t_inf * (1 + m_h / m)`` and power ``P_static + a_inf * u ** beta * P_dyn_max``
+    with ``u = m / (m + m_h)``; log errors, robust loss (points far off, such as a time that
+    rises again at the largest batches, count less).
+
+    Args:
+        points: One point per micro-batch (at least 2, distinct batch sizes).
+        gpu: The GPU's parameters, held fixed.
+
+    Raises:
+        ValueError: Fewer than two distinct batch sizes, or a non-positive value.
+    """
+    from scipy.optimize import least_squares
+
+    if len({p.batch_size for p in points}) < 2:
+        raise ValueError(f"at least 2 distinct micro-batches are needed, got {len(points)} points")
+    for p in points:
+        if not (p.batch_size > 0 and p.time_s > 0 and p.power_w > 0):
+            raise ValueError(f"batch sizes, times and powers must be positive: {p}")
+    m_lo = min(p.batch_size for p in points)
+    m_hi = max(p.batch_size for p in points)
+    fastest = min(p.time_s for p in points)
+    top = max(p.power_w for p in points)
+    a0 = min(max((top - gpu.static_power_w) / max(gpu.dyn_power_max_w, _EPS), 0.05), 2.9)
+    lo = [-50.0, math.log(m_lo * 1e-4), 0.0, _BETA_BOUNDS[0]]
+    hi = [50.0, math.log(m_hi * 1e4), 3.0, _BETA_BOUNDS[1]]
+    x0 = [math.log(fastest), math.log(math.sqrt(m_lo * m_hi)), a0, _PRIOR_BETA[0]]
+
+    def model(w: Any) -> MicroBatchFit:
+        return MicroBatchFit(
+            overhead_batch=math.exp(float(w[1])),
+            activity_exp=float(w[3]),
+            time_floor_s=math.exp(float(w[0])),
+            activity_max=float(w[2]),
+        )
+
+    def residuals(w: Any) -> list[float]:
+        fit = model(w)
+        out: list[float] = []
+        for p in points:
+            t, power = fit.predict(gpu, p.batch_size)
+            out.append(math.log(t / p.time_s))
+            out.append(math.log(max(power, _EPS) / p.power_w))
+        out.append((fit.activity_exp - _PRIOR_BETA[0]) * _PRIOR_BETA[1])
+        return out
+
+    sol = least_squares(residuals, x0, bounds=(lo, hi), loss="soft_l1", f_scale=_LOSS_SCALE)
+    return model(sol.x)
 
 
 def _to_workload(w: Sequence[float]) -> WorkloadModel:

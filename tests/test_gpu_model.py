@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import csv
 import itertools
+import math
 import statistics
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,11 +15,17 @@ import pytest
 from energy.gpu_model import (
     GpuModel,
     MeasuredPoint,
+    MicroBatchFit,
+    MicroBatchPoint,
     WorkloadModel,
+    at_micro_batch,
     energy_per_step_j,
     fit_gpu,
+    fit_micro_batch,
     fit_workload,
     least_energy_clock_mhz,
+    micro_batch_activity_factor,
+    micro_batch_time_factor,
     operating_point,
     power_at_clock_w,
     predict,
@@ -181,3 +189,116 @@ def test_committed_profiles_reproduce_the_measured_traces() -> None:
         assert statistics.median(power_errs) <= 0.05, path.name
         checked += 1
     assert checked >= 1, "no committed calibration matches a bundled trace"
+
+
+# --- the micro-batch term ----------------------------------------------------------------------
+
+MB = replace(WL, micro_batch_overhead=0.3, micro_batch_activity_exp=0.5)
+
+
+def test_micro_batch_term_is_one_at_its_own_micro_batch() -> None:
+    assert micro_batch_time_factor(MB, 1.0) == pytest.approx(1.0)
+    assert micro_batch_activity_factor(MB, 1.0) == pytest.approx(1.0)
+    assert at_micro_batch(MB, 1.0) is MB
+
+
+def test_micro_batch_term_has_the_documented_form() -> None:
+    assert micro_batch_time_factor(MB, 0.5) == pytest.approx(0.3 / 0.5 + 0.7)
+    assert micro_batch_activity_factor(MB, 0.5) == pytest.approx((0.3 / 0.5 + 0.7) ** -0.5)
+    scaled = at_micro_batch(MB, 0.25)
+    t = 0.3 / 0.25 + 0.7
+    assert scaled.step_time_s == pytest.approx(MB.step_time_s * t)
+    assert scaled.activity == pytest.approx(MB.activity * t**-0.5)
+    assert scaled.compute_share == MB.compute_share and scaled.ripple == MB.ripple
+    # The busy power follows the scaled activity, the step time the scaled step time.
+    assert predict(GPU, scaled, 300.0) == pytest.approx(
+        (MB.step_time_s * t, power_at_clock_w(GPU, MB.activity * t**-0.5, 1740.0))
+    )
+
+
+def test_per_sample_time_falls_and_activity_rises_and_saturates_with_the_micro_batch() -> None:
+    scales = [1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0, 2.0, 4.0, 8.0, 64.0, 1024.0]
+    times = [micro_batch_time_factor(MB, s) for s in scales]
+    acts = [micro_batch_activity_factor(MB, s) for s in scales]
+    assert all(a > b for a, b in itertools.pairwise(times))  # per global step = per sample
+    assert all(a < b for a, b in itertools.pairwise(acts))
+    # Saturation: no overhead left, no more to gain.
+    assert times[-1] == pytest.approx(1.0 - 0.3, rel=1e-3)
+    assert all(a <= (1.0 - 0.3) ** -0.5 for a in acts)
+    assert acts[-1] == pytest.approx((1.0 - 0.3) ** -0.5, rel=1e-3)
+    # Time per micro-batch still grows with it (more samples each), less than in proportion.
+    per_micro_batch = [t * s for t, s in zip(times, scales, strict=True)]
+    assert all(a < b for a, b in itertools.pairwise(per_micro_batch))
+
+
+def test_micro_batch_scaling_composes() -> None:
+    once = at_micro_batch(MB, 0.125)
+    twice = at_micro_batch(at_micro_batch(MB, 0.5), 0.25)
+    assert twice.step_time_s == pytest.approx(once.step_time_s)
+    assert twice.activity == pytest.approx(once.activity)
+    assert twice.micro_batch_overhead == pytest.approx(once.micro_batch_overhead)
+    back = at_micro_batch(once, 8.0)
+    assert back.step_time_s == pytest.approx(MB.step_time_s)
+    assert back.activity == pytest.approx(MB.activity)
+
+
+@pytest.mark.parametrize("scale", [0.01, 0.5, 3.0, 100.0])
+def test_the_default_micro_batch_term_vanishes(scale: float) -> None:
+    assert (WL.micro_batch_overhead, WL.micro_batch_activity_exp) == (0.0, 1.0)
+    assert micro_batch_time_factor(WL, scale) == 1.0
+    assert micro_batch_activity_factor(WL, scale) == 1.0
+    assert at_micro_batch(WL, scale) == WL
+
+
+@pytest.mark.parametrize("scale", [0.0, -1.0, math.inf, math.nan])
+def test_a_bad_micro_batch_scale_is_refused(scale: float) -> None:
+    with pytest.raises(ValueError, match="finite positive"):
+        at_micro_batch(MB, scale)
+    with pytest.raises(ValueError, match="finite positive"):
+        micro_batch_time_factor(MB, scale)
+
+
+def test_fit_micro_batch_recovers_known_parameters() -> None:
+    truth = MicroBatchFit(
+        overhead_batch=48.0, activity_exp=0.6, time_floor_s=30.0, activity_max=0.8
+    )
+    points = []
+    for bs in [4, 8, 16, 32, 64, 128, 256, 512, 1024]:
+        t, p = truth.predict(GPU, bs)
+        points.append(MicroBatchPoint(batch_size=bs, time_s=t, power_w=p))
+    fitted = fit_micro_batch(points, GPU)
+    assert fitted.overhead_batch == pytest.approx(48.0, rel=0.02)
+    assert fitted.activity_exp == pytest.approx(0.6, abs=0.02)
+    assert fitted.time_floor_s == pytest.approx(30.0, rel=0.01)
+    assert fitted.activity_max == pytest.approx(0.8, abs=0.02)
+    assert fitted.overhead_share(48.0) == pytest.approx(0.5, abs=0.01)
+    # The fitted term, as a workload's o and beta at bs 64, predicts bs 16 from bs 64.
+    at_64 = WorkloadModel(
+        activity=truth.activity_max * (64 / (64 + 48)) ** 0.6,
+        compute_share=0.5,
+        step_time_s=truth.predict(GPU, 64)[0],
+        ripple=0.05,
+        micro_batch_overhead=fitted.overhead_share(64),
+        micro_batch_activity_exp=fitted.activity_exp,
+    )
+    at_16 = at_micro_batch(at_64, 0.25)
+    t16, p16 = truth.predict(GPU, 16)
+    assert at_16.step_time_s == pytest.approx(t16, rel=0.01)
+    assert power_at_clock_w(GPU, at_16.activity, GPU.sm_clock_max_mhz) == pytest.approx(
+        p16, rel=0.01
+    )
+
+
+def test_fit_micro_batch_rejects_too_few_or_bad_points() -> None:
+    with pytest.raises(ValueError, match="at least 2"):
+        fit_micro_batch([MicroBatchPoint(8, 1.0, 90.0), MicroBatchPoint(8, 1.1, 91.0)], GPU)
+    with pytest.raises(ValueError, match="positive"):
+        fit_micro_batch([MicroBatchPoint(8, 1.0, 90.0), MicroBatchPoint(16, 0.0, 91.0)], GPU)
+
+
+def test_the_training_workload_carries_the_fitted_micro_batch_term() -> None:
+    wl = get_workload("training")
+    assert 0.0 < wl.micro_batch_overhead < 1.0
+    assert wl.micro_batch_activity_exp >= 0.0
+    assert wl.model.micro_batch_overhead == wl.micro_batch_overhead
+    assert wl.model.micro_batch_activity_exp == wl.micro_batch_activity_exp

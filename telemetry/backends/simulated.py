@@ -35,7 +35,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final
 
-from energy.gpu_model import GpuModel, operating_point, supported_clocks_mhz
+from energy.gpu_model import (
+    GpuModel,
+    at_micro_batch,
+    operating_point,
+    step_slowdown,
+    supported_clocks_mhz,
+)
 from energy.optimizer import Knob
 from energy.units import j_to_mj, mw_to_w, w_to_mw
 from telemetry.backends.base import (
@@ -198,6 +204,8 @@ class _GpuState:
     pids: tuple[int, ...] = ()
     # Share of time the workload is busy (paced jobs); the rest of the time the GPU idles.
     duty: float = 1.0
+    # Micro-batch as a multiple of the workload's own (global batch unchanged; energy.gpu_model).
+    micro_batch_scale: float = 1.0
     faults: dict[str, dict[str, Any]] = field(default_factory=dict)
     # Limits set but not yet in force: (effective time s, limit mW), in time order.
     pending: list[tuple[float, int]] = field(default_factory=list)
@@ -217,6 +225,7 @@ class _GpuState:
             ),
             "pids": list(self.pids),
             "duty": self.duty,
+            "micro_batch_scale": self.micro_batch_scale,
             "faults": self.faults,
             "pending": [list(p) for p in self.pending],
             "segments": [s.to_json() for s in self.segments],
@@ -233,6 +242,9 @@ class _GpuState:
                 **{k: v for k, v in wl.items() if k in Workload.__dataclass_fields__},
             )
         lock = raw.get("lock")
+        scale = float(raw.get("micro_batch_scale", 1.0))
+        if not (math.isfinite(scale) and scale > 0.0):
+            raise ValueError(f"bad micro_batch_scale {scale!r}")
         return cls(
             origin_s=float(raw["origin_s"]),
             limit_mw=int(raw["limit_mw"]),
@@ -241,6 +253,7 @@ class _GpuState:
             workload=workload,
             pids=tuple(int(p) for p in raw.get("pids", ())),
             duty=float(raw.get("duty", 1.0)),
+            micro_batch_scale=scale,
             faults={str(k): dict(v) for k, v in raw.get("faults", {}).items()},
             pending=[(float(t), int(mw)) for t, mw in raw.get("pending", ())],
             segments=[_Segment.from_json(s) for s in raw["segments"]],
@@ -430,6 +443,7 @@ class SimulatedBackend:
         *,
         pids: Iterable[int] = (),
         duty: float = 1.0,
+        micro_batch_scale: float = 1.0,
     ) -> None:
         """Run a workload on a GPU (None: idle). A string names a workload in the profiles.
 
@@ -440,19 +454,39 @@ class SimulatedBackend:
         bursts' power (the firmware caps instantaneous power), so ``f`` is what they allow the
         busy GPU; the reported SM clock is the busy bursts' clock.
 
+        A job training in micro-batches ``micro_batch_scale`` times the workload's own (same
+        global batch) runs the workload's micro-batch term (``energy.gpu_model.at_micro_batch``):
+        its activity, hence busy power, is multiplied by ``A(s)``. Its step time is multiplied
+        by ``T(s)`` too, but that is the job's to take: a step can be stretched, not shortened,
+        so a real loop's compute at its micro-batch is what it is, and a simulated job
+        (``bench/simjob.py``) times its steps by ``micro_batch_time_factor``; ``step_slowdown``
+        is the clock's alone. Utilisation is reported as the workload's.
+
         Args:
             index: GPU index.
             workload: A ``Workload``, a name from ``profiles/workloads.json`` (``"training"``,
                 ``"A40/imagenet/resnet50/bs256"``), or None for idle.
             pids: Process ids to report as the GPU's compute processes.
             duty: Share of time the workload keeps the GPU busy, 0..1 (1: always busy).
+            micro_batch_scale: Micro-batch as a multiple of the workload's own, > 0 (1: its
+                own; below 1: more gradient accumulation). Ignored (1.0) when idle.
 
         Raises:
             GpuNotFoundError: No GPU with that index.
-            ValueError: Unknown workload name, or ``duty`` outside 0..1.
+            ValueError: Unknown workload name, ``duty`` outside 0..1, or ``micro_batch_scale``
+                not a finite positive number.
         """
         if not 0.0 <= duty <= 1.0:
             raise ValueError(f"duty must be in 0..1 (share of time busy), got {duty}")
+        try:
+            scale_f = float(micro_batch_scale)
+        except (TypeError, ValueError):
+            scale_f = math.nan
+        if not (math.isfinite(scale_f) and scale_f > 0.0):
+            raise ValueError(
+                "micro_batch_scale must be a finite positive number (micro-batch as a multiple "
+                f"of the workload's own), got {micro_batch_scale!r}"
+            )
         wl = get_workload(workload) if isinstance(workload, str) else workload
         pid_tuple = tuple(int(p) for p in pids)
         duty_f = float(duty)
@@ -461,6 +495,7 @@ class SimulatedBackend:
             g.workload = wl
             g.pids = pid_tuple if wl is not None else ()
             g.duty = duty_f if wl is not None else 1.0
+            g.micro_batch_scale = scale_f if wl is not None else 1.0
 
         self._mutate(index, apply, None)
 
@@ -469,6 +504,12 @@ class SimulatedBackend:
         with self._lock:
             self._check_file(self._clock.now())
             return self._gpu(index).duty
+
+    def micro_batch_scale(self, index: int) -> float:
+        """Micro-batch of the GPU's workload as a multiple of its own (1.0 when idle)."""
+        with self._lock:
+            self._check_file(self._clock.now())
+            return self._gpu(index).micro_batch_scale
 
     def workload(self, index: int) -> Workload | None:
         """The workload running on a GPU (None: idle)."""
@@ -555,16 +596,16 @@ class SimulatedBackend:
             return self._segment_at(self._gpu(index), now).clock_mhz
 
     def step_slowdown(self, index: int) -> float:
-        """``t(f) / t(f_max)`` of the GPU's workload at its current clock (1.0 when idle)."""
+        """``t(f) / t(f_max)`` of the GPU's workload at its current clock: ``c * f_max / f + 1 -
+        c`` (1.0 when idle). The micro-batch's ``T(s)`` is not in it (see ``set_workload``)."""
         now = self._clock.now()
         with self._lock:
             self._check_file(now)
             g = self._gpu(index)
             if g.workload is None:
                 return 1.0
-            c = g.workload.compute_share
             clock = self._segment_at(g, now).clock_mhz
-            return c * self._model.sm_clock_max_mhz / clock + (1.0 - c)
+            return step_slowdown(self._model, g.workload.model, clock)
 
     # --- internals: the timeline ------------------------------------------------------------
 
@@ -615,7 +656,7 @@ class SimulatedBackend:
         else:
             op = operating_point(
                 self._model,
-                wl.model,
+                at_micro_batch(wl.model, g.micro_batch_scale),
                 mw_to_w(limit_mw),
                 locked_max_mhz=None if g.lock is None else float(g.lock[1]),
             )

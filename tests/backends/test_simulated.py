@@ -7,13 +7,20 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from energy.gpu_model import energy_per_step_j, least_energy_clock_mhz
+from energy.gpu_model import (
+    at_micro_batch,
+    energy_per_step_j,
+    least_energy_clock_mhz,
+    operating_point,
+    power_at_clock_w,
+)
 from telemetry.backends.base import (
     GpuLostError,
     GpuNotFoundError,
@@ -541,3 +548,112 @@ def test_duty_is_persisted_validated_and_reset_by_idle(make: Factory, clock: Vir
     second.set_workload(1, None, duty=0.4)
     assert second.duty(1) == 1.0
     assert second.true_power_w(1) == pytest.approx(H100.idle_power_w)
+
+
+# --- micro-batches ---------------------------------------------------------------------------
+
+#: A workload with a known micro-batch term (30 % overhead at its own micro-batch, beta 0.5).
+MICRO = Workload(
+    "micro",
+    activity=0.6,
+    compute_share=0.5,
+    step_time_s=1.0,
+    micro_batch_overhead=0.3,
+    micro_batch_activity_exp=0.5,
+)
+
+
+@pytest.mark.parametrize("scale", [0.25, 0.5, 2.0])
+def test_micro_batch_scale_changes_power_and_slowdown_as_the_model_says(
+    make: Factory, clock: VirtualClock, scale: float
+) -> None:
+    sim = make()
+    sim.set_workload(0, MICRO)
+    clock.advance(1.0)
+    own_w = sim.true_power_w(0)
+    sim.set_workload(0, MICRO, micro_batch_scale=scale)
+    clock.advance(1.0)
+    assert sim.micro_batch_scale(0) == scale
+    t = 0.3 / scale + 0.7
+    activity = 0.6 * t**-0.5
+    limit_w = H100.default_limit_w
+    op = operating_point(H100.model, at_micro_batch(MICRO.model, scale), limit_w)
+    assert not op.power_capped  # the limit does not bind: the clock stays at the top
+    assert sim.true_power_w(0) == pytest.approx(
+        power_at_clock_w(H100.model, activity, H100.sm_clock_max_mhz), rel=1e-12
+    )
+    assert (sim.true_power_w(0) < own_w) == (scale < 1.0)
+    # The step's T(s) is the job's to take (a step is stretched, never shortened): the
+    # slowdown is the clock's, at the top here.
+    assert sim.step_slowdown(0) == pytest.approx(1.0)
+
+
+def test_the_slowdown_at_a_micro_batch_is_the_clock_s_alone(
+    make: Factory, clock: VirtualClock
+) -> None:
+    sim = make()
+    sim.set_workload(0, MICRO, micro_batch_scale=0.5)
+    sim.lock_sm_clocks(0, 345, 990)  # half of 1980 MHz
+    clock.advance(1.0)
+    assert sim.true_clock_mhz(0) == 990
+    assert sim.step_slowdown(0) == pytest.approx(0.5 * 2 + 0.5)
+
+
+def test_micro_batch_scale_without_a_term_changes_nothing(
+    make: Factory, clock: VirtualClock
+) -> None:
+    sim = make()
+    plain = Workload("plain", activity=0.8, compute_share=0.5, step_time_s=1.0)
+    sim.set_workload(0, plain)
+    clock.advance(1.0)
+    power_w = sim.true_power_w(0)
+    sim.set_workload(0, plain, micro_batch_scale=0.25)
+    clock.advance(1.0)
+    assert sim.true_power_w(0) == power_w
+    assert sim.step_slowdown(0) == 1.0
+
+
+def test_micro_batch_scale_is_persisted_validated_and_reset_by_idle(
+    make: Factory, clock: VirtualClock
+) -> None:
+    first = make()
+    first.set_workload(1, "training", micro_batch_scale=0.5, duty=0.8)
+    clock.advance(1.0)
+    power_w = first.true_power_w(1)
+    slowdown = first.step_slowdown(1)
+    del first
+    clock.advance(1.0)
+    second = make()
+    assert second.micro_batch_scale(1) == 0.5
+    assert second.duty(1) == 0.8
+    assert second.true_power_w(1) == pytest.approx(power_w)
+    assert second.step_slowdown(1) == pytest.approx(slowdown)
+    for bad in (0.0, -1.0, math.inf, math.nan, "half"):
+        with pytest.raises(ValueError, match="micro_batch_scale"):
+            second.set_workload(1, "training", micro_batch_scale=bad)  # type: ignore[arg-type]
+    assert second.micro_batch_scale(1) == 0.5  # a refused change changes nothing
+    second.set_workload(1, None, micro_batch_scale=0.5)
+    assert second.micro_batch_scale(1) == 1.0
+    assert second.step_slowdown(1) == 1.0  # idle
+    assert second.micro_batch_scale(0) == 1.0 and second.step_slowdown(0) == 1.0
+
+
+def test_a_state_file_from_before_micro_batches_loads_at_scale_one(
+    make: Factory, clock: VirtualClock, state_path: Path
+) -> None:
+    first = make()
+    first.set_workload(0, "training", micro_batch_scale=2.0)
+    del first
+    doc = json.loads(state_path.read_text())
+    for gpu in doc["gpus"]:
+        del gpu["micro_batch_scale"]
+        if gpu["workload"] is not None:
+            gpu["workload"] = {
+                k: v for k, v in gpu["workload"].items() if not k.startswith("micro_batch_")
+            }
+    state_path.write_text(json.dumps(doc))
+    clock.advance(1.0)
+    second = make()
+    assert second.micro_batch_scale(0) == 1.0
+    wl = second.workload(0)
+    assert wl is not None and wl.micro_batch_overhead == 0.0

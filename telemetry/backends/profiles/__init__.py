@@ -4,12 +4,15 @@
 ``P_dyn_max`` and ``k``; for SKUs with measured traces those are written by
 ``bench/calibrate_sim.py --write-profiles``). ``workloads.json`` holds named workloads: the generic
 ``training`` workload and the workloads fitted to traces, keyed ``<SKU>/<dataset>/<network>/bs<N>``.
+Their micro-batch terms (``micro_batch_overhead``, ``micro_batch_activity_exp``; absent: no term)
+are fitted per batch-size family by the same bench, ``training``'s as medians over the families.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,6 +116,11 @@ class Workload:
         compute_share: ``c``: share of the step time that scales with ``1/f``.
         step_time_s: Time of one unit of work at the top clock, s (an epoch for trace fits).
         ripple: ``r``: power peaks at ``(1 + r)`` times the average; a limit holds the peak.
+        micro_batch_overhead: ``o``: per-micro-batch overhead's share of the step time at the
+            workload's own micro-batch, 0..1 (0: the micro-batch term vanishes; see
+            ``energy.gpu_model``).
+        micro_batch_activity_exp: ``beta``: across micro-batches, activity follows throughput to
+            this power (``A(s) = T(s) ** -beta``), >= 0.
         gpu_util_pct / mem_util_pct: Utilisation reported while it runs, %.
         memory_fraction: Share of the framebuffer it uses.
         sku: The SKU it was fitted on, or None for a generic workload.
@@ -124,6 +132,8 @@ class Workload:
     compute_share: float
     step_time_s: float
     ripple: float = 0.05
+    micro_batch_overhead: float = 0.0
+    micro_batch_activity_exp: float = 1.0
     gpu_util_pct: int = 97
     mem_util_pct: int = 40
     memory_fraction: float = 0.75
@@ -140,6 +150,15 @@ class Workload:
                 f"{self.name}: need activity >= 0, step_time_s > 0 and ripple >= 0, got "
                 f"{self.activity}, {self.step_time_s}, {self.ripple}"
             )
+        if not (
+            0.0 <= self.micro_batch_overhead < 1.0
+            and 0.0 <= self.micro_batch_activity_exp < math.inf
+        ):
+            raise ValueError(
+                f"{self.name}: need micro_batch_overhead in [0, 1) and a finite "
+                f"micro_batch_activity_exp >= 0, got {self.micro_batch_overhead}, "
+                f"{self.micro_batch_activity_exp}"
+            )
         if not (0 <= self.gpu_util_pct <= 100 and 0 <= self.mem_util_pct <= 100):
             raise ValueError(f"{self.name}: utilisation must be in 0..100 %")
         if not 0.0 <= self.memory_fraction <= 1.0:
@@ -153,6 +172,8 @@ class Workload:
             compute_share=self.compute_share,
             step_time_s=self.step_time_s,
             ripple=self.ripple,
+            micro_batch_overhead=self.micro_batch_overhead,
+            micro_batch_activity_exp=self.micro_batch_activity_exp,
         )
 
 
@@ -231,6 +252,8 @@ def _workload_from_json(name: str, raw: Mapping[str, Any]) -> Workload:
             compute_share=float(raw["compute_share"]),
             step_time_s=float(raw["step_time_s"]),
             ripple=float(raw.get("ripple", 0.05)),
+            micro_batch_overhead=float(raw.get("micro_batch_overhead", 0.0)),
+            micro_batch_activity_exp=float(raw.get("micro_batch_activity_exp", 1.0)),
             gpu_util_pct=int(raw.get("gpu_util_pct", 97)),
             mem_util_pct=int(raw.get("mem_util_pct", 40)),
             memory_fraction=float(raw.get("memory_fraction", 0.75)),
@@ -250,6 +273,8 @@ def workload_to_json(workload: Workload) -> dict[str, Any]:
         "compute_share": workload.compute_share,
         "step_time_s": workload.step_time_s,
         "ripple": workload.ripple,
+        "micro_batch_overhead": workload.micro_batch_overhead,
+        "micro_batch_activity_exp": workload.micro_batch_activity_exp,
         "gpu_util_pct": workload.gpu_util_pct,
         "mem_util_pct": workload.mem_util_pct,
         "memory_fraction": workload.memory_fraction,
