@@ -15,7 +15,9 @@ Modes (docs/architecture.md, "Budgets and how they are held"):
 
 * ``hw`` — ``HwController``: the power limit at the budget, then trimmed on the measured average;
 * ``clock`` — ``ClockController``: the highest locked SM clock whose measured power fits;
-* ``soft`` — ``SoftController``: pacing from a model-based feedback controller on duty;
+* ``soft`` — ``SoftController``: pacing from a model-based feedback controller on duty, and,
+  where the job's loop declares micro-batches, the one measured to give the most throughput
+  within the budget (the least dynamic energy per step);
 * ``auto`` — ``choose_mode``: ``hw`` where the daemon may set limits, else ``soft``.
 
 Each controller is a small state machine with explicit states and documented transitions
@@ -62,10 +64,11 @@ from scheduler.control.energy_guard import (
 from scheduler.control.hw import HwController, HwState
 from scheduler.control.modes import ModeChoice, choose_mode, make_controller
 from scheduler.control.node_cap import JobPower, NodeCapDecision, NodeCapGuard
-from scheduler.control.soft import BUSY_DROP, SoftController, SoftState
+from scheduler.control.soft import BUSY_DROP, RESTART_CHANGE, SoftController, SoftState
 
 __all__ = [
     "BUSY_DROP",
+    "RESTART_CHANGE",
     "WINDOW_TOLERANCE",
     "ClockController",
     "ClockState",
