@@ -17,9 +17,12 @@ steps, samples, tokens and step time through ``JobService.progress`` every repor
 the answer as ``scheduler.client.Job`` does: each step computes for the workload's ``step_time_s``
 and is stretched by the directive's ``slowdown`` (which the service's simulator adapter reads from
 the simulated GPU's clock), paced by its ``duty`` and ``pace_s``, and a ``pause`` or ``stop`` action
-is obeyed after the step. A ``micro_batch`` directive is kept and changes nothing (no controller
-asks for one, and the simulator has no model of it). GPU settings change only through the service's
-actuators; which GPUs are busy, and at what duty, is what the service sets from the jobs' progress.
+is obeyed after the step. A job that declares its micro-batches (``JobSpec.micro_batches``)
+reports them as the client does; the ``micro_batch`` directive then changes its GPUs' load through
+the service (the simulator's micro-batch term, ``energy.gpu_model``), and its steps' time through
+the ``slowdown``, at a fixed global batch. GPU settings change only through the service's
+actuators; which GPUs are busy, at what duty and micro-batch, is what the service sets from the
+jobs' progress.
 A job's energy budget, wattage budget, mode, objective, deadline and on-exceed policy reach the
 service in the request, as the client or the CLI would send them.
 
@@ -56,6 +59,7 @@ from typing import Literal
 
 import psutil
 
+from energy.gpu_model import micro_batch_time_factor
 from energy.optimizer import ObjectiveName
 from scheduler.client import Directive, _parse_directive
 from scheduler.control import WINDOW_TOLERANCE, EnergyAction, GpuFacts, ModeChoice, PowerController
@@ -132,6 +136,8 @@ class JobSpec:
         run_key / rank / world_size: A rank of a distributed run (``scheduler.runs``): the ranks
             of one run, on one node or several, join one job. A rank steps on its own here (the
             simulator has no collectives).
+        micro_batches / micro_batch: The micro-batches its loop declares and its own one
+            (``track(micro_batches=..., micro_batch=...)``); none: not a lever.
     """
 
     name: str
@@ -157,8 +163,12 @@ class JobSpec:
     run_key: str | None = None
     rank: int = 0
     world_size: int = 1
+    micro_batches: tuple[int, ...] = ()
+    micro_batch: int | None = None
 
     def __post_init__(self) -> None:
+        if self.micro_batches and self.micro_batch not in self.micro_batches:
+            raise ValueError(f"{self.name}: micro_batch is one of micro_batches")
         if self.mode == "none" and self.budget_w is not None:
             raise ValueError(f"{self.name}: a wattage budget needs a mode (auto, hw, clock, soft)")
         if not self.submit and (self.objective or self.deadline_s is not None):
@@ -323,7 +333,7 @@ class SimJob:
             self._attach()
         self._report(now_s)
         self._next_report_s = now_s + self.spec.report_interval_s
-        self._next = ("compute", now_s + self.workload.step_time_s)
+        self._next = ("compute", now_s + self._compute_s())
 
     def _attach(self) -> None:
         node, spec = self._node, self.spec
@@ -350,6 +360,8 @@ class SimJob:
             step_time_s=(self._busy_s - self._sent[1]) / new_steps if new_steps > 0 else None,
             total_steps=spec.total_steps, total_tokens=total_tokens, final=final,
             member=self.member_id,
+            micro_batches=list(spec.micro_batches) if spec.micro_batches else None,
+            micro_batch_default=spec.micro_batch if spec.micro_batches else None,
         ))
         self._sent = (self.steps, self._busy_s)
         self.directive = _parse_directive(asdict(answer))
@@ -368,7 +380,7 @@ class SimJob:
     def _step_done(self, now_s: float) -> None:
         """A step's compute ended: count it, then sleep as ``Job._record`` does."""
         spec, directive = self.spec, self.directive
-        compute_s = self.workload.step_time_s
+        compute_s = self._compute_s()
         stretch_s = compute_s * (directive.slowdown - 1.0)
         self.steps += 1
         self.samples += spec.samples_per_step
@@ -408,7 +420,17 @@ class SimJob:
         if done or late:
             self._exit(now_s, 0)
             return
-        self._next = ("compute", now_s + self.workload.step_time_s)
+        self._next = ("compute", now_s + self._compute_s())
+
+    def _compute_s(self) -> float:
+        """A step's compute at the top clock: the workload's, times the micro-batch term's
+        ``T(s)`` at the micro-batch the directive asks for (the simulator's ``slowdown`` is the
+        clock's alone)."""
+        own, asked = self.spec.micro_batch, self.directive.micro_batch
+        if not own or not asked or asked == own:
+            return self.workload.step_time_s
+        return self.workload.step_time_s * micro_batch_time_factor(self.workload.model,
+                                                                   asked / own)
 
     def _exit(self, now_s: float, status: int | None, *, report: bool = True) -> None:
         """The process ends (``status`` None: killed with the node, nothing recorded)."""
@@ -449,13 +471,15 @@ class _SimGpus(SimulatedBackend):
         self._job_on = job_on
 
     def set_workload(self, index: int, workload: Workload | str | None, *,
-                     pids: Iterable[int] = (), duty: float = 1.0) -> None:
+                     pids: Iterable[int] = (), duty: float = 1.0,
+                     micro_batch_scale: float = 1.0) -> None:
         job = self._job_on(index) if workload is not None else None
         if job is not None:
             workload = job.workload
             if not job.spec.obeys:
                 duty = 1.0
-        super().set_workload(index, workload, pids=pids, duty=duty)
+        super().set_workload(index, workload, pids=pids, duty=duty,
+                             micro_batch_scale=micro_batch_scale)
 
 
 class _SimLauncher(Launcher):

@@ -1508,9 +1508,13 @@ class JointOptimizer:
        while each one scores better than the best so far (an out-of-memory report ends the walk
        up: ``out_of_memory``), then, when going up did not pay, down the same way.
     2. At the best micro-batch, ``EnergyOptimizer`` searches the setting.
-    3. At that setting, it measures the chosen micro-batch's neighbours; one that scores clearly
-       better than the (longer measured) choice replaces it, and a short search of the
-       settings around the chosen one follows at it.
+    3. At that setting, it measures the chosen micro-batch's neighbours. A neighbour that looks
+       better but not clearly is measured on, up to a candidate's step budget; one that scores
+       clearly better than the (longer measured) choice, or still better once the budget is
+       spent, replaces it, and a short search of the settings around the chosen one follows at
+       it. The checks then go on in the direction that paid, one micro-batch further each
+       time, until one does not: the best micro-batch at a low setting need not be the one
+       that scored best at the top (a larger one may draw past the top limit there).
 
     Then it holds the choice, and the setting search goes on as ``EnergyOptimizer``'s does
     (revisions, a new search after a throughput shift). A micro-batch change takes effect at a
@@ -1566,6 +1570,8 @@ class JointOptimizer:
         self._going_up = True
         self._to_check: list[int] = []
         self._checked = False
+        #: After a check paid: the direction it went (+1 up, -1 down), where the next goes.
+        self._heading: int | None = None
         self._chosen = default
         self._inner: EnergyOptimizer | None = None
         self._searches: list[EnergyOptimizer] = []
@@ -1713,21 +1719,29 @@ class JointOptimizer:
 
     def _window_decided(self) -> bool:
         """A micro-batch probe ends at ``screen_steps``, or from ``min_measure_steps`` on as soon
-        as it is clearly worse than the best so far."""
+        as it is clearly worse than the best so far. A check (against the choice) that looks
+        better but not clearly goes on, to the step budget of a candidate."""
         cfg, w = self.config, self._window
-        if w.steps >= cfg.screen_steps:
+        checking = self._phase == "check"
+        if w.steps >= (cfg.budget_steps_per_candidate if checking else cfg.screen_steps):
             return True
         if w.steps < cfg.min_measure_steps:
             return False
         probe = w.probe(self.micro_batch, self._warmup)
-        held = self._held_probe() if self._phase == "check" else None
+        held = self._held_probe() if checking else None
         best = self._best(self._probes if held is None else [held])
         score = self._score(probe)
         if best is None or score is None:
             return score is None and best is not None
         rse = math.hypot(_finite(self.objective.score_rse(probe)),
                          _finite(self.objective.score_rse(best[0])))
-        return score > best[1] * (1.0 + cfg.z * rse)
+        if score > best[1] * (1.0 + cfg.z * rse):
+            return True  # clearly worse
+        if not checking:
+            return False
+        # A check stops once it is clearly better, or once screened and no better at all.
+        return (score < best[1] * (1.0 - cfg.z * rse)
+                or (w.steps >= cfg.screen_steps and score >= best[1]))
 
     def _record(self) -> None:
         probe = self._window.probe(self.micro_batch, self._warmup)
@@ -1786,14 +1800,19 @@ class JointOptimizer:
         self._phase = "setting"
 
     def _start_checks(self) -> None:
-        """The setting search is done: measure the chosen micro-batch's neighbours there."""
-        if self._checked:
+        """The setting search is done: measure the chosen micro-batch's neighbours there (after
+        a check that paid, only the next one in its direction)."""
+        if self._checked and self._heading is None:
             self._phase = "held"
             return
-        self._checked = True
         i = self._allowed.index(self.micro_batch)
-        self._to_check = [m for m in (self._allowed[i + 1] if i + 1 < len(self._allowed) else 0,
-                                      self._allowed[i - 1] if i > 0 else 0) if m]
+        up = self._allowed[i + 1] if i + 1 < len(self._allowed) else 0
+        down = self._allowed[i - 1] if i > 0 else 0
+        if self._heading is None:
+            self._to_check = [m for m in (up, down) if m]
+        else:
+            self._to_check = [m for m in ((up if self._heading > 0 else down),) if m]
+        self._checked, self._heading = True, None
         self._chosen = self.micro_batch
         self._phase = "check"
         self._next_check()
@@ -1813,15 +1832,19 @@ class JointOptimizer:
 
     def _judge_check(self, probe: Probe) -> None:
         """A neighbour measured at the chosen setting: keep it when it scores clearly better
-        than the choice, and search the settings around the chosen one at it."""
+        than the choice, or better once measured for a candidate's whole step budget, and
+        search the settings around the chosen one at it."""
         held = self._held_probe()
         score, held_score = self._score(probe), (self._score(held) if held else None)
         if score is not None and held is not None and held_score is not None:
             rse = math.hypot(_finite(self.objective.score_rse(probe)),
                              _finite(self.objective.score_rse(held)))
-            if score < held_score * (1.0 - self.config.z * rse):
+            clearly = score < held_score * (1.0 - self.config.z * rse)
+            measured = probe.steps >= self.config.budget_steps_per_candidate
+            if clearly or (measured and score < held_score):
                 self._reason += (f"; at the chosen setting, micro-batch {probe.setting} scores "
                                  f"{score / held_score - 1:+.1%} against {self._chosen}")
+                self._heading = 1 if probe.setting > self._chosen else -1
                 self._to_check = []
                 step, value = self.space.step, self.setting
                 self._new_search(SettingSpace(

@@ -8,7 +8,10 @@ library, so nothing is downloaded. CUDA with bf16 autocast when available, else 
 The training loop reports to the powertrain daemon through ``scheduler.client`` (``--no-powertrain``
 runs without it): each optimizer step is one client step of ``batch_size * seq_len`` tokens; the
 daemon's micro-batch directive changes the gradient-accumulation split (the global batch stays);
-a pause or stop saves ``--checkpoint`` first.
+a pause or stop saves ``--checkpoint`` first. The loop declares the micro-batches it can train in
+(the divisors of its batch; its own is ``--micro-batch``), so the energy optimiser
+(``--objective``) searches the micro-batch with the power limit; an out-of-memory at one withdraws
+it and every larger one, and the step is run again at the largest that is left.
 
     python examples/pretrain_gpt.py                      # ~1M parameters, a few hundred steps
     python examples/pretrain_gpt.py --checkpoint ckpt.pt --resume --max-seconds 60
@@ -269,6 +272,13 @@ def train(args: argparse.Namespace, dist: Dist, device: torch.device) -> int:
         optimizer.load_state_dict(state["optimizer"])
         start_step = int(state["step"])
         say(f"resumed from {args.checkpoint} at step {start_step}")
+    # the micro-batches this rank can split its batch into, and its own split
+    own_micro = min(args.micro_batch or local_batch, local_batch)
+    micro_batches = [m for m in range(1, local_batch + 1) if local_batch % m == 0]
+    if own_micro not in micro_batches:  # an uneven split: the loop keeps it, the lever is off
+        say(f"--micro-batch {own_micro} does not divide the batch of {local_batch}: the "
+            "daemon will not change it")
+        micro_batches = []
     # DDP averages gradients over ranks in backward; the optimizer holds the same parameters
     ddp = (DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
            if dist.enabled else None)
@@ -310,6 +320,26 @@ def train(args: argparse.Namespace, dist: Dist, device: torch.device) -> int:
 
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cuda
                 else contextlib.nullcontext())
+
+    def accumulate(x: torch.Tensor, y: torch.Tensor, micro: int) -> torch.Tensor:
+        """The step's gradients over micro-batches of ``micro`` sequences; returns its loss."""
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), device=device)
+        for i in range(0, local_batch, micro):
+            xb, yb = x[i:i + micro], y[i:i + micro]
+            # DDP all-reduces gradients once, on the step's last micro-batch
+            last_micro = i + micro >= local_batch
+            sync = (ddp.no_sync() if ddp is not None and not last_micro
+                    else contextlib.nullcontext())
+            with sync:
+                with autocast:
+                    logits = net(xb)
+                loss = F.cross_entropy(logits.float().view(-1, VOCAB), yb.reshape(-1))
+                # weight by the chunk's share, so any split gives the same gradient
+                weighted = loss * (xb.shape[0] / local_batch)
+                weighted.backward()
+            loss_sum += weighted.detach()
+        return loss_sum
     first_loss: float | None = None
     window_losses: list[float] = []
     last_loss = logged_loss = float("nan")
@@ -326,6 +356,8 @@ def train(args: argparse.Namespace, dist: Dist, device: torch.device) -> int:
             initial_steps=start_step,
             initial_samples=start_step * local_batch,  # this rank's own totals so far
             initial_tokens=start_step * local_tokens,
+            micro_batches=micro_batches or None,
+            micro_batch=own_micro if micro_batches else None,
         ) as job:
             # every rank runs the same steps: same start (one checkpoint), same end, same clock
             for step in range(start_step, args.steps):
@@ -333,30 +365,24 @@ def train(args: argparse.Namespace, dist: Dist, device: torch.device) -> int:
                     say(f"--max-seconds {args.max_seconds:g} reached at step {step}")
                     break
                 with job.step(tokens=local_tokens, samples=local_batch):
-                    # a micro-batch splits this rank's share; ranks may split differently
-                    micro = min(job.micro_batch or args.micro_batch or local_batch, local_batch)
+                    # a micro-batch splits this rank's share; ranks may split differently (the
+                    # gradients are all-reduced once a step whatever the split)
+                    micro = min(job.micro_batch or own_micro, local_batch)
                     seed = (args.seed * 1_000_003 + step) * dist.world_size + dist.rank
                     generator = torch.Generator().manual_seed(seed)
                     x, y = get_batch(train_data, local_batch, args.seq_len, generator)
                     for group in optimizer.param_groups:
                         group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss_sum = torch.zeros((), device=device)
-                    for i in range(0, local_batch, micro):
-                        xb, yb = x[i:i + micro], y[i:i + micro]
-                        # DDP all-reduces gradients once, on the step's last micro-batch
-                        last_micro = i + micro >= local_batch
-                        sync = (ddp.no_sync() if ddp is not None and not last_micro
-                                else contextlib.nullcontext())
-                        with sync:
-                            with autocast:
-                                logits = net(xb)
-                            loss = F.cross_entropy(logits.float().view(-1, VOCAB),
-                                                   yb.reshape(-1))
-                            # weight by the chunk's share, so any split gives the same gradient
-                            weighted = loss * (xb.shape[0] / local_batch)
-                            weighted.backward()
-                        loss_sum += weighted.detach()
+                    while True:
+                        try:
+                            loss_sum = accumulate(x, y, micro)
+                            break
+                        except torch.OutOfMemoryError:
+                            if not micro_batches:
+                                raise
+                            micro = job.out_of_memory()  # the step again, smaller
+                            if cuda:
+                                torch.cuda.empty_cache()
                     nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                     optimizer.step()
                     if dist.enabled:  # the global batch's loss, for the log

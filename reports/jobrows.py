@@ -113,12 +113,14 @@ class ProbeRow:
     Attributes:
         setting: mW for a power limit, MHz for a locked clock.
         steps / time_s / energy_j: Steps measured, their wall time (s) and energy (J).
+        micro_batch: The micro-batch it ran at, in a joint search (None: the job's own).
     """
 
     setting: int
     steps: int
     time_s: float
     energy_j: float
+    micro_batch: int | None = None
 
     @property
     def energy_per_step_j(self) -> float:
@@ -143,7 +145,10 @@ class SearchRow:
         feasible / reason / revisions: Whether a setting met the constraints, why it chose,
             how often it revised the choice.
         profiling_steps / profiling_time_s / profiling_energy_j: What profiling cost the job.
-        probes: What each setting measured, highest setting first.
+        probes: What each setting measured, highest setting first (in a joint search, each
+            at its micro-batch).
+        micro_batch / default_micro_batch: A joint search's chosen micro-batch and the job's
+            own; None for a search of the setting alone.
     """
 
     job_id: int
@@ -160,10 +165,14 @@ class SearchRow:
     profiling_time_s: float
     profiling_energy_j: float
     probes: tuple[ProbeRow, ...]
+    micro_batch: int | None = None
+    default_micro_batch: int | None = None
 
-    def probe(self, setting: int) -> ProbeRow | None:
-        """What ``setting`` measured, if it was probed."""
-        return next((p for p in self.probes if p.setting == setting), None)
+    def probe(self, setting: int, micro_batch: int | None = None) -> ProbeRow | None:
+        """What ``setting`` measured at ``micro_batch`` (None: the job's own in a search of the
+        setting alone), if it was probed."""
+        return next((p for p in self.probes
+                     if p.setting == setting and p.micro_batch == micro_batch), None)
 
 
 def _job_rows(conn: Connection, rows: Sequence[Any]) -> list[JobRow]:
@@ -307,12 +316,12 @@ def searches(store: Store, job_ids: Iterable[int]) -> dict[int, list[SearchRow]]
         probes: dict[int, list[ProbeRow]] = {}
         if rows:
             for r in conn.execute(
-                select(p.search_id, p.setting, p.steps, p.time_s, p.energy_j)
+                select(p.search_id, p.setting, p.steps, p.time_s, p.energy_j, p.micro_batch)
                 .where(p.search_id.in_([row["id"] for row in rows]))
-                .order_by(p.search_id, p.setting.desc())
+                .order_by(p.search_id, p.setting.desc(), p.micro_batch.desc())
             ):
                 probes.setdefault(r.search_id, []).append(
-                    ProbeRow(r.setting, r.steps, r.time_s, r.energy_j))
+                    ProbeRow(r.setting, r.steps, r.time_s, r.energy_j, r.micro_batch))
     out: dict[int, list[SearchRow]] = {}
     for row in rows:
         out.setdefault(row["job_id"], []).append(SearchRow(
@@ -323,5 +332,6 @@ def searches(store: Store, job_ids: Iterable[int]) -> dict[int, list[SearchRow]]
             profiling_time_s=row["profiling_time_s"],
             profiling_energy_j=row["profiling_energy_j"],
             probes=tuple(probes.get(row["id"], ())),
+            micro_batch=row["micro_batch"], default_micro_batch=row["default_micro_batch"],
         ))
     return out

@@ -6,7 +6,8 @@ measured there, and the setting it chose. The report compares the chosen setting
 search's top setting (the GPU's default limit or clock, or the job's wattage budget when that is
 lower), both measured in the same job: energy per token and throughput, and by how much they
 changed. Tokens per step come from the job's progress reports; without tokens the figures are
-per step.
+per step. A joint search (the micro-batch with the setting) compares the chosen pair with the
+job's own micro-batch at the top setting, and says which micro-batch it chose.
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ class OptimizerSummary:
             when the top setting was not probed, e.g. a throughput search starting below it).
         probes / revisions / reason: Settings probed, revisions once done, why it chose.
         profiling_s / profiling_j: What profiling cost the job.
+        micro_batch / default_micro_batch: A joint search's chosen micro-batch and the job's
+            own (``default`` is measured at the latter); None for the setting alone.
     """
 
     job_id: int
@@ -76,6 +79,8 @@ class OptimizerSummary:
     feasible: bool
     profiling_s: float
     profiling_j: float
+    micro_batch: int | None = None
+    default_micro_batch: int | None = None
 
     @property
     def finished(self) -> bool:
@@ -112,6 +117,7 @@ class OptimizerSummary:
             "feasible": self.feasible, "finished": self.finished,
             "profiling_s": self.profiling_s,
             "profiling_j": self.profiling_j,
+            "micro_batch": self.micro_batch, "default_micro_batch": self.default_micro_batch,
         }
 
 
@@ -137,8 +143,9 @@ def summarise_search(search: SearchRow, tokens_per_step: float | None) -> Optimi
         number=search.number,
         objective=search.objective,
         knob=Knob(search.knob),
-        chosen=_figures(search.probe(search.setting), tokens_per_step),
-        default=_figures(search.probe(search.top_setting), tokens_per_step),
+        chosen=_figures(search.probe(search.setting, search.micro_batch), tokens_per_step),
+        default=_figures(search.probe(search.top_setting, search.default_micro_batch),
+                         tokens_per_step),
         default_setting=search.top_setting,
         probes=len(search.probes),
         revisions=search.revisions,
@@ -146,6 +153,8 @@ def summarise_search(search: SearchRow, tokens_per_step: float | None) -> Optimi
         feasible=search.feasible,
         profiling_s=search.profiling_time_s,
         profiling_j=search.profiling_energy_j,
+        micro_batch=search.micro_batch,
+        default_micro_batch=search.default_micro_batch,
     )
 
 
@@ -162,6 +171,8 @@ def summary_lines(summaries: Sequence[OptimizerSummary]) -> list[str]:
         head = (f"Job {s.job_id}, energy optimiser ({s.objective}"
                 + (f", search {s.number}" if s.number > 1 else "") + "): "
                 f"{knob} {s.show(s.chosen.setting if s.chosen else s.default_setting)}"
+                + (f", micro-batch {s.micro_batch} (the job's own: {s.default_micro_batch})"
+                   if s.micro_batch is not None else "")
                 + ("" if s.feasible else " (no setting met the constraints)")
                 + ("" if s.finished else " (best so far: the job ended before the search did)")
                 + f", from {s.probes} settings probed in {s.profiling_s:,.0f} s"
@@ -181,8 +192,12 @@ def summary_lines(summaries: Sequence[OptimizerSummary]) -> list[str]:
             what = "energy per step"
         energy, speed = s.energy_change, s.throughput_change
         assert energy is not None and speed is not None
+        chosen, default = s.show(s.chosen.setting), s.show(s.default.setting)
+        if s.micro_batch is not None:
+            chosen += f" micro-batch {s.micro_batch}"
+            default += f" micro-batch {s.default_micro_batch}"
         lines.append(
-            f"  {s.show(s.chosen.setting)}: {unit[0]}; default {s.show(s.default.setting)}: "
+            f"  {chosen}: {unit[0]}; default {default}: "
             f"{unit[1]}: {what} {_pct(energy)}, throughput {_pct(speed)}."
         )
     return lines

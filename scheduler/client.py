@@ -13,6 +13,12 @@ A plain loop::
 Framework callbacks call :meth:`Job.on_step` once per optimizer step instead; powertrain ships
 them for Hugging Face and Lightning (``scheduler.callbacks``).
 
+A loop that can change its micro-batch at a fixed global batch (more gradient accumulation for a
+smaller one) declares which it allows, ``track(..., micro_batches=(4, 8, 16), micro_batch=16)``,
+and then uses ``job.micro_batch`` at each step: the energy optimiser searches it with the power
+limit. A loop that runs out of memory at a micro-batch calls ``job.out_of_memory()``: that one
+and every larger one are withdrawn, and ``job.micro_batch`` falls back to the largest that fits.
+
 The daemon is never needed for training to go on: when it is absent or dies, the client logs one
 warning, keeps counting, and retries in the background. Progress is reported as cumulative totals,
 so a report that was lost, or a daemon restart, loses nothing.
@@ -37,7 +43,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -197,6 +203,24 @@ def _parse_directive(data: Any) -> Directive:
     )
 
 
+def _micro_batches(
+    allowed: Sequence[int] | None, own: int | None
+) -> tuple[tuple[int, ...], int | None]:
+    """The declared micro-batches, ascending, and the loop's own one (checked)."""
+    if allowed is None:
+        if own is not None:
+            raise ValueError("micro_batch is the loop's own among micro_batches: declare those")
+        return (), None
+    values = sorted(set(allowed))
+    if not values or any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in values):
+        raise ValueError(f"micro_batches must be positive integers, got {list(allowed)!r}")
+    if own is None:
+        own = values[-1]
+    if own not in values:
+        raise ValueError(f"micro_batch {own!r} is not one of micro_batches {values}")
+    return tuple(values), own
+
+
 def _detail(response: httpx.Response) -> str:
     try:
         data = response.json()
@@ -271,10 +295,16 @@ class Job:
             under the same job), so the cumulative totals continue.
         initial_samples: Samples already done, likewise.
         initial_tokens: Tokens already done, likewise.
+        micro_batches: The micro-batches the loop can train in at its global batch (divisors of
+            it that fit its memory); declaring them makes the micro-batch a lever of the daemon
+            (:attr:`micro_batch`). ``None``: the loop's micro-batch is its own business.
+        micro_batch: The loop's own micro-batch, one of ``micro_batches`` (default: the
+            largest of them).
 
     Raises:
-        ValueError: ``mode`` or ``on_exceed`` is not one of the allowed values, or an interval is
-            not positive.
+        ValueError: ``mode`` or ``on_exceed`` is not one of the allowed values, an interval is
+            not positive, or the micro-batches are not positive integers that include
+            ``micro_batch``.
     """
 
     def __init__(
@@ -296,6 +326,8 @@ class Job:
         initial_steps: int = 0,
         initial_samples: int = 0,
         initial_tokens: int = 0,
+        micro_batches: Sequence[int] | None = None,
+        micro_batch: int | None = None,
     ) -> None:
         self._mode = _member(Mode, mode, "mode")
         self._on_exceed = _member(OnExceed, on_exceed, "on_exceed")
@@ -313,6 +345,9 @@ class Job:
         self._final_timeout_s = final_timeout_s
         self._enabled = enabled
         self._initial_tokens = initial_tokens
+        # The micro-batches still allowed (``out_of_memory`` withdraws some) and the loop's own:
+        # written by the training thread, read by the reporter as one tuple each.
+        self._micro_batches, self._own_micro_batch = _micro_batches(micro_batches, micro_batch)
 
         # Written by the training thread only: (steps, samples, tokens, step seconds).
         self._totals: tuple[int, int, int, float] = (
@@ -377,8 +412,47 @@ class Job:
 
     @property
     def micro_batch(self) -> int | None:
-        """The micro-batch size the daemon asks for, or ``None`` to keep the loop's own."""
-        return self._directive.micro_batch
+        """The micro-batch size to train in now, or ``None`` to keep the loop's own.
+
+        The daemon's directive; with declared ``micro_batches``, never one of those
+        :meth:`out_of_memory` withdrew (the largest that fits instead), and the loop's own
+        micro-batch when the daemon asks for none.
+        """
+        asked = self._directive.micro_batch
+        allowed = self._micro_batches
+        if not allowed:
+            return asked
+        want = asked if asked is not None else self._own_micro_batch
+        return want if want is not None and want <= allowed[-1] else allowed[-1]
+
+    @property
+    def micro_batches(self) -> tuple[int, ...]:
+        """The micro-batches declared and not withdrawn, ascending (empty: none declared)."""
+        return self._micro_batches
+
+    def out_of_memory(self) -> int:
+        """The loop ran out of memory at :attr:`micro_batch`: withdraw it and every larger one.
+
+        The daemon learns of it at the next report (its optimiser goes no higher); the loop goes
+        on at the returned micro-batch, the largest that is left.
+
+        Returns:
+            The micro-batch to train in from now on.
+
+        Raises:
+            ValueError: No micro-batches were declared, or the one that failed was the smallest.
+        """
+        failed = self.micro_batch
+        left = tuple(m for m in self._micro_batches if failed is None or m < failed)
+        if not self._micro_batches or not left:
+            raise ValueError(
+                f"micro-batch {failed} ran out of memory and no smaller one is declared "
+                f"(micro_batches: {list(self._micro_batches)})"
+            )
+        self._micro_batches = left
+        log.warning("powertrain: micro-batch %s ran out of memory; training on at %d",
+                    failed, left[-1])
+        return left[-1]
 
     @property
     def connected(self) -> bool:
@@ -667,7 +741,7 @@ class Job:
         totals = self._totals  # one load: a consistent snapshot (see the class docstring)
         steps, samples, tokens, busy_s = totals
         new_steps = steps - self._sent[0]
-        body = {
+        body: dict[str, object] = {
             "steps": steps,
             "samples": samples,
             "tokens": tokens,
@@ -678,6 +752,9 @@ class Job:
             "member": self._member,
             "outcome": self._outcome if final else None,
         }
+        if self._micro_batches:
+            body["micro_batches"] = list(self._micro_batches)
+            body["micro_batch_default"] = self._own_micro_batch
         try:
             response = self._http.post(f"/v1/jobs/{self._id}/progress", json=body, timeout=timeout)
         except httpx.HTTPError as exc:
@@ -742,6 +819,8 @@ def track(
     initial_steps: int = 0,
     initial_samples: int = 0,
     initial_tokens: int = 0,
+    micro_batches: Sequence[int] | None = None,
+    micro_batch: int | None = None,
 ) -> Job:
     """A :class:`Job` for this training process, to use as ``with track(...) as job:``.
 
@@ -767,4 +846,6 @@ def track(
         initial_steps=initial_steps,
         initial_samples=initial_samples,
         initial_tokens=initial_tokens,
+        micro_batches=micro_batches,
+        micro_batch=micro_batch,
     )

@@ -8,6 +8,14 @@ loop's ``decide``) and feeds it windows that start and end at progress reports, 
 energy interpolated between ticks; every change of the search is stored with its probes
 (``optimizer_searches`` / ``optimizer_probes``, read by ``reports/optimizer.py``), and
 ``Optimising.stop`` stores a search the job's end cut short as it stood.
+
+A job whose training loop declares the micro-batches it allows (``track(micro_batches=...)``)
+and whose GPUs are all on this node gets the micro-batch searched with its setting
+(``JointOptimizer``): the micro-batch goes to the loop as the ``micro_batch`` directive, which
+its ranks take at their next step boundary, so no step is lost; the first steps at a new
+micro-batch are the probe's discarded warm-up. A loop that reports an out-of-memory (it
+withdraws micro-batches) stops the search going higher. A run spread over nodes searches the
+setting alone: the other nodes' daemons follow its setting, not its micro-batch.
 """
 
 from __future__ import annotations
@@ -15,11 +23,13 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from itertools import pairwise
 
 from energy.optimizer import (
     EnergyOptimizer,
+    JointOptimizer,
+    JointResult,
     Knob,
     LeastEnergy,
     Objective,
@@ -29,7 +39,15 @@ from energy.optimizer import (
     objective_from_name,
 )
 from energy.units import mw_to_w, w_to_mw
-from scheduler.control import Command, Decision, GpuFacts, LockClocks, Observation, SetPowerLimit
+from scheduler.control import (
+    Command,
+    Decision,
+    GpuFacts,
+    LockClocks,
+    Observation,
+    SetMicroBatch,
+    SetPowerLimit,
+)
 from scheduler.jobs import Mode
 from scheduler.store import JobRecord, JobStore, ProbeRecord, SearchRecord
 from telemetry.clock import to_datetime
@@ -119,7 +137,8 @@ def start_optimising(
     )
     log.info("job %d: the energy optimiser takes over (%s): %s over %s", job.id, why,
              goal.name, space.knob)
-    return Optimising(job.id, jobs, space, goal)
+    return Optimising(job.id, jobs, space, goal,
+                      micro_batch_lever=len(set(job.gpu_hosts) | {job.host}) == 1)
 
 
 @dataclass(slots=True)
@@ -130,9 +149,16 @@ class Optimising:
         job_id: The job.
         jobs: Where its searches are stored.
         space / goal: What it searches (its ``knob`` says which actuator), and for what.
+        micro_batch_lever: The job's micro-batch may be searched too (its GPUs are all on this
+            node); it is when its loop declares its micro-batches.
         optimizer: The optimiser, made once the job's step time is known (its windows are set
-            in seconds, see ``daemon_search``).
+            in seconds, see ``daemon_search``): a ``JointOptimizer`` when the micro-batch is
+            searched too.
         applied / applied_at: The setting last applied, and when (s).
+        applied_micro_batch: The micro-batch last asked of the loop (None: not searched).
+        top_probes: How many of a joint search's micro-batch probes ran at the top setting (the
+            first ones); the others ran at the setting applied when they were taken
+            (``checked_at``).
         mark: Where the window being measured starts: a progress report's time (s), the
             job's steps then, and its energy then (J, interpolated between ticks).
         saved: The search result last stored.
@@ -142,11 +168,15 @@ class Optimising:
     jobs: JobStore
     space: SettingSpace
     goal: Objective
-    optimizer: EnergyOptimizer | None = None
+    micro_batch_lever: bool = False
+    optimizer: EnergyOptimizer | JointOptimizer | None = None
     applied: int | None = None
     applied_at: float = 0.0
+    applied_micro_batch: int | None = None
     mark: tuple[float, int, float] | None = None
-    saved: SearchResult | None = None
+    saved: SearchResult | JointResult | None = None
+    top_probes: int | None = None
+    checked_at: dict[int, int] = field(default_factory=dict)
 
     def drive(
         self,
@@ -172,9 +202,10 @@ class Optimising:
         if self.optimizer is None:
             if not obs.step_time_s:
                 return  # no step reported yet
-            self.optimizer = EnergyOptimizer(self.space, self.goal,
-                                             daemon_search(obs.step_time_s))
-        if self.applied is None or self.applied != self.optimizer.setting:
+            self.optimizer = self._make_optimizer(obs, daemon_search(obs.step_time_s))
+        if isinstance(self.optimizer, JointOptimizer):
+            self._obey_memory(obs)
+        if (self.applied, self.applied_micro_batch) != self._wanted():
             self._apply_setting(gpus, obs, decide)
             return
         point = report_point(reports, energy_at, self.applied_at)
@@ -186,37 +217,90 @@ class Optimising:
         (t0, steps0, e0), (t1, steps1, e1) = self.mark, point
         done = steps1 - steps0
         if done >= self.optimizer.steps_wanted and t1 > t0:
-            before = self.optimizer.setting
             self.optimizer.observe(done, t1 - t0, max(e1 - e0, 0.0))
             self.mark = point
-            if self.optimizer.setting != before:
+            self._note_checks()
+            if (self.applied, self.applied_micro_batch) != self._wanted():
                 self._apply_setting(gpus, obs, decide)
             self._save_search(obs.now_s, self.optimizer.result)
 
+    def _make_optimizer(
+        self, obs: Observation, config: SearchConfig
+    ) -> EnergyOptimizer | JointOptimizer:
+        """A joint search when the loop declared at least two micro-batches (its own among
+        them) and the lever is allowed; else the setting's search alone."""
+        allowed, own = obs.micro_batches, obs.default_micro_batch
+        if self.micro_batch_lever and len(allowed) >= 2 and own in allowed:
+            assert own is not None
+            log.info("job %d: the optimiser searches the micro-batch too, among %s (the "
+                     "loop's own: %d)", self.job_id, ", ".join(map(str, allowed)), own)
+            return JointOptimizer(self.space, self.goal, allowed, own, config)
+        return EnergyOptimizer(self.space, self.goal, config)
+
+    def _wanted(self) -> tuple[int, int | None]:
+        """The setting and micro-batch the optimiser asks for now."""
+        opt = self.optimizer
+        assert opt is not None
+        return opt.setting, opt.micro_batch if isinstance(opt, JointOptimizer) else None
+
+    def _obey_memory(self, obs: Observation) -> None:
+        """The loop withdrew micro-batches (it ran out of memory): a search at one of them
+        drops it and every larger one, and the window it was measuring."""
+        opt = self.optimizer
+        assert isinstance(opt, JointOptimizer)
+        while obs.micro_batches and opt.micro_batch > obs.micro_batches[-1]:
+            log.warning("job %d: micro-batch %d ran out of memory", self.job_id,
+                        opt.micro_batch)
+            try:
+                opt.out_of_memory()
+            except ValueError as exc:
+                log.warning("job %d: %s", self.job_id, exc)
+                return
+            self.mark = None
+
+    def _note_checks(self) -> None:
+        """Which setting each micro-batch probe of a joint search ran at (for the store)."""
+        opt = self.optimizer
+        if not isinstance(opt, JointOptimizer) or opt.result is None or self.applied is None:
+            return
+        probes = opt.result.micro_batch_probes
+        if self.top_probes is None:  # those before the first setting search: at the top
+            self.top_probes = len(probes)
+        for i in range(self.top_probes, len(probes)):
+            self.checked_at.setdefault(i, self.applied)
+
     def stop(self, now_s: float) -> None:
         """The job ended: store a search it ended in the middle of as it stood
-        (``EnergyOptimizer.so_far``)."""
-        if self.optimizer is not None and not self.optimizer.done:
-            self._save_search(now_s, self.optimizer.so_far())
+        (``EnergyOptimizer.so_far``; a joint search once its setting search has begun)."""
+        opt = self.optimizer
+        if opt is not None and not opt.done:
+            self._save_search(now_s, opt.result if isinstance(opt, JointOptimizer)
+                              else opt.so_far())
 
-    def _save_search(self, now_s: float, result: SearchResult | None) -> None:
+    def _save_search(self, now_s: float, result: SearchResult | JointResult | None) -> None:
         """Store a search whenever it changed (done, revised, measured further; or as it stood
         when the job ended), for ``powertrain report``."""
-        assert self.optimizer is not None
+        opt = self.optimizer
+        assert opt is not None
         if result is None or result is self.saved:
             return
-        finished = self.optimizer.results
-        number = len(finished) if finished and result is finished[-1] else len(finished) + 1
-        record = SearchRecord(
-            job_id=self.job_id, number=number, at=to_datetime(now_s),
-            objective=self.optimizer.objective.name, knob=self.optimizer.space.knob,
-            setting=result.setting, top_setting=self.optimizer.space.max_value,
-            feasible=result.feasible, reason=result.reason, revisions=result.revisions,
-            profiling_steps=result.profiling_steps, profiling_time_s=result.profiling_time_s,
-            profiling_energy_j=result.profiling_energy_j,
-            probes=tuple(ProbeRecord(p.setting, p.steps, p.time_s, p.energy_j)
-                         for p in sorted(result.probes, key=lambda p: -p.setting)),
-        )
+        if isinstance(result, JointResult):
+            record = self._joint_record(now_s, result)
+        else:
+            assert isinstance(opt, EnergyOptimizer)
+            finished = opt.results
+            number = len(finished) if finished and result is finished[-1] else len(finished) + 1
+            record = SearchRecord(
+                job_id=self.job_id, number=number, at=to_datetime(now_s),
+                objective=opt.objective.name, knob=opt.space.knob,
+                setting=result.setting, top_setting=opt.space.max_value,
+                feasible=result.feasible, reason=result.reason, revisions=result.revisions,
+                profiling_steps=result.profiling_steps,
+                profiling_time_s=result.profiling_time_s,
+                profiling_energy_j=result.profiling_energy_j,
+                probes=tuple(ProbeRecord(p.setting, p.steps, p.time_s, p.energy_j)
+                             for p in sorted(result.probes, key=lambda p: -p.setting)),
+            )
         try:
             self.jobs.save_search(record)
         except StoreError as exc:
@@ -224,17 +308,57 @@ class Optimising:
             return
         self.saved = result
 
+    def _joint_record(self, now_s: float, result: JointResult) -> SearchRecord:
+        """A joint search as one stored search: the setting probes of its latest setting
+        search (at the chosen micro-batch) and every micro-batch probe (at the setting it ran
+        at: the top one, or the chosen one for the checks after the setting search)."""
+        opt = self.optimizer
+        assert isinstance(opt, JointOptimizer)
+        search = result.search
+        top = self.space.max_value
+        probes: dict[tuple[int | None, int], ProbeRecord] = {}
+        for i, p in enumerate(result.micro_batch_probes):
+            at = self.checked_at.get(i, top) if i >= (self.top_probes or 0) else top
+            probes[(p.setting, at)] = ProbeRecord(at, p.steps, p.time_s, p.energy_j, p.setting)
+        if search is not None:
+            for p in search.probes:  # a setting's longer measurement wins over a short probe
+                probes[(result.micro_batch, p.setting)] = ProbeRecord(
+                    p.setting, p.steps, p.time_s, p.energy_j, result.micro_batch)
+        return SearchRecord(
+            job_id=self.job_id, number=1, at=to_datetime(now_s), objective=opt.objective.name,
+            knob=opt.space.knob, setting=result.setting, top_setting=top,
+            feasible=result.feasible,
+            reason="; ".join(r for r in (result.reason, search.reason if search else "") if r),
+            revisions=search.revisions if search is not None else 0,
+            profiling_steps=result.profiling_steps, profiling_time_s=result.profiling_time_s,
+            profiling_energy_j=result.profiling_energy_j,
+            probes=tuple(sorted(probes.values(),
+                                key=lambda p: (-p.setting, -(p.micro_batch or 0)))),
+            micro_batch=result.micro_batch, default_micro_batch=result.default_micro_batch,
+        )
+
     def _apply_setting(
         self, gpus: Sequence[int], obs: Observation, decide: Callable[[Decision], None]
     ) -> None:
-        assert self.optimizer is not None
-        value = self.optimizer.setting
-        state = type(self.optimizer.state).__name__.lower()
-        decide(setting_decision(
+        opt = self.optimizer
+        assert opt is not None
+        value, micro_batch = self._wanted()
+        if isinstance(opt, JointOptimizer):
+            phase = "holding" if opt.done else "searching, micro-batch and setting"
+        else:
+            phase = type(opt.state).__name__.lower()
+        decision = setting_decision(
             self.space.knob, value, gpus, obs,
-            why=f"energy optimiser ({self.optimizer.objective.name}, {state})",
-        ))
+            why=f"energy optimiser ({opt.objective.name}, {phase})",
+        )
+        if micro_batch is not None and micro_batch != self.applied_micro_batch:
+            decision = replace(
+                decision, what=f"{decision.what}, micro-batch {micro_batch}",
+                commands=(*decision.commands, SetMicroBatch(micro_batch)),
+            )
+        decide(decision)
         self.applied, self.applied_at, self.mark = value, obs.now_s, None
+        self.applied_micro_batch = micro_batch
 
 
 def setting_decision(

@@ -152,6 +152,18 @@ class ProgressReport(_Request):
     final: bool = False
     member: Annotated[int, Field(ge=1)] | None = None
     outcome: Literal["ok", "error", "stopped"] | None = None
+    #: The micro-batches the loop allows now (an out-of-memory withdraws the larger ones) and
+    #: its own one: the micro-batch lever (``scheduler.client.track(micro_batches=...)``).
+    micro_batches: Annotated[
+        list[Annotated[int, Field(ge=1)]], Field(min_length=1, max_length=64)
+    ] | None = None
+    micro_batch_default: Annotated[int, Field(ge=1)] | None = None
+
+    @model_validator(mode="after")
+    def _own_micro_batch_allowed(self) -> Self:
+        if self.micro_batch_default is not None and self.micro_batches is None:
+            raise ValueError("micro_batch_default comes with micro_batches")
+        return self
 
 
 class UpdateRequest(_Request):

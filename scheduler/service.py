@@ -639,6 +639,9 @@ class JobService:
         # A run steps at its slowest rank's pace.
         slowest = max(live.step_time_s.values(), default=None)
         live.progress.add(now_s, totals.steps, totals.tokens, slowest)
+        if req.micro_batches is not None:  # the loop's micro-batch is a lever
+            live.progress.micro_batches = tuple(sorted(set(req.micro_batches)))
+            live.progress.default_micro_batch = req.micro_batch_default
 
     def _member_said_it_ended(
         self, job: JobRecord, member: MemberRecord, outcome: str | None
@@ -1123,9 +1126,17 @@ class JobService:
                 # A paced job keeps its GPU busy only while it steps, idle while it sleeps: the
                 # client sleeps d * (1/duty - 1) after each step of duration d.
                 duty = self.budgets.duty(job.id)
+                scale = self._micro_batch_scale(job, live)
                 for index in job.gpus:
-                    busy[index] = ((job.pid,) if job.pid else (), round(duty, 3))
+                    busy[index] = ((job.pid,) if job.pid else (), round(duty, 3), scale)
         self._sim.follow(busy)
+
+    def _micro_batch_scale(self, job: JobRecord, live: _Live) -> float:
+        """The micro-batch the job trains in, as a multiple of its loop's own (1.0 when the
+        daemon asks for none or the loop declared none)."""
+        asked = self.actuators.directives(job.id).micro_batch
+        own = live.progress.default_micro_batch
+        return round(asked / own, 4) if asked and own else 1.0
 
     # -- helpers ---------------------------------------------------------------------------------
 

@@ -1,12 +1,13 @@
 """What only a simulated GPU needs from the job service: its load follows the jobs' steps, and its
-clock stretches their steps.
+clock and the jobs' micro-batches stretch their steps.
 
 A real GPU is busy because a job computes on it, and slow because of its clock; a simulated GPU
 knows neither by itself. The service tells this adapter, once a control tick, which GPUs its
-stepping jobs keep busy and at what duty (``follow``), and asks it how much a job's steps stretch
-at its GPUs' clocks (``slowdown``, sent to the client as the ``slowdown`` directive). The daemon
-adds ``SimulatedGpus`` when its backend is the simulator (``sim_adapter_for``); everything else
-gets ``NoSimulation``, which does nothing.
+stepping jobs keep busy, at what duty and at what micro-batch (``follow``; a micro-batch other
+than the loop's own changes the GPU's power and time per step, ``energy.gpu_model``), and asks it
+how much a job's steps stretch at its GPUs' clocks and micro-batch (``slowdown``, sent to the
+client as the ``slowdown`` directive). The daemon adds ``SimulatedGpus`` when its backend is the
+simulator (``sim_adapter_for``); everything else gets ``NoSimulation``, which does nothing.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from typing import Protocol
 from telemetry.backends.base import GpuBackend
 from telemetry.backends.simulated import SimulatedBackend
 
-Load = tuple[tuple[int, ...], float]
-"""What a busy GPU runs: the pids of its job's processes, and the duty its job computes at."""
+Load = tuple[tuple[int, ...], float, float]
+"""What a busy GPU runs: the pids of its job's processes, the duty its job computes at, and its
+micro-batch as a multiple of the loop's own (``SimulatedBackend.set_workload``)."""
 
 WORKLOAD = "training"
 """The workload a busy simulated GPU runs (``telemetry/backends/profiles/workloads.json``)."""
@@ -72,7 +74,8 @@ class SimulatedGpus:
         for index in indices:
             if self._backend.workload(index) is not None:
                 pids = tuple(p.pid for p in self._backend.read(index).processes)
-                self._busy[index] = (pids, self._backend.duty(index))
+                self._busy[index] = (pids, self._backend.duty(index),
+                                     self._backend.micro_batch_scale(index))
 
     def follow(self, busy: Mapping[int, Load]) -> None:
         for index in set(self._busy) - set(busy):
@@ -80,8 +83,9 @@ class SimulatedGpus:
             self._backend.set_workload(index, None)  # its job stopped stepping or ended
         for index, load in busy.items():
             if self._busy.get(index) != load:
-                pids, duty = load
-                self._backend.set_workload(index, WORKLOAD, pids=pids, duty=duty)
+                pids, duty, scale = load
+                self._backend.set_workload(index, WORKLOAD, pids=pids, duty=duty,
+                                           micro_batch_scale=scale)
                 self._busy[index] = load
 
     def slowdown(self, indices: Sequence[int]) -> float:

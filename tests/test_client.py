@@ -164,6 +164,42 @@ def test_micro_batch_directive_is_visible_and_follows_changes(
         assert daemon.wait_for(lambda: job.micro_batch == 8)
 
 
+def test_declared_micro_batches_are_reported_and_bound_the_directive(
+    daemon: FakeDaemon, sock_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job_id = launched(daemon, monkeypatch)
+    with track(socket_path=sock_path, report_interval_s=FAST, micro_batches=(8, 2, 4),
+               micro_batch=4) as job:
+        assert job.micro_batches == (2, 4, 8)
+        assert job.micro_batch == 4  # no directive: the loop's own
+        run_steps(job, 1)
+        assert daemon.wait_for(lambda: any("micro_batches" in r for r in daemon.reports(job_id)))
+        report = next(r for r in daemon.reports(job_id) if "micro_batches" in r)
+        assert (report["micro_batches"], report["micro_batch_default"]) == ([2, 4, 8], 4)
+        daemon.set_directive(job_id, micro_batch=8)
+        assert daemon.wait_for(lambda: job.micro_batch == 8)
+        # out of memory at 8: 8 is withdrawn, the loop goes on at 4 and says so to the daemon
+        assert job.out_of_memory() == 4
+        assert (job.micro_batch, job.micro_batches) == (4, (2, 4))
+        run_steps(job, 1)
+        assert daemon.wait_for(lambda: daemon.reports(job_id)[-1].get("micro_batches") == [2, 4])
+        assert job.out_of_memory() == 2
+        with pytest.raises(ValueError, match="no smaller one"):
+            job.out_of_memory()
+
+
+def test_bad_micro_batch_declarations_raise() -> None:
+    with pytest.raises(ValueError, match="positive integers"):
+        track(micro_batches=(0, 4))
+    with pytest.raises(ValueError, match="not one of"):
+        track(micro_batches=(2, 4), micro_batch=3)
+    with pytest.raises(ValueError, match="declare those"):
+        track(micro_batch=4)
+    assert track(micro_batches=(2, 4)).micro_batch == 4  # the largest, by default
+    with pytest.raises(ValueError, match="no smaller one"):
+        track(enabled=False).out_of_memory()  # nothing declared
+
+
 def test_pause_checkpoints_blocks_and_resumes(
     daemon: FakeDaemon, sock_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

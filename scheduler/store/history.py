@@ -96,6 +96,7 @@ class ControlHistory:
             "profiling_steps": search.profiling_steps,
             "profiling_time_s": search.profiling_time_s,
             "profiling_energy_j": search.profiling_energy_j,
+            "micro_batch": search.micro_batch, "default_micro_batch": search.default_micro_batch,
         }
         try:
             with self._engine.begin() as conn:
@@ -116,7 +117,8 @@ class ControlHistory:
                 if search.probes:
                     conn.execute(optimizer_probes_table.insert(), [
                         {"search_id": search_id, "setting": p.setting, "steps": p.steps,
-                         "time_s": p.time_s, "energy_j": p.energy_j}
+                         "time_s": p.time_s, "energy_j": p.energy_j,
+                         "micro_batch": p.micro_batch}
                         for p in search.probes
                     ])
         except SQLAlchemyError as exc:
@@ -137,12 +139,13 @@ class ControlHistory:
             probes: dict[int, builtins.list[ProbeRecord]] = {}
             if rows:
                 for r in conn.execute(
-                    select(p.search_id, p.setting, p.steps, p.time_s, p.energy_j)
+                    select(p.search_id, p.setting, p.steps, p.time_s, p.energy_j,
+                           p.micro_batch)
                     .where(p.search_id.in_([row["id"] for row in rows]))
-                    .order_by(p.search_id, p.setting.desc())
+                    .order_by(p.search_id, p.setting.desc(), p.micro_batch.desc())
                 ):
-                    probes.setdefault(r.search_id, []).append(
-                        ProbeRecord(r.setting, r.steps, r.time_s, r.energy_j))
+                    probes.setdefault(r.search_id, []).append(ProbeRecord(
+                        r.setting, r.steps, r.time_s, r.energy_j, r.micro_batch))
         out: dict[int, builtins.list[SearchRecord]] = {}
         for row in rows:
             out.setdefault(row["job_id"], []).append(SearchRecord(
@@ -153,6 +156,7 @@ class ControlHistory:
                 profiling_time_s=row["profiling_time_s"],
                 profiling_energy_j=row["profiling_energy_j"],
                 probes=tuple(probes.get(row["id"], ())),
+                micro_batch=row["micro_batch"], default_micro_batch=row["default_micro_batch"],
             ))
         return out
 

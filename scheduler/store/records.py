@@ -273,12 +273,15 @@ class ProbeRecord:
     Attributes:
         setting: mW for a power limit, MHz for a locked clock.
         steps / time_s / energy_j: Steps measured, their wall time (s) and energy (J).
+        micro_batch: The micro-batch it ran at, in a joint search (None: the job's own, in a
+            search of the setting alone).
     """
 
     setting: int
     steps: int
     time_s: float
     energy_j: float
+    micro_batch: int | None = None
 
     @property
     def step_time_s(self) -> float:
@@ -306,7 +309,10 @@ class SearchRecord:
             default, or its wattage budget when that is lower).
         feasible / reason / revisions: As ``energy.optimizer.SearchResult``.
         profiling_steps / profiling_time_s / profiling_energy_j: What profiling cost the job.
-        probes: What each setting measured, highest setting first.
+        probes: What each setting measured, highest setting first; in a joint search, the
+            micro-batch probes too (each names its micro-batch).
+        micro_batch / default_micro_batch: A joint search's chosen micro-batch and the job's
+            own (None: a search of the setting alone).
     """
 
     job_id: int
@@ -323,10 +329,13 @@ class SearchRecord:
     profiling_time_s: float
     profiling_energy_j: float
     probes: tuple[ProbeRecord, ...]
+    micro_batch: int | None = None
+    default_micro_batch: int | None = None
 
     def probe(self, setting: int) -> ProbeRecord | None:
-        """What ``setting`` measured, if it was probed."""
-        return next((p for p in self.probes if p.setting == setting), None)
+        """What ``setting`` measured (at the chosen micro-batch), if it was probed."""
+        return next((p for p in self.probes
+                     if p.setting == setting and p.micro_batch == self.micro_batch), None)
 
 
 class Throughput(NamedTuple):

@@ -518,16 +518,20 @@ class OptimizerSearchRow(Base):
     profiling_steps: Mapped[int] = mapped_column(BigInteger)
     profiling_time_s: Mapped[float] = mapped_column(Double)
     profiling_energy_j: Mapped[float] = mapped_column(Double)
+    #: A joint search's chosen micro-batch and the job's own (NULL: the setting alone).
+    micro_batch: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    default_micro_batch: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 optimizer_searches_table = cast(Table, OptimizerSearchRow.__table__)
 
 
 class OptimizerProbeRow(Base):
-    """What one setting measured in a search: its steps, their wall time and energy."""
+    """What one setting measured in a search: its steps, their wall time and energy; in a joint
+    search, at which micro-batch (NULL: the job's own, in a search of the setting alone)."""
 
     __tablename__ = "optimizer_probes"
-    __table_args__ = (UniqueConstraint("search_id", "setting"),)
+    __table_args__ = (UniqueConstraint("search_id", "micro_batch", "setting"),)
 
     id: Mapped[int] = mapped_column(BigIntKey, primary_key=True, autoincrement=True)
     search_id: Mapped[int] = mapped_column(
@@ -537,6 +541,7 @@ class OptimizerProbeRow(Base):
     steps: Mapped[int] = mapped_column(BigInteger)
     time_s: Mapped[float] = mapped_column(Double)
     energy_j: Mapped[float] = mapped_column(Double)
+    micro_batch: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 optimizer_probes_table = cast(Table, OptimizerProbeRow.__table__)
