@@ -93,6 +93,8 @@ def test_reports_cumulative_tokens_to_the_daemon(folder: Path) -> None:
     assert job.attach["total_tokens"] == 30 * 8 * 32
     final = daemon.reports(job.id)[-1]
     assert final["final"] and final["tokens"] == done["tokens"] and final["steps"] == 30
+    # the loop declares the splits of its batch of 8 it can train in, its own the whole batch
+    assert (final["micro_batches"], final["micro_batch_default"]) == ([1, 2, 4, 8], 8)
 
 
 def test_stop_checkpoints_then_resume_finishes(folder: Path) -> None:
