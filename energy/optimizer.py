@@ -1628,10 +1628,20 @@ class JointOptimizer:
     def result(self) -> JointResult | None:
         """The choice so far: None before the setting search has a result."""
         search = self._inner.result if self._inner is not None else None
-        if search is None:
-            return None
+        return self._result(search) if search is not None else None
+
+    def so_far(self) -> JointResult | None:
+        """The choice as it stands, for a job that ends mid-search: once the setting search has
+        begun, its best so far (``EnergyOptimizer.so_far``, whose ``reason`` starts with
+        ``UNFINISHED`` while it is not done) at the micro-batch it runs; None before."""
+        search = self._inner.so_far() if self._inner is not None else None
+        return self._result(search) if search is not None else None
+
+    def _result(self, search: SearchResult) -> JointResult:
+        # While a neighbour is checked, the choice is still the micro-batch it is checked against.
+        chosen = self._chosen if self._phase == "check" else self.micro_batch
         return JointResult(
-            micro_batch=self.micro_batch, default_micro_batch=self.default_micro_batch,
+            micro_batch=chosen, default_micro_batch=self.default_micro_batch,
             setting=search.setting, feasible=search.feasible,
             micro_batch_probes=(*self._probes, *self._checks), search=search,
             profiling_steps=self.profiling_steps, profiling_time_s=self.profiling_time_s,

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, replace
 from itertools import pairwise
 
 from energy.optimizer import (
+    UNFINISHED,
     EnergyOptimizer,
     JointOptimizer,
     JointResult,
@@ -271,18 +272,18 @@ class Optimising:
 
     def stop(self, now_s: float) -> None:
         """The job ended: store a search it ended in the middle of as it stood
-        (``EnergyOptimizer.so_far``; a joint search once its setting search has begun)."""
+        (``so_far``; a joint search once its setting search has begun)."""
         opt = self.optimizer
         if opt is not None and not opt.done:
-            self._save_search(now_s, opt.result if isinstance(opt, JointOptimizer)
-                              else opt.so_far())
+            self._save_search(now_s, opt.so_far())
 
     def _save_search(self, now_s: float, result: SearchResult | JointResult | None) -> None:
         """Store a search whenever it changed (done, revised, measured further; or as it stood
         when the job ended), for ``powertrain report``."""
         opt = self.optimizer
         assert opt is not None
-        if result is None or result is self.saved:
+        # A joint search's result is made anew at each read: compared by value.
+        if result is None or result is self.saved or result == self.saved:
             return
         if isinstance(result, JointResult):
             record = self._joint_record(now_s, result)
@@ -328,7 +329,10 @@ class Optimising:
             job_id=self.job_id, number=1, at=to_datetime(now_s), objective=opt.objective.name,
             knob=opt.space.knob, setting=result.setting, top_setting=top,
             feasible=result.feasible,
-            reason="; ".join(r for r in (result.reason, search.reason if search else "") if r),
+            # an unfinished search says so first (``OptimizerSummary.finished``)
+            reason="; ".join(r for r in sorted(
+                (result.reason, search.reason if search else ""),
+                key=lambda r: not r.startswith(UNFINISHED)) if r),
             revisions=search.revisions if search is not None else 0,
             profiling_steps=result.profiling_steps, profiling_time_s=result.profiling_time_s,
             profiling_energy_j=result.profiling_energy_j,

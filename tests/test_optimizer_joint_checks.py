@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import random
 
-from energy.optimizer import JointOptimizer, LeastEnergy, SettingSpace
+from energy.optimizer import UNFINISHED, JointOptimizer, LeastEnergy, SettingSpace
 
 SPACE = SettingSpace.power_limits(100_000, 300_000)
 MICRO_BATCHES = (4, 8, 16, 32, 64)
@@ -59,3 +59,33 @@ def test_a_check_better_by_less_than_its_noise_is_measured_on() -> None:
     assert res is not None and res.micro_batch in (16, 32), res.reason
     longest = max((p for p in res.micro_batch_probes if p.setting == 16), key=lambda p: p.steps)
     assert longest.steps > opt.config.screen_steps
+
+
+def test_a_job_that_ends_mid_search_has_its_best_so_far() -> None:
+    opt = JointOptimizer(SPACE, LeastEnergy(), MICRO_BATCHES, default=8)
+    rng = random.Random(1)
+    while opt.so_far() is None or opt.so_far().search.probes == ():  # type: ignore[union-attr]
+        limit_w = opt.setting / 1000.0
+        e = 30.0 * factor(opt.micro_batch, limit_w) * (1 + 0.01 * rng.gauss(0, 1))
+        opt.observe(1, 30.0 / limit_w, e)
+    assert opt.result is None  # the setting search has not finished
+    so_far = opt.so_far()
+    assert so_far is not None and so_far.search is not None
+    assert so_far.search.reason.startswith(UNFINISHED)
+    assert so_far.micro_batch == opt.micro_batch == 8  # what the walk at the top chose
+
+
+def test_while_a_neighbour_is_checked_the_choice_stays_what_it_is_checked_against() -> None:
+    opt = JointOptimizer(SPACE, LeastEnergy(), MICRO_BATCHES, default=8)
+    rng = random.Random(2)
+    seen = set()
+    for _ in range(20_000):
+        if opt.done:
+            break
+        res = opt.result
+        if res is not None and opt.micro_batch != res.micro_batch:
+            seen.add((opt.micro_batch, res.micro_batch))  # a check, and the choice it tests
+        limit_w = opt.setting / 1000.0
+        e = 30.0 * factor(opt.micro_batch, limit_w) * (1 + 0.01 * rng.gauss(0, 1))
+        opt.observe(1, 30.0 / limit_w, e)
+    assert (16, 8) in seen, seen
