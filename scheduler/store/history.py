@@ -18,6 +18,7 @@ from energy.optimizer import Knob
 from scheduler.store.records import DecisionRecord, ProbeRecord, SearchRecord
 from telemetry.store import Store
 from telemetry.store.errors import write_error
+from telemetry.store.sql import write_transaction
 from telemetry.store.models import (
     control_decisions_table,
     optimizer_probes_table,
@@ -99,7 +100,9 @@ class ControlHistory:
             "micro_batch": search.micro_batch, "default_micro_batch": search.default_micro_batch,
         }
         try:
-            with self._engine.begin() as conn:
+            # It reads, then writes: the write lock is taken up front (a read lock upgraded while
+            # another connection writes would fail at once rather than wait).
+            with write_transaction(self._engine) as conn:
                 search_id = conn.execute(
                     select(s.id).where(s.job_id == search.job_id, s.number == search.number)
                 ).scalar()

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import replace
 from datetime import datetime
+from pathlib import Path
 
 import pytest
 
@@ -16,7 +19,8 @@ from scheduler.store import (
     ProbeRecord,
     SearchRecord,
 )
-from telemetry.store import Store, StoreWriteError
+from telemetry.store import Store, StoreWriteError, open_store
+from telemetry.store.sql import write_transaction
 from tests.store.data import at, gpu_info, reading
 
 NEW = NewJob(
@@ -379,3 +383,63 @@ def test_optimiser_searches_are_saved_replaced_and_read_back(jobs: JobStore) -> 
     assert stored_later.probe(300_000) is None
     assert stored_later.probes[0].power_w == pytest.approx(600.0)
     assert jobs.searches([]) == {}
+
+
+def test_a_joint_search_keeps_its_micro_batches(jobs: JobStore) -> None:
+    job = jobs.create(NEW, at=at(0))
+    search = SearchRecord(
+        job_id=job.id, number=1, at=at(10), objective="energy", knob="power_limit",
+        setting=250_000, top_setting=700_000, feasible=True, reason="micro-batch 8 scores best",
+        revisions=0, profiling_steps=200, profiling_time_s=60.0, profiling_energy_j=9_000.0,
+        # the micro-batch probes at the top setting, and the setting's at the chosen one: the
+        # same setting at several micro-batches
+        probes=(ProbeRecord(700_000, 16, 4.0, 2_600.0, micro_batch=8),
+                ProbeRecord(700_000, 16, 4.5, 2_700.0, micro_batch=2),
+                ProbeRecord(250_000, 300, 60.0, 18_000.0, micro_batch=8)),
+        micro_batch=8, default_micro_batch=2,
+    )
+    jobs.save_search(search)
+    (stored,) = jobs.searches([job.id])[job.id]
+    assert stored == replace(search, probes=tuple(sorted(
+        search.probes, key=lambda p: (-p.setting, -(p.micro_batch or 0)))))
+    assert stored.probe(700_000) == ProbeRecord(700_000, 16, 4.0, 2_600.0, micro_batch=8)
+
+
+def test_a_search_is_saved_while_another_connection_writes(tmp_path: Path) -> None:
+    # SQLite's: a read lock upgraded while another connection writes fails at once.
+    store = open_store(f"sqlite:///{tmp_path / 'store.db'}")
+    try:
+        _save_while_another_writes(store)
+    finally:
+        store.close()
+
+
+def _save_while_another_writes(store: Store) -> None:
+    jobs = JobStore(store)
+    job = jobs.create(NEW, at=at(0))
+    search = SearchRecord(
+        job_id=job.id, number=1, at=at(10), objective="energy", knob="power_limit",
+        setting=450_000, top_setting=700_000, feasible=True, reason="walked down",
+        revisions=0, profiling_steps=1, profiling_time_s=1.0, profiling_energy_j=1.0, probes=(),
+    )
+    locked, failed = threading.Event(), []
+    holder = threading.Thread(target=_write_for, args=(store, 0.5, locked, failed))
+    holder.start()
+    assert locked.wait(10)  # the other connection holds the write lock now
+    jobs.searches([job.id])  # this connection has read the store before
+    jobs.save_search(search)  # waits for it (busy timeout) instead of failing at once
+    holder.join()
+    assert not failed
+    assert jobs.searches([job.id]) == {job.id: [search]}
+
+
+def _write_for(store: Store, seconds: float, locked: threading.Event,
+               failed: list[BaseException]) -> None:
+    try:
+        with write_transaction(store.engine) as conn:
+            conn.exec_driver_sql("UPDATE jobs SET priority = priority")
+            locked.set()
+            time.sleep(seconds)
+    except BaseException as exc:
+        failed.append(exc)
+        locked.set()
