@@ -18,12 +18,12 @@ from energy.optimizer import Knob
 from scheduler.store.records import DecisionRecord, ProbeRecord, SearchRecord
 from telemetry.store import Store
 from telemetry.store.errors import write_error
-from telemetry.store.sql import write_transaction
 from telemetry.store.models import (
     control_decisions_table,
     optimizer_probes_table,
     optimizer_searches_table,
 )
+from telemetry.store.sql import write_transaction
 
 
 class ControlHistory:
