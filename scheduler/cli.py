@@ -913,11 +913,15 @@ def demo(
         ".demo"
     ),
     steps: Annotated[
-        int | None, typer.Option(min=5, help="Training steps per job (default 150).")
+        int | None,
+        typer.Option(min=5, help="Training steps per job (default 100 for the budgeted jobs, "
+                                 "1800 for the optimiser's pair)."),
     ] = None,
 ) -> None:
-    """Run the daemon on 4 simulated H100s with two real training jobs under budgets, then show
-    a per-job summary (energy, mean power, tokens/s, J/token)."""
+    """Run the daemon on 8 simulated H100s with real training jobs: two under wattage budgets,
+    then one job at the default setting beside the same job under --objective energy. Then show
+    a per-job summary (energy, mean power, tokens/s, J/token) and what the optimiser saved
+    (energy per token and throughput, both measured)."""
     from scheduler.demo import run_demo
 
     guarded(lambda: run_demo(home=home, steps=steps, console=out))

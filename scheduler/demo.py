@@ -1,10 +1,13 @@
-"""`powertrain demo`: the daemon on simulated H100s runs two real training jobs under budgets.
+"""`powertrain demo`: the daemon on simulated H100s runs real training jobs under budgets, and the
+energy optimiser against the default setting.
 
-The daemon runs as a real subprocess on simulated GPUs; two runs of ``examples/pretrain_gpt.py``
-(real PyTorch training on the CPU) are submitted through its API with different wattage budgets,
-which the daemon holds (power limits where it may set them, else pacing); their progress is shown
-while they train, then a per-job summary is read back from the store and the HTML report is
-written.
+The daemon runs as a real subprocess on simulated GPUs. Runs of ``examples/pretrain_gpt.py``
+(real PyTorch training on the CPU) are submitted through its API in two phases: two with wattage
+budgets, which the daemon holds (power limits where it may set them, else pacing); then two of
+the same job side by side, one at the default setting and one under ``--objective energy``,
+whose optimiser searches its micro-batch and power limit. Their progress is shown while they
+train; then a per-job summary is read back from the store, with what the optimiser saved against
+the default (energy per token and throughput, both measured), and the HTML report is written.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +28,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from energy.units import j_to_wh, mj_to_j
+from energy.units import j_to_wh, mj_to_j, mw_to_w
 from scheduler.apiclient import DaemonClient, DaemonError
 from scheduler.store import JobStore
 from telemetry.store import open_store
@@ -36,19 +40,45 @@ BATCH = 16
 
 @dataclass(frozen=True, slots=True)
 class DemoJob:
-    """One submitted run: name, budget per GPU (W), GPUs, steps."""
+    """One submitted run: name, budget per GPU (W; None: none), GPUs, steps, the optimiser's
+    objective (None: the default setting), the loop's own micro-batch (None: the batch)."""
 
     name: str
-    watts: float
+    watts: float | None
     gpus: int
     steps: int
+    objective: str | None = None
+    micro_batch: int | None = None
+    model: tuple[str, ...] = ()
 
     @property
     def tokens(self) -> int:
         return self.steps * BATCH * SEQ_LEN
 
 
-JOBS = (DemoJob("gpt-450w", 450.0, 1, 150), DemoJob("gpt-300w-x2", 300.0, 2, 150))
+#: The loop's own micro-batch in the optimiser's pair: a conservative split (4 of 16 sequences,
+#: so 4 micro-batches a step), as one picks before knowing what fits; the optimiser may go up.
+OWN_MICRO_BATCH = 4
+
+SIM_GPUS = 8
+"""An HGX-like node."""
+
+#: The optimiser's pair trains a smaller model, so that its steps are short: the search measures
+#: each setting for a few seconds, and the job should then run at its choice for longer than it
+#: searched.
+SMALL = ("--layers", "2", "--dim", "64", "--heads", "2")
+
+#: Two phases, one after the other: the budgets, then the optimiser's pair. The pair's jobs
+#: compute on the CPU, which stands for their GPUs; sharing it with other jobs that start and
+#: end in the middle of the search would change their step time under the optimiser's probes.
+PHASES = (
+    (DemoJob("gpt-450w", 450.0, 1, 100), DemoJob("gpt-300w-x2", 300.0, 2, 100)),
+    (
+        DemoJob("gpt-default", None, 1, 1800, micro_batch=OWN_MICRO_BATCH, model=SMALL),
+        DemoJob("gpt-energy", None, 1, 1800, objective="energy", micro_batch=OWN_MICRO_BATCH,
+                model=SMALL),
+    ),
+)
 
 
 def run_demo(*, home: Path, steps: int | None, console: Console) -> Path:
@@ -67,24 +97,35 @@ def run_demo(*, home: Path, steps: int | None, console: Console) -> Path:
         "--backend",
         "simulated",
         "--sim-gpus",
-        "4",
+        str(SIM_GPUS),
         "--home",
         str(home),
         "--socket",
         str(socket),
     ]
     console.print(
-        f"[bold]powertrain demo[/]: daemon on 4 simulated H100 SXM GPUs "
+        f"[bold]powertrain demo[/]: daemon on {SIM_GPUS} simulated H100 SXM GPUs "
         f"(store {home / 'powertrain.db'}, log {log_path})"
     )
-    jobs = [DemoJob(j.name, j.watts, j.gpus, steps or j.steps) for j in JOBS]
+    phases = [[j if steps is None else replace(j, steps=steps) for j in phase]
+              for phase in PHASES]
+    jobs = [job for phase in phases for job in phase]
+    # A SIGTERM ends the demo as Ctrl-C does: its jobs are cancelled, its daemon stopped.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     with log_path.open("w") as log:
         daemon = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
             with DaemonClient(socket) as client:
                 _wait_ready(client, daemon)
-                ids = {job.name: _submit(client, job) for job in jobs}
-                _follow(client, daemon, jobs, ids, console)
+                ids: dict[str, int] = {}
+                try:
+                    for phase in phases:
+                        for job in phase:
+                            ids[job.name] = _submit(client, job)
+                        _follow(client, daemon, phase, ids, console)
+                except BaseException:
+                    _cancel(client, ids.values())  # jobs outlive their daemon: not the demo's
+                    raise
                 views = {v["id"]: v for v in client.jobs(include_ended=True)}
         finally:
             daemon.send_signal(signal.SIGTERM)
@@ -92,12 +133,23 @@ def run_demo(*, home: Path, steps: int | None, console: Console) -> Path:
     if code != 0:
         raise RuntimeError(f"the daemon exited with status {code}; see {log_path}")
     _summarise(home, jobs, ids, views, console)
+    _compare(home, ids, views, console)
     from reports.files import write_demo_report
 
     report = write_demo_report(f"sqlite:///{home / 'powertrain.db'}", home / "report.html")
     console.print(f"HTML report: {report}")
     console.print(f"Explore it: powertrain report --home {home} [--by gpu|user|hour] [--json]")
     return home / "powertrain.db"
+
+
+def _cancel(client: DaemonClient, ids: Iterable[int]) -> None:
+    """Cancel the demo's jobs that have not ended (the demo was interrupted or failed)."""
+    for job_id in ids:
+        try:
+            if client.job(job_id)["state"] in ("queued", "running", "paused"):
+                client.cancel(job_id)
+        except DaemonError:
+            pass  # the daemon is gone: its jobs' processes end with their checkpoint hook
 
 
 def _wait_ready(client: DaemonClient, daemon: subprocess.Popen[bytes]) -> None:
@@ -122,16 +174,21 @@ def _submit(client: DaemonClient, job: DemoJob) -> int:
         "--name",
         job.name,
         "--log-every",
-        "25",
+        "50",
     ]
+    if job.micro_batch is not None:
+        argv += ["--micro-batch", str(job.micro_batch)]
+    argv += job.model
     view = client.submit(
         {
             "name": job.name,
             "argv": argv,
             "cwd": str(EXAMPLE.parent),
-            "env": dict(os.environ),
+            # four jobs share the machine's cores: one thread each, or they fight over them
+            "env": dict(os.environ) | {"OMP_NUM_THREADS": "1"},
             "gpus": job.gpus,
             "watts": job.watts,
+            "objective": job.objective,
         }
     )
     return int(view["id"])
@@ -207,7 +264,7 @@ def _summarise(
                 job.name,
                 view["state"],
                 ",".join(map(str, record.gpus)) if record else "-",
-                f"{job.watts:.0f}",
+                f"{job.watts:.0f}" if job.watts is not None else "-",
                 f"{j_to_wh(joules):.2f} Wh",
                 f"{mean_w:.0f} W",
                 "-" if rate is None or rate.tokens_per_s is None else f"{rate.tokens_per_s:,.0f}",
@@ -216,3 +273,39 @@ def _summarise(
         console.print(table)
     finally:
         store.close()
+
+
+def _compare(
+    home: Path, ids: dict[str, int], views: dict[int, dict[str, Any]], console: Console
+) -> None:
+    """What ``--objective energy`` saved against the same job at the default setting: energy per
+    token and throughput over each whole job (the search included), from the store."""
+    store = open_store(f"sqlite:///{home / 'powertrain.db'}")
+    try:
+        store_jobs = JobStore(store)
+        figures = {}
+        for name in ("gpt-default", "gpt-energy"):
+            energy = store_jobs.energy(ids[name])
+            rate = store_jobs.throughput(ids[name], window_s=1e9)
+            tokens = views[ids[name]]["tokens"]
+            tokens_per_s = rate.tokens_per_s if rate is not None else None
+            if not tokens or not tokens_per_s:
+                console.print(f"{name} reported no tokens: nothing to compare")
+                return
+            figures[name] = (mj_to_j(energy.energy_mj) / tokens, tokens_per_s)
+        searches = store_jobs.searches([ids["gpt-energy"]]).get(ids["gpt-energy"], [])
+    finally:
+        store.close()
+    (j_default, rate_default), (j_energy, rate_energy) = figures.values()
+    console.print(
+        f"[bold]--objective energy[/] against the same job at the default setting (whole jobs, "
+        f"search included, measured): energy per token {j_default:.4f} -> {j_energy:.4f} J "
+        f"([bold]{j_energy / j_default - 1:+.0%}[/]), throughput {rate_default:,.0f} -> "
+        f"{rate_energy:,.0f} tokens/s ({rate_energy / rate_default - 1:+.0%})"
+    )
+    if searches:
+        last = searches[-1]
+        micro = (f"micro-batch {last.micro_batch} (its own: {last.default_micro_batch}), "
+                 if last.micro_batch is not None else "")
+        console.print(f"  the optimiser chose {micro}power limit {mw_to_w(last.setting):g} W "
+                      f"(default {mw_to_w(last.top_setting):g} W): {last.reason}")
