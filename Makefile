@@ -29,17 +29,18 @@ typecheck: $(STAMP)
 # Tests run on every core (pytest-xdist); the ten slowest are listed at the end. A PostgreSQL
 # server is started for the run when its binaries are installed (tests/conftest.py).
 unit: $(STAMP)
-	$(BIN)/pytest -q -n auto --durations=10 -m 'not cluster and not distributed and not slurm and not ray'
+	$(BIN)/pytest -q -n auto --durations=10 -m 'not cluster and not distributed and not slurm and not ray and not long'
 
 test: lint typecheck unit
 
-# Runs of several ranks (4-rank torchrun, 2-rank DDP with the framework callbacks); several nodes
+# Runs of several ranks (4-rank torchrun, 2-rank DDP with the framework callbacks); the energy
+# optimiser on the real example for a few minutes, beside the same job at the default; several nodes
 # on one store (daemons on one PostgreSQL, a run spread over them, the cluster cap); a real
 # single-node Slurm whose prolog and epilog are powertrain's (.ci/slurm.sh installs it); and a
 # local Ray cluster of two nodes placing jobs on two daemons (a test file runs on one worker:
 # the Ray tests share one cluster).
 test-cluster: $(STAMP) $(RAY_STAMP)
-	$(BIN)/pytest -q -n auto --dist loadfile --durations=10 -m 'cluster or distributed or slurm or ray'
+	$(BIN)/pytest -q -n auto --dist loadfile --durations=10 -m 'cluster or distributed or slurm or ray or long'
 
 # The ray extra, for the cluster tests only (Ray is large). zeus (the bench extra) pulls in
 # amdsmi, whose import fails without ROCm's library and takes `import ray` down with it; zeus
