@@ -184,7 +184,7 @@ def _submit(client: DaemonClient, job: DemoJob) -> int:
             "name": job.name,
             "argv": argv,
             "cwd": str(EXAMPLE.parent),
-            # four jobs share the machine's cores: one thread each, or they fight over them
+            # the jobs of a phase share the machine's cores: one thread each, or they fight
             "env": dict(os.environ) | {"OMP_NUM_THREADS": "1"},
             "gpus": job.gpus,
             "watts": job.watts,
