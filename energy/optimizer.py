@@ -1476,6 +1476,7 @@ class JointResult:
         micro_batch_probes: What each micro-batch measured: at the top setting first, then the
             chosen micro-batch's neighbours at the chosen setting (``Probe.setting`` holds the
             micro-batch).
+        micro_batch_probe_settings: The setting each of ``micro_batch_probes`` ran at.
         search: The setting search at the chosen micro-batch (the latest one).
         profiling_steps / profiling_time_s / profiling_energy_j: What every probe cost,
             micro-batch probes and setting searches together.
@@ -1487,6 +1488,7 @@ class JointResult:
     setting: int
     feasible: bool
     micro_batch_probes: tuple[Probe, ...]
+    micro_batch_probe_settings: tuple[int, ...]
     search: SearchResult | None
     profiling_steps: int
     profiling_time_s: float
@@ -1567,6 +1569,7 @@ class JointOptimizer:
         #: Micro-batch probes at the top setting, in the order taken; then the checks.
         self._probes: list[Probe] = []
         self._checks: list[Probe] = []
+        self._ran_at: dict[Probe, int] = {}  # the setting each micro-batch probe ran at
         self._going_up = True
         self._to_check: list[int] = []
         self._checked = False
@@ -1643,7 +1646,8 @@ class JointOptimizer:
         return JointResult(
             micro_batch=chosen, default_micro_batch=self.default_micro_batch,
             setting=search.setting, feasible=search.feasible,
-            micro_batch_probes=(*self._probes, *self._checks), search=search,
+            micro_batch_probes=(probes := (*self._probes, *self._checks)),
+            micro_batch_probe_settings=tuple(self._ran_at[p] for p in probes), search=search,
             profiling_steps=self.profiling_steps, profiling_time_s=self.profiling_time_s,
             profiling_energy_j=self.profiling_energy_j, reason=self._reason,
         )
@@ -1755,6 +1759,7 @@ class JointOptimizer:
 
     def _record(self) -> None:
         probe = self._window.probe(self.micro_batch, self._warmup)
+        self._ran_at[probe] = self.setting
         self._warmup, self._window = _Window(), _Window()
         if self._phase == "micro":
             self._probes.append(probe)

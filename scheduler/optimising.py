@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from itertools import pairwise
 
 from energy.optimizer import (
@@ -157,9 +157,6 @@ class Optimising:
             searched too.
         applied / applied_at: The setting last applied, and when (s).
         applied_micro_batch: The micro-batch last asked of the loop (None: not searched).
-        top_probes: How many of a joint search's micro-batch probes ran at the top setting (the
-            first ones); the others ran at the setting applied when they were taken
-            (``checked_at``).
         mark: Where the window being measured starts: a progress report's time (s), the
             job's steps then, and its energy then (J, interpolated between ticks).
         saved: The search result last stored.
@@ -176,8 +173,6 @@ class Optimising:
     applied_micro_batch: int | None = None
     mark: tuple[float, int, float] | None = None
     saved: SearchResult | JointResult | None = None
-    top_probes: int | None = None
-    checked_at: dict[int, int] = field(default_factory=dict)
 
     def drive(
         self,
@@ -220,7 +215,6 @@ class Optimising:
         if done >= self.optimizer.steps_wanted and t1 > t0:
             self.optimizer.observe(done, t1 - t0, max(e1 - e0, 0.0))
             self.mark = point
-            self._note_checks()
             if (self.applied, self.applied_micro_batch) != self._wanted():
                 self._apply_setting(gpus, obs, decide)
             self._save_search(obs.now_s, self.optimizer.result)
@@ -258,17 +252,6 @@ class Optimising:
                 log.warning("job %d: %s", self.job_id, exc)
                 return
             self.mark = None
-
-    def _note_checks(self) -> None:
-        """Which setting each micro-batch probe of a joint search ran at (for the store)."""
-        opt = self.optimizer
-        if not isinstance(opt, JointOptimizer) or opt.result is None or self.applied is None:
-            return
-        probes = opt.result.micro_batch_probes
-        if self.top_probes is None:  # those before the first setting search: at the top
-            self.top_probes = len(probes)
-        for i in range(self.top_probes, len(probes)):
-            self.checked_at.setdefault(i, self.applied)
 
     def stop(self, now_s: float) -> None:
         """The job ended: store a search it ended in the middle of as it stood
@@ -318,8 +301,8 @@ class Optimising:
         search = result.search
         top = self.space.max_value
         probes: dict[tuple[int | None, int], ProbeRecord] = {}
-        for i, p in enumerate(result.micro_batch_probes):
-            at = self.checked_at.get(i, top) if i >= (self.top_probes or 0) else top
+        for p, at in zip(result.micro_batch_probes, result.micro_batch_probe_settings,
+                         strict=True):
             probes[(p.setting, at)] = ProbeRecord(at, p.steps, p.time_s, p.energy_j, p.setting)
         if search is not None:
             for p in search.probes:  # a setting's longer measurement wins over a short probe
