@@ -30,7 +30,7 @@ from rich.table import Table
 
 from energy.units import j_to_wh, mj_to_j, mw_to_w
 from scheduler.apiclient import DaemonClient, DaemonError
-from scheduler.store import JobStore
+from scheduler.store import JobStore, SearchRecord
 from telemetry.store import open_store
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "pretrain_gpt.py"
@@ -132,8 +132,15 @@ def run_demo(*, home: Path, steps: int | None, console: Console) -> Path:
             code = daemon.wait(30)
     if code != 0:
         raise RuntimeError(f"the daemon exited with status {code}; see {log_path}")
-    _summarise(home, jobs, ids, views, console)
-    _compare(home, ids, views, console)
+    store = open_store(f"sqlite:///{home / 'powertrain.db'}")
+    try:
+        store_jobs = JobStore(store)
+        figures = _summarise(store_jobs, jobs, ids, views, console)
+        energy_id = ids["gpt-energy"]
+        searches = store_jobs.searches([energy_id]).get(energy_id, [])
+    finally:
+        store.close()
+    _compare(figures["gpt-default"], figures["gpt-energy"], searches, console)
     from reports.files import write_demo_report
 
     report = write_demo_report(f"sqlite:///{home / 'powertrain.db'}", home / "report.html")
@@ -236,67 +243,57 @@ def _describe(job: DemoJob, view: dict[str, Any]) -> str:
 
 
 def _summarise(
-    home: Path,
+    store_jobs: JobStore,
     jobs: list[DemoJob],
     ids: dict[str, int],
     views: dict[int, dict[str, Any]],
     console: Console,
-) -> None:
-    store = open_store(f"sqlite:///{home / 'powertrain.db'}")
-    try:
-        store_jobs = JobStore(store)
-        table = Table(
-            "ID", "Job", "State", "GPUs", "W/GPU", "Energy", "Power", "Tokens/s", "J/token",
-            title="Per-job summary, from the store (power: all the job's GPUs together)",
-            box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1),
+) -> dict[str, tuple[float | None, float | None]]:
+    """Print the per-job table; returns each job's (J per token, tokens/s) over its whole run."""
+    table = Table(
+        "ID", "Job", "State", "GPUs", "W/GPU", "Energy", "Power", "Tokens/s", "J/token",
+        title="Per-job summary, from the store (power: all the job's GPUs together)",
+        box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1),
+    )
+    figures: dict[str, tuple[float | None, float | None]] = {}
+    for job in jobs:
+        job_id = ids[job.name]
+        record = store_jobs.get(job_id)
+        energy = store_jobs.energy(job_id)
+        view = views[job_id]
+        joules = mj_to_j(energy.energy_mj)
+        mean_w = joules / energy.duration_s if energy.duration_s else float("nan")
+        rate = store_jobs.throughput(job_id, window_s=1e9)
+        tokens_per_s = rate.tokens_per_s if rate is not None else None
+        tokens = view["tokens"]
+        figures[job.name] = (joules / tokens if tokens else None, tokens_per_s)
+        table.add_row(
+            str(job_id),
+            job.name,
+            view["state"],
+            ",".join(map(str, record.gpus)) if record else "-",
+            f"{job.watts:.0f}" if job.watts is not None else "-",
+            f"{j_to_wh(joules):.2f} Wh",
+            f"{mean_w:.0f} W",
+            "-" if tokens_per_s is None else f"{tokens_per_s:,.0f}",
+            f"{joules / tokens:.4f}" if tokens else "-",
         )
-        for job in jobs:
-            job_id = ids[job.name]
-            record = store_jobs.get(job_id)
-            energy = store_jobs.energy(job_id)
-            view = views[job_id]
-            joules = mj_to_j(energy.energy_mj)
-            mean_w = joules / energy.duration_s if energy.duration_s else float("nan")
-            rate = store_jobs.throughput(job_id, window_s=1e9)
-            tokens = view["tokens"]
-            table.add_row(
-                str(job_id),
-                job.name,
-                view["state"],
-                ",".join(map(str, record.gpus)) if record else "-",
-                f"{job.watts:.0f}" if job.watts is not None else "-",
-                f"{j_to_wh(joules):.2f} Wh",
-                f"{mean_w:.0f} W",
-                "-" if rate is None or rate.tokens_per_s is None else f"{rate.tokens_per_s:,.0f}",
-                f"{joules / tokens:.4f}" if tokens else "-",
-            )
-        console.print(table)
-    finally:
-        store.close()
+    console.print(table)
+    return figures
 
 
 def _compare(
-    home: Path, ids: dict[str, int], views: dict[int, dict[str, Any]], console: Console
+    default: tuple[float | None, float | None],
+    energy: tuple[float | None, float | None],
+    searches: list[SearchRecord],
+    console: Console,
 ) -> None:
     """What ``--objective energy`` saved against the same job at the default setting: energy per
-    token and throughput over each whole job (the search included), from the store."""
-    store = open_store(f"sqlite:///{home / 'powertrain.db'}")
-    try:
-        store_jobs = JobStore(store)
-        figures = {}
-        for name in ("gpt-default", "gpt-energy"):
-            energy = store_jobs.energy(ids[name])
-            rate = store_jobs.throughput(ids[name], window_s=1e9)
-            tokens = views[ids[name]]["tokens"]
-            tokens_per_s = rate.tokens_per_s if rate is not None else None
-            if not tokens or not tokens_per_s:
-                console.print(f"{name} reported no tokens: nothing to compare")
-                return
-            figures[name] = (mj_to_j(energy.energy_mj) / tokens, tokens_per_s)
-        searches = store_jobs.searches([ids["gpt-energy"]]).get(ids["gpt-energy"], [])
-    finally:
-        store.close()
-    (j_default, rate_default), (j_energy, rate_energy) = figures.values()
+    token and throughput over each whole job (the search included), as measured."""
+    (j_default, rate_default), (j_energy, rate_energy) = default, energy
+    if not (j_default and rate_default and j_energy and rate_energy):
+        console.print("the optimiser's pair reported no tokens: nothing to compare")
+        return
     console.print(
         f"[bold]--objective energy[/] against the same job at the default setting (whole jobs, "
         f"search included, measured): energy per token {j_default:.4f} -> {j_energy:.4f} J "
