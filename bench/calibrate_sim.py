@@ -330,9 +330,8 @@ def print_families(families: list[FamilyResult]) -> None:
             f"limit) median time {s['time_err_median']:.1%} power {s['power_err_median']:.1%}, "
             f"worst time {s['time_err_max']:.1%} power {s['power_err_max']:.1%}"
         )
-        print("   batch   " + " ".join(f"{b:>6d}" for b in f.batch_sizes))
-        print("   time    " + " ".join(f"{e[0]:>+6.1%}" for e in f.term_errs))
-        print("   power   " + " ".join(f"{e[1]:>+6.1%}" for e in f.term_errs))
+        _print_errors("batch", [f"{b:>6d}" for b in f.batch_sizes],
+                      [e[0] for e in f.term_errs], [e[1] for e in f.term_errs])
 
 
 def training_micro_batch(families: list[FamilyResult]) -> tuple[float, float]:
@@ -352,9 +351,18 @@ def print_results(results: list[GroupResult]) -> None:
             f"{s['time_err_median']:.1%} power {s['power_err_median']:.1%}, worst time "
             f"{s['time_err_max']:.1%} power {s['power_err_max']:.1%}"
         )
-        print("   limit W " + " ".join(f"{lim:>6g}" for lim in r.limits_w))
-        print("   time    " + " ".join(f"{e:>+6.1%}" for e in r.time_errs))
-        print("   power   " + " ".join(f"{e:>+6.1%}" for e in r.power_errs))
+        _print_errors("limit W", [f"{lim:>6g}" for lim in r.limits_w], r.time_errs,
+                      r.power_errs)
+
+
+def _print_errors(
+    label: str, columns: list[str], time_errs: list[float], power_errs: list[float]
+) -> None:
+    """Three rows under a fit's line: the columns (batch sizes or limits), then the relative
+    errors of time and of power at each."""
+    print(f"   {label:<8}" + " ".join(columns))
+    print("   time    " + " ".join(f"{e:>+6.1%}" for e in time_errs))
+    print("   power   " + " ".join(f"{e:>+6.1%}" for e in power_errs))
 
 
 def overall(results: list[GroupResult], label: str) -> tuple[float, float]:
