@@ -45,8 +45,9 @@ Done), but it probes less and more carefully:
 * The steps the job runs at the chosen setting keep measuring it, at no profiling cost: every
   monitoring window is added to its probe. When that longer measurement shows it worse than
   another probe's estimate, the job moves to that setting (a revision; at most
-  ``SearchConfig.revisions`` per search), which is then measured as it runs. A probe's short window
-  errs both ways; Zeus's choice keeps its luck, this one loses it where it was lucky.
+  ``SearchConfig.revisions`` per search), which is then measured as it runs, and moves back as
+  soon as that shows the new setting worse. A probe's short window errs both ways; Zeus's choice
+  keeps its luck, this one loses it where it was lucky.
 * When the job's throughput at the chosen setting shifts (a new phase: another batch size,
   sequence length, model stage), it searches again.
 
@@ -430,10 +431,9 @@ class SearchConfig:
         monitor_s / monitor_min_steps: Length of the windows that watch throughput once done.
         shift_tol / shift_windows: A throughput shift of more than ``shift_tol`` (relative) in
             this many windows in a row starts a new search.
-        revisions / revise_ratio: The most times a search's choice is revised once done: the
-            monitoring windows add to the held setting's probe, and once it is measured over
-            ``revise_ratio`` times as many steps as another probe that scores better, the job
-            moves there (after a warm-up). 0 revisions keeps the first choice.
+        revisions: The most times a search's choice is revised once done: the monitoring
+            windows add to the held setting's probe, and whenever another probe scores better,
+            the job moves there (after a warm-up). 0 revisions keeps the first choice.
         race_extension / race_share: Once done, a race still unsettled when the budget is spent
             may spend ``race_share`` of the steps measured at the held setting more, up to
             ``race_extension`` times the budget (0 keeps to the budget).
@@ -457,9 +457,8 @@ class SearchConfig:
     monitor_min_steps: int = 20
     shift_tol: float = 0.15
     shift_windows: int = 2
-    revisions: int = 5
-    revise_ratio: float = 4.0
-    race_extension: float = 0.5
+    revisions: int = 20
+    race_extension: float = 0.25
     race_share: float = 0.01
 
     def __post_init__(self) -> None:
@@ -473,8 +472,8 @@ class SearchConfig:
             raise ValueError(f"loss_tol must be >= 0, got {self.loss_tol}")
         if self.monitor_min_steps < 1 or self.shift_windows < 1 or self.shift_tol <= 0:
             raise ValueError("monitor windows, shift windows and shift tolerance must be positive")
-        if self.revisions < 0 or self.revise_ratio < 1:
-            raise ValueError("need revisions >= 0 and revise_ratio >= 1")
+        if self.revisions < 0:
+            raise ValueError(f"revisions must be >= 0, got {self.revisions}")
         if min(self.rough_tol, self.steep_tol, self.race_extension) < 0 or not (
             0 <= self.race_share <= 1
         ):
@@ -1409,15 +1408,20 @@ class EnergyOptimizer:
         self.results[-1] = replace(r, probes=tuple(self._probes), score=score)
 
     def _revise(self, st: Done) -> bool:
-        """Move to the best probe when it is no longer the one held (at most ``revisions``
-        times), once the held one is measured over ``revise_ratio`` times its steps."""
+        """Move to the best probe whenever it is not the one held (at most ``revisions`` times).
+
+        The job holds what it believes best. A move on a lucky window costs little: the job
+        measures the new setting as it runs, and moves back as soon as the setting it left
+        scores better again. (Waiting for a clear margin instead keeps the job at a setting
+        that a short window measured unluckily: the bench's costs and regrets were worse so.)
+        """
         cfg = self.config
         best = self._best()
         if best is None or st.revisions >= cfg.revisions:
             return False
         chosen, score = best
         held = next(p for p in self._probes if p.setting == st.setting)
-        if chosen is held or held.steps < cfg.revise_ratio * chosen.steps:
+        if chosen is held:
             return False
         held_score = self._score(held)
         if held_score is None:

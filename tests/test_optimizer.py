@@ -361,11 +361,43 @@ def test_a_revision_towards_a_window_that_drew_no_energy_is_said_without_dividin
     drive(opt, at, noise=0.01, until_done=True)
     held = opt.setting
     assert held in (200_000, 150_000)
+    other = 150_000 if held == 200_000 else 200_000
     drive(opt, at, noise=0.01, steps=5_000)
     res = opt.result
-    assert res is not None and res.revisions == 1 and opt.setting != held
-    assert f"revised to {opt.setting}: {held}" in res.reason
-    assert res.reason.endswith(" against its 0")
+    assert res is not None and res.revisions >= 1
+    # The first move, to the setting that scored 0; later ones (the curve is flat, so the two
+    # are tied once both are measured) compare ordinary scores.
+    first = res.reason.split("; revised to ")[1]
+    assert first.startswith(f"{other}: {held}, measured over ")
+    assert first.endswith(" against its 0")
+
+
+def test_a_move_on_a_lucky_window_is_undone_as_soon_as_it_shows() -> None:
+    # A replayed job whose bottom three limits are within 0.3 % of each other: the job holds
+    # the best-scoring one, moves when another scores better, and moves back as soon as the
+    # steps it runs there show that setting worse. Holding it until it is measured several
+    # times as long as the setting it left kept seed 6 of this job 17,000 steps at the wrong
+    # limits.
+    p100 = resolve_trace("p100")
+    for seed in range(10):
+        b = ReplayBackend(p100, "sentiment140/bert_base_uncased", 64, clock=VirtualClock(),
+                          seed=seed)
+        info = b.devices()[0]
+        assert info.min_limit_mw is not None and info.max_limit_mw is not None
+        space = SettingSpace.power_limits(info.min_limit_mw, info.max_limit_mw)
+        opt = EnergyOptimizer(space, ZeusCost(0.5, info.max_limit_mw / 1000))
+        held: dict[int, int] = {}
+        for _ in range(3_000):
+            b.set_power_limit(0, opt.setting)
+            n = opt.steps_wanted if opt.done else 1
+            e0 = b.energy_mj()
+            dt = b.run_steps(n)
+            if isinstance(opt.state, Done) and opt.state.warmup is None:
+                held[opt.setting] = held.get(opt.setting, 0) + n
+            opt.observe(n, dt, (b.energy_mj() - e0) / 1000)
+        assert sum(held.values()) > 100_000
+        away = sum(n for setting, n in held.items() if setting != opt.setting)
+        assert away <= 1_000, (seed, held)
 
 
 def test_no_revision_when_revisions_are_off() -> None:
