@@ -21,8 +21,9 @@ they measure that setting further and may revise the choice (``rv``: revisions):
 run them at that setting anyway, as Zeus's job runs at its choice.
 
 Usage: ``python bench/optimizer.py [--trace FILE|NAME ...] [--eta 0.5] [--epochs 100]
-[--seeds 0-9] [--workers 2] [--json PATH]`` (``--trace`` takes files or bundled trace names;
-default: ``a40 p100``). Writes ``bench/results/optimizer.txt`` (the table) and
+[--seeds 0-9] [--workers 2] [--config FIELD=NUMBER ...] [--json PATH]`` (``--trace`` takes files
+or bundled trace names, default ``a40 p100``; ``--config`` changes ``SearchConfig`` fields for
+ours). Writes ``bench/results/optimizer.txt`` (the table) and
 ``bench/results/optimizer.json`` (one row per job, policy and seed). With ``--seeds``, the tables
 are the first seed's, and the robustness targets are judged over every workload-seed (a workload:
 one GPU's dataset/network, its batch sizes summed): ours at or below zeus's total cost on at
@@ -48,6 +49,7 @@ cuts them into runs: two policies at the same setting on the same steps pay the 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import random
@@ -476,18 +478,34 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def run_seed(
-    paths: Sequence[Path], eta: float, epochs: int, seed: int, use_package: bool
+    paths: Sequence[Path], eta: float, epochs: int, seed: int, use_package: bool,
+    config: SearchConfig | None = None,
 ) -> list[Run]:
     """Every policy on every curve of the trace files, with one seed of the replay's noise."""
     runs: list[Run] = []
     for path in paths:
         for curve in load_trace(path):
-            runs += run_curve(path, curve, eta, epochs, seed, use_package)
+            runs += run_curve(path, curve, eta, epochs, seed, use_package, config)
     return runs
 
 
-def _run_seed_args(args: tuple[Sequence[Path], float, int, int, bool]) -> list[Run]:
+def _run_seed_args(
+    args: tuple[Sequence[Path], float, int, int, bool, SearchConfig | None],
+) -> list[Run]:
     return run_seed(*args)
+
+
+def _config_arg(text: str) -> tuple[str, float]:
+    """A ``--config`` value: ``FIELD=NUMBER`` for a field of ``SearchConfig``."""
+    types = {f.name: f.type for f in dataclasses.fields(SearchConfig)}
+    name, sep, value = text.partition("=")
+    if not sep or name not in types:
+        raise argparse.ArgumentTypeError(
+            f"not FIELD=NUMBER for a SearchConfig field: {text!r} (fields: {', '.join(types)})")
+    try:
+        return name, (int(value) if types[name] in ("int", int) else float(value))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{name} takes a number, got {value!r}") from None
 
 
 # -- the micro-batch lever (--joint) ---------------------------------------------------------------
@@ -806,6 +824,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="the micro-batch lever: one job per workload at a fixed global "
                              "batch, policies max, zeus, ours, ours_joint, oracle_joint "
                              "(writes bench/results/optimizer_joint.json/.txt by default)")
+    parser.add_argument("--config", type=_config_arg, nargs="+", default=[],
+                        metavar="FIELD=NUMBER",
+                        help="run ours with these SearchConfig fields changed (e.g. "
+                             "budget_steps_per_candidate=50), to see what a search costs and "
+                             "gains at other settings")
     parser.add_argument("--write-synthetic", type=Path, metavar="PATH",
                         help="write a held-out synthetic trace (another curve shape) and exit")
     parser.add_argument("--shape", choices=("physical", "flat"), default="physical",
@@ -818,6 +841,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if not 0.0 <= args.eta <= 1.0 or args.epochs < 1:
         parser.error("need 0 <= --eta <= 1 and --epochs >= 1")
+
+    try:
+        config = SearchConfig(**dict(args.config))
+    except ValueError as exc:
+        parser.error(f"--config: {exc}")
+    if args.config and args.joint:
+        parser.error("--config applies to the power-limit runs, not to --joint")
 
     problem = real_zeus_problem() if args.zeus != "reimplementation" else "asked for"
     if args.zeus == "package" and problem is not None:
@@ -833,7 +863,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.joint:
         return _main_joint(args, use_package, zeus_label, started)
     seeds = args.seeds or [args.seed, *(s for s in args.more_seeds if s != args.seed)]
-    jobs = [(args.trace, args.eta, args.epochs, seed, use_package) for seed in seeds]
+    jobs = [(args.trace, args.eta, args.epochs, seed, use_package, config) for seed in seeds]
     if args.workers > 1 and len(jobs) > 1:
         with ProcessPoolExecutor(min(args.workers, len(jobs))) as pool:
             per_seed = list(pool.map(_run_seed_args, jobs))
@@ -841,6 +871,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         per_seed = [_run_seed_args(job) for job in jobs]
     runs = per_seed[0]
     table, ok = summarise(runs, args.eta, args.epochs, zeus_label)
+    if args.config:
+        changed = ", ".join(f"{name}={value}" for name, value in args.config)
+        table = f"ours with SearchConfig({changed})\n" + table
     if len(seeds) > 1:
         lines = ["", f"Per seed (the tables above are seed {seeds[0]}; the replay's noise "
                  "differs by seed):"]

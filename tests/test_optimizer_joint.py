@@ -143,7 +143,7 @@ def test_joint_bench_on_a_replayed_workload_beats_the_limit_alone() -> None:
     assert joint.regret < 0.05 and runs["oracle_joint"].regret == 0.0
 
 
-def test_joint_bench_writes_one_row_per_workload_and_policy(tmp_path: Path) -> None:
+def _tiny_trace(tmp_path: Path) -> Path:
     trace = tmp_path / "summary_power_tiny.csv"
     rows = ["dataset,network,batch_size,optimizer,power_limit,time_per_epoch,average_power"]
     for bs, t in ((8, 40.0), (16, 30.0), (32, 26.0)):
@@ -151,6 +151,11 @@ def test_joint_bench_writes_one_row_per_workload_and_policy(tmp_path: Path) -> N
             rows.append(f"tiny,net,{bs},sgd,{limit},{t * (1 + (200 - limit) / 400):.2f},"
                         f"{0.9 * limit:.1f}")
     trace.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return trace
+
+
+def test_joint_bench_writes_one_row_per_workload_and_policy(tmp_path: Path) -> None:
+    trace = _tiny_trace(tmp_path)
     out = tmp_path / "joint.json"
     assert main(["--joint", "--trace", str(trace), "--epochs", "2", "--zeus",
                  "reimplementation", "--json", str(out), "--table",
@@ -160,3 +165,34 @@ def test_joint_bench_writes_one_row_per_workload_and_policy(tmp_path: Path) -> N
     for r in got:
         assert {"gpu", "workload", "policy", "micro_batch", "power_limit_w",
                 "energy_per_sample_j", "time_per_sample_s", "profiling_energy_j"} <= set(r)
+
+
+def test_the_bench_runs_ours_with_the_search_config_asked_for(tmp_path: Path) -> None:
+    trace = _tiny_trace(tmp_path)
+    out, table = tmp_path / "runs.json", tmp_path / "runs.txt"
+
+    def ours_profiling_j(*config: str) -> float:
+        assert main(["--trace", str(trace), "--epochs", "2", "--zeus", "reimplementation",
+                     "--json", str(out), "--table", str(table), *config]) == 0
+        runs = json.loads(out.read_text(encoding="utf-8"))
+        return float(sum(r["profiling_energy_j"] for r in runs if r["policy"] == "ours"))
+
+    default = ours_profiling_j()
+    assert not table.read_text(encoding="utf-8").startswith("ours with")
+    longer = ours_profiling_j("--config", "min_measure_steps=60", "screen_steps=60",
+                                  "budget_steps_per_candidate=80")
+    # Every probe now measures 60 steps: the search profiles for longer, and the table says why.
+    assert longer > default
+    assert table.read_text(encoding="utf-8").startswith(
+        "ours with SearchConfig(min_measure_steps=60, screen_steps=60, "
+        "budget_steps_per_candidate=80)")
+
+
+@pytest.mark.parametrize("bad", ["nope=1", "revisions=x", "revisions=-1"])
+def test_the_bench_refuses_a_config_it_cannot_run(
+    bad: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--config", bad])
+    assert exc.value.code == 2
+    assert "error:" in capsys.readouterr().err
