@@ -1412,8 +1412,8 @@ class EnergyOptimizer:
 
         The job holds what it believes best. A move on a lucky window costs little: the job
         measures the new setting as it runs, and moves back as soon as the setting it left
-        scores better again. (Waiting for a clear margin instead keeps the job at a setting
-        that a short window measured unluckily: the bench's costs and regrets were worse so.)
+        scores better again. (Waiting for a clear margin instead kept jobs at settings that a
+        short window had measured unluckily: bench/optimizer.py's costs and regrets were worse.)
         """
         cfg = self.config
         best = self._best()

@@ -180,7 +180,7 @@ def test_the_bench_runs_ours_with_the_search_config_asked_for(tmp_path: Path) ->
     default = ours_profiling_j()
     assert not table.read_text(encoding="utf-8").startswith("ours with")
     longer = ours_profiling_j("--config", "min_measure_steps=60", "screen_steps=60",
-                                  "budget_steps_per_candidate=80")
+                              "budget_steps_per_candidate=80")
     # Every probe now measures 60 steps: the search profiles for longer, and the table says why.
     assert longer > default
     assert table.read_text(encoding="utf-8").startswith(
