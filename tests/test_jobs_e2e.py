@@ -372,7 +372,15 @@ def test_an_energy_budget_pauses_a_job_and_resume_lets_it_finish(
         job_id = submit(socket, "--energy-wh", "0.01", "--on-exceed", "pause", "--",
                         sys.executable, str(GATED), "--steps", "300", "--gate", str(open_gate))
         wait_until(daemon, lambda: jobs(socket)[job_id]["state"] == "paused", timeout_s=60)
-        # a paused client steps no more: its count holds across several reports (each 1 s)
+        # The client learns of the pause in the answer to its next report (each 1 s) and steps
+        # until then; once it has obeyed, it steps no more: its count holds across reports.
+
+        def obeyed() -> bool:
+            before = jobs(socket)[job_id]["steps"]
+            time.sleep(1.5)
+            return bool(jobs(socket)[job_id]["steps"] == before)
+
+        wait_until(daemon, obeyed, timeout_s=30)
         held = jobs(socket)[job_id]["steps"]
         held_since = time.monotonic()
         while time.monotonic() - held_since < 3.0:
