@@ -96,16 +96,11 @@ class GroupResult:
         return f"{self.dataset}/{self.network}"
 
     def summary(self) -> dict[str, Any]:
-        t = [abs(e) for e in self.time_errs]
-        p = [abs(e) for e in self.power_errs]
         return {
             "gpu": self.gpu,
             "workload": self.name,
             "batch_size": self.batch_size,
-            "time_err_median": round(statistics.median(t), 5),
-            "power_err_median": round(statistics.median(p), 5),
-            "time_err_max": round(max(t), 5),
-            "power_err_max": round(max(p), 5),
+            **_error_stats("", self.time_errs, self.power_errs),
         }
 
 
@@ -136,10 +131,6 @@ class FamilyResult:
         return self.fit.overhead_share(self.reference_batch)
 
     def summary(self) -> dict[str, Any]:
-        tt = [abs(e[0]) for e in self.term_errs]
-        tp = [abs(e[1]) for e in self.term_errs]
-        t = [abs(e) for e in self.time_errs]
-        p = [abs(e) for e in self.power_errs]
         return {
             "gpu": self.gpu,
             "workload": self.name,
@@ -148,15 +139,23 @@ class FamilyResult:
             "overhead_batch": round(self.fit.overhead_batch, 4),
             "micro_batch_overhead": round(self.overhead_share, 5),
             "micro_batch_activity_exp": round(self.fit.activity_exp, 5),
-            "term_time_err_median": round(statistics.median(tt), 5),
-            "term_power_err_median": round(statistics.median(tp), 5),
-            "term_time_err_max": round(max(tt), 5),
-            "term_power_err_max": round(max(tp), 5),
-            "time_err_median": round(statistics.median(t), 5),
-            "power_err_median": round(statistics.median(p), 5),
-            "time_err_max": round(max(t), 5),
-            "power_err_max": round(max(p), 5),
+            **_error_stats("term_", [e[0] for e in self.term_errs],
+                           [e[1] for e in self.term_errs]),
+            **_error_stats("", self.time_errs, self.power_errs),
         }
+
+
+def _error_stats(prefix: str, time_errs: list[float], power_errs: list[float]) -> dict[str, float]:
+    """Median and largest absolute relative errors of time and power (keys
+    ``{prefix}time_err_median`` and so on)."""
+    t = [abs(e) for e in time_errs]
+    p = [abs(e) for e in power_errs]
+    return {
+        f"{prefix}time_err_median": round(statistics.median(t), 5),
+        f"{prefix}power_err_median": round(statistics.median(p), 5),
+        f"{prefix}time_err_max": round(max(t), 5),
+        f"{prefix}power_err_max": round(max(p), 5),
+    }
 
 
 def gpu_name_of(path: Path) -> str:
